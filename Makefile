@@ -1,0 +1,39 @@
+# Qubes network server. `make demo` runs the main job, `make test` the tests.
+# Both install what they need (Debian packages via apt-get, PyPI into .venv).
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all deps test lint demo man clean
+
+all: test
+
+# The venv sees Debian's python3-nftables, hence /usr/bin/python3 and
+# --system-site-packages.
+$(STAMP): setup.py scripts/install-deps
+	./scripts/install-deps
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,man]'
+	touch $@
+
+deps: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m lab.demo
+
+man: $(STAMP)
+	mkdir -p doc/man
+	$(VENV)/bin/argparse-manpage --module admin_client_patch.qvm_firewall \
+	    --function get_parser --prog qvm-firewall --project-name qubes-network-server \
+	    --output doc/man/qvm-firewall.1
+
+clean:
+	rm -rf $(VENV) build *.egg-info doc/man

@@ -1,0 +1,1 @@
+"""core_admin_patch package."""

@@ -1,0 +1,30 @@
+"""Qubes network server: forward and inbound rules for Qubes OS firewalls."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="qubes-network-server",
+    version="0.1.0",
+    description="Expose services in Qubes OS qubes to the LAN and to other qubes",
+    license="GPL-2.0-or-later",
+    python_requires=">=3.11",
+    packages=find_packages(include=[
+        "firewall_rules*", "core_admin_patch*", "admin_client_patch*",
+        "agent_worker*", "lab*",
+    ]),
+    install_requires=["lxml"],
+    extras_require={
+        "test": ["pytest", "hypothesis", "ruff"],
+        "man": ["argparse-manpage"],
+    },
+    entry_points={
+        "console_scripts": [
+            "qvm-firewall = admin_client_patch.qvm_firewall:main",
+            "qubes-lab = lab.cli:main",
+            "qubes-firewall-worker = agent_worker.firewall:main",
+        ],
+        "qubes.ext": [
+            "qubes_network_server = core_admin_patch.extension:NetworkServerExtension",
+        ],
+    },
+)
