@@ -1,0 +1,403 @@
+"""The planner: from a topology snapshot, what every qube's QubesDB must hold.
+
+Pure on purpose: it takes a frozen picture of the qubes (netvm links,
+addresses, running state, features, firewall rules) and returns entries.
+Nothing here talks to qubesd, QubesDB or nft, so every topology change
+can be tested and explained without a running system; the applier and the
+qubesd glue are the only shells around it.
+
+A forward rule of qube T becomes one DNAT step per hop on T's path:
+
+- external: every hop from T's netvm up to the edge NetVM (the hop with no
+  netvm). The edge matches the rule's ``srcports`` on any of its own
+  addresses (``daddr=local``, so a DHCP change of the uplink needs no
+  re-plan) for traffic from its uplink; each hop DNATs to the next hop's
+  address keeping the port, and the last hop (T's netvm) DNATs to T's
+  address and ``dstports``. Keeping the external port through the
+  intermediate hops means a hop never needs more ports than its edge has.
+- internal: only T's netvm, for traffic from its downstream qubes sent to
+  the netvm's own address.
+
+T itself gets an input entry opening ``dstports`` (for ``srchost`` when
+given). Entries live under ``/qns-forward/<target ip>/`` in each hop and
+``/qns-input/`` in the target, never under ``/qubes-firewall/``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from firewall_rules import Rule, RuleKind
+
+#: Feature a qube's agent advertises (as Qubes templates do with
+#: qvm-features-request) when it runs our worker or input hook.
+SUPPORT_FEATURE = "supported-feature.qubes-network-server"
+
+FORWARD_DIR = "/qns-forward"
+INPUT_DIR = "/qns-input"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class PlanError(Exception):
+    """A rule set that cannot be realised on the current topology."""
+
+
+class NoNetVMError(PlanError):
+    """The qube has no network path for a forward to take."""
+
+
+class UnsupportedHopError(PlanError):
+    """A qube on the path does not run our agent."""
+
+
+class PortConflictError(PlanError):
+    """Two forward rules need the same port on the same hop."""
+
+
+@dataclass(frozen=True)
+class QubeState:
+    """What the planner needs to know of one qube."""
+
+    name: str
+    netvm: str | None
+    ip: ipaddress.IPv4Address | None
+    provides_network: bool = False
+    running: bool = False
+    features: Mapping[str, str] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+
+    @property
+    def supports_forwarding(self) -> bool:
+        return self.features.get(SUPPORT_FEATURE, "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent picture of all qubes at one moment."""
+
+    qubes: Mapping[str, QubeState]
+    now: float
+
+    def with_rules(self, name: str, rules: Iterable[Rule]) -> Snapshot:
+        """The same picture with ``name``'s rules replaced (to check a Set)."""
+        qubes = dict(self.qubes)
+        old = qubes[name]
+        qubes[name] = QubeState(
+            old.name,
+            old.netvm,
+            old.ip,
+            old.provides_network,
+            old.running,
+            old.features,
+            tuple(rules),
+        )
+        return Snapshot(qubes, self.now)
+
+
+@dataclass(frozen=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+    def overlaps(self, other: PortRange) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    def describe(self) -> str:
+        return str(self.first) if self.first == self.last else str(self)
+
+
+@dataclass(frozen=True)
+class DnatStep:
+    """One hop's share of a forward: match, translate, accept."""
+
+    hop: str
+    to_qube: str
+    iif: Literal["upstream", "downstream"]
+    daddr: Literal["local"] | IPAddress
+    proto: str
+    ports: PortRange
+    to: IPAddress
+    toports: PortRange
+    srchost: IPNetwork | None
+
+    def entry(self) -> str:
+        """The QubesDB value the hop's worker parses (doc/qubesdb.md)."""
+        words = [
+            f"proto={self.proto}",
+            f"ports={self.ports}",
+            f"iif={self.iif}",
+            f"daddr={self.daddr}",
+            f"to={self.to}",
+            f"toports={self.toports}",
+        ]
+        if self.srchost is not None:
+            words.append(f"srchost={self.srchost}")
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class ForwardPath:
+    """Where one forward rule of ``target`` is reachable and how it gets there."""
+
+    target: str
+    rule_number: int
+    rule: Rule
+    steps: tuple[DnatStep, ...]
+
+    @property
+    def hops(self) -> list[str]:
+        return [step.hop for step in self.steps]
+
+    def describe(self) -> str:
+        """One line for users: entry point, then each hop, then the target."""
+        first = self.steps[-1]
+        if first.daddr == "local":
+            entry = f"{first.hop} uplink addresses"
+        else:
+            entry = f"{first.hop} ({first.daddr}) from its qubes"
+        parts = [f"{entry} {first.proto}/{first.ports.describe()}"]
+        parts += [
+            f"{step.to_qube} ({step.to}) {step.proto}/{step.toports.describe()}"
+            for step in reversed(self.steps)
+        ]
+        return " -> ".join(parts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Entries per qube: ``{qube: {directory: {key: value}}}``, plus notes.
+
+    Each directory is written with the upstream completion convention
+    (remove it, write its keys, then an empty write on the directory path),
+    so a worker never acts on half of it.
+    """
+
+    entries: Mapping[str, Mapping[str, Mapping[str, str]]]
+    skipped: tuple[str, ...] = ()
+
+
+def _ports(option: object) -> PortRange:
+    return PortRange(option.first, option.last)  # type: ignore[attr-defined]
+
+
+def _srchost(rule: Rule) -> IPNetwork | None:
+    return None if rule.srchost is None else rule.srchost.network
+
+
+def netvm_chain(snapshot: Snapshot, target: QubeState) -> list[QubeState]:
+    """The hops from ``target``'s netvm up to the edge, refusing broken links."""
+    chain: list[QubeState] = []
+    seen = {target.name}
+    current = target
+    while current.netvm is not None:
+        hop = snapshot.qubes.get(current.netvm)
+        if hop is None:
+            raise NoNetVMError(
+                f"'{current.name}' has netvm '{current.netvm}', which does not exist"
+            )
+        if hop.name in seen:
+            raise NoNetVMError(f"netvm loop through '{hop.name}'")
+        seen.add(hop.name)
+        chain.append(hop)
+        current = hop
+    return chain
+
+
+def forward_path(snapshot: Snapshot, target: QubeState, number: int, rule: Rule) -> ForwardPath:
+    """The DNAT steps of one forward rule, from the target's netvm outwards."""
+    chain = netvm_chain(snapshot, target)
+    if not chain:
+        raise NoNetVMError(f"'{target.name}' has no netvm: nothing can forward to it")
+    if target.ip is None:
+        raise NoNetVMError(f"'{target.name}' has no IP address")
+    for hop in chain:
+        if hop.ip is None:
+            raise NoNetVMError(f"'{hop.name}' on the path of '{target.name}' has no IP address")
+    proto = str(rule.proto)
+    srcports = _ports(rule.srcports)
+    dstports = _ports(rule.dstports)
+    srchost = _srchost(rule)
+    if str(rule.forwardtype) == "internal":
+        netvm = chain[0]
+        assert netvm.ip is not None
+        step = DnatStep(
+            netvm.name,
+            target.name,
+            "downstream",
+            netvm.ip,
+            proto,
+            srcports,
+            target.ip,
+            dstports,
+            srchost,
+        )
+        return ForwardPath(target.name, number, rule, (step,))
+    steps = []
+    receiver, receiver_ip, receiver_ports = target.name, target.ip, dstports
+    for position, hop in enumerate(chain):
+        is_edge = position == len(chain) - 1
+        assert hop.ip is not None
+        daddr: Literal["local"] | IPAddress = "local" if is_edge else hop.ip
+        steps.append(
+            DnatStep(
+                hop.name,
+                receiver,
+                "upstream",
+                daddr,
+                proto,
+                srcports,
+                receiver_ip,
+                receiver_ports,
+                srchost,
+            )
+        )
+        receiver, receiver_ip, receiver_ports = hop.name, hop.ip, srcports
+    return ForwardPath(target.name, number, rule, tuple(steps))
+
+
+def _forward_rules(qube: QubeState, now: float) -> list[tuple[int, Rule]]:
+    return [
+        (number, rule)
+        for number, rule in enumerate(qube.rules)
+        if rule.kind is RuleKind.FORWARD and not rule.is_expired(now)
+    ]
+
+
+def _claims(path: ForwardPath) -> list[tuple[str, str, PortRange]]:
+    return [(step.hop, step.proto, step.ports) for step in path.steps]
+
+
+def check_rules(snapshot: Snapshot, name: str, rules: Iterable[Rule]) -> None:
+    """Refuse a rule list for ``name`` that cannot work on this topology.
+
+    Checked against the static topology (running or not), so a rule that
+    is accepted now does not become a conflict when some qube starts.
+    """
+    proposed = snapshot.with_rules(name, rules)
+    target = proposed.qubes[name]
+    forwards = _forward_rules(target, snapshot.now)
+    if not forwards:
+        return
+    paths = [forward_path(proposed, target, number, rule) for number, rule in forwards]
+    involved = {target.name} | {hop for path in paths for hop in path.hops}
+    missing = [
+        proposed.qubes[n] for n in sorted(involved) if not proposed.qubes[n].supports_forwarding
+    ]
+    if missing:
+        names = ", ".join(f"'{hop.name}'" for hop in missing)
+        raise UnsupportedHopError(
+            f"{names} on the path of '{name}' does not advertise {SUPPORT_FEATURE}: "
+            "install qubes-network-server-agent in its template and restart it"
+        )
+    claimed: list[tuple[str, str, PortRange, str, int]] = []
+    for other in sorted(proposed.qubes.values(), key=lambda q: q.name):
+        if other.name == name:
+            continue
+        for number, rule in _forward_rules(other, snapshot.now):
+            try:
+                other_path = forward_path(proposed, other, number, rule)
+            except NoNetVMError:
+                continue
+            claimed += [(*c, other.name, number) for c in _claims(other_path)]
+    for path in paths:
+        for hop, proto, ports in _claims(path):
+            for c_hop, c_proto, c_ports, c_owner, c_number in claimed:
+                if hop == c_hop and proto == c_proto and ports.overlaps(c_ports):
+                    raise PortConflictError(
+                        f"{proto} port {ports.describe()} on '{hop}' is wanted by both "
+                        f"'{c_owner}' (rule {c_number}) and '{name}' (rule {path.rule_number})"
+                    )
+            claimed.append((hop, proto, ports, name, path.rule_number))
+
+
+def _active(snapshot: Snapshot, target: QubeState) -> bool:
+    """A forward is live only while the target and every hop run."""
+    if not target.running:
+        return False
+    try:
+        chain = netvm_chain(snapshot, target)
+    except NoNetVMError:
+        return False
+    return bool(chain) and all(hop.running for hop in chain)
+
+
+def plan(snapshot: Snapshot) -> Plan:
+    """Entries for every qube, deterministic for a given snapshot.
+
+    A rule that cannot be realised (broken path, a conflict created by a
+    later topology change) is left out and reported in ``skipped``; of two
+    conflicting rules the one of the qube whose name sorts first wins.
+    """
+    entries: dict[str, dict[str, dict[str, str]]] = {}
+    skipped: list[str] = []
+    taken: list[tuple[str, str, PortRange, str]] = []
+    for target in sorted(snapshot.qubes.values(), key=lambda q: q.name):
+        forwards = _forward_rules(target, snapshot.now)
+        if not forwards or not _active(snapshot, target):
+            continue
+        assert target.ip is not None
+        input_entries: list[str] = []
+        for number, rule in forwards:
+            try:
+                path = forward_path(snapshot, target, number, rule)
+            except NoNetVMError as err:
+                skipped.append(f"{target.name} rule {number}: {err}")
+                continue
+            clash = next(
+                (
+                    owner
+                    for hop, proto, ports, owner in taken
+                    for c_hop, c_proto, c_ports in _claims(path)
+                    if hop == c_hop and proto == c_proto and ports.overlaps(c_ports)
+                ),
+                None,
+            )
+            if clash is not None:
+                skipped.append(f"{target.name} rule {number}: port conflict with '{clash}'")
+                continue
+            taken += [(*c, target.name) for c in _claims(path)]
+            for step in path.steps:
+                directory = entries.setdefault(step.hop, {}).setdefault(
+                    f"{FORWARD_DIR}/{target.ip}", {}
+                )
+                directory[f"{len(directory):04}"] = step.entry()
+            words = ["action=accept", f"proto={rule.proto}", f"dstports={_ports(rule.dstports)}"]
+            if rule.srchost is not None:
+                words.append(f"srchost={rule.srchost.network}")
+            input_entries.append(" ".join(words))
+        if input_entries:
+            entries.setdefault(target.name, {})[INPUT_DIR] = {
+                f"{n:04}": value for n, value in enumerate(input_entries)
+            }
+    return Plan(entries, tuple(skipped))
+
+
+def next_expiry(snapshot: Snapshot) -> float | None:
+    """When the next rule expires, so dom0 can re-plan right then."""
+    times = [
+        rule.expire.timestamp
+        for qube in snapshot.qubes.values()
+        for rule in qube.rules
+        if rule.expire is not None and not rule.is_expired(snapshot.now)
+    ]
+    return min(times, default=None)
+
+
+def describe_forwards(snapshot: Snapshot, name: str) -> dict[int, str]:
+    """For each forward rule number of ``name``, the path it takes (for qvm-firewall)."""
+    target = snapshot.qubes[name]
+    described = {}
+    for number, rule in _forward_rules(target, snapshot.now):
+        try:
+            described[number] = forward_path(snapshot, target, number, rule).describe()
+        except NoNetVMError as err:
+            described[number] = f"not reachable: {err}"
+    return described
