@@ -1,0 +1,99 @@
+"""Input openings in the target qube: from untrusted ``/qns-input/`` to nft.
+
+Pure, like :mod:`agent_worker.forward`. The rules land in chain
+``qns-input`` of table ``qubes`` (both families), jumped to from its
+``input`` chain right after the user's ``custom-input``, so they are
+reached before the Qubes input drop. Any entry that does not parse leaves
+the chain empty: nothing is opened, and the reason is logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from agent_worker.entries import EntryError, parse_network, parse_port_range, parse_words
+
+INPUT_CHAIN = "qns-input"
+
+_KEY_RE = re.compile(r"^[0-9]{4}$")
+_ICMPTYPE_RE = re.compile(r"^[0-9]{1,3}$")
+_KEYS = {"action", "proto", "dstports", "icmptype", "srchost"}
+
+
+@dataclass(frozen=True)
+class Opening:
+    """One validated input rule: who may open what."""
+
+    action: Literal["accept", "drop"]
+    proto: Literal["tcp", "udp", "icmp"] | None
+    dstports: tuple[int, int] | None
+    icmptype: int | None
+    srchost: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+
+    def applies_to(self, family: Literal["ip", "ip6"]) -> bool:
+        return self.srchost is None or (self.srchost.version == 4) == (family == "ip")
+
+
+def parse_opening(untrusted_value: str) -> Opening:
+    """Validate one ``/qns-input/NNNN`` value (doc/qubesdb.md)."""
+    untrusted_words = parse_words(untrusted_value, _KEYS)
+    action = untrusted_words.get("action")
+    if action not in ("accept", "drop"):
+        raise EntryError("action must be accept or drop")
+    proto = untrusted_words.get("proto")
+    if proto not in (None, "tcp", "udp", "icmp"):
+        raise EntryError("proto must be tcp, udp or icmp")
+    dstports = None
+    if "dstports" in untrusted_words:
+        if proto not in ("tcp", "udp"):
+            raise EntryError("dstports needs proto tcp or udp")
+        dstports = parse_port_range(untrusted_words["dstports"])
+    icmptype = None
+    if "icmptype" in untrusted_words:
+        if proto != "icmp" or not _ICMPTYPE_RE.match(untrusted_words["icmptype"]):
+            raise EntryError("icmptype needs proto icmp and a number 0-255")
+        icmptype = int(untrusted_words["icmptype"])
+        if icmptype > 255:
+            raise EntryError("icmptype out of range")
+    srchost = parse_network(untrusted_words["srchost"]) if "srchost" in untrusted_words else None
+    return Opening(action, proto, dstports, icmptype, srchost)  # type: ignore[arg-type]
+
+
+def parse_openings(untrusted_entries: dict[str, bytes]) -> list[Opening]:
+    """All entries in key order; one bad entry fails the whole set."""
+    openings = []
+    for untrusted_key in sorted(untrusted_entries):
+        if not _KEY_RE.match(untrusted_key):
+            raise EntryError(f"unexpected key {untrusted_key[:20]!r}")
+        try:
+            openings.append(parse_opening(untrusted_entries[untrusted_key].decode("ascii")))
+        except (EntryError, UnicodeDecodeError) as err:
+            raise EntryError(f"entry {untrusted_key}: {err}") from None
+    return openings
+
+
+def input_rule(opening: Opening, family: Literal["ip", "ip6"]) -> str:
+    """nft rule body for one opening; only new connections are decided here."""
+    parts = []
+    if opening.srchost is not None:
+        parts.append(f"{family} saddr {opening.srchost}")
+    if opening.proto == "icmp":
+        icmp = "icmp" if family == "ip" else "icmpv6"
+        parts.append(f"meta l4proto {icmp}")
+        if opening.icmptype is not None:
+            parts.append(f"{icmp} type {opening.icmptype}")
+    elif opening.proto is not None:
+        parts.append(f"meta l4proto {opening.proto}")
+        if opening.dstports is not None:
+            first, last = opening.dstports
+            parts.append(f"th dport {first if first == last else f'{first}-{last}'}")
+    parts.append(opening.action)
+    return " ".join(parts)
+
+
+def chain_rules(openings: list[Opening], family: Literal["ip", "ip6"]) -> list[str]:
+    """Rule bodies of ``qns-input`` for one family, in entry order."""
+    return [input_rule(o, family) for o in openings if o.applies_to(family)]
