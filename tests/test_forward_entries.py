@@ -1,0 +1,148 @@
+"""Agent-side parsing of forward steps and input openings: strict, never crashing."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent_worker import forward, input_rules
+from agent_worker.entries import EntryError
+
+EDGE = "proto=tcp ports=8443-8443 iif=upstream daddr=local to=10.137.0.6 toports=8443-8443"
+
+
+def test_edge_step_renders_fib_local_dnat_and_precise_accept() -> None:
+    (step,) = forward.parse_target({"0000": (EDGE + " srchost=192.0.2.0/24").encode()})
+    assert step.daddr == "local"
+    assert step.srchost == ipaddress.ip_network("192.0.2.0/24")
+    assert forward.dnat_rule(step) == (
+        "iifgroup != 2 ip saddr 192.0.2.0/24 fib daddr type local tcp dport 8443 "
+        "dnat ip to 10.137.0.6:8443"
+    )
+    assert forward.accept_rule(step) == (
+        "iifgroup != 2 ip saddr 192.0.2.0/24 ct status dnat ip daddr 10.137.0.6 "
+        "tcp dport 8443 ct original proto-dst 8443 accept"
+    )
+
+
+def test_range_maps_one_to_one() -> None:
+    step = forward.parse_step(
+        "proto=udp ports=5000-5002 iif=upstream daddr=10.137.0.6 to=10.137.0.20 toports=6000-6002"
+    )
+    assert forward.dnat_rule(step).endswith(
+        "dnat ip to 10.137.0.20 : udp dport map { 5000 : 6000, 5001 : 6001, 5002 : 6002 }"
+    )
+
+
+def test_same_range_keeps_ports_and_internal_matches_downstream() -> None:
+    step = forward.parse_step(
+        "proto=tcp ports=80-81 iif=downstream daddr=10.137.0.6 to=10.137.0.20 toports=80-81"
+    )
+    assert forward.dnat_rule(step) == (
+        "iifgroup 2 ip daddr 10.137.0.6 tcp dport 80-81 dnat ip to 10.137.0.20"
+    )
+
+
+def test_ipv6_step_goes_to_ip6_family() -> None:
+    step = forward.parse_step(
+        "proto=tcp ports=443-443 iif=upstream daddr=local to=fd09:24ef:4179::a89:14 toports=443-443"
+    )
+    dnat, _accept = forward.chain_rules([step], "ip6")
+    assert dnat == [
+        "iifgroup != 2 fib daddr type local tcp dport 443 dnat ip6 to [fd09:24ef:4179::a89:14]:443"
+    ]
+    assert forward.chain_rules([step], "ip") == ([], [])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        EDGE + " ",
+        EDGE.replace("tcp", "icmp"),
+        EDGE.replace("toports=8443-8443", "toports=8443-8444"),
+        EDGE.replace("ports=8443-8443", "ports=0-0", 1),
+        EDGE.replace("ports=8443-8443", "ports=9-8", 1),
+        EDGE.replace("ports=8443-8443", "ports=8443", 1),
+        EDGE.replace("ports=8443-8443", "ports=65536-65536", 1),
+        EDGE.replace("to=10.137.0.6", "to=10.137.0.6;drop"),
+        EDGE.replace("to=10.137.0.6", "to=sys-firewall"),
+        EDGE.replace("daddr=local", "daddr=2001:db8::1"),
+        EDGE + " srchost=192.0.2.1/24",
+        EDGE + " srchost=192.0.2.0/024",
+        EDGE + " proto=udp",
+        EDGE + " extra=1",
+        EDGE.replace("iif=upstream", "iif=sideways"),
+        EDGE.replace(" iif=upstream", ""),
+        EDGE + " srchost=2001:db8::/32",
+        EDGE.replace(" ", "  "),
+    ],
+)
+def test_bad_steps_are_refused(value: str) -> None:
+    with pytest.raises(EntryError):
+        forward.parse_step(value)
+
+
+def test_one_bad_entry_fails_the_target_and_names_it() -> None:
+    with pytest.raises(EntryError, match="entry 0001"):
+        forward.parse_target({"0000": EDGE.encode(), "0001": b"proto=tcp"})
+    with pytest.raises(EntryError, match="unexpected key"):
+        forward.parse_target({"x": EDGE.encode()})
+    with pytest.raises(EntryError, match="not ASCII"):
+        forward.parse_target({"0000": "proto=tcp\u00e9".encode()})
+
+
+def test_input_openings_render_in_order() -> None:
+    openings = input_rules.parse_openings(
+        {
+            "0001": b"action=drop srchost=10.137.0.21/32",
+            "0000": b"action=accept proto=tcp dstports=443-443 srchost=192.0.2.0/24",
+            "0002": b"action=accept proto=icmp icmptype=8",
+        }
+    )
+    assert input_rules.chain_rules(openings, "ip") == [
+        "ip saddr 192.0.2.0/24 meta l4proto tcp th dport 443 accept",
+        "ip saddr 10.137.0.21/32 drop",
+        "meta l4proto icmp icmp type 8 accept",
+    ]
+    assert input_rules.chain_rules(openings, "ip6") == ["meta l4proto icmpv6 icmpv6 type 8 accept"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "action=forward",
+        "proto=tcp dstports=1-2",
+        "action=accept dstports=1-2",
+        "action=accept proto=icmp dstports=1-2",
+        "action=accept proto=tcp icmptype=8",
+        "action=accept proto=icmp icmptype=256",
+        "action=accept proto=icmp icmptype=-1",
+        "action=accept srchost=example.com",
+        "action=accept action=drop",
+    ],
+)
+def test_bad_openings_are_refused(value: str) -> None:
+    with pytest.raises(EntryError):
+        input_rules.parse_opening(value)
+
+
+@given(st.dictionaries(st.text(max_size=8), st.binary(max_size=200), max_size=4))
+def test_fuzzed_forward_entries_raise_only_entry_errors(untrusted: dict[str, bytes]) -> None:
+    try:
+        steps = forward.parse_target(untrusted)
+    except EntryError:
+        return
+    for step in steps:
+        forward.dnat_rule(step)
+        forward.accept_rule(step)
+
+
+@given(st.lists(st.sampled_from([*EDGE.split(" "), "srchost=10.0.0.0/8", "x=y", "ports=1-1"])))
+def test_fuzzed_word_mixes_raise_only_entry_errors(words: list[str]) -> None:
+    with contextlib.suppress(EntryError):
+        forward.parse_step(" ".join(words))
