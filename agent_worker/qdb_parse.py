@@ -1,0 +1,246 @@
+"""Outbound rules of one client qube: untrusted ``/qubes-firewall/`` entries to types.
+
+Pure: no QubesDB, no nft. dom0 writes, for each client address ``IP`` of
+this NetVM/ProxyVM, ``/qubes-firewall/IP/policy`` and one
+``/qubes-firewall/IP/NNNN`` per rule (doc/qubesdb.md). The grammar is
+upstream's: ``action=`` plus any of ``proto= dst4= dst6= dsthost=
+dstports= specialtarget= icmptype=``, words separated by single spaces.
+
+Nothing here is trusted until it matches exactly. One entry that does not
+parse makes the whole source :class:`Blocked` (its traffic is rejected and
+the reason logged), as upstream's worker does: a partial rule set could
+open more than the user asked for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from agent_worker.entries import EntryError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Action = Literal["accept", "drop"]
+Proto = Literal["tcp", "udp", "icmp"]
+
+MAX_VALUE = 3072
+_RULE_KEY_RE = re.compile(r"^[0-9]{4}$")
+_WORD_RE = re.compile(r"^([a-z0-9]+)=([A-Za-z0-9_.:/-]+)$")
+_PORTS_RE = re.compile(r"^([0-9]{1,5})(?:-([0-9]{1,5}))?$")
+_ICMPTYPE_RE = re.compile(r"^[0-9]{1,3}$")
+_DST4_RE = re.compile(r"^[0-9.]{7,15}(?:/[0-9]{1,2})?$")
+_DST6_RE = re.compile(r"^[0-9a-fA-F:.]{2,45}(?:/[0-9]{1,3})?$")
+# dom0 accepts lowercase letters, digits and "-._" in a host name.
+_HOSTNAME_RE = re.compile(r"^[a-z0-9_.-]{1,253}$")
+_OPTIONS = {"action", "proto", "dst4", "dst6", "dsthost", "dstports", "specialtarget", "icmptype"}
+
+
+@dataclass(frozen=True)
+class OutboundRule:
+    """One validated outbound rule; ``None`` means "any"."""
+
+    action: Action
+    proto: Proto | None = None
+    dst: IPNetwork | None = None
+    dsthost: str | None = None
+    dstports: tuple[int, int] | None = None
+    icmptype: int | None = None
+    dns: bool = False
+
+
+@dataclass(frozen=True)
+class SourceRules:
+    """A source's complete rule list and the policy applied after it."""
+
+    rules: tuple[OutboundRule, ...]
+    policy: Action
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A source whose traffic is rejected; ``reason`` is for the log."""
+
+    reason: str
+
+
+def parse_address(untrusted_text: str) -> IPAddress:
+    """An address in the canonical form dom0 writes (``str(ipaddress)``)."""
+    if not 2 <= len(untrusted_text) <= 39 or not re.match(r"^[0-9a-f.:]+$", untrusted_text):
+        raise EntryError(f"not an address: {untrusted_text[:40]!r}")
+    try:
+        address = ipaddress.ip_address(untrusted_text)
+    except ValueError:
+        raise EntryError(f"not an address: {untrusted_text!r}") from None
+    if str(address) != untrusted_text:
+        raise EntryError(f"address {untrusted_text!r} not in canonical form")
+    return address
+
+
+def parse_address_list(
+    untrusted_value: bytes | None, version: Literal[4, 6]
+) -> tuple[frozenset[IPAddress], list[str]]:
+    """``/connected-ips``-style value: addresses of one family, and what was refused."""
+    if not untrusted_value:
+        return frozenset(), []
+    try:
+        untrusted_text = untrusted_value.decode("ascii")
+    except UnicodeDecodeError:
+        return frozenset(), ["value is not ASCII"]
+    addresses = set()
+    problems = []
+    for untrusted_word in untrusted_text.split():
+        try:
+            address = parse_address(untrusted_word)
+        except EntryError as err:
+            problems.append(str(err))
+            continue
+        if address.version != version:
+            problems.append(f"{address} is not an IPv{version} address")
+            continue
+        addresses.add(address)
+    return frozenset(addresses), problems
+
+
+def _parse_network(untrusted_text: str, version: Literal[4, 6]) -> IPNetwork:
+    """dst4/dst6: dom0 always adds a prefix; host bits may be set (nft masks them)."""
+    pattern = _DST4_RE if version == 4 else _DST6_RE
+    if not pattern.match(untrusted_text):
+        raise EntryError(f"bad IPv{version} network {untrusted_text[:50]!r}")
+    try:
+        network = ipaddress.ip_network(untrusted_text, strict=False)
+    except ValueError:
+        raise EntryError(f"bad IPv{version} network {untrusted_text[:50]!r}") from None
+    if network.version != version:
+        raise EntryError(f"bad IPv{version} network {untrusted_text[:50]!r}")
+    return network
+
+
+def _parse_ports(untrusted_text: str) -> tuple[int, int]:
+    """``N`` or ``N-M``, 0 <= N <= M <= 65535, as dom0 writes ``dstports``."""
+    match = _PORTS_RE.match(untrusted_text)
+    if match is None:
+        raise EntryError(f"bad dstports {untrusted_text[:20]!r}")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if not 0 <= first <= last <= 65535:
+        raise EntryError(f"dstports {untrusted_text!r} out of order or out of 0-65535")
+    return first, last
+
+
+def _split_words(untrusted_value: str) -> dict[str, str]:
+    words: dict[str, str] = {}
+    for untrusted_word in untrusted_value.split(" "):
+        match = _WORD_RE.match(untrusted_word)
+        if match is None:
+            raise EntryError(f"malformed word {untrusted_word[:40]!r}")
+        key, value = match.groups()
+        if key not in _OPTIONS:
+            raise EntryError(f"unsupported option {key[:20]!r}")
+        if key in words:
+            raise EntryError(f"repeated option {key!r}")
+        words[key] = value
+    return words
+
+
+def parse_rule(untrusted_value: str, version: Literal[4, 6]) -> OutboundRule:
+    """Validate one ``/qubes-firewall/IP/NNNN`` value for a source of ``version``."""
+    if len(untrusted_value) > MAX_VALUE:
+        raise EntryError("value too long")
+    words = _split_words(untrusted_value)
+    action = words.get("action")
+    if action not in ("accept", "drop"):
+        raise EntryError("action must be accept or drop")
+    proto = words.get("proto")
+    if proto not in (None, "tcp", "udp", "icmp"):
+        raise EntryError("proto must be tcp, udp or icmp")
+    if len(words.keys() & {"dst4", "dst6", "dsthost"}) > 1:
+        raise EntryError("more than one of dst4, dst6, dsthost")
+    dst = None
+    if "dst4" in words:
+        if version != 4:
+            raise EntryError("dst4 rule for an IPv6 source")
+        dst = _parse_network(words["dst4"], 4)
+    if "dst6" in words:
+        if version != 6:
+            raise EntryError("dst6 rule for an IPv4 source")
+        dst = _parse_network(words["dst6"], 6)
+    dsthost = words.get("dsthost")
+    if dsthost is not None and not _HOSTNAME_RE.match(dsthost):
+        raise EntryError(f"bad dsthost {dsthost[:50]!r}")
+    dstports = None
+    if "dstports" in words:
+        if proto not in ("tcp", "udp"):
+            raise EntryError("dstports needs proto tcp or udp")
+        dstports = _parse_ports(words["dstports"])
+    icmptype = None
+    if "icmptype" in words:
+        if proto != "icmp" or not _ICMPTYPE_RE.match(words["icmptype"]):
+            raise EntryError("icmptype needs proto icmp and a number")
+        icmptype = int(words["icmptype"])
+        if icmptype > 255:
+            raise EntryError("icmptype out of 0-255")
+    special = words.get("specialtarget")
+    if special not in (None, "dns"):
+        raise EntryError("specialtarget must be dns")
+    return OutboundRule(
+        action=action,  # type: ignore[arg-type]
+        proto=proto,  # type: ignore[arg-type]
+        dst=dst,
+        dsthost=dsthost,
+        dstports=dstports,
+        icmptype=icmptype,
+        dns=special == "dns",
+    )
+
+
+def parse_source(
+    untrusted_entries: Mapping[str, bytes], version: Literal[4, 6]
+) -> SourceRules | Blocked:
+    """All entries of one source, keyed relative to its directory.
+
+    Keys are ``policy`` and ``NNNN``; rules apply in key order, then the policy.
+    """
+    rules = []
+    policy: Action | None = None
+    for untrusted_key in sorted(untrusted_entries):
+        try:
+            untrusted_text = untrusted_entries[untrusted_key].decode("ascii")
+        except UnicodeDecodeError:
+            return Blocked(f"entry {untrusted_key[:20]!r} is not ASCII")
+        if untrusted_key == "policy":
+            if untrusted_text not in ("accept", "drop"):
+                return Blocked(f"bad policy {untrusted_text[:20]!r}")
+            policy = untrusted_text  # type: ignore[assignment]
+            continue
+        if not _RULE_KEY_RE.match(untrusted_key):
+            return Blocked(f"unexpected entry {untrusted_key[:20]!r}")
+        try:
+            rules.append(parse_rule(untrusted_text, version))
+        except EntryError as err:
+            return Blocked(f"rule {untrusted_key}: {err}")
+    if policy is None:
+        return Blocked("no policy entry")
+    return SourceRules(tuple(rules), policy)
+
+
+def parse_resolv_conf(text: str) -> frozenset[IPAddress]:
+    """Nameserver addresses a hop sends DNS to (upstream's source for specialtarget=dns).
+
+    Loopback and unspecified addresses are left out: forwarded traffic never
+    goes there (a local stub resolver such as systemd-resolved's).
+    """
+    servers = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                address = ipaddress.ip_address(fields[1])
+            except ValueError:
+                continue
+            if not (address.is_loopback or address.is_unspecified):
+                servers.add(address)
+    return frozenset(servers)
