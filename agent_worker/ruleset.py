@@ -117,13 +117,15 @@ def rule_text(
 
     specialtarget=dns means "the DNS servers of this hop, port 53, tcp or
     udp"; like upstream, such a rule is left out when it names another
-    port or when no DNS server is known.
+    port or when no DNS server of ``family`` is known.
     """
     icmp = "icmp" if family == "ip" else "icmpv6"
+    version = 4 if family == "ip" else 6
+    servers = [s for s in dns_servers if s.version == version]
     parts = []
     ports = rule.dstports
     if rule.dns:
-        if ports not in (None, DNS_PORTS) or rule.proto == "icmp" or not dns_servers:
+        if ports not in (None, DNS_PORTS) or rule.proto == "icmp" or not servers:
             return None
         ports = DNS_PORTS
     if rule.proto is not None:
@@ -135,7 +137,7 @@ def rule_text(
     if rule.dsthost is not None:
         parts.append(f"{family} daddr {_addresses(names[rule.dsthost])}")
     if rule.dns:
-        parts.append(f"{family} daddr {_addresses(dns_servers)}")
+        parts.append(f"{family} daddr {_addresses(servers)}")
     if ports is not None:
         parts.append(f"th dport {_ports(ports)}")
     if rule.icmptype is not None:
@@ -171,13 +173,12 @@ def desired_table(
         postrouting = (f'oifname != "vif*" {family} daddr {_addresses(mine)} drop',)
     chains: dict[str, tuple[str, ...]] = {"prerouting": prerouting, "postrouting": postrouting}
     jumps = []
-    servers = frozenset(s for s in dns_servers if s.version == version)
     for address in mine:
         source = sources.get(address)
         if source is None:
             continue
         chain = chain_name(address)
-        chains[chain] = source_chain(source, family, servers)
+        chains[chain] = source_chain(source, family, dns_servers)
         jumps.append((address, chain))
     return Desired(chains, tuple(jumps))
 

@@ -1,0 +1,161 @@
+"""The worker shell without a kernel: events, QubesDB write-back, hooks, systemd."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from pathlib import Path
+
+import pytest
+from worker_netns import MemoryQubesDB, write_rules
+
+from agent_worker.firewall import (
+    Changes,
+    NftError,
+    Worker,
+    classify,
+    dns_info_value,
+    resolve,
+    run_hooks,
+    sd_notify,
+)
+
+
+class RecordingNft:
+    """Records transactions; the kernel always looks empty; refuses texts containing ``bad``."""
+
+    def __init__(self, bad: str | None = None) -> None:
+        self.bad = bad
+        self.transactions: list[str] = []
+
+    def run(self, commands: str, *, check: bool = False) -> str:
+        if self.bad is not None and self.bad in commands:
+            raise NftError(f"Error: refused {self.bad}")
+        if not check:
+            self.transactions.append(commands)
+        return ""
+
+    def list_table(self, family: str) -> None:
+        return None
+
+
+def test_events_wait_for_the_completion_marker() -> None:
+    assert classify([
+        "/qubes-firewall/10.137.0.5/0000",
+        "/qubes-firewall/10.137.0.5/",
+        "/qubes-firewall/10.137.0.5/policy",
+    ]) == Changes()
+    assert classify(["/qubes-firewall/10.137.0.5", "/qubes-firewall/fd09::5"]) == Changes(
+        sources={"10.137.0.5", "fd09::5"}
+    )
+    assert classify(["/connected-ips6"]) == Changes(connected=True)
+    assert classify(["/qubes-firewall/"]).full
+    assert classify(["/"]).full
+
+
+def test_dns_info_is_upstreams_set_literal() -> None:
+    addresses = frozenset(ipaddress.ip_address(a) for a in ("192.0.2.10", "192.0.2.7"))
+    assert dns_info_value(addresses) == "{'192.0.2.7/32', '192.0.2.10/32'}"
+    assert dns_info_value(frozenset({ipaddress.ip_address("2001:db8::1")})) == (
+        "{'2001:db8::1/128'}"
+    )
+
+
+def test_resolve_localhost_and_refuse_nonsense() -> None:
+    assert ipaddress.ip_address("127.0.0.1") in resolve("localhost", 4)
+    with pytest.raises((OSError, UnicodeError)):
+        resolve("no-such-host.invalid", 4)
+
+
+def _worker(db: MemoryQubesDB, nft: RecordingNft, tmp_path: Path) -> Worker:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 10.139.1.1\n")
+    return Worker(db, nft, resolver=lambda name, version: frozenset(), resolv_conf=resolv)  # type: ignore[arg-type]
+
+
+def test_garbage_paths_and_values_are_logged_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = MemoryQubesDB({"/connected-ips": "10.137.0.5 bogus", "/qubes-primary-dns": "x"})
+    db.write("/qubes-firewall/10.137.0.05/policy", "accept")
+    db.write("/qubes-firewall/10.137.0.05", "")
+    write_rules(db, "10.137.0.5", "drop", ["action=accept dst4=10.0.0.0/8 dst4=1.0.0.0/8"])
+    nft = RecordingNft()
+    with caplog.at_level(logging.INFO, logger="qubes.firewall"):
+        _worker(db, nft, tmp_path).reload()
+    messages = caplog.messages
+    assert "ignoring /qubes-firewall/10.137.0.05: not an address: '10.137.0.05'" in messages
+    assert "blocking all traffic from 10.137.0.5: rule 0000: repeated option 'dst4'" in messages
+    assert any(m.startswith("/connected-ips: ignoring an entry") for m in messages)
+    assert any(m.startswith("/qubes-primary-dns: ignoring it") for m in messages)
+    (transaction,) = nft.transactions
+    assert (
+        "add rule ip qubes-firewall qbs-10-137-0-5 reject with icmp type admin-prohibited"
+        in transaction.splitlines()
+    )
+    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"1"
+
+
+def test_removed_rules_drop_the_chain_and_the_dns_record(tmp_path: Path) -> None:
+    db = MemoryQubesDB({"/connected-ips": "10.137.0.5", "/dns/10.137.0.5/a": "{}"})
+    write_rules(db, "10.137.0.5", "accept", [])
+    nft = RecordingNft()
+    worker = _worker(db, nft, tmp_path)
+    worker.reload()
+    db.rm("/qubes-firewall/10.137.0.5/")
+    db.rm("/qubes-firewall/10.137.0.5")
+    worker.handle(classify(["/qubes-firewall/10.137.0.5/", "/qubes-firewall/10.137.0.5"]))
+    assert not worker.sources
+    assert db.list("/dns/") == []
+    assert "jump" not in nft.transactions[-1]
+    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"2"
+
+
+def test_refused_update_without_a_culprit_keeps_everything(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = MemoryQubesDB({"/connected-ips": "10.137.0.5"})
+    write_rules(db, "10.137.0.5", "accept", [])
+    nft = RecordingNft(bad="prerouting")
+    worker = _worker(db, nft, tmp_path)
+    worker.reload()
+    assert nft.transactions == []
+    assert worker.applied == {"ip": {}, "ip6": {}}
+    assert "nft refused the update, the previous ruleset stays: Error: refused prerouting" in (
+        caplog.messages
+    )
+    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"1"
+
+
+def test_hooks_run_in_upstream_order(tmp_path: Path) -> None:
+    log = tmp_path / "ran"
+    etc, rw = tmp_path / "etc.d", tmp_path / "rw.d"
+    etc.mkdir()
+    rw.mkdir()
+
+    def script(path: Path, mode: int = 0o755) -> None:
+        path.write_text(f"#!/bin/sh\necho {path.name} >> {log}\nexit 3\n")
+        path.chmod(mode)
+
+    script(etc / "20-b")
+    script(etc / "10-a")
+    script(etc / "30-not-executable", 0o644)
+    script(rw / "05-c")
+    user = tmp_path / "qubes-firewall-user-script"
+    script(user)
+    run_hooks([etc, rw, tmp_path / "missing"], user)
+    assert log.read_text().split() == ["10-a", "20-b", "05-c", "qubes-firewall-user-script"]
+
+
+def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        sd_notify("READY=1")
+        assert sock.recv(64) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    sd_notify("READY=1")  # no systemd: nothing happens
+    assert not os.environ.get("NOTIFY_SOCKET")
