@@ -1,0 +1,209 @@
+"""The worker as a process: QubesDB stand-in in, nft in its namespace out, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from worker_netns import chain_rules, make_netns, nft_ruleset, wait_for, write_rules
+
+from agent_worker.qdb_parse import Blocked, parse_source
+from lab.pyshim import qubesdb
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parent.parent
+QUBE = "sys-firewall"
+WEB, WORK = "10.137.0.5", "10.137.0.6"
+REJECT = "reject with icmp admin-prohibited"
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    yield from make_netns()
+
+
+@pytest.fixture
+def qdb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    directory = tmp_path / "qubesdb"
+    ready = tmp_path / "qubesdb.ready"
+    server = subprocess.Popen([
+        sys.executable, "-m", "lab.qubesdb_server", "--dir", str(directory),
+        "--ready-file", str(ready), QUBE,
+    ], cwd=REPO)
+    try:
+        wait_for(ready.exists, what="QubesDB stand-in")
+        monkeypatch.setenv("QUBESDB_DIR", str(directory))
+        yield directory
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=10)
+
+
+def start_worker(ns: str, qdb_dir: Path, log: Path, notify: Path | None = None) -> WorkerProcess:
+    """Run the worker in ``ns`` as the lab does, and wait until its first load is done."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "QUBESDB_DIR": str(qdb_dir),
+        "QUBESDB_QUBE": QUBE,
+        "PYTHONPATH": f"{REPO / 'lab' / 'pyshim'}:{REPO}",
+    }
+    if notify is not None:
+        env["NOTIFY_SOCKET"] = str(notify)
+    starts = log.read_text().count("INFO: started") if log.exists() else 0
+    handle = log.open("ab")
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "agent_worker.firewall"],
+        env=env, stderr=handle, stdout=handle, cwd="/",
+    )
+    worker = WorkerProcess(process, log)
+    wait_for(lambda: worker.text().count("INFO: started") > starts or process.poll() is not None,
+             what="worker start")
+    assert process.poll() is None, worker.text()
+    return worker
+
+
+def handled(db: qubesdb.QubesDB, address: str) -> int:
+    return int(db.read(f"/qubes-firewall_handled/{address}") or b"0")
+
+
+def rewrite(db: qubesdb.QubesDB, address: str, policy: str, rules: list[str]) -> None:
+    """Write like dom0 and wait until the worker handled it."""
+    before = handled(db, address)
+    write_rules(db, address, policy, rules)
+    wait_for(lambda: handled(db, address) > before, what=f"worker handling {address}")
+
+
+def test_worker_follows_qubesdb_and_signals(netns: str, qdb_dir: Path, tmp_path: Path) -> None:
+    db = qubesdb.QubesDB(QUBE)
+    db.write("/connected-ips", f"{WEB} {WORK}")
+    db.write("/qubes-primary-dns", "10.139.1.1")
+    write_rules(db, WEB, "drop", ["action=accept proto=tcp dstports=443-443",
+                                  "action=accept specialtarget=dns"])
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify))
+        worker = start_worker(netns, qdb_dir, tmp_path / "worker.log", notify)
+        assert sock.recv(64) == b"READY=1"
+    assert handled(db, WEB) == 1
+    assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5")[0] == (
+        "tcp dport 443 accept"
+    )
+    assert "qbs-10-137-0-6" not in str(nft_ruleset(netns))  # no rules yet: policy drop
+
+    rewrite(db, WORK, "accept", ["action=drop proto=udp"])
+    rewrite(db, WEB, "drop", ["action=accept proto=tcp dstports=8000-8080"])
+    assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5") == [
+        "tcp dport 8000-8080 accept",
+        REJECT,
+    ]
+    assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-6") == [
+        f"meta l4proto udp {REJECT}",
+        "accept",
+    ]
+
+    before = nft_ruleset(netns)
+    worker.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: handled(db, WEB) == 3 and handled(db, WORK) == 2, what="SIGHUP reload")
+    assert nft_ruleset(netns) == before
+    assert "SIGHUP: reloading" in worker.text()
+
+    db.write("/connected-ips", WEB)
+    wait_for(lambda: "qbs-10-137-0-6" not in str(nft_ruleset(netns)), what="disconnect")
+
+    assert worker.stop() == 0
+    assert nft_ruleset(netns) == []
+    assert "stopping, removing the qubes-firewall tables" in worker.text()
+
+
+def test_restart_restores_the_same_ruleset(netns: str, qdb_dir: Path, tmp_path: Path) -> None:
+    db = qubesdb.QubesDB(QUBE)
+    db.write("/connected-ips", f"{WEB} {WORK}")
+    db.write("/connected-ips6", "fd09:24ef:4179::a89:5")
+    write_rules(db, WEB, "drop", ["action=accept proto=tcp dst4=192.168.0.0/16",
+                                  "action=accept dsthost=localhost"])
+    write_rules(db, WORK, "accept", [])
+    write_rules(db, "fd09:24ef:4179::a89:5", "drop", ["action=accept proto=icmp"])
+    log = tmp_path / "worker.log"
+    first = start_worker(netns, qdb_dir, log)
+    ruleset = nft_ruleset(netns)
+    assert first.stop() == 0
+    second = start_worker(netns, qdb_dir, log)
+    assert nft_ruleset(netns) == ruleset
+    assert db.read("/dns/10.137.0.5/localhost") == b"{'127.0.0.1/32'}"
+    assert second.stop() == 0
+
+
+_WORDS = st.sampled_from([
+    "action=accept", "action=drop", "proto=tcp", "proto=icmp", "dstports=1-2",
+    "dst4=10.0.0.0/8", "dst6=::/0", "icmptype=300", "expire=1", "specialtarget=dns",
+])
+_GARBAGE = st.one_of(
+    st.binary(min_size=1, max_size=200),
+    st.lists(st.one_of(_WORDS, st.text(min_size=1, max_size=8)), min_size=1, max_size=5)
+    .map(lambda words: " ".join(words).encode()),
+)
+
+
+def test_garbage_blocks_only_that_source(netns: str, qdb_dir: Path, tmp_path: Path) -> None:
+    db = qubesdb.QubesDB(QUBE)
+    db.write("/connected-ips", f"{WEB} {WORK}")
+    write_rules(db, WEB, "drop", ["action=accept proto=tcp dstports=443-443"])
+    write_rules(db, WORK, "accept", [])
+    worker = start_worker(netns, qdb_dir, tmp_path / "worker.log")
+    web_chain = chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5")
+
+    # garbage next to the sources and in /connected-ips: logged, nothing else changes
+    db.write("/qubes-firewall/not-an-ip/policy", "accept")
+    db.write("/qubes-firewall/not-an-ip", "")
+    db.write("/connected-ips", f"{WEB} {WORK} 999.1.1.1")
+    wait_for(lambda: "999.1.1.1" in worker.text(), what="log of the bad connected-ips entry")
+    assert "ignoring /qubes-firewall/not-an-ip: not an address" in worker.text()
+
+    @settings(max_examples=30, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(_GARBAGE)
+    def garbage_in_one_rule(untrusted_value: bytes) -> None:
+        rewrite(db, WORK, "accept", ["action=accept proto=udp"])
+        before = handled(db, WORK)
+        reasons = worker.text().count("ERROR: blocking all traffic from 10.137.0.6: ")
+        db.rm(f"/qubes-firewall/{WORK}/")
+        db.write(f"/qubes-firewall/{WORK}/policy", "accept")
+        db.write(f"/qubes-firewall/{WORK}/0000", untrusted_value)
+        db.write(f"/qubes-firewall/{WORK}", "")
+        wait_for(lambda: handled(db, WORK) > before, what="worker handling garbage")
+        assert worker.process.poll() is None, worker.text()
+        expected = parse_source({"0000": untrusted_value, "policy": b"accept"}, 4)
+        if isinstance(expected, Blocked):
+            assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-6") == [REJECT]
+            line = f"ERROR: blocking all traffic from 10.137.0.6: {expected.reason}"
+            assert worker.text().count("ERROR: blocking all traffic from 10.137.0.6: ") == (
+                reasons + 1
+            )
+            assert line in worker.text()
+        assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5") == web_chain
+
+    garbage_in_one_rule()
+    assert worker.stop() == 0
