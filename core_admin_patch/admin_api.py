@@ -1,0 +1,160 @@
+"""Admin API methods ``admin.vm.firewall.Get``, ``.Set`` and ``.Reload``.
+
+One function, :func:`handle_call`, takes a request exactly as it comes off
+the qubesd socket (method, argument, destination, payload, all untrusted)
+and returns the reply data or raises an exception from
+:mod:`core_admin_patch.errors`. It talks to the rest of dom0 only through
+:class:`AdminContext`, so the lab's qubesd stand-in and the real qubesd
+extension run the very same validation and storage code; nothing here
+imports ``qubes``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from core_admin_patch.errors import (
+    ProtocolError,
+    QubesValueError,
+    QubesVMError,
+)
+from firewall_rules import (
+    FirewallFileError,
+    Rule,
+    RuleError,
+    load_firewall_xml,
+    parse_api_payload,
+    save_firewall_xml,
+)
+
+
+class QubeRef(Protocol):
+    """What the API needs to know of a destination qube."""
+
+    name: str
+    firewall_path: Path
+
+
+class AdminContext(Protocol):
+    """The dom0 around the API: qube lookup, system-wide checks, apply."""
+
+    def find_qube(self, untrusted_name: str) -> QubeRef:
+        """The qube of that name; raises QubesVMNotFoundError."""
+        ...
+
+    def check_rules(self, qube: QubeRef, rules: list[Rule]) -> None:
+        """Refuse (QubesException) rules that cannot work system-wide."""
+        ...
+
+    def firewall_changed(self, qube: QubeRef) -> None:
+        """Rewrite QubesDB entries after rules of ``qube`` changed."""
+        ...
+
+
+#: qubesd's rule for qube names (qubes.vm.validate_name).
+_NAME_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_-]*\Z")
+_NAME_MAX = 31
+
+
+def validate_qube_name(untrusted_name: str) -> str:
+    """Check a destination name the way qubesd does before any lookup.
+
+    A name that could never belong to a qube is refused early, so it never
+    reaches a path join or a log line unchecked.
+    """
+    if len(untrusted_name) > _NAME_MAX:
+        raise QubesValueError("VM name must be shorter than 32 characters")
+    if _NAME_RE.match(untrusted_name) is None:
+        raise QubesValueError("VM name contains illegal characters")
+    if untrusted_name == "Domain-0":
+        raise QubesValueError("VM name cannot be 'Domain-0'")
+    if untrusted_name in ("none", "default"):
+        raise QubesValueError("VM name cannot be 'none' nor 'default'")
+    if untrusted_name.endswith("-dm"):
+        raise QubesValueError("VM name cannot end with -dm")
+    return untrusted_name
+
+
+def load_rules(qube: QubeRef) -> list[Rule]:
+    """The qube's stored rules; a broken file is that qube's error, not ours."""
+    try:
+        return load_firewall_xml(qube.firewall_path)
+    except (FirewallFileError, RuleError, OSError) as err:
+        raise QubesVMError(
+            qube, f"{qube.name}: firewall.xml cannot be loaded: {err}"
+        ) from None
+
+
+def firewall_get(ctx: AdminContext, qube: QubeRef, untrusted_payload: bytes, now: float) -> bytes:
+    """Canonical API line of every rule still in force, one per line."""
+    return "".join(
+        rule.api_rule + "\n" for rule in load_rules(qube) if not rule.is_expired(now)
+    ).encode("ascii")
+
+
+def firewall_set(ctx: AdminContext, qube: QubeRef, untrusted_payload: bytes, now: float) -> bytes:
+    """Replace all rules: parse everything, check, save, then apply.
+
+    One bad line refuses the whole payload before anything is written, so
+    the stored rules are either the old list or the new one, never a mix.
+    """
+    if not untrusted_payload.isascii():
+        raise QubesValueError("firewall rules must be ASCII text")
+    try:
+        rules = parse_api_payload(untrusted_payload, now)
+    except RuleError as err:
+        raise QubesValueError(str(err)) from None
+    ctx.check_rules(qube, rules)
+    try:
+        save_firewall_xml(qube.firewall_path, rules, now)
+    except OSError as err:
+        raise QubesVMError(qube, f"{qube.name}: firewall.xml cannot be saved: {err}") from None
+    ctx.firewall_changed(qube)
+    return b""
+
+
+def firewall_reload(
+    ctx: AdminContext, qube: QubeRef, untrusted_payload: bytes, now: float
+) -> bytes:
+    """Re-apply the stored rules (e.g. after a hop was fixed)."""
+    ctx.firewall_changed(qube)
+    return b""
+
+
+Handler = Callable[[AdminContext, QubeRef, bytes, float], bytes]
+
+#: method -> (handler, takes a payload)
+METHODS: dict[str, tuple[Handler, bool]] = {
+    "admin.vm.firewall.Get": (firewall_get, False),
+    "admin.vm.firewall.Set": (firewall_set, True),
+    "admin.vm.firewall.Reload": (firewall_reload, False),
+}
+
+
+def handle_call(
+    ctx: AdminContext,
+    untrusted_method: str,
+    untrusted_arg: str,
+    untrusted_dest: str,
+    untrusted_payload: bytes,
+    now: float,
+) -> bytes:
+    """Run one Admin API call; the reply data, or a Qubes exception.
+
+    Malformed requests (unknown method, argument or payload where none is
+    taken) raise ProtocolError as in qubesd; everything the user can get
+    wrong raises a QubesException whose message is meant for them.
+    """
+    try:
+        handler, takes_payload = METHODS[untrusted_method]
+    except KeyError:
+        raise ProtocolError(f"no such method: {untrusted_method!r}") from None
+    if untrusted_arg:
+        raise ProtocolError(f"{untrusted_method} takes no argument")
+    if untrusted_payload and not takes_payload:
+        raise ProtocolError(f"{untrusted_method} takes no payload")
+    qube = ctx.find_qube(validate_qube_name(untrusted_dest))
+    return handler(ctx, qube, untrusted_payload, now)
