@@ -33,7 +33,8 @@ man: $(STAMP)
 	mkdir -p doc/man
 	$(VENV)/bin/argparse-manpage --module admin_client_patch.qvm_firewall \
 	    --function get_parser --prog qvm-firewall --project-name qubes-network-server \
-	    --output doc/man/qvm-firewall.1
+	    --description "manage a qube's outbound, forward and inbound firewall rules" \
+	    --manual-title "Qubes network server" --output doc/man/qvm-firewall.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info doc/man
