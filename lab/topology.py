@@ -1,0 +1,378 @@
+"""The lab's topology: LAN hosts and qubes, loaded from TOML and validated.
+
+A topology says what exists (a LAN with hosts, qubes with their netvm,
+address and role); dom0 owns the live copy and changes it (netvm, ip) the
+way qvm-prefs does. Everything is checked at load, so the wiring code can
+trust names (they become namespace and interface names) and addresses.
+
+IPv6 fields (``ip6``, ``uplink6``, ``network6``) are accepted and checked
+so topologies can carry them, but the lab wires IPv4 only for now.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: qubesd's rule for qube names; LAN host names follow it too.
+_NAME_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_-]{0,30}\Z")
+#: Names the lab uses for itself (namespace ``qlab-lan-switch``, dom0).
+RESERVED_NAMES = frozenset({"dom0", "lan-switch", "none", "default"})
+
+DEFAULT_TOPOLOGY = Path(__file__).with_name("topologies") / "default.toml"
+
+
+class TopologyError(Exception):
+    """A topology file that cannot describe a working lab; the message says why."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """A static route of a LAN host: ``to`` via ``via``."""
+
+    to: ipaddress.IPv4Network
+    via: ipaddress.IPv4Address
+
+    def __str__(self) -> str:
+        return f"{self.to} via {self.via}"
+
+
+@dataclass
+class LanHost:
+    """A machine on the LAN (a namespace with one interface on the LAN switch)."""
+
+    name: str
+    addresses: list[ipaddress.IPv4Interface]
+    routes: list[Route] = field(default_factory=list)
+
+
+@dataclass
+class Lan:
+    """The physical network sys-net's uplink is plugged into."""
+
+    network: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address | None
+    hosts: list[LanHost]
+    network6: ipaddress.IPv6Network | None = None
+
+
+@dataclass
+class Qube:
+    """One qube; ``netvm`` and ``ip`` change at run time like qvm-prefs does."""
+
+    name: str
+    netvm: str | None
+    ip: ipaddress.IPv4Address
+    provides_network: bool = False
+    autostart: bool = True
+    features: dict[str, str] = field(default_factory=dict)
+    uplink: ipaddress.IPv4Interface | None = None
+    ip6: ipaddress.IPv6Address | None = None
+    uplink6: ipaddress.IPv6Interface | None = None
+
+    @property
+    def vm_type(self) -> str:
+        """``/qubes-vm-type`` as qubesd writes it."""
+        return "NetVM" if self.provides_network else "AppVM"
+
+
+@dataclass
+class Topology:
+    lan: Lan | None
+    qubes: dict[str, Qube]
+
+    def clients(self, netvm: str) -> list[Qube]:
+        """Qubes whose netvm is ``netvm``, in definition order."""
+        return [q for q in self.qubes.values() if q.netvm == netvm]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the TOML shape), for topology.json."""
+        result: dict[str, Any] = {"qubes": [_qube_dict(q) for q in self.qubes.values()]}
+        if self.lan is not None:
+            lan: dict[str, Any] = {
+                "network": str(self.lan.network),
+                "hosts": [
+                    {
+                        "name": h.name,
+                        "addresses": [str(a.ip) for a in h.addresses],
+                        "routes": [str(r) for r in h.routes],
+                    }
+                    for h in self.lan.hosts
+                ],
+            }
+            if self.lan.gateway is not None:
+                lan["gateway"] = str(self.lan.gateway)
+            if self.lan.network6 is not None:
+                lan["network6"] = str(self.lan.network6)
+            result["lan"] = lan
+        return result
+
+
+def _qube_dict(qube: Qube) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": qube.name,
+        "netvm": qube.netvm or "none",
+        "ip": str(qube.ip),
+        "provides_network": qube.provides_network,
+        "autostart": qube.autostart,
+        "features": dict(qube.features),
+    }
+    for key in ("uplink", "ip6", "uplink6"):
+        value = getattr(qube, key)
+        if value is not None:
+            data[key] = str(value)
+    return data
+
+
+def load_topology(path: Path) -> Topology:
+    """Read and validate a topology file; TopologyError names the file and the problem."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as err:
+        raise TopologyError(f"{path}: cannot read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise TopologyError(f"{path}: not valid TOML: {err}") from None
+    try:
+        return parse_topology(data)
+    except TopologyError as err:
+        raise TopologyError(f"{path}: {err}") from None
+
+
+def parse_topology(data: dict[str, Any]) -> Topology:
+    """Build and check a topology from TOML-shaped data."""
+    _keys("top level", data, required=("qubes",), optional=("lan",))
+    lan = _parse_lan(data["lan"]) if "lan" in data else None
+    if not isinstance(data["qubes"], list) or not data["qubes"]:
+        raise TopologyError("'qubes' must be a non-empty array of tables ([[qubes]])")
+    qubes: dict[str, Qube] = {}
+    for untrusted_qube in data["qubes"]:
+        qube = _parse_qube(untrusted_qube)
+        if qube.name in qubes:
+            raise TopologyError(f"qube {qube.name!r} is defined twice")
+        qubes[qube.name] = qube
+    topology = Topology(lan, qubes)
+    validate(topology)
+    return topology
+
+
+def validate(topology: Topology) -> None:
+    """Cross-checks: references, roles, loops, address clashes.
+
+    Also run by dom0 before a live change (netvm, ip) is accepted.
+    """
+    names = list(topology.qubes)
+    if topology.lan is not None:
+        names += [h.name for h in topology.lan.hosts]
+    for name in names:
+        if names.count(name) > 1:
+            raise TopologyError(f"name {name!r} is used by more than one qube or LAN host")
+    for qube in topology.qubes.values():
+        _check_qube_links(topology, qube)
+    seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+    for qube in topology.qubes.values():
+        for address in (qube.ip, qube.ip6):
+            if address is None:
+                continue
+            if address in seen:
+                raise TopologyError(
+                    f"address {address} is given to both {seen[address]!r} and {qube.name!r}"
+                )
+            seen[address] = qube.name
+    _check_lan(topology, seen)
+
+
+def _check_qube_links(topology: Topology, qube: Qube) -> None:
+    if qube.netvm is not None:
+        netvm = topology.qubes.get(qube.netvm)
+        if netvm is None:
+            raise TopologyError(f"qube {qube.name!r}: netvm {qube.netvm!r} does not exist")
+        if not netvm.provides_network:
+            raise TopologyError(
+                f"qube {qube.name!r}: netvm {qube.netvm!r} does not provide network "
+                "(set provides_network = true on it)"
+            )
+        path = [qube.name]
+        current: Qube | None = netvm
+        while current is not None:
+            if current.name in path:
+                raise TopologyError(f"netvm loop: {' -> '.join([*path, current.name])}")
+            path.append(current.name)
+            current = topology.qubes.get(current.netvm) if current.netvm else None
+    if (qube.uplink or qube.uplink6) and (qube.netvm is not None or not qube.provides_network):
+        raise TopologyError(
+            f"qube {qube.name!r}: only a qube with netvm 'none' and provides_network = true "
+            "can have an uplink"
+        )
+
+
+def _check_lan(
+    topology: Topology, qube_addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str]
+) -> None:
+    lan = topology.lan
+    uplinks = [q for q in topology.qubes.values() if q.uplink is not None]
+    if lan is None:
+        if uplinks:
+            raise TopologyError(f"qube {uplinks[0].name!r} has an uplink but there is no [lan]")
+        return
+    taken: dict[ipaddress.IPv4Address, str] = {}
+    owners = [(q.name, q.uplink) for q in uplinks] + [
+        (h.name, a) for h in lan.hosts for a in h.addresses
+    ]
+    for owner, interface in owners:
+        assert interface is not None
+        if interface.network != lan.network:
+            raise TopologyError(
+                f"{owner!r}: LAN address {interface} is not in the LAN network {lan.network}"
+            )
+        if interface.ip in (lan.network.network_address, lan.network.broadcast_address):
+            raise TopologyError(f"{owner!r}: {interface.ip} cannot be a host address")
+        if interface.ip in taken:
+            raise TopologyError(
+                f"LAN address {interface.ip} is given to both {taken[interface.ip]!r} "
+                f"and {owner!r}"
+            )
+        taken[interface.ip] = owner
+    for address, name in qube_addresses.items():
+        if address in lan.network:
+            raise TopologyError(
+                f"qube {name!r}: address {address} is inside the LAN network {lan.network}"
+            )
+    if lan.gateway is not None and lan.gateway not in lan.network:
+        raise TopologyError(f"LAN gateway {lan.gateway} is not in the LAN network {lan.network}")
+    for host in lan.hosts:
+        for route in host.routes:
+            if route.via not in lan.network:
+                raise TopologyError(
+                    f"LAN host {host.name!r}: route {route}: {route.via} is not on the LAN"
+                )
+
+
+def _keys(
+    where: str, data: object, required: tuple[str, ...], optional: tuple[str, ...]
+) -> None:
+    if not isinstance(data, dict):
+        raise TopologyError(f"{where}: expected a table")
+    for key in data:
+        if key not in required and key not in optional:
+            known = ", ".join(sorted(required + optional))
+            raise TopologyError(f"{where}: unknown key {key!r} (known: {known})")
+    for key in required:
+        if key not in data:
+            raise TopologyError(f"{where}: missing key {key!r}")
+
+
+def _name(where: str, untrusted_name: object) -> str:
+    if not isinstance(untrusted_name, str) or not _NAME_RE.match(untrusted_name):
+        raise TopologyError(
+            f"{where}: name {untrusted_name!r} must start with a letter and hold at most "
+            "31 letters, digits, '_' or '-'"
+        )
+    if untrusted_name in RESERVED_NAMES or untrusted_name.endswith("-dm"):
+        raise TopologyError(f"{where}: name {untrusted_name!r} is reserved")
+    return untrusted_name
+
+
+def _parse(where: str, kind: type, untrusted_value: object) -> Any:
+    """An ipaddress object of ``kind`` from a string, or a clear error."""
+    if not isinstance(untrusted_value, str):
+        raise TopologyError(f"{where}: expected a string, got {untrusted_value!r}")
+    try:
+        return kind(untrusted_value)
+    except ValueError as err:
+        raise TopologyError(f"{where}: {err}") from None
+
+
+def _bool(where: str, untrusted_value: object) -> bool:
+    if not isinstance(untrusted_value, bool):
+        raise TopologyError(f"{where}: expected true or false, got {untrusted_value!r}")
+    return untrusted_value
+
+
+def _parse_lan(data: object) -> Lan:
+    _keys("[lan]", data, required=("network",), optional=("gateway", "hosts", "network6"))
+    assert isinstance(data, dict)
+    network = _parse("[lan] network", ipaddress.IPv4Network, data["network"])
+    gateway = (
+        _parse("[lan] gateway", ipaddress.IPv4Address, data["gateway"])
+        if "gateway" in data
+        else None
+    )
+    network6 = (
+        _parse("[lan] network6", ipaddress.IPv6Network, data["network6"])
+        if "network6" in data
+        else None
+    )
+    untrusted_hosts = data.get("hosts", [])
+    if not isinstance(untrusted_hosts, list):
+        raise TopologyError("[lan] hosts must be an array of tables ([[lan.hosts]])")
+    return Lan(network, gateway, [_parse_host(network, h) for h in untrusted_hosts], network6)
+
+
+def _parse_host(network: ipaddress.IPv4Network, data: object) -> LanHost:
+    _keys("[[lan.hosts]]", data, required=("name", "addresses"), optional=("routes",))
+    assert isinstance(data, dict)
+    name = _name("[[lan.hosts]]", data["name"])
+    where = f"LAN host {name!r}"
+    untrusted_addresses = data["addresses"]
+    if not isinstance(untrusted_addresses, list) or not untrusted_addresses:
+        raise TopologyError(f"{where}: addresses must be a non-empty array")
+    addresses = []
+    for untrusted_address in untrusted_addresses:
+        address = _parse(f"{where} address", ipaddress.IPv4Address, untrusted_address)
+        addresses.append(ipaddress.IPv4Interface((address, network.prefixlen)))
+    routes = []
+    untrusted_routes = data.get("routes", [])
+    if not isinstance(untrusted_routes, list):
+        raise TopologyError(f"{where}: routes must be an array of 'NETWORK via ADDRESS'")
+    for untrusted_route in untrusted_routes:
+        words = untrusted_route.split() if isinstance(untrusted_route, str) else []
+        if len(words) != 3 or words[1] != "via":
+            raise TopologyError(
+                f"{where}: route {untrusted_route!r} is not 'NETWORK via ADDRESS'"
+            )
+        routes.append(
+            Route(
+                _parse(f"{where} route", ipaddress.IPv4Network, words[0]),
+                _parse(f"{where} route", ipaddress.IPv4Address, words[2]),
+            )
+        )
+    return LanHost(name, addresses, routes)
+
+
+_QUBE_KEYS = (
+    "netvm", "provides_network", "autostart", "features", "uplink", "ip6", "uplink6",
+)
+
+
+def _parse_qube(data: object) -> Qube:
+    _keys("[[qubes]]", data, required=("name", "ip"), optional=_QUBE_KEYS)
+    assert isinstance(data, dict)
+    name = _name("[[qubes]]", data["name"])
+    where = f"qube {name!r}"
+    untrusted_netvm = data.get("netvm", "none")
+    netvm = None if untrusted_netvm == "none" else _name(f"{where} netvm", untrusted_netvm)
+    untrusted_features = data.get("features", {})
+    if not isinstance(untrusted_features, dict) or not all(
+        isinstance(v, str) for v in untrusted_features.values()
+    ):
+        raise TopologyError(f"{where}: features must be a table of strings")
+    qube = Qube(
+        name=name,
+        netvm=netvm,
+        ip=_parse(f"{where} ip", ipaddress.IPv4Address, data["ip"]),
+        provides_network=_bool(f"{where} provides_network", data.get("provides_network", False)),
+        autostart=_bool(f"{where} autostart", data.get("autostart", True)),
+        features=dict(untrusted_features),
+    )
+    if "uplink" in data:
+        qube.uplink = _parse(f"{where} uplink", ipaddress.IPv4Interface, data["uplink"])
+    if "ip6" in data:
+        qube.ip6 = _parse(f"{where} ip6", ipaddress.IPv6Address, data["ip6"])
+    if "uplink6" in data:
+        qube.uplink6 = _parse(f"{where} uplink6", ipaddress.IPv6Interface, data["uplink6"])
+    return qube
