@@ -1,0 +1,158 @@
+"""Tiny traffic tool for lab namespaces (stdlib only).
+
+    python -m lab.probe serve tcp|udp PORT [--reply TEXT] [--bind ADDR]
+    python -m lab.probe connect tcp|udp HOST PORT [--timeout S] [--source ADDR]
+    python -m lab.probe scan tcp HOST PORTS [--timeout S]
+
+``serve`` prints ``listening PROTO PORT`` once ready, then ``peer ADDR PORT``
+for each connection or datagram, and answers each with the reply text.
+``connect`` prints the reply and exits 0, or exits 1 on refusal or timeout.
+``scan`` prints each open port on its own line (e.g. ``22``); PORTS is a
+list like ``22,80,8000-8100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import selectors
+import socket
+import sys
+import time
+
+#: Lets ``connect --source`` use an address the namespace does not hold,
+#: which is how the tests send spoofed packets (Linux IP_FREEBIND).
+IP_FREEBIND = 15
+SCAN_BATCH = 512
+
+
+def serve(proto: str, port: int, reply: bytes, bind: str) -> None:
+    """Answer every client with ``reply`` until killed."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind, port))
+        if proto == "tcp":
+            sock.listen(64)
+        print(f"listening {proto} {port}", flush=True)
+        while True:
+            if proto == "tcp":
+                conn, peer = sock.accept()
+                print(f"peer {peer[0]} {peer[1]}", flush=True)
+                with conn, contextlib.suppress(OSError):
+                    conn.sendall(reply)
+            else:
+                _, peer = sock.recvfrom(65535)
+                print(f"peer {peer[0]} {peer[1]}", flush=True)
+                sock.sendto(reply, peer)
+
+
+def connect(proto: str, host: str, port: int, timeout: float, source: str | None) -> bytes:
+    """The server's reply; OSError (refused, unreachable, timeout) otherwise."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, kind) as sock:
+        if source is not None:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+            sock.bind((source, 0))
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        if proto == "udp":
+            sock.send(b"probe\n")
+            return sock.recv(65535)
+        reply = bytearray()
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(65535)
+            if not chunk:
+                return bytes(reply)
+            reply += chunk
+
+
+def parse_ports(untrusted_text: str) -> list[int]:
+    """``22,80,8000-8100`` as a sorted list; ValueError on anything else."""
+    ports: set[int] = set()
+    for part in untrusted_text.split(","):
+        first, _, last = part.partition("-")
+        low, high = int(first), int(last or first)
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"bad port range {part!r}")
+        ports.update(range(low, high + 1))
+    return sorted(ports)
+
+
+def scan(host: str, ports: list[int], timeout: float) -> list[int]:
+    """TCP ports of ``host`` that accept a connection, probed in parallel batches."""
+    open_ports = []
+    for start in range(0, len(ports), SCAN_BATCH):
+        selector = selectors.DefaultSelector()
+        pending: dict[socket.socket, int] = {}
+        for port in ports[start : start + SCAN_BATCH]:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            status = sock.connect_ex((host, port))
+            if status not in (0, errno.EINPROGRESS):
+                sock.close()
+                continue
+            pending[sock] = port
+            selector.register(sock, selectors.EVENT_WRITE)
+        deadline = time.monotonic() + timeout
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(remaining):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    open_ports.append(pending[sock])
+                selector.unregister(sock)
+                sock.close()
+                del pending[sock]
+        for sock in pending:
+            sock.close()
+        selector.close()
+    return sorted(open_ports)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="probe", description="lab traffic tool")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p_serve = commands.add_parser("serve", help="answer connections")
+    p_serve.add_argument("proto", choices=("tcp", "udp"))
+    p_serve.add_argument("port", type=int)
+    p_serve.add_argument("--reply", default="ok", help="text sent to each client")
+    p_serve.add_argument("--bind", default="0.0.0.0", help="local address to listen on")
+    p_connect = commands.add_parser("connect", help="connect once, print the reply")
+    p_connect.add_argument("proto", choices=("tcp", "udp"))
+    p_connect.add_argument("host")
+    p_connect.add_argument("port", type=int)
+    p_connect.add_argument("--timeout", type=float, default=2.0)
+    p_connect.add_argument("--source", help="source address (need not be local)")
+    p_scan = commands.add_parser("scan", help="list open TCP ports")
+    p_scan.add_argument("proto", choices=("tcp",))
+    p_scan.add_argument("host")
+    p_scan.add_argument("ports")
+    p_scan.add_argument("--timeout", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        with contextlib.suppress(KeyboardInterrupt):
+            serve(args.proto, args.port, args.reply.encode(), args.bind)
+        return 0
+    if args.command == "connect":
+        try:
+            reply = connect(args.proto, args.host, args.port, args.timeout, args.source)
+        except OSError as err:
+            print(f"no reply: {err}", file=sys.stderr)
+            return 1
+        print(reply.decode(errors="replace"))
+        return 0
+    try:
+        ports = parse_ports(args.ports)
+    except ValueError as err:
+        parser.error(str(err))
+    for port in scan(args.host, ports, args.timeout):
+        print(port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
