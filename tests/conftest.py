@@ -1,0 +1,50 @@
+"""Test-wide policy for tests marked ``lab`` (root, network namespaces, nft).
+
+Outside CI such a test is skipped with a loud reason when the machine
+cannot run it, and a banner at the end of the run says how many were not
+run. Under CI (``CI`` set) the same situation fails the test: CI runs as
+root, so a lab test that cannot run there is a broken CI, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
+
+
+def lab_unavailable() -> str | None:
+    """Why lab tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "not root"
+    missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("lab") is None:
+        return
+    reason = lab_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{LAB_MISSING}: {reason}", pytrace=False)
+    item.config.stash[_SKIPPED] = item.config.stash.get(_SKIPPED, 0) + 1
+    pytest.skip(f"{LAB_MISSING}: {reason}")
+
+
+_SKIPPED = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = terminalreporter.config.stash.get(_SKIPPED, 0)
+    if skipped:
+        terminalreporter.write_sep(
+            "!", f"{skipped} LAB TESTS SKIPPED: {lab_unavailable()}; run as root or set CI",
+            red=True, bold=True,
+        )
