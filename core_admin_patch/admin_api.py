@@ -25,6 +25,7 @@ from firewall_rules import (
     FirewallFileError,
     Rule,
     RuleError,
+    default_rules,
     load_firewall_xml,
     parse_api_payload,
     save_firewall_xml,
@@ -79,7 +80,13 @@ def validate_qube_name(untrusted_name: str) -> str:
 
 
 def load_rules(qube: QubeRef) -> list[Rule]:
-    """The qube's stored rules; a broken file is that qube's error, not ours."""
+    """The qube's stored rules; a broken file is that qube's error, not ours.
+
+    No file means the rules were never set: the default (accept all), as in
+    qubesd.
+    """
+    if not qube.firewall_path.exists():
+        return default_rules()
     try:
         return load_firewall_xml(qube.firewall_path)
     except (FirewallFileError, RuleError, OSError) as err:
