@@ -21,9 +21,10 @@ import socket
 import sys
 import time
 
-#: Lets ``connect --source`` use an address the namespace does not hold,
-#: which is how the tests send spoofed packets (Linux IP_FREEBIND).
-IP_FREEBIND = 15
+#: Lets ``connect --source`` bind and route from an address the namespace
+#: does not hold, which is how the tests send spoofed packets (Linux
+#: IP_TRANSPARENT; needs CAP_NET_ADMIN, as any spoofing does).
+IP_TRANSPARENT = 19
 SCAN_BATCH = 512
 
 
@@ -54,7 +55,7 @@ def connect(proto: str, host: str, port: int, timeout: float, source: str | None
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, kind) as sock:
         if source is not None:
-            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
             sock.bind((source, 0))
         sock.settimeout(timeout)
         sock.connect((host, port))
