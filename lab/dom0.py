@@ -1,0 +1,651 @@
+"""The lab's dom0: owns the live topology, wires qubes, fills QubesDB, serves qubesd.
+
+One process, one asyncio loop, so every change (an Admin API call, a qube
+start, a netvm change) runs to completion before the next: like qubesd,
+there is one place that knows the topology and one order of events.
+
+It plays three roles of a real dom0:
+
+- qubesd: the Admin API on ``$QUBES_LAB_DIR/qubesd.sock`` (the protocol
+  lives in :mod:`lab.qubesd_server`; this class is its AdminContext), and
+  the QubesDB entries qubesd writes when qubes start and rules change;
+- Xen/libvirt: starting a qube creates its namespace (its "boot"), and
+  connecting it to its netvm runs what vif-route-qubes and setup-ip do
+  (:mod:`lab.wiring`); a start gets a new domid, hence a new vif name;
+- systemd in the qubes: the firewall worker in every qube providing
+  network, and the input hook in every qube.
+
+Lab commands (start, stop, set, status, shutdown) arrive as one JSON line
+on the private socket ``$QUBES_LAB_DIR/dom0.sock`` (:mod:`lab.control`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core_admin_patch.errors import QubesException, QubesValueError, QubesVMNotFoundError
+from core_admin_patch.network_server import NetworkServer
+from firewall_rules import Rule, default_rules, load_firewall_xml, outbound_qdb_entries
+from lab import netns, procs, wiring
+from lab.pyshim import qubesdb
+from lab.qubesd_server import start_server
+from lab.topology import Qube, Topology, TopologyError, load_topology, validate
+
+log = logging.getLogger("qubes-lab.dom0")
+
+DNS = ("10.139.1.1", "10.139.1.2")
+#: Services (name, module) started in each qube: the firewall worker where
+#: the qube provides network, the input hook everywhere.
+FIREWALL = ("firewall", "agent_worker.firewall")
+INPUT_HOOK = ("input", "agent_worker.input_hook")
+#: How long a start waits for a netvm's worker to apply a client's rules.
+HANDLED_TIMEOUT = 10.0
+
+
+class Dom0Error(Exception):
+    """A lab command that cannot be carried out; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class QubeRef:
+    """What the Admin API needs of a qube (core_admin_patch.admin_api.QubeRef)."""
+
+    name: str
+    firewall_path: Path
+
+
+@dataclass
+class Runtime:
+    """Live state of one qube, beside its (static) topology entry."""
+
+    running: bool = False
+    domid: int | None = None
+    #: Backend interface in the netvm, and where/with which address it was made.
+    vif: str | None = None
+    attached_netvm: str | None = None
+    attached_ip: ipaddress.IPv4Address | None = None
+    services: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+
+class _Domain:
+    """A qube seen the way core_admin_patch.network_server expects a qubesd VM."""
+
+    def __init__(self, dom0: Dom0, name: str) -> None:
+        self._dom0 = dom0
+        self.name = name
+        self.provides_network = dom0.topology.qubes[name].provides_network
+
+    @property
+    def netvm(self) -> _Domain | None:
+        netvm = self._dom0.topology.qubes[self.name].netvm
+        return None if netvm is None else _Domain(self._dom0, netvm)
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address:
+        return self._dom0.topology.qubes[self.name].ip
+
+    @property
+    def features(self) -> Mapping[str, str]:
+        return self._dom0.topology.qubes[self.name].features
+
+    def is_running(self) -> bool:
+        return self._dom0.runtime[self.name].running
+
+
+class Dom0:
+    """The topology, the qubes' life cycle and their QubesDB entries."""
+
+    def __init__(self, state_dir: Path, topology: Topology) -> None:
+        self.state_dir = state_dir
+        self.topology = topology
+        self.runtime = {name: Runtime() for name in topology.qubes}
+        self._next_domid = 1
+        self._next_port = 0
+        self._dbs: dict[str, qubesdb.QubesDB] = {}
+        self._outbound_written: dict[tuple[str, str], dict[str, str]] = {}
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self.network_server = NetworkServer(self._domains, self._read_rules_of, _EntryWriter(self))
+        os.environ["QUBESDB_DIR"] = str(state_dir / "qubesdb")
+
+    # --- AdminContext -------------------------------------------------
+
+    def find_qube(self, untrusted_name: str) -> QubeRef:
+        if untrusted_name not in self.topology.qubes:
+            raise QubesVMNotFoundError(untrusted_name)
+        return QubeRef(untrusted_name, self.firewall_path(untrusted_name))
+
+    def check_rules(self, qube: QubeRef, rules: list[Rule]) -> None:
+        self.network_server.check_rules(qube.name, rules, time.time())
+
+    def firewall_changed(self, qube: QubeRef) -> None:
+        """Rewrite the qube's outbound entries in its netvm, re-plan forwards."""
+        client = self.topology.qubes[qube.name]
+        if (
+            self.runtime[qube.name].running
+            and client.netvm is not None
+            and self.runtime[client.netvm].running
+        ):
+            self._reload_firewall_for(client.netvm, client, strict=False)
+        self._refresh()
+
+    # --- paths and helpers ----------------------------------------------
+
+    def firewall_path(self, name: str) -> Path:
+        return self.state_dir / "qubes" / name / "firewall.xml"
+
+    def read_rules(self, name: str) -> list[Rule]:
+        """The qube's rules; no firewall.xml means upstream's default (accept all)."""
+        path = self.firewall_path(name)
+        return load_firewall_xml(path) if path.exists() else default_rules()
+
+    def _read_rules_of(self, domain: _Domain) -> list[Rule]:
+        return self.read_rules(domain.name)
+
+    def _domains(self) -> Iterable[_Domain]:
+        return [_Domain(self, name) for name in self.topology.qubes]
+
+    def qdb(self, name: str) -> qubesdb.QubesDB:
+        """Connection to a running qube's QubesDB (dom0 writes any qube's)."""
+        db = self._dbs.get(name)
+        if db is None:
+            db = self._dbs[name] = qubesdb.QubesDB(name)
+        return db
+
+    def _reset_qdb(self, name: str) -> None:
+        """A new (or emptied) database for a booting qube, as qubesdb-daemon at boot."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(self.state_dir / "qubesdb" / "control.sock"))
+            sock.sendall(f"add {name}\n".encode())
+            reply = sock.makefile().readline().strip()
+        if reply != "ok":
+            raise Dom0Error(f"QubesDB daemon refused to create the database of {name}: {reply}")
+
+    def _qube(self, untrusted_name: str) -> Qube:
+        qube = self.topology.qubes.get(untrusted_name)
+        if qube is None:
+            raise Dom0Error(f"no such qube: {untrusted_name!r}")
+        return qube
+
+    def _running_clients(self, netvm: str) -> list[Qube]:
+        return [q for q in self.topology.clients(netvm) if self.runtime[q.name].running]
+
+    # --- QubesDB as qubesd writes it --------------------------------------
+
+    def _create_qdb_entries(self, qube: Qube) -> None:
+        """The keys qubesd writes into a starting qube's QubesDB."""
+        db = self.qdb(qube.name)
+        db.write("/name", qube.name)
+        db.write("/type", "AppVM")
+        db.write("/qubes-vm-type", qube.vm_type)
+        db.write("/qubes-vm-updateable", "False")
+        db.write("/qubes-vm-persistence", "rw-only")
+        db.write("/qubes-debug-mode", "0")
+        db.write("/qubes-base-template", "")
+        db.write("/default-user", "user")
+        if qube.provides_network:
+            db.write("/qubes-netvm-network", str(qube.ip))
+            db.write("/qubes-netvm-gateway", str(qube.ip))
+            db.write("/qubes-netvm-netmask", wiring.NETMASK)
+            db.write("/qubes-netvm-primary-dns", DNS[0])
+            db.write("/qubes-netvm-secondary-dns", DNS[1])
+        self._write_client_entries(qube)
+        services = {"qubes-firewall": "1"} if qube.provides_network else {}
+        services.update(
+            {key[len("service."):]: value for key, value in qube.features.items()
+             if key.startswith("service.")}
+        )
+        for service, value in services.items():
+            db.write(f"/qubes-service/{service}", "1" if value not in ("", "0") else "0")
+
+    def _write_client_entries(self, qube: Qube) -> None:
+        """Address, gateway and DNS of a qube; removed when it has no netvm."""
+        db = self.qdb(qube.name)
+        keys = ("/qubes-ip", "/qubes-netmask", "/qubes-gateway",
+                "/qubes-primary-dns", "/qubes-secondary-dns")
+        if qube.netvm is None:
+            for key in keys:
+                db.rm(key)
+            return
+        netvm = self.topology.qubes[qube.netvm]
+        values = (str(qube.ip), wiring.NETMASK, str(netvm.ip), *DNS)
+        for key, value in zip(keys, values, strict=True):
+            db.write(key, value)
+
+    def _reload_connected_ips(self, netvm: str) -> None:
+        """``/connected-ips``: the running clients, which the worker filters."""
+        db = self.qdb(netvm)
+        db.write("/connected-ips", " ".join(str(q.ip) for q in self._running_clients(netvm)))
+        db.write("/connected-ips6", "")
+
+    def _outbound_entries(self, client: Qube) -> dict[str, str]:
+        try:
+            return outbound_qdb_entries(self.read_rules(client.name), 4, time.time())
+        except Exception as err:  # a broken firewall.xml must fail closed, not open
+            log.error("%s: rules unusable, blocking its traffic: %s", client.name, err)
+            return {"policy": "drop"}
+
+    def _reload_firewall_for(self, netvm: str, client: Qube, strict: bool = True) -> None:
+        """Rewrite ``/qubes-firewall/<ip>/`` in the netvm, marker last, as qubesd does.
+
+        Then wait for the netvm's worker to apply it, so a started qube (or a
+        returned Admin API call) already has its rules in nft. ``strict``
+        makes a worker that does not answer an error (qube start); otherwise
+        it is only logged, as qubesd does not depend on the agent either.
+        """
+        db = self.qdb(netvm)
+        base = f"/qubes-firewall/{client.ip}"
+        entries = self._outbound_entries(client)
+        db.rm(base + "/")
+        for key, value in entries.items():
+            db.write(f"{base}/{key}", value)
+        before = _counter(db.read(f"/qubes-firewall_handled/{client.ip}"))
+        db.write(base, "")
+        self._outbound_written[(netvm, str(client.ip))] = entries
+        try:
+            self._wait_handled(netvm, client.ip, before)
+        except Dom0Error as err:
+            if strict:
+                raise
+            log.warning("%s", err)
+
+    def _wait_handled(self, netvm: str, ip: ipaddress.IPv4Address, before: int) -> None:
+        """Wait until the netvm's worker has taken the client's new rules into nft."""
+        db = self.qdb(netvm)
+        deadline = time.monotonic() + HANDLED_TIMEOUT
+        while _counter(db.read(f"/qubes-firewall_handled/{ip}")) <= before:
+            if time.monotonic() > deadline:
+                raise Dom0Error(
+                    f"the firewall worker in {netvm} did not apply the rules of {ip} within "
+                    f"{HANDLED_TIMEOUT:.0f}s; see {self.state_dir}/logs/{netvm}-firewall.log"
+                )
+            time.sleep(0.01)
+
+    def _forget_client(self, netvm: str, ip: ipaddress.IPv4Address) -> None:
+        """Remove a departed client's entries from its netvm (completion path last)."""
+        db = self.qdb(netvm)
+        db.rm(f"/qubes-firewall/{ip}/")
+        db.rm(f"/qubes-firewall/{ip}")
+        db.rm(f"/mapped-ip/{ip}/")
+        self._outbound_written.pop((netvm, str(ip)), None)
+
+    def _refresh(self) -> None:
+        """Re-plan forward/input entries and re-arm the expiry timer."""
+        next_expiry = self.network_server.refresh(time.time())
+        for (netvm, ip), written in list(self._outbound_written.items()):
+            client = next(q for q in self.topology.qubes.values() if str(q.ip) == ip)
+            if self._outbound_entries(client) != written:
+                self._reload_firewall_for(netvm, client, strict=False)
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if next_expiry is not None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, next_expiry - time.time()) + 0.05
+            self._expiry_timer = loop.call_later(delay, self._guarded(self._refresh))
+
+    def _guarded(self, action: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                action()
+            except Exception:
+                log.exception("scheduled refresh failed")
+
+        return run
+
+    # --- qube life cycle ---------------------------------------------------
+
+    def start(self, name: str) -> None:
+        """Boot a qube (and its netvm first, as qubesd does)."""
+        qube = self._qube(name)
+        runtime = self.runtime[name]
+        if runtime.running:
+            return
+        if qube.netvm is not None:
+            self.start(qube.netvm)
+        runtime.domid = self._next_domid
+        self._next_domid += 1
+        log.info("starting %s (domid %d)", name, runtime.domid)
+        self._reset_qdb(name)
+        self.network_server.qube_reset(name)
+        wiring.qube_up(qube)
+        if qube.uplink is not None:
+            assert self.topology.lan is not None
+            wiring.uplink_up(qube, self.topology.lan, f"up{self._next_port}")
+            self._next_port += 1
+        self._create_qdb_entries(qube)
+        if qube.provides_network:
+            self._reload_connected_ips(name)
+            self._start_service(qube, FIREWALL)
+        self._start_service(qube, INPUT_HOOK)
+        runtime.running = True
+        if qube.netvm is not None:
+            self._attach(qube)
+        for client in self._running_clients(name):
+            self._attach(client)
+        self._refresh()
+        self.save_state()
+
+    def _attach(self, client: Qube) -> None:
+        """Connect a running client to its (running) netvm: vif, entries, rules."""
+        assert client.netvm is not None
+        runtime = self.runtime[client.name]
+        assert runtime.domid is not None
+        netvm = self.topology.qubes[client.netvm]
+        db = self.qdb(netvm.name)
+        db.write(f"/mapped-ip/{client.ip}/visible-ip", str(client.ip))
+        db.write(f"/mapped-ip/{client.ip}/visible-gateway", str(netvm.ip))
+        runtime.vif = wiring.vif_online(netvm.name, client.name, runtime.domid, client.ip, netvm.ip)
+        runtime.attached_netvm, runtime.attached_ip = netvm.name, client.ip
+        self._reload_connected_ips(netvm.name)
+        self._reload_firewall_for(netvm.name, client)
+
+    def _detach(self, client: Qube) -> None:
+        """Undo :meth:`_attach` (the netvm may already be gone)."""
+        runtime = self.runtime[client.name]
+        netvm, ip, vif = runtime.attached_netvm, runtime.attached_ip, runtime.vif
+        runtime.vif = runtime.attached_netvm = runtime.attached_ip = None
+        if netvm is None or ip is None or vif is None or not self.runtime[netvm].running:
+            return
+        wiring.vif_offline(netvm, vif, ip)
+        self._reload_connected_ips(netvm)
+        self._forget_client(netvm, ip)
+
+    def stop(self, name: str, force: bool = False) -> None:
+        """Shut a qube down; a netvm with running clients only with ``force``."""
+        qube = self._qube(name)
+        runtime = self.runtime[name]
+        if not runtime.running:
+            return
+        clients = self._running_clients(name)
+        if clients and not force:
+            raise Dom0Error(
+                f"there are other qubes connected to {name}: "
+                f"{', '.join(q.name for q in clients)} (stop them first, or force)"
+            )
+        log.info("stopping %s", name)
+        runtime.running = False
+        self._detach(qube)
+        for client in clients:
+            self.runtime[client.name].vif = None
+            self.runtime[client.name].attached_netvm = None
+            self.runtime[client.name].attached_ip = None
+        ns = netns.namespace(name)
+        if netns.exists(ns):
+            procs.terminate(netns.pids(ns))
+        for service in list(runtime.services):
+            self._stop_service(name, service)
+        if netns.exists(ns):
+            netns.delete(ns)
+        runtime.domid = None
+        for key in [k for k in self._outbound_written if k[0] == name]:
+            del self._outbound_written[key]
+        self._reset_qdb(name)
+        self._dbs.pop(name, None)
+        self.network_server.qube_reset(name)
+        self._refresh()
+        self.save_state()
+
+    def restart(self, name: str) -> None:
+        """Stop and start; a netvm's running clients are re-attached to it."""
+        self.stop(name, force=True)
+        self.start(name)
+
+    def set_property(self, name: str, prop: str, untrusted_value: str) -> None:
+        """``qvm-prefs NAME netvm|ip VALUE``, re-wiring a running qube live."""
+        qube = self._qube(name)
+        if prop == "netvm":
+            new_netvm = None if untrusted_value in ("none", "") else untrusted_value
+            self._change(qube, "netvm", new_netvm)
+        elif prop == "ip":
+            try:
+                address = ipaddress.IPv4Address(untrusted_value)
+            except ValueError as err:
+                raise Dom0Error(f"{name}: invalid ip: {err}") from None
+            self._change(qube, "ip", address)
+        else:
+            raise Dom0Error(f"cannot set {prop!r}: only netvm and ip can be changed")
+
+    def _change(self, qube: Qube, prop: str, value: object) -> None:
+        old = getattr(qube, prop)
+        if old == value:
+            return
+        setattr(qube, prop, value)
+        try:
+            validate(self.topology)
+        except TopologyError as err:
+            setattr(qube, prop, old)
+            raise Dom0Error(f"{qube.name}: cannot set {prop}: {err}") from None
+        if (
+            prop == "netvm"
+            and value is not None
+            and self.runtime[qube.name].running
+            and not self.runtime[str(value)].running
+        ):
+            setattr(qube, prop, old)
+            raise Dom0Error(f"cannot attach {qube.name} to {value}: {value} is not running")
+        log.info("%s: %s %s -> %s", qube.name, prop, old, value)
+        if self.runtime[qube.name].running:
+            self._rewire(qube, clients_too=(prop == "ip" and qube.provides_network))
+        self._refresh()
+        self.save_state()
+
+    def _rewire(self, qube: Qube, clients_too: bool) -> None:
+        """Detach and re-attach a running qube after its netvm or ip changed."""
+        self._detach(qube)
+        self._write_client_entries(qube)
+        if qube.provides_network:
+            self.qdb(qube.name).write("/qubes-netvm-network", str(qube.ip))
+            self.qdb(qube.name).write("/qubes-netvm-gateway", str(qube.ip))
+        if qube.netvm is not None:
+            self._attach(qube)
+        if clients_too:
+            for client in self._running_clients(qube.name):
+                self._detach(client)
+                self._write_client_entries(client)
+                self._attach(client)
+
+    # --- services ----------------------------------------------------------
+
+    def _start_service(self, qube: Qube, service: tuple[str, str]) -> None:
+        label, module = service
+        name = f"{qube.name}-{label}"
+        self.runtime[qube.name].services[label] = procs.spawn(
+            self.state_dir, name, procs.python_argv(module),
+            procs.qube_env(self.state_dir, qube.name), netns=netns.namespace(qube.name),
+        )
+
+    def _stop_service(self, qube: str, label: str) -> None:
+        proc = self.runtime[qube].services.pop(label)
+        if proc.poll() is None:
+            procs.terminate([proc.pid])
+        proc.wait()
+        (self.state_dir / "pids" / f"{qube}-{label}.pid").unlink(missing_ok=True)
+
+    # --- whole lab -----------------------------------------------------------
+
+    def boot(self) -> None:
+        """The LAN, then every autostart qube (netvms come up with their clients)."""
+        if self.topology.lan is not None:
+            wiring.switch_up(self.topology.lan)
+        for qube in self.topology.qubes.values():
+            self.firewall_path(qube.name).parent.mkdir(parents=True, exist_ok=True)
+        for qube in self.topology.qubes.values():
+            if qube.autostart:
+                self.start(qube.name)
+        self.save_state()
+
+    def shutdown(self) -> None:
+        """Stop every qube (clients before their netvms) and unplug the LAN."""
+        while running := [n for n, r in self.runtime.items() if r.running]:
+            leaves = [n for n in running if not self._running_clients(n)]
+            for name in leaves or running[:1]:
+                self.stop(name, force=True)
+        for ns in netns.lab_namespaces():
+            procs.terminate(netns.pids(ns))
+            netns.delete(ns)
+
+    def status(self) -> dict[str, Any]:
+        """What ``qubes-lab status`` shows, as data."""
+        qubes = []
+        for name, qube in self.topology.qubes.items():
+            runtime = self.runtime[name]
+            qubes.append({
+                "name": name,
+                "netvm": qube.netvm,
+                "ip": str(qube.ip),
+                "provides_network": qube.provides_network,
+                "running": runtime.running,
+                "domid": runtime.domid,
+                "vif": runtime.vif,
+                "services": {
+                    label: {"pid": proc.pid, "alive": proc.poll() is None}
+                    for label, proc in runtime.services.items()
+                },
+            })
+        return {"dom0_pid": os.getpid(), "qubes": qubes, "topology": self.topology.to_dict()}
+
+    def save_state(self) -> None:
+        """topology.json: the live topology and runtime, for status after a crash."""
+        path = self.state_dir / "topology.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=2) + "\n")
+        tmp.replace(path)
+
+    # --- control socket ----------------------------------------------------
+
+    def handle_control(self, untrusted_request: object) -> object:
+        """One lab command from :mod:`lab.control`."""
+        if not isinstance(untrusted_request, dict):
+            raise Dom0Error("request must be a JSON object")
+        op = untrusted_request.get("op")
+        args = untrusted_request.get("args", {})
+        if not isinstance(args, dict) or not all(isinstance(v, str | bool) for v in args.values()):
+            raise Dom0Error("args must be an object of strings")
+        handlers: dict[str, Callable[..., object]] = {
+            "status": self.status,
+            "start": self.start,
+            "stop": self.stop,
+            "restart": self.restart,
+            "set": self.set_property,
+        }
+        handler = handlers.get(str(op))
+        if handler is None:
+            raise Dom0Error(f"unknown lab command {op!r}")
+        try:
+            return handler(**args)
+        except TypeError as err:
+            raise Dom0Error(f"bad arguments for {op}: {err}") from None
+
+
+def _counter(value: bytes | None) -> int:
+    try:
+        return int(value or b"0")
+    except ValueError:
+        return 0
+
+
+class _EntryWriter:
+    """core_admin_patch.applier.EntryWriter on the lab's QubesDB (running qubes only)."""
+
+    def __init__(self, dom0: Dom0) -> None:
+        self._dom0 = dom0
+
+    def write(self, qube: str, path: str, value: str) -> None:
+        if self._dom0.runtime[qube].running:
+            self._dom0.qdb(qube).write(path, value)
+
+    def rm(self, qube: str, path: str) -> None:
+        if self._dom0.runtime[qube].running:
+            self._dom0.qdb(qube).rm(path)
+
+
+async def _serve_control(
+    dom0: Dom0, stop: asyncio.Event, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    try:
+        line = await reader.readline()
+        try:
+            request = json.loads(line)
+            if isinstance(request, dict) and request.get("op") == "shutdown":
+                stop.set()
+                reply: dict[str, object] = {"ok": True, "result": None}
+            else:
+                reply = {"ok": True, "result": dom0.handle_control(request)}
+        except (Dom0Error, QubesException, TopologyError, netns.CommandError,
+                qubesdb.Error, ValueError) as err:
+            reply = {"ok": False, "error": str(err)}
+        except Exception as err:
+            log.exception("lab command failed")
+            reply = {"ok": False, "error": f"internal error in dom0: {err!r}"}
+        writer.write((json.dumps(reply) + "\n").encode())
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+async def run(state_dir: Path, topology: Topology, ready_file: Path) -> None:
+    """Serve until SIGTERM or a shutdown command, then stop everything."""
+    dom0 = Dom0(state_dir, topology)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    qubesd = await start_server(state_dir / "qubesd.sock", dom0)
+    control_path = state_dir / "dom0.sock"
+    control_path.unlink(missing_ok=True)
+    control = await asyncio.start_unix_server(
+        lambda r, w: _serve_control(dom0, stop, r, w), path=str(control_path)
+    )
+    os.chmod(control_path, 0o600)
+    try:
+        dom0.boot()
+        ready_file.write_text(f"{os.getpid()}\n")
+        log.info("lab is up")
+        await stop.wait()
+    finally:
+        control.close()
+        qubesd.close()
+        log.info("shutting down")
+        dom0.shutdown()
+        (state_dir / "qubesd.sock").unlink(missing_ok=True)
+        control_path.unlink(missing_ok=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="dom0 of the Qubes lab (started by qubes-lab up)")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--topology", type=Path, required=True)
+    parser.add_argument("--ready-file", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        topology = load_topology(args.topology)
+    except TopologyError as err:
+        log.error("%s", err)
+        return 2
+    try:
+        asyncio.run(run(args.state_dir, topology, args.ready_file))
+    except (Dom0Error, QubesValueError, netns.CommandError, qubesdb.Error, OSError) as err:
+        log.error("dom0 failed: %s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
