@@ -1,0 +1,124 @@
+"""``qubes-lab``: a Qubes network without Xen, one network namespace per qube.
+
+    qubes-lab up [--topology FILE]     bring the lab up (idempotent)
+    qubes-lab down                     stop and remove everything (also after a crash)
+    qubes-lab status                   qubes, addresses, vifs, processes
+    qubes-lab exec QUBE -- CMD...      run CMD in a qube, a LAN host, or dom0
+    qubes-lab start|stop|restart QUBE  qube life cycle
+    qubes-lab set QUBE netvm NAME|none / set QUBE ip ADDR
+
+The state lives in ``$QUBES_LAB_DIR`` (default /run/qubes-lab). Point
+qvm-firewall at the lab with ``export QUBESD_SOCKET=$QUBES_LAB_DIR/qubesd.sock``
+or run it as ``qubes-lab exec dom0 -- qvm-firewall ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lab.control import Lab, LabError
+from lab.netns import CommandError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qubes-lab",
+        description="A Qubes network without Xen: one network namespace per qube.",
+        epilog="State directory: $QUBES_LAB_DIR (default /run/qubes-lab).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="bring the lab up (no-op if already up)")
+    up.add_argument("--topology", type=Path, help="topology TOML file (default: built-in)")
+    commands.add_parser("down", help="stop everything and remove namespaces and state")
+    status = commands.add_parser("status", help="show qubes, addresses, vifs, processes")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    run = commands.add_parser("exec", help="run a command in a qube, LAN host or dom0")
+    run.add_argument("target", help="qube, LAN host, or dom0 (QUBESD_SOCKET set)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    for name, text in (("start", "start a qube (and its netvm)"),
+                       ("stop", "stop a qube"), ("restart", "stop and start a qube")):
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("qube")
+        if name == "stop":
+            cmd.add_argument("--force", action="store_true",
+                             help="also when other running qubes use it as netvm")
+    prefs = commands.add_parser("set", help="change netvm or ip, re-wiring live")
+    prefs.add_argument("qube")
+    prefs.add_argument("property", choices=("netvm", "ip"))
+    prefs.add_argument("value", help="netvm: a qube name or 'none'; ip: an IPv4 address")
+    return parser
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    daemons = status["daemons"]
+    for name in ("dom0", "qubesdb"):
+        pid = daemons.get(name)
+        print(f"{name}: {'running, pid ' + str(pid) if pid else 'not running'}")
+    rows = [("QUBE", "NETVM", "IP", "STATE", "DOMID", "VIF", "PROCESSES")]
+    for qube in status["qubes"]:
+        services = " ".join(
+            f"{label}={'up' if info['alive'] else 'DEAD'}"
+            for label, info in sorted(qube.get("services", {}).items())
+        )
+        rows.append((
+            qube["name"], qube["netvm"] or "-", qube["ip"],
+            "running" if qube["running"] else "halted",
+            str(qube["domid"] or "-"), qube["vif"] or "-", services or "-",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    lan = status.get("topology", {}).get("lan")
+    if lan:
+        for host in lan["hosts"]:
+            print(f"LAN host {host['name']}: {', '.join(host['addresses'])}")
+    print(f"namespaces: {' '.join(status['namespaces']) or '-'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    lab = Lab()
+    try:
+        if args.command == "up":
+            lab.up(args.topology)
+            print(f"lab is up; export QUBESD_SOCKET={lab.qubesd_socket} for qvm-firewall")
+        elif args.command == "down":
+            lab.down()
+        elif args.command == "status":
+            status = lab.status()
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                _print_status(status)
+        elif args.command == "exec":
+            command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not command:
+                print("qubes-lab exec: missing command (qubes-lab exec QUBE -- CMD...)",
+                      file=sys.stderr)
+                return 2
+            wrapped = lab.command(args.target, command)
+            os.execvpe(wrapped[0], wrapped, lab.env(args.target))
+        elif args.command == "start":
+            lab.start(args.qube)
+        elif args.command == "stop":
+            lab.stop(args.qube, force=args.force)
+        elif args.command == "restart":
+            lab.restart(args.qube)
+        elif args.command == "set":
+            lab.set(args.qube, args.property, args.value)
+    except (LabError, CommandError) as err:
+        print(f"qubes-lab: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"qubes-lab: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
