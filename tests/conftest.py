@@ -4,14 +4,23 @@ Outside CI such a test is skipped with a loud reason when the machine
 cannot run it, and a banner at the end of the run says how many were not
 run. Under CI (``CI`` set) the same situation fails the test: CI runs as
 root, so a lab test that cannot run there is a broken CI, not a skip.
+
+Also the ``lab`` fixture: the default topology, up once per test module.
+Namespaces are global, so it takes over the machine's lab: whatever lab
+is up is brought down first.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+
+from lab.control import Lab
 
 LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
 
@@ -48,3 +57,31 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             "!", f"{skipped} LAB TESTS SKIPPED: {lab_unavailable()}; run as root or set CI",
             red=True, bold=True,
         )
+
+
+def fresh_lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """A Lab with its own state directory, after any running lab is down."""
+    Lab().down()
+    return Lab(Path(tmp_path_factory.mktemp("lab")))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The default topology, up; brought down at module end."""
+    if lab_unavailable() is not None:
+        pytest.skip(LAB_MISSING)
+    instance = fresh_lab(tmp_path_factory)
+    instance.up()
+    try:
+        yield instance
+    finally:
+        instance.down()
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll until ``predicate()`` holds, failing with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
