@@ -59,6 +59,8 @@ def _print_status(status: dict[str, Any]) -> None:
     for name in ("dom0", "qubesdb"):
         pid = daemons.get(name)
         print(f"{name}: {'running, pid ' + str(pid) if pid else 'not running'}")
+    if not daemons.get("dom0") and status["qubes"]:
+        print("dom0 is gone: below is the last state it saved; 'qubes-lab down' cleans up")
     rows = [("QUBE", "NETVM", "IP", "STATE", "DOMID", "VIF", "PROCESSES")]
     for qube in status["qubes"]:
         services = " ".join(
