@@ -1,1 +1,28 @@
-"""firewall_rules package."""
+"""The rule language: outbound (upstream), forward and inbound rules.
+
+Pure code: parsing from Admin API lines and firewall.xml, validation,
+canonical output and QubesDB entry text. No Qubes imports, no I/O beyond
+firewall.xml itself.
+"""
+
+from firewall_rules.errors import FirewallFileError, RuleError
+from firewall_rules.rule import (
+    Rule,
+    RuleKind,
+    default_rules,
+    outbound_qdb_entries,
+    parse_api_payload,
+)
+from firewall_rules.storage import load_firewall_xml, save_firewall_xml
+
+__all__ = [
+    "FirewallFileError",
+    "Rule",
+    "RuleError",
+    "RuleKind",
+    "default_rules",
+    "load_firewall_xml",
+    "outbound_qdb_entries",
+    "parse_api_payload",
+    "save_firewall_xml",
+]
