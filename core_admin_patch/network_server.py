@@ -1,0 +1,104 @@
+"""dom0 service around the planner: snapshot, check, plan, apply.
+
+Both hosts of the dom0 side use it: the qubesd extension on Qubes
+(:mod:`core_admin_patch.extension`) and the lab's dom0 stand-in. Each hands
+it its qubes as objects shaped like qubesd's VMs (``name``, ``netvm``,
+``ip``, ``provides_network``, ``is_running()``, ``features``) plus a way to
+read a qube's rules, and a writer for QubesDB; this class does the rest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+
+from core_admin_patch import planner
+from core_admin_patch.applier import Applier, EntryWriter
+from core_admin_patch.errors import QubesValueError
+from firewall_rules import Rule
+
+log = logging.getLogger("qubes.network-server")
+
+
+class DomainLike(Protocol):
+    """The attributes of a qubesd VM that planning needs."""
+
+    name: str
+    provides_network: bool
+
+    @property
+    def netvm(self) -> DomainLike | None: ...
+
+    @property
+    def ip(self) -> object: ...
+
+    @property
+    def features(self) -> Mapping[str, str]: ...
+
+    def is_running(self) -> bool: ...
+
+
+RulesReader = Callable[[DomainLike], list[Rule]]
+
+
+def qube_state(domain: DomainLike, rules: list[Rule]) -> planner.QubeState:
+    """Freeze one domain into the planner's picture."""
+    netvm = getattr(domain, "netvm", None)
+    ip = getattr(domain, "ip", None)
+    return planner.QubeState(
+        name=domain.name,
+        netvm=None if netvm is None else netvm.name,
+        ip=None if ip is None else ipaddress.IPv4Address(str(ip)),
+        provides_network=bool(getattr(domain, "provides_network", False)),
+        running=domain.is_running(),
+        features=dict(domain.features),
+        rules=tuple(rules),
+    )
+
+
+class NetworkServer:
+    """Keeps every qube's forward and input entries right as things change."""
+
+    def __init__(
+        self,
+        domains: Callable[[], Iterable[DomainLike]],
+        read_rules: RulesReader,
+        writer: EntryWriter,
+    ) -> None:
+        self._domains = domains
+        self._read_rules = read_rules
+        self._applier = Applier(writer)
+
+    def snapshot(self, now: float) -> planner.Snapshot:
+        qubes = {}
+        for domain in self._domains():
+            try:
+                rules = self._read_rules(domain)
+            except Exception as err:  # a corrupt firewall.xml must not stop others
+                log.error("%s: firewall rules unreadable, no forwards for it: %s", domain.name, err)
+                rules = []
+            qubes[domain.name] = qube_state(domain, rules)
+        return planner.Snapshot(qubes, now)
+
+    def check_rules(self, name: str, rules: list[Rule], now: float) -> None:
+        """Refuse, with a one-line reason, rules that cannot work (before saving)."""
+        try:
+            planner.check_rules(self.snapshot(now), name, rules)
+        except planner.PlanError as err:
+            raise QubesValueError(str(err)) from None
+
+    def refresh(self, now: float) -> float | None:
+        """Re-plan everything and write the differences; returns the next expiry."""
+        snapshot = self.snapshot(now)
+        self._applier.apply(planner.plan(snapshot))
+        return planner.next_expiry(snapshot)
+
+    def qube_reset(self, name: str) -> None:
+        """``name``'s QubesDB was created anew (start) or is gone (stop)."""
+        self._applier.forget(name)
+
+    def describe(self, name: str, now: float) -> dict[int, str]:
+        """Path of each forward rule of ``name``, for qvm-firewall."""
+        return planner.describe_forwards(self.snapshot(now), name)
