@@ -33,7 +33,9 @@ from typing import Any, Literal, Protocol
 
 import nftables
 
+from agent_worker import forwarding
 from agent_worker.entries import EntryError
+from agent_worker.nft_chains import NftError
 from agent_worker.qdb_parse import (
     Blocked,
     IPAddress,
@@ -65,7 +67,7 @@ CONNECTED_IPS: dict[str, Literal[4, 6]] = {"/connected-ips": 4, "/connected-ips6
 DNS_KEYS = ("/qubes-primary-dns", "/qubes-secondary-dns")
 HANDLED_DIR = "/qubes-firewall_handled/"
 DNS_INFO_DIR = "/dns/"
-WATCHES = (FIREWALL_DIR, *CONNECTED_IPS)
+WATCHES = (FIREWALL_DIR, *CONNECTED_IPS, forwarding.FORWARD_DIR)
 MAX_PATH = 64
 RESOLV_CONF = Path("/etc/resolv.conf")
 HOOK_DIRS = (Path("/etc/qubes/qubes-firewall.d"), Path("/rw/config/qubes-firewall.d"))
@@ -90,10 +92,6 @@ class QubesDBWatcher(Protocol):
     def watch(self, path: str) -> None: ...
     def watch_fd(self) -> int: ...
     def read_watch(self) -> str: ...
-
-
-class NftError(RuntimeError):
-    """nft refused a command; the kernel's ruleset is as it was before it."""
 
 
 class Nft:
@@ -475,11 +473,18 @@ def _pending_events(watcher: QubesDBWatcher, fd: int) -> list[str]:
     return paths
 
 
-def serve(worker: Worker, watcher: QubesDBWatcher, signals: _Signals) -> None:
+def serve(
+    worker: Worker,
+    watcher: QubesDBWatcher,
+    signals: _Signals,
+    forwarder: forwarding.Forwarder | None = None,
+) -> None:
     """Start up like upstream's worker, then follow QubesDB until asked to stop.
 
     ``watcher`` is a connection used for nothing but watches, so every event
-    waits in its socket and ``select`` on it never misses one.
+    waits in its socket and ``select`` on it never misses one. ``forwarder``
+    (the ``/qns-forward/`` half) gets the events under its directory, the
+    same SIGHUP and the same clean stop; its transactions are its own.
     """
     worker.init_tables()
     run_hooks()
@@ -488,6 +493,8 @@ def serve(worker: Worker, watcher: QubesDBWatcher, signals: _Signals) -> None:
         watcher.watch(path)
     fd = watcher.watch_fd()
     worker.reload()
+    if forwarder is not None:
+        forwarder.reload()
     log.info("started")
     while not signals.stop:
         ready = select.select([fd, signals.wake_fd], [], [])[0]
@@ -498,11 +505,24 @@ def serve(worker: Worker, watcher: QubesDBWatcher, signals: _Signals) -> None:
             signals.reload = False
             log.info("SIGHUP: reloading every client's rules")
             worker.reload(force=True)
+            if forwarder is not None:
+                forwarder.reload()
             continue
         if fd in ready:
-            worker.handle(classify(_pending_events(watcher, fd)))
+            paths = _pending_events(watcher, fd)
+            outbound = [p for p in paths if not p.startswith(forwarding.FORWARD_DIR.rstrip("/"))]
+            if outbound:
+                worker.handle(classify(outbound))
+            if forwarder is not None and any(forwarding.concerns(p) for p in paths):
+                forwarder.handle(forwarding.classify(paths))
     log.info("stopping, removing the %s tables", TABLE)
     worker.cleanup()
+    if forwarder is not None:
+        log.info("stopping, removing the forward chains")
+        try:
+            forwarder.remove()
+        except (NftError, ValueError, KeyError) as err:
+            log.error("could not remove the forward chains: %s", err)
 
 
 def main() -> int:
@@ -515,8 +535,9 @@ def main() -> int:
     )
     signals = _Signals()
     try:
-        worker = Worker(qubesdb.QubesDB(), Nft())
-        serve(worker, qubesdb.QubesDB(), signals)
+        db, nft = qubesdb.QubesDB(), Nft()
+        worker = Worker(db, nft)
+        serve(worker, qubesdb.QubesDB(), signals, forwarding.Forwarder(db, nft.run))
     except qubesdb.Error as err:
         log.error("QubesDB failed, leaving the ruleset as it is: %s", err)
         return 1

@@ -7,14 +7,18 @@ single ``jump`` right after the jump to the user's ``custom-*`` chain. The
 user's chains are never touched. A whole update (every chain's new content
 and any missing jump) is one nft transaction: it applies entirely or not
 at all.
+
+Every function takes the ``runner`` that talks to nft, so the firewall
+worker can use its own libnftables context (and nft's check mode) and
+tests can look at the text without a kernel.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import nftables
 
@@ -26,6 +30,12 @@ class NftError(RuntimeError):
     """nft refused a command; the previous ruleset is still in place."""
 
 
+class Runner(Protocol):
+    """Runs nft command text as one transaction (``check``: validate only)."""
+
+    def __call__(self, commands: str, *, check: bool = False) -> str: ...
+
+
 @dataclass(frozen=True)
 class BaseChainHook:
     """Where a ``qns-*`` chain is jumped to from, or how it is declared."""
@@ -34,48 +44,69 @@ class BaseChainHook:
     declaration: str | None = None  # declare as a base chain with this spec
 
 
-def run(commands: str) -> str:
+def run(commands: str, *, check: bool = False) -> str:
     """Run nft commands in one transaction; raise NftError on refusal."""
     nft = nftables.Nftables()
     nft.set_json_output(True)
     nft.set_handle_output(True)
+    nft.set_dry_run(check)
     rc, output, error = nft.cmd(commands)
     if rc != 0:
-        raise NftError(error.strip() or f"nft exited with {rc}")
+        raise NftError(" ".join(error.split()) or f"nft exited with {rc}")
     return output
 
 
-def _table_exists(family: Family) -> bool:
+def list_table(family: Family, runner: Runner = run) -> list[dict[str, Any]] | None:
+    """Items of the family's ``qubes`` table as nft JSON, or None if it does not exist."""
     try:
-        run(f"list table {family} {TABLE}")
+        output = runner(f"list table {family} {TABLE}")
     except NftError:
-        return False
-    return True
+        return None
+    items = json.loads(output or "{}").get("nftables", [])
+    return [item for item in items if isinstance(item, dict)]
 
 
-def _jump_position(family: Family, parent: str, chain: str) -> str | None:
-    """Command adding the jump to ``chain`` in ``parent``, or None if present."""
-    listing = json.loads(run(f"list chain {family} {TABLE} {parent}"))
-    custom_handle = None
-    for item in listing.get("nftables", []):
+def _jumps(items: list[dict[str, Any]], parent: str) -> list[tuple[int, str]]:
+    """``(handle, target)`` of every jump in chain ``parent``, in order."""
+    found = []
+    for item in items:
         rule = item.get("rule")
-        if not rule:
+        if not rule or rule.get("chain") != parent:
             continue
         for expr in rule.get("expr", []):
             target = expr.get("jump", {}).get("target") if isinstance(expr, dict) else None
-            if target == chain:
-                return None
-            if target == f"custom-{parent}" and custom_handle is None:
-                custom_handle = rule["handle"]
-    if custom_handle is None:
+            if target is not None:
+                found.append((int(rule["handle"]), str(target)))
+    return found
+
+
+def _jump_position(
+    family: Family, items: list[dict[str, Any]], parent: str, chain: str
+) -> str | None:
+    """Command adding the jump to ``chain`` in ``parent``, or None if present."""
+    jumps = _jumps(items, parent)
+    if any(target == chain for _, target in jumps):
+        return None
+    custom = [handle for handle, target in jumps if target == f"custom-{parent}"]
+    if not custom:
         return f"insert rule {family} {TABLE} {parent} jump {chain}"
-    return f"add rule {family} {TABLE} {parent} position {custom_handle} jump {chain}"
+    return f"add rule {family} {TABLE} {parent} position {custom[0]} jump {chain}"
 
 
 def build_transaction(
-    family: Family, chains: Mapping[str, list[str]], hooks: Mapping[str, BaseChainHook]
+    family: Family,
+    chains: Mapping[str, list[str]],
+    hooks: Mapping[str, BaseChainHook],
+    runner: Runner = run,
+    items: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Commands replacing the content of each chain in ``chains``."""
+    """Commands replacing the content of each chain in ``chains``.
+
+    ``items`` is the table's current listing (read through ``runner`` if
+    not given): it tells which jumps are already in place.
+    """
+    if items is None:
+        items = list_table(family, runner) or []
     lines = []
     for chain, rules in chains.items():
         hook = hooks[chain]
@@ -84,21 +115,65 @@ def build_transaction(
         lines.append(f"flush chain {family} {TABLE} {chain}")
         lines += [f"add rule {family} {TABLE} {chain} {rule}" for rule in rules]
         if hook.parent is not None:
-            jump = _jump_position(family, hook.parent, chain)
+            jump = _jump_position(family, items, hook.parent, chain)
             if jump is not None:
                 lines.append(jump)
     return "\n".join(lines) + "\n"
 
 
+def removal_commands(
+    family: Family,
+    chains: Iterable[str],
+    hooks: Mapping[str, BaseChainHook],
+    items: list[dict[str, Any]],
+) -> str:
+    """Commands deleting the jumps to ``chains`` and the chains themselves, if present.
+
+    Jumps go first in the same transaction: a chain still jumped to cannot
+    be deleted.
+    """
+    wanted = set(chains)
+    present = {
+        item["chain"]["name"] for item in items if "chain" in item and "name" in item["chain"]
+    }
+    lines = []
+    for parent in sorted({hooks[c].parent for c in wanted if hooks[c].parent is not None}):
+        assert parent is not None
+        lines += [
+            f"delete rule {family} {TABLE} {parent} handle {handle}"
+            for handle, target in _jumps(items, parent)
+            if target in wanted
+        ]
+    for chain in sorted(wanted & present):
+        lines += [f"flush chain {family} {TABLE} {chain}", f"delete chain {family} {TABLE} {chain}"]
+    return "".join(line + "\n" for line in lines)
+
+
 def apply(
     chains_by_family: Mapping[Family, Mapping[str, list[str]]],
     hooks: Mapping[str, BaseChainHook],
+    runner: Runner = run,
 ) -> None:
     """Replace our chains in every family whose ``qubes`` table exists, atomically."""
-    text = "".join(
-        build_transaction(family, chains, hooks)
-        for family, chains in chains_by_family.items()
-        if _table_exists(family)
-    )
+    text = ""
+    for family, chains in chains_by_family.items():
+        items = list_table(family, runner)
+        if items is not None:
+            text += build_transaction(family, chains, hooks, runner, items)
     if text:
-        run(text)
+        runner(text)
+
+
+def remove(
+    chains_by_family: Mapping[Family, Iterable[str]],
+    hooks: Mapping[str, BaseChainHook],
+    runner: Runner = run,
+) -> None:
+    """Delete our chains and the jumps to them in every family, atomically."""
+    text = ""
+    for family, chains in chains_by_family.items():
+        items = list_table(family, runner)
+        if items is not None:
+            text += removal_commands(family, chains, hooks, items)
+    if text:
+        runner(text)
