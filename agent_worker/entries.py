@@ -11,7 +11,7 @@ import ipaddress
 import re
 
 _WORD_RE = re.compile(r"^([a-z]+)=([A-Za-z0-9.:/-]+)$")
-_PORTS_RE = re.compile(r"^([0-9]{1,5})-([0-9]{1,5})$")
+_PORTS_RE = re.compile(r"^(0|[1-9][0-9]{0,4})-(0|[1-9][0-9]{0,4})$")
 MAX_VALUE = 3072
 
 
@@ -38,7 +38,7 @@ def parse_words(untrusted_value: str, allowed: set[str]) -> dict[str, str]:
 
 
 def parse_port_range(untrusted_text: str) -> tuple[int, int]:
-    """``N-M`` with 1 <= N <= M <= 65535."""
+    """``N-M`` with 1 <= N <= M <= 65535, in decimal without leading zeros (as dom0 writes)."""
     match = _PORTS_RE.match(untrusted_text)
     if match is None:
         raise EntryError(f"bad port range {untrusted_text[:20]!r}")

@@ -53,6 +53,17 @@ class Step:
         return "ip" if self.to.version == 4 else "ip6"
 
 
+def _address(untrusted_text: str) -> IPAddress:
+    """An address in the canonical form dom0 writes (``str(ipaddress)``), nothing else."""
+    try:
+        address = ipaddress.ip_address(untrusted_text)
+    except ValueError as err:
+        raise EntryError(f"bad address: {err}") from None
+    if str(address) != untrusted_text:
+        raise EntryError(f"address {untrusted_text[:50]!r} not in canonical form")
+    return address
+
+
 def parse_step(untrusted_value: str) -> Step:
     """Validate one ``/qns-forward/<ip>/NNNN`` value (doc/qubesdb.md)."""
     untrusted_words = parse_words(untrusted_value, _STEP_KEYS)
@@ -65,14 +76,10 @@ def parse_step(untrusted_value: str) -> Step:
     iif = untrusted_words["iif"]
     if iif not in ("upstream", "downstream"):
         raise EntryError("iif must be upstream or downstream")
-    try:
-        to = ipaddress.ip_address(untrusted_words["to"])
-        daddr: Literal["local"] | IPAddress = (
-            "local" if untrusted_words["daddr"] == "local"
-            else ipaddress.ip_address(untrusted_words["daddr"])
-        )
-    except ValueError as err:
-        raise EntryError(f"bad address: {err}") from None
+    to = _address(untrusted_words["to"])
+    daddr: Literal["local"] | IPAddress = (
+        "local" if untrusted_words["daddr"] == "local" else _address(untrusted_words["daddr"])
+    )
     ports = parse_port_range(untrusted_words["ports"])
     toports = parse_port_range(untrusted_words["toports"])
     if ports[1] - ports[0] != toports[1] - toports[0]:

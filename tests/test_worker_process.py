@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from worker_netns import chain_rules, make_netns, nft_ruleset, wait_for, write_rules
+from worker_netns import (
+    QUBE,
+    chain_rules,
+    make_netns,
+    nft_ruleset,
+    qubesdb_server,
+    start_worker,
+    wait_for,
+    write_rules,
+)
 
 from agent_worker.qdb_parse import Blocked, parse_source
 from lab.pyshim import qubesdb
 
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parent.parent
-QUBE = "sys-firewall"
 WEB, WORK = "10.137.0.5", "10.137.0.6"
 REJECT = "reject with icmp admin-prohibited"
 
@@ -34,55 +37,9 @@ def netns() -> Iterator[str]:
 
 @pytest.fixture
 def qdb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    directory = tmp_path / "qubesdb"
-    ready = tmp_path / "qubesdb.ready"
-    server = subprocess.Popen([
-        sys.executable, "-m", "lab.qubesdb_server", "--dir", str(directory),
-        "--ready-file", str(ready), QUBE,
-    ], cwd=REPO)
-    try:
-        wait_for(ready.exists, what="QubesDB stand-in")
+    with qubesdb_server(tmp_path) as directory:
         monkeypatch.setenv("QUBESDB_DIR", str(directory))
         yield directory
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-@dataclass
-class WorkerProcess:
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=10)
-
-
-def start_worker(ns: str, qdb_dir: Path, log: Path, notify: Path | None = None) -> WorkerProcess:
-    """Run the worker in ``ns`` as the lab does, and wait until its first load is done."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "QUBESDB_DIR": str(qdb_dir),
-        "QUBESDB_QUBE": QUBE,
-        "PYTHONPATH": f"{REPO / 'lab' / 'pyshim'}:{REPO}",
-    }
-    if notify is not None:
-        env["NOTIFY_SOCKET"] = str(notify)
-    starts = log.read_text().count("INFO: started") if log.exists() else 0
-    handle = log.open("ab")
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", ns, sys.executable, "-m", "agent_worker.firewall"],
-        env=env, stderr=handle, stdout=handle, cwd="/",
-    )
-    worker = WorkerProcess(process, log)
-    wait_for(lambda: worker.text().count("INFO: started") > starts or process.poll() is not None,
-             what="worker start")
-    assert process.poll() is None, worker.text()
-    return worker
 
 
 def handled(db: qubesdb.QubesDB, address: str) -> int:

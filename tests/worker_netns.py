@@ -11,17 +11,24 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 CLONE_NEWNET = 0x40000000
+REPO = Path(__file__).resolve().parent.parent
+QUBE = "sys-firewall"
 
 
 class MemoryQubesDB:
@@ -143,3 +150,134 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
+
+
+@contextmanager
+def qubesdb_server(tmp_path: Path, qube: str = QUBE) -> Iterator[Path]:
+    """The lab's QubesDB stand-in for ``qube``, serving in ``tmp_path``; yields its directory."""
+    directory = tmp_path / "qubesdb"
+    ready = tmp_path / "qubesdb.ready"
+    server = subprocess.Popen([
+        sys.executable, "-m", "lab.qubesdb_server", "--dir", str(directory),
+        "--ready-file", str(ready), qube,
+    ], cwd=REPO)
+    try:
+        wait_for(ready.exists, what="QubesDB stand-in")
+        yield directory
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@dataclass
+class WorkerProcess:
+    """A firewall worker running in a namespace, its stderr in ``log``."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=10)
+
+
+def start_worker(
+    ns: str, qdb_dir: Path, log: Path, notify: Path | None = None, qube: str = QUBE
+) -> WorkerProcess:
+    """Run the worker in ``ns`` as the lab does, and wait until its first load is done."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "QUBESDB_DIR": str(qdb_dir),
+        "QUBESDB_QUBE": qube,
+        "PYTHONPATH": f"{REPO / 'lab' / 'pyshim'}:{REPO}",
+    }
+    if notify is not None:
+        env["NOTIFY_SOCKET"] = str(notify)
+    starts = log.read_text().count("INFO: started") if log.exists() else 0
+    handle = log.open("ab")
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "agent_worker.firewall"],
+        env=env, stderr=handle, stdout=handle, cwd="/",
+    )
+    worker = WorkerProcess(process, log)
+    wait_for(lambda: worker.text().count("INFO: started") > starts or process.poll() is not None,
+             what="worker start")
+    assert process.poll() is None, worker.text()
+    return worker
+
+
+# -- a hop between a LAN client and its qubes, wired as Qubes does ----------
+
+HOP_UPLINK, CLIENT_ADDRESS, HOP_GATEWAY = "192.0.2.1", "192.0.2.10", "10.137.0.1"
+
+
+def ns_run(ns: str, *argv: str, stdin: str | None = None) -> str:
+    """Run a command in namespace ``ns``; its stdout, or an assertion naming the failure."""
+    done = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"{argv} in {ns}: {done.stderr}"
+    return done.stdout
+
+
+def wire_hop(client: str, hop: str, targets: dict[str, str]) -> None:
+    """``client`` on the hop's uplink; each ``targets`` namespace behind a vif of ``hop``.
+
+    The hop gets the Qubes base ruleset, forwarding, and per target what
+    vif-route-qubes sets up (group 2, /32 route, proxy ARP, antispoof
+    elements); a target gets its address as /32 and the hop as gateway.
+    ``targets`` maps namespace to address.
+    """
+    from lab.base_ruleset import base_ruleset, client_elements
+
+    subprocess.run(["ip", "link", "add", "eth0", "netns", hop, "type", "veth",
+                    "peer", "name", "eth0", "netns", client], check=True)
+    ns_run(client, "ip", "address", "add", f"{CLIENT_ADDRESS}/24", "dev", "eth0")
+    ns_run(client, "ip", "link", "set", "eth0", "up")
+    ns_run(hop, "ip", "address", "add", f"{HOP_UPLINK}/24", "dev", "eth0")
+    ns_run(hop, "ip", "link", "set", "eth0", "up")
+    ns_run(hop, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    ns_run(hop, "nft", "-f", "-", stdin=base_ruleset())
+    for domid, (target, address) in enumerate(targets.items(), start=1):
+        vif = f"vif{domid}.0"
+        subprocess.run(["ip", "link", "add", vif, "netns", hop, "type", "veth",
+                        "peer", "name", "eth0", "netns", target], check=True)
+        ns_run(hop, "nft", "-f", "-", stdin=client_elements("add", vif, address))
+        ns_run(hop, "ip", "link", "set", vif, "group", "2", "up")
+        ns_run(hop, "sysctl", "-qw", f"net/ipv4/conf/{vif}/proxy_arp=1")
+        ns_run(hop, "ip", "route", "add", address, "dev", vif)
+        ns_run(hop, "ip", "address", "add", f"{HOP_GATEWAY}/32", "dev", vif)
+        ns_run(target, "ip", "address", "add", f"{address}/32", "dev", "eth0")
+        ns_run(target, "ip", "link", "set", "eth0", "up")
+        ns_run(target, "ip", "route", "add", HOP_GATEWAY, "dev", "eth0", "scope", "link")
+        ns_run(target, "ip", "route", "add", "default", "via", HOP_GATEWAY, "dev", "eth0",
+               "onlink")
+
+
+@contextmanager
+def serving(ns: str, proto: str, port: int, reply: str) -> Iterator[None]:
+    """``lab.probe serve`` in ``ns`` until the block ends."""
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "lab.probe", "serve", proto,
+         str(port), "--reply", reply],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("listening"), "probe server did not start"
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def probe(ns: str, proto: str, host: str, port: int, timeout: float = 1.0) -> str | None:
+    """The server's reply to a connection from ``ns``, or None when nothing answers."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "lab.probe", "connect", proto, host,
+         str(port), "--timeout", str(timeout)],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )
+    return done.stdout.strip() if done.returncode == 0 else None

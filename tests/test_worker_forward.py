@@ -1,0 +1,473 @@
+"""The worker's forward half: /qns-forward/ entries to qns-* chains, and real traffic.
+
+Pure tests first (event sorting, fuzzed step text), then the Forwarder
+against the kernel in a throwaway namespace with the Qubes base ruleset,
+then the worker as a process in a hop between a LAN client and two
+qubes, with TCP and UDP going through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from worker_netns import (
+    HOP_UPLINK,
+    QUBE,
+    MemoryQubesDB,
+    WorkerProcess,
+    chain_rules,
+    in_netns,
+    make_netns,
+    nft_ruleset,
+    ns_run,
+    probe,
+    qubesdb_server,
+    serving,
+    start_worker,
+    wait_for,
+    wire_hop,
+)
+
+from agent_worker import forward, forwarding
+from agent_worker.entries import EntryError
+from agent_worker.firewall import Nft
+from agent_worker.forwarding import ForwardChanges, Forwarder, classify
+from lab.base_ruleset import base_ruleset
+from lab.pyshim import qubesdb
+
+WEB, WORK = "10.137.0.5", "10.137.0.6"
+WEB_TCP = f"proto=tcp ports=8080-8080 iif=upstream daddr=local to={WEB} toports=80-80"
+WEB_UDP = f"proto=udp ports=5353-5353 iif=upstream daddr=local to={WEB} toports=53-53"
+WORK_TCP = f"proto=tcp ports=2222-2222 iif=upstream daddr=local to={WORK} toports=22-22"
+USER_RULE = "tcp dport 9999 counter accept"
+
+
+def write_forwards(db: Any, target: str, steps: list[str] | list[bytes]) -> None:
+    """Rewrite one target's steps the way dom0 does: clear, write, then the directory path."""
+    base = f"/qns-forward/{target}"
+    db.rm(base + "/")
+    for number, step in enumerate(steps):
+        db.write(f"{base}/{number:04d}", step)
+    db.write(base, "")
+
+
+def remove_forwards(db: Any, target: str) -> None:
+    base = f"/qns-forward/{target}"
+    db.rm(base + "/")
+    db.rm(base)
+
+
+def handled(db: Any, target: str) -> int:
+    return int(db.read(f"/qns-forward_handled/{target}") or b"0")
+
+
+# -- pure -------------------------------------------------------------------
+
+
+def test_events_wait_for_the_completion_path() -> None:
+    assert classify([f"/qns-forward/{WEB}/0000", f"/qns-forward/{WEB}/"]) == ForwardChanges()
+    assert classify([f"/qns-forward/{WEB}", "/qns-forward/fd09::5"]) == ForwardChanges(
+        targets={WEB, "fd09::5"}
+    )
+    assert classify(["/qns-forward/"]).full
+    assert classify(["/"]).full
+    assert classify(["/qubes-firewall/10.137.0.5", "/connected-ips"]) == ForwardChanges()
+    assert not forwarding.concerns("/qubes-firewall/")
+
+
+class ListingOnly:
+    """A runner for a kernel whose ``qubes`` tables exist and are empty; records the rest."""
+
+    def __init__(self, tables: bool = True) -> None:
+        self.tables = tables
+        self.sent: list[str] = []
+
+    def __call__(self, commands: str, *, check: bool = False) -> str:
+        if commands.startswith("list table"):
+            if not self.tables:
+                raise forwarding.NftError("Error: No such file or directory")
+            return json.dumps({"nftables": [{"table": {"family": "ip", "name": "qubes"}}]})
+        self.sent.append(commands)
+        return ""
+
+
+def test_bad_entry_fails_its_target_only_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    db = MemoryQubesDB()
+    write_forwards(db, WEB, [WEB_TCP])
+    write_forwards(db, WORK, [WORK_TCP, "proto=tcp ports=1-1"])
+    db.write("/qns-forward/010.137.0.7", "")
+    runner = ListingOnly()
+    with caplog.at_level(logging.INFO, logger="qubes.firewall"):
+        Forwarder(db, runner).reload()
+    (text,) = runner.sent
+    assert f"to {WEB}:80" in text
+    assert WORK not in text
+    assert f"no forwards to {WORK}: entry 0001: missing daddr, iif, to, toports" in caplog.messages
+    assert any(m.startswith("ignoring /qns-forward/010.137.0.7") for m in caplog.messages)
+    assert handled(db, WORK) == 1 and handled(db, WEB) == 1
+
+
+def test_nothing_to_forward_leaves_table_qubes_alone() -> None:
+    runner = ListingOnly()
+    Forwarder(MemoryQubesDB(), runner).reload()
+    assert runner.sent == []
+    missing = ListingOnly(tables=False)
+    db = MemoryQubesDB()
+    write_forwards(db, WEB, [WEB_TCP])
+    Forwarder(db, missing).reload()
+    assert missing.sent == []
+
+
+def step_text(step: forward.Step) -> str:
+    """The canonical text of a parsed step, as dom0 writes it."""
+    words = [
+        f"proto={step.proto}", f"ports={step.ports[0]}-{step.ports[1]}", f"iif={step.iif}",
+        f"daddr={step.daddr}", f"to={step.to}",
+        f"toports={step.toports[0]}-{step.toports[1]}",
+    ]
+    if step.srchost is not None:
+        words.append(f"srchost={step.srchost}")
+    return " ".join(words)
+
+
+_GOOD = [
+    WEB_TCP,
+    f"proto=udp ports=5000-5002 iif=downstream daddr=10.137.0.1 to={WORK} toports=6000-6002 "
+    "srchost=10.137.0.0/24",
+    "proto=tcp ports=443-443 iif=upstream daddr=local to=fd09:24ef:4179::a89:5 toports=443-443",
+]
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> str:
+    """A good step with a few characters inserted, deleted or replaced."""
+    text = draw(st.sampled_from(_GOOD))
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(text)))
+        kind = draw(st.sampled_from(["insert", "delete", "replace"]))
+        piece = draw(st.text(min_size=1, max_size=3))
+        if kind == "insert":
+            text = text[:at] + piece + text[at:]
+        elif kind == "delete":
+            text = text[:at] + text[at + len(piece) :]
+        else:
+            text = text[:at] + piece + text[at + len(piece) :]
+    return text
+
+
+@settings(max_examples=500, deadline=None)
+@given(mutated())
+def test_fuzzed_step_text_parses_exactly_or_is_refused(untrusted_text: str) -> None:
+    try:
+        step = forward.parse_step(untrusted_text)
+    except EntryError:
+        return
+    # Whatever passes is what dom0 would have written for it, word for word.
+    assert sorted(step_text(step).split(" ")) == sorted(untrusted_text.split(" "))
+    assert forward.parse_step(step_text(step)) == step
+
+
+@given(st.lists(st.one_of(st.sampled_from(_GOOD), mutated()), min_size=1, max_size=4))
+def test_fuzzed_target_is_all_or_nothing(untrusted_steps: list[str]) -> None:
+    entries = {
+        f"{n:04d}": s.encode("utf-8", "surrogatepass") for n, s in enumerate(untrusted_steps)
+    }
+    try:
+        steps = forward.parse_target(entries)
+    except EntryError:
+        return
+    assert [sorted(step_text(s).split(" ")) for s in steps] == [
+        sorted(s.split(" ")) for s in untrusted_steps
+    ]
+
+
+# -- the Forwarder against the kernel -----------------------------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    yield from make_netns()
+
+
+def _base(ns: str) -> None:
+    ns_run(ns, "nft", "-f", "-", stdin=base_ruleset())
+    ns_run(ns, "nft", "add", "rule", "ip", "qubes", "custom-forward", *USER_RULE.split())
+
+
+@pytest.mark.lab
+def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str) -> None:
+    _base(netns)
+    original = nft_ruleset(netns)
+
+    def body() -> None:
+        db = MemoryQubesDB()
+        write_forwards(db, WEB, [WEB_TCP, WEB_UDP])
+        write_forwards(db, "fd09:24ef:4179::a89:5", [_GOOD[2]])
+        forwarder = Forwarder(db, Nft().run)
+        forwarder.reload()
+        forwarder.reload()  # idempotent: no second jump
+
+    in_netns(netns, body)
+    assert chain_rules(netns, "ip", "qubes", "forward")[:3] == [
+        "jump custom-forward",
+        "jump qns-forward",
+        "ct state invalid counter packets 0 bytes 0 drop",
+    ]
+    assert chain_rules(netns, "ip", "qubes", "custom-forward") == [
+        "tcp dport 9999 counter packets 0 bytes 0 accept"
+    ]
+    assert chain_rules(netns, "ip", "qubes", "qns-dnat") == [
+        "iifgroup != 2 fib daddr type local tcp dport 8080 dnat to 10.137.0.5:80",
+        "iifgroup != 2 fib daddr type local udp dport 5353 dnat to 10.137.0.5:53",
+    ]
+    assert chain_rules(netns, "ip", "qubes", "qns-forward") == [
+        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
+        "ct original proto-dst 8080 accept",
+        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 udp dport 53 "
+        "ct original proto-dst 5353 accept",
+    ]
+    assert chain_rules(netns, "ip6", "qubes", "qns-dnat") == [
+        "iifgroup != 2 fib daddr type local tcp dport 443 dnat to [fd09:24ef:4179::a89:5]:443",
+    ]
+
+    def remove_all() -> None:
+        db = MemoryQubesDB()
+        write_forwards(db, WEB, [WEB_TCP])
+        forwarder = Forwarder(db, Nft().run)
+        forwarder.reload()
+        remove_forwards(db, WEB)
+        forwarder.handle(classify([f"/qns-forward/{WEB}/", f"/qns-forward/{WEB}"]))
+
+    in_netns(netns, remove_all)
+    assert nft_ruleset(netns) == original  # user rule kept, nothing of ours left
+
+
+@pytest.mark.lab
+def test_refused_target_is_left_out_and_the_rest_applies(netns: str) -> None:
+    _base(netns)
+
+    def body() -> list[str]:
+        lines: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("qubes.firewall").addHandler(handler)
+        real = forward.dnat_rule
+
+        def broken(step: forward.Step) -> str:
+            if str(step.to) == WORK:
+                return "tcp dport 70000 dnat ip to 10.137.0.6"  # nft refuses this
+            return real(step)
+
+        forward.dnat_rule = broken  # type: ignore[assignment]
+        db = MemoryQubesDB()
+        write_forwards(db, WEB, [WEB_TCP])
+        write_forwards(db, WORK, [WORK_TCP])
+        forwarder = Forwarder(db, Nft().run)
+        forwarder.reload()
+        forwarder.handle(ForwardChanges(targets={WORK}))
+        return lines
+
+    lines = in_netns(netns, body)
+    assert any(line.startswith("nft refused the forward update") for line in lines)
+    assert any(line.startswith(f"no forwards to {WORK}: nft refused its rules") for line in lines)
+    assert chain_rules(netns, "ip", "qubes", "qns-forward") == [
+        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
+        "ct original proto-dst 8080 accept",
+    ]
+
+
+_WORDS = st.sampled_from([
+    "proto=tcp", "proto=udp", "ports=1-1", "ports=65535-65535", "ports=100-103",
+    "toports=1-1", "toports=200-203", "toports=65535-65535", "iif=upstream",
+    "iif=downstream", "daddr=local", "daddr=10.137.0.1", "daddr=fd09::1", "to=10.137.0.9",
+    "to=fd09::9", "srchost=0.0.0.0/0", "srchost=192.0.2.0/24", "srchost=2001:db8::/32",
+    "srchost=10.1.2.3/32",
+])
+
+
+def _every_parsed_step_is_accepted_by_nft() -> None:
+    nft = Nft()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(_WORDS, min_size=6, max_size=7, unique=True))
+    def check(words: list[str]) -> None:
+        try:
+            step = forward.parse_step(" ".join(words))
+        except EntryError:
+            return
+        chains = forwarding.desired_chains({step.to: (step,)})
+        text = forwarding.transaction(chains, nft.run)
+        try:
+            nft.run(text, check=True)
+        except forwarding.NftError as err:
+            raise AssertionError(f"nft refused {words}: {err}") from None
+
+    check()
+
+
+@pytest.mark.lab
+def test_fuzz_nft_accepts_every_step_the_parser_accepts(netns: str) -> None:
+    _base(netns)
+    in_netns(netns, _every_parsed_step_is_accepted_by_nft)
+
+
+# -- the worker as a process in a hop, with traffic ---------------------------
+
+
+@dataclass
+class Hop:
+    client: str
+    hop: str
+    web: str
+    work: str
+    db: qubesdb.QubesDB
+    worker: WorkerProcess
+
+    def rewrite(self, target: str, steps: list[str] | list[bytes]) -> None:
+        before = handled(self.db, target)
+        write_forwards(self.db, target, steps)
+        wait_for(lambda: handled(self.db, target) > before, what=f"worker handling {target}")
+
+    def remove(self, target: str) -> None:
+        before = handled(self.db, target)
+        remove_forwards(self.db, target)
+        wait_for(lambda: handled(self.db, target) > before, what=f"worker removing {target}")
+
+
+@pytest.fixture
+def hop(tmp_path: Path) -> Iterator[Hop]:
+    with contextlib.ExitStack() as stack:
+        client, hop_ns, web, work = (
+            stack.enter_context(contextlib.contextmanager(make_netns)()) for _ in range(4)
+        )
+        wire_hop(client, hop_ns, {web: WEB, work: WORK})
+        ns_run(hop_ns, "nft", "add", "rule", "ip", "qubes", "custom-forward", *USER_RULE.split())
+        directory = stack.enter_context(qubesdb_server(tmp_path))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("QUBESDB_DIR", str(directory))
+            db = qubesdb.QubesDB(QUBE)
+        db.write("/connected-ips", f"{WEB} {WORK}")
+        worker = start_worker(hop_ns, directory, tmp_path / "worker.log")
+        try:
+            yield Hop(client, hop_ns, web, work, db, worker)
+        finally:
+            if worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait(timeout=10)
+
+
+def _rules_with(ruleset: list[dict[str, Any]], chain: str) -> list[str]:
+    return [
+        json.dumps(item["rule"]["expr"])
+        for item in ruleset
+        if "rule" in item and item["rule"]["chain"] == chain and item["rule"]["table"] == "qubes"
+    ]
+
+
+@pytest.mark.lab
+def test_tcp_and_udp_reach_the_target_until_the_entries_go(hop: Hop) -> None:
+    assert probe(hop.client, "tcp", HOP_UPLINK, 8080) is None
+    with serving(hop.web, "tcp", 80, "web-tcp"), serving(hop.web, "udp", 53, "web-udp"), \
+            serving(hop.web, "tcp", 81, "not-forwarded"):
+        hop.rewrite(WEB, [WEB_TCP, WEB_UDP])
+        ruleset = nft_ruleset(hop.hop)
+        (dnat_tcp, dnat_udp) = _rules_with(ruleset, "qns-dnat")
+        assert '"dnat": {"addr": "10.137.0.5", "port": 80' in dnat_tcp
+        assert '"dnat": {"addr": "10.137.0.5", "port": 53' in dnat_udp
+        (accept_tcp, accept_udp) = _rules_with(ruleset, "qns-forward")
+        assert '"accept": null' in accept_tcp and '"right": 8080' in accept_tcp
+        assert '"right": 5353' in accept_udp
+
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8080) == "web-tcp"
+        assert probe(hop.client, "udp", HOP_UPLINK, 5353) == "web-udp"
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8081) is None  # only what was named
+        assert probe(hop.client, "tcp", WEB, 81) is None  # no route around the DNAT
+
+        hop.worker.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: handled(hop.db, WEB) == 2, what="SIGHUP reload")
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8080) == "web-tcp"
+
+        hop.remove(WEB)
+        assert _rules_with(nft_ruleset(hop.hop), "qns-dnat") == []
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8080) is None
+        assert probe(hop.client, "udp", HOP_UPLINK, 5353) is None
+    assert hop.worker.process.poll() is None
+    assert "INFO: forwards to 10.137.0.5 removed" in hop.worker.text()
+
+
+@pytest.mark.lab
+def test_stop_removes_our_chains_and_keeps_the_users(hop: Hop) -> None:
+    hop.rewrite(WEB, [WEB_TCP])
+    assert "qns-forward" in str(nft_ruleset(hop.hop))
+    assert hop.worker.stop() == 0
+    ruleset = nft_ruleset(hop.hop)
+    assert "qns-" not in str(ruleset)
+    assert chain_rules(hop.hop, "ip", "qubes", "custom-forward") == [
+        "tcp dport 9999 counter packets 0 bytes 0 accept"
+    ]
+    assert "stopping, removing the forward chains" in hop.worker.text()
+    # a restart after a kill (no cleanup) rewrites, never stacks, and never keeps stale rules
+    hop.worker = start_worker(hop.hop, Path(hop.db._socket_path).parent, hop.worker.log)
+    hop.worker.process.kill()
+    hop.worker.process.wait(timeout=10)
+    remove_forwards(hop.db, WEB)
+    write_forwards(hop.db, WORK, [WORK_TCP])
+    hop.worker = start_worker(hop.hop, Path(hop.db._socket_path).parent, hop.worker.log)
+    assert chain_rules(hop.hop, "ip", "qubes", "forward").count("jump qns-forward") == 1
+    assert chain_rules(hop.hop, "ip", "qubes", "qns-dnat") == [
+        "iifgroup != 2 fib daddr type local tcp dport 2222 dnat to 10.137.0.6:22",
+    ]
+
+
+_GARBAGE = st.one_of(
+    st.binary(min_size=1, max_size=120),
+    mutated().map(lambda text: text.encode("utf-8", "surrogatepass")),
+    st.lists(_WORDS, min_size=1, max_size=8).map(lambda words: " ".join(words).encode()),
+)
+
+
+@pytest.mark.lab
+def test_malformed_entries_block_that_target_only(hop: Hop) -> None:
+    with serving(hop.web, "tcp", 80, "web-tcp"), serving(hop.work, "tcp", 22, "work-ssh"):
+        hop.rewrite(WEB, [WEB_TCP])
+        hop.rewrite(WORK, [WORK_TCP])
+        assert probe(hop.client, "tcp", HOP_UPLINK, 2222) == "work-ssh"
+
+        # a bad step next to a good one: the target gets nothing at all
+        hop.rewrite(WORK, [WORK_TCP, WORK_TCP.replace("toports=22-22", "toports=22-23")])
+        assert f"ERROR: no forwards to {WORK}: entry 0001: ports and toports differ in size" in (
+            hop.worker.text()
+        )
+        assert probe(hop.client, "tcp", HOP_UPLINK, 2222) is None
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8080) == "web-tcp"
+
+        @settings(max_examples=25, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+        @given(_GARBAGE)
+        def garbage(untrusted_value: bytes) -> None:
+            hop.rewrite(WORK, [WORK_TCP])
+            assert WORK in str(chain_rules(hop.hop, "ip", "qubes", "qns-forward"))
+            hop.rewrite(WORK, [WORK_TCP.encode(), untrusted_value])
+            assert hop.worker.process.poll() is None, hop.worker.text()
+            try:
+                forward.parse_target({"0000": WORK_TCP.encode(), "0001": untrusted_value})
+            except EntryError as err:
+                assert WORK not in str(chain_rules(hop.hop, "ip", "qubes", "qns-forward"))
+                assert f"ERROR: no forwards to {WORK}: {err}" in hop.worker.text()
+            assert WEB in str(chain_rules(hop.hop, "ip", "qubes", "qns-forward"))
+
+        garbage()
+        hop.rewrite(WORK, [WORK_TCP, b"\xff"])
+        assert probe(hop.client, "tcp", HOP_UPLINK, 2222) is None
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8080) == "web-tcp"
+    assert hop.worker.process.poll() is None
