@@ -510,7 +510,7 @@ def serve(
             continue
         if fd in ready:
             paths = _pending_events(watcher, fd)
-            outbound = [p for p in paths if not p.startswith(forwarding.FORWARD_DIR.rstrip("/"))]
+            outbound = [p for p in paths if not forwarding.ours(p)]
             if outbound:
                 worker.handle(classify(outbound))
             if forwarder is not None and any(forwarding.concerns(p) for p in paths):

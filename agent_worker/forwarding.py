@@ -67,11 +67,14 @@ class ForwardChanges:
     targets: set[str] = field(default_factory=set)
 
 
+def ours(path: str) -> bool:
+    """Whether a path lies in ``/qns-forward/`` (so the outbound half can skip it)."""
+    return path.startswith(FORWARD_DIR) or path == FORWARD_DIR.rstrip("/")
+
+
 def concerns(path: str) -> bool:
     """Whether a watch event may change forward entries (ours, or a parent removed)."""
-    return path.startswith(FORWARD_DIR.rstrip("/")) or (
-        path.endswith("/") and FORWARD_DIR.startswith(path)
-    )
+    return ours(path) or (path.endswith("/") and FORWARD_DIR.startswith(path))
 
 
 def classify(paths: Iterable[str]) -> ForwardChanges:
@@ -84,6 +87,7 @@ def classify(paths: Iterable[str]) -> ForwardChanges:
     for path in paths:
         if not concerns(path):
             continue
+        # "/qns-forward", "/" and the like mean: read every target again
         rest = path[len(FORWARD_DIR) :] if path.startswith(FORWARD_DIR) else ""
         if not rest:
             changes.full = True

@@ -83,6 +83,8 @@ def test_events_wait_for_the_completion_path() -> None:
     assert classify(["/"]).full
     assert classify(["/qubes-firewall/10.137.0.5", "/connected-ips"]) == ForwardChanges()
     assert not forwarding.concerns("/qubes-firewall/")
+    assert not forwarding.concerns("/qns-forward_handled/10.137.0.5")
+    assert forwarding.ours("/qns-forward") and not forwarding.ours("/")
 
 
 class ListingOnly:
