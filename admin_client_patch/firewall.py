@@ -8,6 +8,7 @@ command-line words into an API line and edits the ordered list.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from admin_client_patch.qubesd_client import QubesDaemonCommunicationError, qubesd_call
@@ -101,6 +102,29 @@ def delete_rule(rules: Sequence[Rule], rule: Rule) -> list[Rule]:
     raise FirewallEditError(f"no such rule: {rule.api_rule}")
 
 
+#: One line of an ``admin.vm.firewall.GetPaths`` reply: rule number, path.
+_PATH_LINE_RE = re.compile(r"\A(0|[1-9][0-9]{0,5}) ([\x21-\x7e][\x20-\x7e]*)\Z")
+
+
+def parse_paths(untrusted_reply: bytes) -> dict[int, str]:
+    """Rule number -> path text from a GetPaths reply; refuses anything else.
+
+    The text ends up on the user's terminal, so only printable ASCII lines
+    of the documented shape are taken.
+    """
+    if untrusted_reply and not untrusted_reply.endswith(b"\n"):
+        raise QubesDaemonCommunicationError("qubesd sent a truncated list of forward paths")
+    paths: dict[int, str] = {}
+    for untrusted_line in untrusted_reply.splitlines():
+        match = _PATH_LINE_RE.match(untrusted_line.decode("ascii", "replace"))
+        if match is None:
+            raise QubesDaemonCommunicationError(
+                "qubesd sent a forward path this qvm-firewall cannot read"
+            )
+        paths[int(match.group(1))] = match.group(2)
+    return paths
+
+
 def kind_label(rule: Rule) -> str:
     """Short word for the KIND column."""
     return rule.kind.name.lower()
@@ -129,6 +153,14 @@ class QubeFirewall:
         """Replace all rules at once (``admin.vm.firewall.Set``)."""
         payload = "".join(rule.api_rule + "\n" for rule in rules).encode("ascii")
         qubesd_call(self.qube, "admin.vm.firewall.Set", payload=payload)
+
+    def paths(self) -> dict[int, str]:
+        """Where each forward rule is reachable (``admin.vm.firewall.GetPaths``).
+
+        Numbered as :meth:`rules` lists them. A dom0 without this method
+        refuses the call; the caller decides how to show that.
+        """
+        return parse_paths(qubesd_call(self.qube, "admin.vm.firewall.GetPaths"))
 
     def reload(self) -> None:
         """Have dom0 apply the stored rules again (``admin.vm.firewall.Reload``)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from admin_client_patch.firewall import (
@@ -25,7 +25,7 @@ from admin_client_patch.firewall import (
     rule_from_words,
 )
 from admin_client_patch.qubesd_client import QubesException
-from firewall_rules import Rule, default_rules
+from firewall_rules import Rule, RuleKind, default_rules
 
 PROG = "qvm-firewall"
 
@@ -146,12 +146,48 @@ def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
         out.write("  ".join(cells).rstrip() + "\n")
 
 
-def list_rules(rules: Sequence[Rule], raw: bool, now: float, out: TextIO) -> None:
-    """Print the rules, as a table or as API lines."""
+def print_paths(
+    rules: Sequence[Rule], paths: Mapping[int, str] | str, out: TextIO
+) -> None:
+    """Under the table, one line per forward rule: where it is reachable.
+
+    ``paths`` is dom0's answer, or why there is none (an older dom0); the
+    lines are too long for a table column and read better on their own.
+    """
+    forwards = [n for n, rule in enumerate(rules) if rule.kind is RuleKind.FORWARD]
+    if not forwards:
+        return
+    out.write("\nForward paths (entry point -> each hop -> the qube):\n")
+    if isinstance(paths, str):
+        out.write(f"  not available: {paths}\n")
+        return
+    for number in forwards:
+        out.write(f"  rule {number}: {paths.get(number, 'path unknown')}\n")
+
+
+def list_rules(
+    rules: Sequence[Rule],
+    raw: bool,
+    now: float,
+    out: TextIO,
+    paths: Mapping[int, str] | str = "",
+) -> None:
+    """Print the rules, as a table (with forward paths) or as API lines."""
     if raw:
         out.writelines(rule.api_rule + "\n" for rule in rules)
         return
     print_table([HEADER, *(rule_row(n, rule, now) for n, rule in enumerate(rules))], out)
+    print_paths(rules, paths, out)
+
+
+def forward_paths(firewall: QubeFirewall, rules: Sequence[Rule]) -> Mapping[int, str] | str:
+    """dom0's paths, or a one-line reason; never fails the listing itself."""
+    if not any(rule.kind is RuleKind.FORWARD for rule in rules):
+        return {}
+    try:
+        return firewall.paths()
+    except QubesException as err:
+        return f"dom0 did not describe them ({' '.join(str(err).split())})"
 
 
 def run(args: argparse.Namespace, now: float, out: TextIO) -> None:
@@ -172,7 +208,9 @@ def run(args: argparse.Namespace, now: float, out: TextIO) -> None:
     elif args.command == "reset":
         firewall.save(default_rules())
     else:
-        list_rules(firewall.rules(), args.raw, now, out)
+        rules = firewall.rules()
+        paths = "" if args.raw else forward_paths(firewall, rules)
+        list_rules(rules, args.raw, now, out, paths)
     if args.reload:
         firewall.reload()
 

@@ -1,4 +1,4 @@
-"""Admin API methods ``admin.vm.firewall.Get``, ``.Set`` and ``.Reload``.
+"""Admin API methods ``admin.vm.firewall.Get``, ``.Set``, ``.Reload`` and ``.GetPaths``.
 
 One function, :func:`handle_call`, takes a request exactly as it comes off
 the qubesd socket (method, argument, destination, payload, all untrusted)
@@ -52,6 +52,14 @@ class AdminContext(Protocol):
 
     def firewall_changed(self, qube: QubeRef) -> None:
         """Rewrite QubesDB entries after rules of ``qube`` changed."""
+        ...
+
+    def describe_forwards(self, qube: QubeRef, now: float) -> dict[int, str]:
+        """Path of each forward rule of ``qube`` in force at ``now``.
+
+        Keys are positions in the stored list (firewall.xml, expired rules
+        included), as the planner numbers them; GetPaths renumbers them.
+        """
         ...
 
 
@@ -131,6 +139,39 @@ def firewall_reload(
     return b""
 
 
+#: A path description as it may appear in a GetPaths reply line.
+_PATH_TEXT_RE = re.compile(r"\A[\x21-\x7e][\x20-\x7e]*\Z")
+
+
+def _path_text(text: str) -> str:
+    """One printable ASCII line: the reply is line-based and shown in a terminal."""
+    flat = " ".join(text.split()).encode("ascii", "replace").decode("ascii")
+    return flat if _PATH_TEXT_RE.match(flat) else "path unknown"
+
+
+def firewall_get_paths(
+    ctx: AdminContext, qube: QubeRef, untrusted_payload: bytes, now: float
+) -> bytes:
+    """``<rule number> <path>`` per forward rule in force, numbered as Get lists them.
+
+    The planner numbers rules by their place in firewall.xml, where expired
+    rules still sit; Get (hence qvm-firewall) leaves those out. The numbers
+    are translated here so "rule 2" means the same rule in both replies.
+    """
+    rules = load_rules(qube)
+    listed: dict[int, int] = {}
+    for stored, rule in enumerate(rules):
+        if not rule.is_expired(now):
+            listed[stored] = len(listed)
+    lines = []
+    for stored, text in sorted(ctx.describe_forwards(qube, now).items()):
+        number = listed.get(stored)
+        if number is None:  # expired between the two reads, or not a stored rule
+            continue
+        lines.append(f"{number} {_path_text(text)}\n")
+    return "".join(lines).encode("ascii")
+
+
 Handler = Callable[[AdminContext, QubeRef, bytes, float], bytes]
 
 #: method -> (handler, takes a payload)
@@ -138,6 +179,7 @@ METHODS: dict[str, tuple[Handler, bool]] = {
     "admin.vm.firewall.Get": (firewall_get, False),
     "admin.vm.firewall.Set": (firewall_set, True),
     "admin.vm.firewall.Reload": (firewall_reload, False),
+    "admin.vm.firewall.GetPaths": (firewall_get_paths, False),
 }
 
 

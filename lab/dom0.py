@@ -142,6 +142,10 @@ class Dom0:
             self._reload_firewall_for(client.netvm, client, strict=False)
         self._refresh()
 
+    def describe_forwards(self, qube: QubeRef, now: float) -> dict[int, str]:
+        """Where each forward rule of the qube is reachable (admin.vm.firewall.GetPaths)."""
+        return self.network_server.describe(qube.name, now)
+
     # --- paths and helpers ----------------------------------------------
 
     def firewall_path(self, name: str) -> Path:

@@ -41,6 +41,9 @@ class FileAdminContext:
     refuse: str | None = None
     changed: list[str] = field(default_factory=list)
     checked: list[tuple[str, list[Rule]]] = field(default_factory=list)
+    #: What describe_forwards answers, per qube (keys: stored rule positions);
+    #: there is no topology here, so a test sets the paths it wants shown.
+    paths: dict[str, dict[int, str]] = field(default_factory=dict)
 
     def find_qube(self, untrusted_name: str) -> FileQube:
         if untrusted_name not in self.names:
@@ -56,6 +59,9 @@ class FileAdminContext:
 
     def firewall_changed(self, qube: FileQube) -> None:
         self.changed.append(qube.name)
+
+    def describe_forwards(self, qube: FileQube, now: float) -> dict[int, str]:
+        return dict(self.paths.get(qube.name, {}))
 
     def firewall_path(self, name: str) -> Path:
         return self.root / name / "firewall.xml"

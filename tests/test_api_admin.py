@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from admin_api_fixture import FileAdminContext
+from admin_api_fixture import REPO, FileAdminContext
 
 from core_admin_patch.admin_api import handle_call, validate_qube_name
 from core_admin_patch.errors import (
@@ -97,3 +97,82 @@ def test_valid_names(name: str) -> None:
 def test_invalid_names(name: str) -> None:
     with pytest.raises(QubesValueError):
         validate_qube_name(name)
+
+
+def get_paths(ctx: FileAdminContext, qube: str = "web", now: float = NOW) -> bytes:
+    return handle_call(ctx, "admin.vm.firewall.GetPaths", "", qube, b"", now)
+
+
+FORWARD = "action=forward forwardtype=external proto=tcp srcports=8443 dstports=443"
+
+
+def test_get_paths_one_line_per_described_rule(ctx: FileAdminContext) -> None:
+    handle_call(ctx, "admin.vm.firewall.Set", "", "web",
+                f"{FORWARD}\naction=accept\n{FORWARD.replace('8443', '8080')}\n".encode(), NOW)
+    ctx.paths["web"] = {2: "b -> c", 0: "sys-net uplink addresses tcp/8443 -> web"}
+    assert get_paths(ctx) == b"0 sys-net uplink addresses tcp/8443 -> web\n2 b -> c\n"
+
+
+def test_get_paths_numbers_as_get_lists_them(ctx: FileAdminContext) -> None:
+    """An expired rule still in firewall.xml shifts the planner's numbers, not Get's."""
+    payload = f"action=drop proto=icmp expire={int(NOW) + 100}\n{FORWARD}\n"
+    handle_call(ctx, "admin.vm.firewall.Set", "", "web", payload.encode(), NOW)
+    ctx.paths["web"] = {1: "path"}
+    assert get_paths(ctx) == b"1 path\n"
+    assert get_paths(ctx, now=NOW + 200) == b"0 path\n"
+    assert get(ctx, now=NOW + 200).decode().startswith("action=forward")
+
+
+def test_get_paths_drops_numbers_of_no_rule_in_force(ctx: FileAdminContext) -> None:
+    handle_call(ctx, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
+    ctx.paths["web"] = {0: "ok", 5: "stale"}
+    assert get_paths(ctx) == b"0 ok\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("a\nb", "a b"),
+        ("  spaced \t out ", "spaced out"),
+        ("caf\u00e9", "caf?"),
+        ("\x1b[31mred", "path unknown"),
+        ("", "path unknown"),
+    ],
+)
+def test_get_paths_text_is_one_printable_line(
+    ctx: FileAdminContext, text: str, shown: str
+) -> None:
+    handle_call(ctx, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
+    ctx.paths["web"] = {0: text}
+    assert get_paths(ctx) == f"0 {shown}\n".encode()
+
+
+def test_get_paths_without_forward_rules_is_empty(ctx: FileAdminContext) -> None:
+    assert get_paths(ctx) == b""
+
+
+def test_get_paths_takes_no_payload_or_argument(ctx: FileAdminContext) -> None:
+    with pytest.raises(ProtocolError):
+        handle_call(ctx, "admin.vm.firewall.GetPaths", "", "web", b"x", NOW)
+    with pytest.raises(ProtocolError):
+        handle_call(ctx, "admin.vm.firewall.GetPaths", "x", "web", b"", NOW)
+    with pytest.raises(QubesVMNotFoundError):
+        get_paths(ctx, "gone")
+
+
+def test_get_paths_through_the_lab_dom0_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lab's Dom0 answers GetPaths from its topology (no qube started, no root)."""
+    from lab.dom0 import Dom0
+    from lab.topology import load_topology
+
+    monkeypatch.setenv("QUBESDB_DIR", "")  # Dom0 sets it; restored after the test
+    dom0 = Dom0(tmp_path, load_topology(REPO / "lab" / "topologies" / "default.toml"))
+    dom0.firewall_path("web").parent.mkdir(parents=True)
+    handle_call(dom0, "admin.vm.firewall.Set", "", "web",
+                f"action=accept\n{FORWARD}\n".encode(), NOW)
+    assert get_paths(dom0) == (  # type: ignore[arg-type]
+        b"1 sys-net uplink addresses tcp/8443 -> sys-firewall (10.137.0.6) tcp/8443"
+        b" -> web (10.137.0.20) tcp/443\n"
+    )

@@ -12,6 +12,7 @@ import pytest
 from admin_api_fixture import Dom0, running_dom0
 
 from admin_client_patch import qubesd_client
+from admin_client_patch.firewall import QubeFirewall, parse_paths
 from lab.qubesd_server import MAX_REQUEST, encode_error, start_server
 
 
@@ -272,3 +273,47 @@ def test_stale_socket_replaced_live_one_kept(dom0: Dom0, tmp_path: Path) -> None
         await server.wait_closed()
 
     asyncio.run(start_and_stop())
+
+
+FORWARD = b"action=forward forwardtype=internal proto=udp srcports=5353 dstports=53\n"
+
+
+def test_get_paths_success_frame_exact(dom0: Dom0) -> None:
+    assert call(dom0, "admin.vm.firewall.Set", "work", b"action=accept\n" + FORWARD) == b"0\0"
+    dom0.ctx.paths["work"] = {1: "sys-firewall (10.137.0.5) from its qubes udp/5353 -> work"}
+    assert call(dom0, "admin.vm.firewall.GetPaths", "work") == (
+        b"0\0001 sys-firewall (10.137.0.5) from its qubes udp/5353 -> work\n"
+    )
+    assert call(dom0, "admin.vm.firewall.GetPaths", "web") == b"0\0"
+
+
+def test_get_paths_refuses_payload_with_a_framed_error(dom0: Dom0) -> None:
+    reply = call(dom0, "admin.vm.firewall.GetPaths", "web", b"x")
+    assert reply.startswith(b"2\0ProtocolError\0\0")
+    assert call(dom0, "admin.vm.firewall.GetPaths", "nosuch").startswith(
+        b"2\0QubesVMNotFoundError\0"
+    )
+
+
+def test_client_reads_paths(dom0: Dom0, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUBESD_SOCKET", str(dom0.socket_path))
+    call(dom0, "admin.vm.firewall.Set", "work", FORWARD)
+    dom0.ctx.paths["work"] = {0: "a -> b"}
+    assert QubeFirewall("work").paths() == {0: "a -> b"}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"0 a", b"x a\n", b"01 a\n", b"1\n", b"1 \n", b"1 a\x1b[2J\n", b"1 caf\xc3\xa9\n",
+     b"1234567 a\n"],
+)
+def test_client_refuses_malformed_paths(reply: bytes) -> None:
+    with pytest.raises(qubesd_client.QubesDaemonCommunicationError):
+        parse_paths(reply)
+
+
+def test_client_paths_parsing() -> None:
+    assert parse_paths(b"") == {}
+    assert parse_paths(b"0 a -> b\n12 c (10.0.0.1) tcp/1-2\n") == {
+        0: "a -> b", 12: "c (10.0.0.1) tcp/1-2"
+    }

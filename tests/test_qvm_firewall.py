@@ -13,6 +13,7 @@ import pytest
 from admin_api_fixture import REPO, Dom0, running_dom0
 
 from admin_client_patch.qvm_firewall import HEADER, get_parser
+from core_admin_patch import admin_api
 from firewall_rules import Rule
 
 
@@ -51,8 +52,8 @@ def raw(dom0: Dom0, qube: str = "web") -> list[str]:
 
 
 def table(dom0: Dom0, qube: str = "web") -> list[list[str]]:
-    """Rows of the table, split on the header's column starts."""
-    lines = ok(dom0, qube).splitlines()
+    """Rows of the table, split on the header's column starts (paths left out)."""
+    lines = ok(dom0, qube).split("\n\n")[0].splitlines()
     starts: list[int] = []
     for previous, title in zip(("", *HEADER), HEADER, strict=False):
         starts.append(lines[0].index(title, starts[-1] + len(previous) if starts else 0))
@@ -278,3 +279,66 @@ def test_parser_shape_for_man_page() -> None:
     args = parser.parse_args(["web", "add", "--before", "2", "action=drop"])
     assert (args.vmname, args.command, args.before, args.rule) == ("web", "add", 2, ["action=drop"])
     assert parser.parse_args(["web"]).command is None
+
+
+FORWARD = ("action=forward", "forwardtype=external", "proto=tcp", "srcports=8443",
+           "dstports=443")
+PATH = "sys-net uplink addresses tcp/8443 -> sys-firewall (10.137.0.5) tcp/8443 -> " \
+    "web (10.137.0.20) tcp/443"
+
+
+def paths_section(dom0: Dom0, *args: str) -> list[str]:
+    """The lines under the table (after its blank line), or [] if none."""
+    _, sep, below = ok(dom0, *args).partition("\n\n")
+    return below.splitlines() if sep else []
+
+
+def test_forward_path_shown_under_the_table(dom0: Dom0) -> None:
+    ok(dom0, "web", "add", "--before", "0", *FORWARD)
+    ok(dom0, "web", "add", "action=accept", "srchost=10.137.0.6")
+    dom0.ctx.paths["web"] = {0: PATH}
+    assert paths_section(dom0, "web") == [
+        "Forward paths (entry point -> each hop -> the qube):",
+        f"  rule 0: {PATH}",
+    ]
+    assert len(table(dom0)) == 4  # header and three rules, the paths apart
+    assert raw(dom0) == [canonical(" ".join(FORWARD)), "action=accept",
+                         canonical("action=accept srchost=10.137.0.6")]
+
+
+def test_path_numbers_follow_the_listing_when_a_rule_expired(dom0: Dom0) -> None:
+    """dom0 numbers by firewall.xml position; qvm-firewall shows the listed number."""
+    soon = int(time.time()) + 2
+    ok(dom0, "web", "add", "--before", "0", "action=drop", "proto=icmp", f"expire={soon}")
+    ok(dom0, "web", "add", "--before", "1", *FORWARD)
+    dom0.ctx.paths["web"] = {1: PATH}  # stored position 1
+    assert paths_section(dom0, "web")[1] == f"  rule 1: {PATH}"
+    time.sleep(max(0.0, soon - time.time()) + 0.2)
+    assert paths_section(dom0, "web")[1] == f"  rule 0: {PATH}"  # listed first now
+
+
+def test_no_paths_section_without_forward_rules(dom0: Dom0) -> None:
+    dom0.ctx.paths["web"] = {0: PATH}
+    assert paths_section(dom0, "web") == []
+
+
+def test_raw_listing_has_no_paths(dom0: Dom0) -> None:
+    ok(dom0, "web", "add", *FORWARD)
+    dom0.ctx.paths["web"] = {1: PATH}
+    assert raw(dom0) == ["action=accept", canonical(" ".join(FORWARD))]
+
+
+def test_forward_without_a_described_path(dom0: Dom0) -> None:
+    ok(dom0, "web", "add", *FORWARD)
+    assert paths_section(dom0, "web")[1] == "  rule 1: path unknown"
+
+
+def test_older_dom0_without_getpaths_still_lists(
+    dom0: Dom0, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok(dom0, "web", "add", *FORWARD)
+    monkeypatch.delitem(admin_api.METHODS, "admin.vm.firewall.GetPaths")
+    below = paths_section(dom0, "web")
+    assert below[1].startswith("  not available: dom0 did not describe them (")
+    assert "admin.vm.firewall.GetPaths" in below[1]
+    assert len(table(dom0)) == 3
