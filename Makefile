@@ -29,6 +29,11 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(PY) -m lab.demo
 
+# bench/ is a directory: without .PHONY make would call it up to date.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m bench.run
+
 man: $(STAMP)
 	mkdir -p doc/man
 	$(VENV)/bin/argparse-manpage --module admin_client_patch.qvm_firewall \
