@@ -1,0 +1,38 @@
+"""Every benchmark runs at its smallest size and prints its table.
+
+Proves the benchmarks still work after a change to the code they drive;
+no figure is checked (speed is measured by ``make bench``, never asserted
+in tests). What is checked are facts the benchmarks rely on: an unchanged
+re-plan writes nothing, and one transaction leaves the same ruleset as the
+command-per-rule baseline.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import nft, planner, rules
+
+
+def test_rules_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert rules.main(["--sizes", "5"]) == 0
+    output = capsys.readouterr().out
+    for operation in ("parse_api_payload", "save_firewall_xml", "load_firewall_xml"):
+        assert operation in output
+
+
+def test_planner_benchmark_runs_and_unchanged_replan_writes_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (row,) = planner.measure([3])
+    assert row[0] == 3
+    assert row[-1] == 0  # QubesDB calls of a re-plan with nothing changed
+    assert planner.main(["--sizes", "2"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
+@pytest.mark.lab
+def test_nft_benchmark_runs_in_a_throwaway_namespace() -> None:
+    (row,) = nft.measure([2])
+    assert row[0] == 2
+    assert row[-1] == "yes"  # one transaction and the baseline leave the same ruleset
