@@ -1,0 +1,145 @@
+"""qubesd extension (entry point ``qubes.ext``): the only module importing ``qubes``.
+
+A thin shell around :class:`core_admin_patch.extension_core.ExtensionCore`,
+which holds every decision and is tested without a Qubes dom0. This module
+only connects it to qubesd:
+
+- event handlers: every per-domain event in ``REPLAN_EVENTS`` and the
+  app's ``domain-add``/``domain-delete`` re-plan the forward entries;
+- the Admin API: ``admin.vm.firewall.Get``/``Set``/``Reload`` are replaced
+  (upstream's parser refuses forward and inbound rules) and ``GetPaths``
+  is added, all answered by :func:`core_admin_patch.admin_api.handle_call`;
+- ``vm.firewall``: replaced by a reader of every firewall.xml version, so
+  upstream's outbound path keeps working for a version 3 file.
+
+Not run on a real dom0 yet; doc/dom0-extension.md lists what is unverified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from typing import Any
+
+import qubes.api
+import qubes.api.admin
+import qubes.exc
+import qubes.ext
+import qubes.vm.mix.net
+
+from core_admin_patch.admin_api import METHODS, handle_call
+from core_admin_patch.extension_core import (
+    APP_EVENTS,
+    REPLAN_EVENTS,
+    ExtensionCore,
+    OutboundFirewall,
+    firewall_path,
+    upstream_error,
+)
+
+#: method -> (attribute on QubesAdminAPI, qrexec policy classifiers). The
+#: attribute names of Get/Set/Reload are upstream's, so ours replace them
+#: instead of making two candidates for one method name.
+_API_ATTRIBUTES: dict[str, tuple[str, dict[str, Any]]] = {
+    "admin.vm.firewall.Get": ("vm_firewall_get", {"scope": "local", "read": True}),
+    "admin.vm.firewall.Set": ("vm_firewall_set", {"scope": "local", "write": True}),
+    "admin.vm.firewall.Reload": ("vm_firewall_reload", {"scope": "local", "execute": True}),
+    "admin.vm.firewall.GetPaths": ("vm_firewall_getpaths", {"scope": "local", "read": True}),
+}
+
+
+def _api_method(name: str, classifiers: dict[str, Any]) -> Any:
+    """``qubes.api.method`` for both of its signatures.
+
+    Argument and payload checks are left to handle_call (None disables
+    qubesd's), so every call reaches it with ``untrusted_payload``.
+    """
+    params = inspect.signature(qubes.api.method).parameters
+    if "wants_payload" in params:  # R4.3 style
+        return qubes.api.method(
+            name, dest_adminvm=False, wants_arg=None, wants_payload=None, **classifiers
+        )
+    return qubes.api.method(name, **classifiers)  # R4.1/4.2: payload always passed
+
+
+def _api_handler(method: str) -> Any:
+    async def call(self: Any, untrusted_payload: bytes = b"") -> str:
+        self.fire_event_for_permission()
+        core = NetworkServerExtension().core(self.app)
+        try:
+            data = handle_call(
+                core, method, getattr(self, "arg", ""), self.dest.name, untrusted_payload,
+                time.time(),
+            )
+        except Exception as err:
+            mapped = upstream_error(err)
+            if mapped is None:
+                raise
+            exc_name, args = mapped
+            if exc_name == "QubesVMError":
+                args = (self.dest, *args[1:])
+            raise getattr(qubes.exc, exc_name)(*args) from None
+        return data.decode("ascii")
+
+    call.__name__ = _API_ATTRIBUTES[method][0]
+    return call
+
+
+def install_api_methods() -> None:
+    """Put our Get/Set/Reload/GetPaths on qubesd's Admin API class."""
+    for method in METHODS:
+        attribute, classifiers = _API_ATTRIBUTES[method]
+        setattr(
+            qubes.api.admin.QubesAdminAPI, attribute,
+            _api_method(method, classifiers)(_api_handler(method)),
+        )
+
+
+def install_firewall_reader() -> None:
+    """``vm.firewall`` reads firewall.xml afresh with our reader (all versions).
+
+    Upstream's object is loaded once and refuses version 3; ours serves its
+    ``qdb_entries`` to upstream's ``reload_firewall_for_vm``.
+    """
+    qubes.vm.mix.net.NetVMMixin.firewall = property(  # type: ignore[assignment]
+        lambda vm: OutboundFirewall(firewall_path(vm))
+    )
+
+
+class NetworkServerExtension(qubes.ext.Extension):  # type: ignore[misc]
+    """Keeps forward and input entries right as qubesd's state changes."""
+
+    _core: ExtensionCore | None = None
+    _installed = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        cls = type(self)
+        if not cls._installed:
+            cls._installed = True
+            install_api_methods()
+            install_firewall_reader()
+
+    def core(self, app: Any) -> ExtensionCore:
+        """The one ExtensionCore, made on first use (the app is known then)."""
+        cls = type(self)
+        if cls._core is None:
+            cls._core = ExtensionCore(
+                domains=lambda: list(app.domains),
+                lookup=lambda name: app.domains[name],
+                fire_firewall_changed=lambda vm: vm.fire_event("firewall-changed"),
+            )
+        # Outside qubesd's loop (loading qubes.xml) there is none yet: arm later.
+        with contextlib.suppress(RuntimeError):
+            cls._core.start_timer(asyncio.get_running_loop())
+        return cls._core
+
+    @qubes.ext.handler(*sorted(REPLAN_EVENTS))
+    def on_domain_event(self, vm: Any, event: str, **kwargs: Any) -> None:
+        self.core(vm.app).on_domain_event(vm, event)
+
+    @qubes.ext.handler(*sorted(APP_EVENTS), system=True)
+    def on_app_event(self, app: Any, event: str, **kwargs: Any) -> None:
+        self.core(app).on_app_event(event)
