@@ -41,7 +41,8 @@ class FakeQdb:
     def rm(self, path: str) -> None:
         if self.broken:
             raise OSError("qubesdb gone")
-        for key in [k for k in self.data if k == path or (path.endswith("/") and k.startswith(path))]:
+        subtree = path.endswith("/")
+        for key in [k for k in self.data if k == path or (subtree and k.startswith(path))]:
             del self.data[key]
 
 
