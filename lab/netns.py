@@ -6,11 +6,26 @@ and what it printed, so a broken lab says which step broke it.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections.abc import Sequence
 
+
+def _prefix() -> str:
+    """``$QUBES_LAB_NS_PREFIX`` or ``qlab-``: two labs with different prefixes
+    (and state directories) can run side by side, e.g. for parallel test runs."""
+    untrusted_prefix = os.environ.get("QUBES_LAB_NS_PREFIX", "qlab-")
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,7}-", untrusted_prefix):
+        raise SystemExit(
+            f"QUBES_LAB_NS_PREFIX={untrusted_prefix!r}: use 1-8 lower case letters or"
+            " digits and a final '-'"
+        )
+    return untrusted_prefix
+
+
 #: Every lab namespace starts with this; ``down`` removes all of them.
-PREFIX = "qlab-"
+PREFIX = _prefix()
 SWITCH = "lan-switch"
 
 
