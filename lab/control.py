@@ -239,6 +239,10 @@ class Lab:
     def restart(self, qube: str) -> None:
         self._call("restart", name=qube)
 
+    def restart_service(self, qube: str, service: str) -> None:
+        """Restart one agent in a running qube: ``firewall`` (netvms) or ``input``."""
+        self._call("restart-service", name=qube, service=service)
+
     def set(self, qube: str, prop: str, value: str) -> None:
         """``qvm-prefs``-like: ``netvm`` (a name or ``none``) or ``ip``."""
         self._call("set", name=qube, prop=prop, untrusted_value=value)

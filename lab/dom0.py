@@ -479,6 +479,19 @@ class Dom0:
         proc.wait()
         (self.state_dir / "pids" / f"{qube}-{label}.pid").unlink(missing_ok=True)
 
+    def restart_service(self, name: str, service: str) -> None:
+        """Stop and start one agent of a running qube, as systemd would restart it.
+
+        The worker's cleanup on stop and its recovery on start are what a
+        real agent restart exercises; the qube and its QubesDB stay as they are.
+        """
+        runtime = self.runtime[self._qube(name).name]
+        if service not in runtime.services:
+            raise Dom0Error(f"{name} runs no service {service!r}")
+        self._stop_service(name, service)
+        modules = dict([FIREWALL, INPUT_HOOK])
+        self._start_service(self._qube(name), (service, modules[service]))
+
     # --- whole lab -----------------------------------------------------------
 
     def boot(self) -> None:
@@ -545,6 +558,7 @@ class Dom0:
             "stop": self.stop,
             "restart": self.restart,
             "set": self.set_property,
+            "restart-service": self.restart_service,
         }
         handler = handlers.get(str(op))
         if handler is None:

@@ -57,7 +57,8 @@ def qns_rules(lab: Lab, qube: str, prefix: str = "qns") -> list[str]:
     """Our rules in ``qube`` (chains named qns-*, or ``prefix``*), as JSON text."""
     ruleset = lab.nft_json(qube)["nftables"]
     return [
-        json.dumps(item["rule"]) for item in ruleset
+        json.dumps({k: v for k, v in item["rule"].items() if k != "handle"})
+        for item in ruleset
         if "rule" in item and item["rule"]["chain"].startswith(prefix)
     ]
 
@@ -224,3 +225,14 @@ def test_hop_restart(api: Lab) -> None:
     api.restart("sys-firewall")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "works after the restart")
     assert forward_rules_in(api, "sys-firewall") == 1
+
+
+def test_agent_restart(api: Lab) -> None:
+    set_rules(EXTERNAL_HTTP)
+    eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
+    before = {qube: sorted(qns_rules(api, qube)) for qube in NETVMS}
+    for qube in NETVMS:
+        api.restart_service(qube, "firewall")
+    api.restart_service("web", "input")
+    eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "works after the restarts")
+    assert {qube: sorted(qns_rules(api, qube)) for qube in NETVMS} == before
