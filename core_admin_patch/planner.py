@@ -71,6 +71,8 @@ class QubeState:
     running: bool = False
     features: Mapping[str, str] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    #: Its IPv6 address when IPv6 is on for it (the ``ipv6`` feature), else None.
+    ip6: ipaddress.IPv6Address | None = None
 
     @property
     def supports_forwarding(self) -> bool:
