@@ -858,3 +858,12 @@ def _without_rules(state: QubeState) -> QubeState:
         state.features,
         (),
     )
+
+
+def test_expiry_boundary_rule_expiring_now_is_still_active() -> None:
+    """As upstream: a rule expires once ``expire < now``; next_expiry still names it."""
+    web = qube("web", "sys-net", WEB_IP, [ext("443", "443", extra=f"expire={int(NOW)}")])
+    assert fwd(WEB_IP) in plan(snapshot(web)).entries["sys-net"]
+    assert next_expiry(snapshot(web)) == NOW
+    assert plan(snapshot(web, now=NOW + 1)) == Plan({}, ())
+    assert next_expiry(snapshot(web, now=NOW + 1)) is None
