@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 
 import nftables
 
-from agent_worker import forwarding
+from agent_worker import forwarding, inbound
 from agent_worker.entries import EntryError
 from agent_worker.nft_chains import NftError
 from agent_worker.qdb_parse import (
@@ -67,7 +67,7 @@ CONNECTED_IPS: dict[str, Literal[4, 6]] = {"/connected-ips": 4, "/connected-ips6
 DNS_KEYS = ("/qubes-primary-dns", "/qubes-secondary-dns")
 HANDLED_DIR = "/qubes-firewall_handled/"
 DNS_INFO_DIR = "/dns/"
-WATCHES = (FIREWALL_DIR, *CONNECTED_IPS, forwarding.FORWARD_DIR)
+WATCHES = (FIREWALL_DIR, *CONNECTED_IPS)
 MAX_PATH = 64
 RESOLV_CONF = Path("/etc/resolv.conf")
 HOOK_DIRS = (Path("/etc/qubes/qubes-firewall.d"), Path("/rw/config/qubes-firewall.d"))
@@ -477,24 +477,25 @@ def serve(
     worker: Worker,
     watcher: QubesDBWatcher,
     signals: _Signals,
-    forwarder: forwarding.Forwarder | None = None,
+    halves: Sequence[forwarding.ChainHalf] = (),
 ) -> None:
     """Start up like upstream's worker, then follow QubesDB until asked to stop.
 
     ``watcher`` is a connection used for nothing but watches, so every event
-    waits in its socket and ``select`` on it never misses one. ``forwarder``
-    (the ``/qns-forward/`` half) gets the events under its directory, the
-    same SIGHUP and the same clean stop; its transactions are its own.
+    waits in its socket and ``select`` on it never misses one. Each of
+    ``halves`` (``/qns-forward/``, ``/qns-inbound/``) gets the events under
+    its directory, the same SIGHUP and the same clean stop; its
+    transactions are its own.
     """
     worker.init_tables()
     run_hooks()
     sd_notify("READY=1")
-    for path in WATCHES:
+    for path in (*WATCHES, *(half.DIRECTORY for half in halves)):
         watcher.watch(path)
     fd = watcher.watch_fd()
     worker.reload()
-    if forwarder is not None:
-        forwarder.reload()
+    for half in halves:
+        half.reload()
     log.info("started")
     while not signals.stop:
         ready = select.select([fd, signals.wake_fd], [], [])[0]
@@ -505,24 +506,25 @@ def serve(
             signals.reload = False
             log.info("SIGHUP: reloading every client's rules")
             worker.reload(force=True)
-            if forwarder is not None:
-                forwarder.reload()
+            for half in halves:
+                half.reload()
             continue
         if fd in ready:
             paths = _pending_events(watcher, fd)
-            outbound = [p for p in paths if not forwarding.ours(p)]
+            outbound = [p for p in paths if not any(half.ours(p) for half in halves)]
             if outbound:
                 worker.handle(classify(outbound))
-            if forwarder is not None and any(forwarding.concerns(p) for p in paths):
-                forwarder.handle(forwarding.classify(paths))
+            for half in halves:
+                if any(half.concerns(p) for p in paths):
+                    half.handle(half.classify(paths))
     log.info("stopping, removing the %s tables", TABLE)
     worker.cleanup()
-    if forwarder is not None:
-        log.info("stopping, removing the forward chains")
+    for half in halves:
+        log.info("stopping, removing the %s chains", half.KIND)
         try:
-            forwarder.remove()
+            half.remove()
         except (NftError, ValueError, KeyError) as err:
-            log.error("could not remove the forward chains: %s", err)
+            log.error("could not remove the %s chains: %s", half.KIND, err)
 
 
 def main() -> int:
@@ -537,7 +539,8 @@ def main() -> int:
     try:
         db, nft = qubesdb.QubesDB(), Nft()
         worker = Worker(db, nft)
-        serve(worker, qubesdb.QubesDB(), signals, forwarding.Forwarder(db, nft.run))
+        halves = (forwarding.Forwarder(db, nft.run), inbound.Inbound(db, nft.run))
+        serve(worker, qubesdb.QubesDB(), signals, halves)
     except qubesdb.Error as err:
         log.error("QubesDB failed, leaving the ruleset as it is: %s", err)
         return 1

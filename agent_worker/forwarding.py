@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 from agent_worker import nft_chains
 from agent_worker.entries import EntryError
@@ -56,7 +56,7 @@ class Refused:
     reason: str
 
 
-Target = tuple[Step, ...] | Refused
+Target = tuple[Any, ...] | Refused
 
 
 @dataclass
@@ -67,17 +67,17 @@ class ForwardChanges:
     targets: set[str] = field(default_factory=set)
 
 
-def ours(path: str) -> bool:
-    """Whether a path lies in ``/qns-forward/`` (so the outbound half can skip it)."""
-    return path.startswith(FORWARD_DIR) or path == FORWARD_DIR.rstrip("/")
+def ours(path: str, directory: str = FORWARD_DIR) -> bool:
+    """Whether a path lies in ``directory`` (so the outbound half can skip it)."""
+    return path.startswith(directory) or path == directory.rstrip("/")
 
 
-def concerns(path: str) -> bool:
-    """Whether a watch event may change forward entries (ours, or a parent removed)."""
-    return ours(path) or (path.endswith("/") and FORWARD_DIR.startswith(path))
+def concerns(path: str, directory: str = FORWARD_DIR) -> bool:
+    """Whether a watch event may change entries in ``directory`` (ours, or a parent removed)."""
+    return ours(path, directory) or (path.endswith("/") and directory.startswith(path))
 
 
-def classify(paths: Iterable[str]) -> ForwardChanges:
+def classify(paths: Iterable[str], directory: str = FORWARD_DIR) -> ForwardChanges:
     """Sort watch events; a target counts only once dom0 writes its completion path.
 
     Events below ``/qns-forward/IP/`` belong to a set still being written
@@ -85,15 +85,20 @@ def classify(paths: Iterable[str]) -> ForwardChanges:
     """
     changes = ForwardChanges()
     for path in paths:
-        if not concerns(path):
+        if not concerns(path, directory):
             continue
         # "/qns-forward", "/" and the like mean: read every target again
-        rest = path[len(FORWARD_DIR) :] if path.startswith(FORWARD_DIR) else ""
+        rest = path[len(directory) :] if path.startswith(directory) else ""
         if not rest:
             changes.full = True
         elif "/" not in rest:
             changes.targets.add(rest)
     return changes
+
+
+def by_address(targets: Mapping[IPAddress, Target]) -> list[tuple[IPAddress, Target]]:
+    """Targets in address order (IPv4 first), so the chains are deterministic."""
+    return sorted(targets.items(), key=lambda item: (item[0].version, item[0]))
 
 
 def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
@@ -102,8 +107,7 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
     for family in FAMILIES:
         dnat: list[str] = []
         accept: list[str] = []
-        for address in sorted(targets, key=lambda a: (a.version, a)):
-            target = targets[address]
+        for _address, target in by_address(targets):
             if isinstance(target, Refused):
                 continue
             more_dnat, more_accept = chain_rules(list(target), family)
@@ -113,10 +117,15 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
     return result
 
 
-def transaction(chains: Mapping[Family, Mapping[str, list[str]]], runner: Runner) -> str:
+def transaction(
+    chains: Mapping[Family, Mapping[str, list[str]]],
+    runner: Runner,
+    names: tuple[str, ...] = CHAINS,
+    hooks: Mapping[str, BaseChainHook] = HOOKS,
+) -> str:
     """nft text taking both families to ``chains``; empty families lose our chains.
 
-    A family without any forward gets neither chain nor jump, so a hop that
+    A family without any rule gets neither chain nor jump, so a hop that
     forwards nothing keeps table ``qubes`` exactly as Qubes made it. A
     family without table ``qubes`` is left alone.
     """
@@ -128,15 +137,30 @@ def transaction(chains: Mapping[Family, Mapping[str, list[str]]], runner: Runner
         wanted = chains.get(family, {})
         if any(wanted.values()):
             text += nft_chains.build_transaction(
-                family, {c: list(wanted.get(c, [])) for c in CHAINS}, HOOKS, runner, items
+                family, {c: list(wanted.get(c, [])) for c in names}, hooks, runner, items
             )
         else:
-            text += nft_chains.removal_commands(family, CHAINS, HOOKS, items)
+            text += nft_chains.removal_commands(family, names, hooks, items)
     return text
 
 
-class Forwarder:
-    """State cached between events, and the steps from ``/qns-forward/`` to the kernel."""
+class ChainHalf:
+    """A half of the worker: one QubesDB directory of targets, kept as ``qns-*`` chains.
+
+    Forwards and inbound rules work the same way (a directory per target
+    address, the completion path, a handled counter, fail closed per
+    target, one transaction of their own); subclasses say which directory,
+    which chains and how entries parse and render.
+    """
+
+    DIRECTORY: ClassVar[str]
+    HANDLED: ClassVar[str]
+    CHAINS: ClassVar[tuple[str, ...]]
+    HOOKS: ClassVar[Mapping[str, BaseChainHook]]
+    #: for the log: "no {LABEL} to IP", "{KIND} rules updated (N {ITEMS})"
+    LABEL: ClassVar[str]
+    KIND: ClassVar[str]
+    ITEMS: ClassVar[str]
 
     def __init__(self, db: QubesDBConnection, runner: Runner) -> None:
         self.db = db
@@ -145,18 +169,37 @@ class Forwarder:
         #: targets whose rules nft refused, left out until dom0 rewrites them
         self.refused: dict[IPAddress, str] = {}
 
+    def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Any, ...]:
+        """A target's entries, validated; EntryError if any does not parse."""
+        raise NotImplementedError
+
+    def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
+        """Content of every chain of this half in both families."""
+        raise NotImplementedError
+
+    # -- watch events -----------------------------------------------------
+
+    def ours(self, path: str) -> bool:
+        return ours(path, self.DIRECTORY)
+
+    def concerns(self, path: str) -> bool:
+        return concerns(path, self.DIRECTORY)
+
+    def classify(self, paths: Iterable[str]) -> ForwardChanges:
+        return classify(paths, self.DIRECTORY)
+
     # -- reading QubesDB --------------------------------------------------
 
     def _target_address(self, untrusted_text: str) -> IPAddress | None:
         try:
             return parse_address(untrusted_text)
         except EntryError as err:
-            log.error("ignoring %s%s: %s", FORWARD_DIR, untrusted_text[:48], err)
+            log.error("ignoring %s%s: %s", self.DIRECTORY, untrusted_text[:48], err)
             return None
 
     def _read_target(self, address: IPAddress) -> Target | None:
-        """A target's steps once dom0 completed them; None if it has none."""
-        base = f"{FORWARD_DIR}{address}"
+        """A target's entries once dom0 completed them; None if it has none."""
+        base = f"{self.DIRECTORY}{address}"
         if self.db.read(base) is None:
             return None
         untrusted_entries = {
@@ -164,15 +207,14 @@ class Forwarder:
             for path, value in self.db.multiread(base + "/").items()
         }
         try:
-            steps = parse_target(untrusted_entries)
+            return self.parse(address, untrusted_entries)
         except EntryError as err:
-            log.error("no forwards to %s: %s", address, err)
+            log.error("no %s to %s: %s", self.LABEL, address, err)
             return Refused(str(err))
-        return tuple(steps)
 
     def _record(self, address: IPAddress) -> None:
         """Count the handling of a target, as upstream counts a client's."""
-        path = f"{HANDLED_DIR}{address}"
+        path = f"{self.HANDLED}{address}"
         untrusted_count = self.db.read(path)
         try:
             count = int(untrusted_count or b"0")
@@ -181,6 +223,9 @@ class Forwarder:
         self.db.write(path, str(count + 1))
 
     # -- applying ---------------------------------------------------------
+
+    def _transaction(self, targets: Mapping[IPAddress, Target]) -> str:
+        return transaction(self.desired(targets), self.runner, self.CHAINS, self.HOOKS)
 
     def _effective(self) -> dict[IPAddress, Target]:
         targets = dict(self.targets)
@@ -191,24 +236,22 @@ class Forwarder:
     def _find_refused(self) -> bool:
         """Check each target's rules alone in nft's check mode; leave out the refused."""
         found = False
-        effective = self._effective()
-        for address in sorted(effective, key=lambda a: (a.version, a)):
-            target = effective[address]
+        for address, target in by_address(self._effective()):
             if isinstance(target, Refused):
                 continue
             try:
-                text = transaction(desired_chains({address: target}), self.runner)
+                text = self._transaction({address: target})
                 if text:
                     self.runner(text, check=True)
             except (NftError, ValueError, KeyError) as err:
                 reason = f"nft refused its rules: {err}"
-                log.error("no forwards to %s: %s", address, reason)
+                log.error("no %s to %s: %s", self.LABEL, address, reason)
                 self.refused[address] = reason
                 found = True
         return found
 
     def _send(self) -> None:
-        text = transaction(desired_chains(self._effective()), self.runner)
+        text = self._transaction(self._effective())
         if text:
             self.runner(text)
 
@@ -216,26 +259,26 @@ class Forwarder:
         """Bring our chains to the target state in one transaction; False if refused.
 
         If nft refuses, targets it refuses alone are left out and the rest
-        retried; if that fails too, every forward is removed (fail closed).
+        retried; if that fails too, every rule of this half is removed (fail closed).
         """
         for attempt in range(2):
             try:
                 self._send()
             except (NftError, ValueError, KeyError) as err:
-                log.error("nft refused the forward update: %s", err)
+                log.error("nft refused the %s update: %s", self.KIND, err)
                 if attempt == 0 and self._find_refused():
                     continue
                 break
             else:
                 targets = self._effective().values()
                 count = sum(len(t) for t in targets if not isinstance(t, Refused))
-                log.info("forward rules updated (%d steps)", count)
+                log.info("%s rules updated (%d %s)", self.KIND, count, self.ITEMS)
                 return True
-        log.error("removing every forward rule")
+        log.error("removing every %s rule", self.KIND)
         try:
             self.remove()
         except (NftError, ValueError, KeyError) as err:
-            log.error("could not remove the forward rules either: %s", err)
+            log.error("could not remove the %s rules either: %s", self.KIND, err)
         return False
 
     # -- entry points -----------------------------------------------------
@@ -244,8 +287,8 @@ class Forwarder:
         """Re-read every target and rewrite our chains."""
         self.refused.clear()
         untrusted_names = {
-            path[len(FORWARD_DIR) :].split("/", 1)[0]
-            for path in self.db.list(FORWARD_DIR)
+            path[len(self.DIRECTORY) :].split("/", 1)[0]
+            for path in self.db.list(self.DIRECTORY)
         }
         targets: dict[IPAddress, Target] = {}
         for untrusted_name in sorted(untrusted_names):
@@ -275,7 +318,7 @@ class Forwarder:
             self.refused.pop(address, None)
             if target is None:
                 if self.targets.pop(address, None) is not None:
-                    log.info("forwards to %s removed", address)
+                    log.info("%s to %s removed", self.LABEL, address)
             else:
                 self.targets[address] = target
             handled.append(address)
@@ -286,4 +329,22 @@ class Forwarder:
 
     def remove(self) -> None:
         """Delete our chains and jumps in both families (clean stop, fail closed)."""
-        nft_chains.remove({family: CHAINS for family in FAMILIES}, HOOKS, self.runner)
+        nft_chains.remove({family: self.CHAINS for family in FAMILIES}, self.HOOKS, self.runner)
+
+
+class Forwarder(ChainHalf):
+    """The forward half: ``/qns-forward/`` steps to chains ``qns-dnat``/``qns-forward``."""
+
+    DIRECTORY = FORWARD_DIR
+    HANDLED = HANDLED_DIR
+    CHAINS = CHAINS
+    HOOKS = HOOKS
+    LABEL = "forwards"
+    KIND = "forward"
+    ITEMS = "steps"
+
+    def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Step, ...]:
+        return tuple(parse_target(untrusted_entries))
+
+    def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
+        return desired_chains(targets)

@@ -1,10 +1,13 @@
-"""Input openings in the target qube: from untrusted ``/qns-input/`` to nft.
+"""Input rules in the target qube: from untrusted ``/qns-input/`` to nft.
 
-Pure, like :mod:`agent_worker.forward`. The rules land in chain
-``qns-input`` of table ``qubes`` (both families), jumped to from its
-``input`` chain right after the user's ``custom-input``, so they are
-reached before the Qubes input drop. Any entry that does not parse leaves
-the chain empty: nothing is opened, and the reason is logged.
+Pure, like :mod:`agent_worker.forward`. dom0 writes the openings of the
+qube's forwards first, then its inbound rules (accept or drop) in list
+order; the rules land in that order in chain ``qns-input`` of table
+``qubes`` (both families), jumped to from its ``input`` chain right after
+the user's ``custom-input``, so they are reached before the Qubes input
+drop and the first match decides. Any entry that does not parse leaves
+the chain empty: nothing is opened, and the reason is logged. The same
+grammar serves the netvm's ``/qns-inbound/`` (:mod:`agent_worker.inbound`).
 """
 
 from __future__ import annotations
@@ -76,7 +79,11 @@ def parse_openings(untrusted_entries: dict[str, bytes]) -> list[Opening]:
 
 
 def input_rule(opening: Opening, family: Literal["ip", "ip6"]) -> str:
-    """nft rule body for one opening; only new connections are decided here."""
+    """nft rule body for one opening; only new connections are decided here.
+
+    ``ct state new``: a drop must not cut the replies of connections the
+    qube opened itself; established traffic is Qubes' own rules' business.
+    """
     parts = []
     if opening.srchost is not None:
         parts.append(f"{family} saddr {opening.srchost}")
@@ -90,7 +97,7 @@ def input_rule(opening: Opening, family: Literal["ip", "ip6"]) -> str:
         if opening.dstports is not None:
             first, last = opening.dstports
             parts.append(f"th dport {first if first == last else f'{first}-{last}'}")
-    parts.append(opening.action)
+    parts += ["ct state new", opening.action]
     return " ".join(parts)
 
 

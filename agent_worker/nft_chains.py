@@ -42,6 +42,9 @@ class BaseChainHook:
 
     parent: str | None  # jump from this chain (after its custom-* jump), or
     declaration: str | None = None  # declare as a base chain with this spec
+    #: our other chains whose jumps this one must follow when present, so
+    #: their verdicts come first whatever order the jumps were added in
+    after: tuple[str, ...] = ()
 
 
 def run(commands: str, *, check: bool = False) -> str:
@@ -81,16 +84,23 @@ def _jumps(items: list[dict[str, Any]], parent: str) -> list[tuple[int, str]]:
 
 
 def _jump_position(
-    family: Family, items: list[dict[str, Any]], parent: str, chain: str
+    family: Family, items: list[dict[str, Any]], hook: BaseChainHook, chain: str
 ) -> str | None:
-    """Command adding the jump to ``chain`` in ``parent``, or None if present."""
+    """Command adding the jump to ``chain`` in its parent, or None if present.
+
+    The jump goes right after the last of the user's ``custom-*`` jump and
+    the jumps named in ``hook.after``, or first in the chain without any.
+    """
+    assert hook.parent is not None
+    parent = hook.parent
     jumps = _jumps(items, parent)
     if any(target == chain for _, target in jumps):
         return None
-    custom = [handle for handle, target in jumps if target == f"custom-{parent}"]
-    if not custom:
+    anchors = {f"custom-{parent}", *hook.after}
+    before = [handle for handle, target in jumps if target in anchors]
+    if not before:
         return f"insert rule {family} {TABLE} {parent} jump {chain}"
-    return f"add rule {family} {TABLE} {parent} position {custom[0]} jump {chain}"
+    return f"add rule {family} {TABLE} {parent} position {before[-1]} jump {chain}"
 
 
 def build_transaction(
@@ -115,7 +125,7 @@ def build_transaction(
         lines.append(f"flush chain {family} {TABLE} {chain}")
         lines += [f"add rule {family} {TABLE} {chain} {rule}" for rule in rules]
         if hook.parent is not None:
-            jump = _jump_position(family, items, hook.parent, chain)
+            jump = _jump_position(family, items, hook, chain)
             if jump is not None:
                 lines.append(jump)
     return "\n".join(lines) + "\n"

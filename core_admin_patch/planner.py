@@ -21,6 +21,13 @@ A forward rule of qube T becomes one DNAT step per hop on T's path:
 T itself gets an input entry opening ``dstports`` (for ``srchost`` when
 given). Entries live under ``/qns-forward/<target ip>/`` in each hop and
 ``/qns-input/`` in the target, never under ``/qubes-firewall/``.
+
+An inbound rule of T (``action=accept|drop srchost=..``) decides which of
+the qubes sharing T's netvm may open connections to T. It goes, in list
+order, to T's netvm under ``/qns-inbound/<target ip>/NNNN`` (``NNNN`` the
+rule's position in T's list, as upstream numbers ``/qubes-firewall/``) and
+to T's own ``/qns-input/``, after the forward openings: forwards are
+decided first, then the inbound rules, first match wins, default deny.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from firewall_rules import Rule, RuleKind
 SUPPORT_FEATURE = "supported-feature.qubes-network-server"
 
 FORWARD_DIR = "/qns-forward"
+INBOUND_DIR = "/qns-inbound"
 INPUT_DIR = "/qns-input"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -274,6 +282,39 @@ def _forward_rules(qube: QubeState, now: float) -> list[tuple[int, Rule]]:
     ]
 
 
+def _inbound_rules(qube: QubeState, now: float) -> list[tuple[int, Rule]]:
+    return [
+        (number, rule)
+        for number, rule in enumerate(qube.rules)
+        if rule.kind is RuleKind.INBOUND and not rule.is_expired(now)
+    ]
+
+
+def inbound_entry(rule: Rule) -> str:
+    """The QubesDB value of one inbound rule, the same in the netvm and the target.
+
+    The rule's own words in a fixed order, ``srchost`` as a network; no
+    ``expire`` or ``comment`` (doc/qubesdb.md).
+    """
+    assert rule.srchost is not None
+    words = [f"action={rule.action}", f"srchost={rule.srchost.network}"]
+    if rule.proto is not None:
+        words.append(f"proto={rule.proto}")
+    if rule.dstports is not None:
+        words.append(f"dstports={_ports(rule.dstports)}")
+    if rule.icmptype is not None:
+        words.append(f"icmptype={rule.icmptype}")
+    return " ".join(words)
+
+
+def _inbound_netvm(snapshot: Snapshot, target: QubeState) -> QubeState | None:
+    """The running netvm that applies ``target``'s inbound rules, if they can apply now."""
+    if not target.running or target.ip is None or target.netvm is None:
+        return None
+    netvm = snapshot.qubes.get(target.netvm)
+    return netvm if netvm is not None and netvm.running else None
+
+
 def _claims(path: ForwardPath) -> list[tuple[str, str, PortRange]]:
     return [(step.hop, step.proto, step.ports) for step in path.steps]
 
@@ -287,10 +328,15 @@ def check_rules(snapshot: Snapshot, name: str, rules: Iterable[Rule]) -> None:
     proposed = snapshot.with_rules(name, rules)
     target = proposed.qubes[name]
     forwards = _forward_rules(target, snapshot.now)
-    if not forwards:
-        return
     paths = [forward_path(proposed, target, number, rule) for number, rule in forwards]
-    involved = {target.name} | {hop for path in paths for hop in path.hops}
+    involved = {hop for path in paths for hop in path.hops}
+    if _inbound_rules(target, snapshot.now):
+        # Applied by the netvm's worker and the target's hook. Without a
+        # netvm nothing can reach the qube, and there is nothing to check.
+        involved.update(hop.name for hop in netvm_chain(proposed, target)[:1])
+    if not involved:
+        return
+    involved.add(target.name)
     missing = [
         proposed.qubes[n] for n in sorted(involved) if not proposed.qubes[n].supports_forwarding
     ]
@@ -357,46 +403,94 @@ def plan(snapshot: Snapshot) -> Plan:
     # (hop, proto) -> sorted, disjoint (first, last, owner) of the ports taken there
     taken: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
     for target in sorted(snapshot.qubes.values(), key=lambda q: q.name):
-        forwards = _forward_rules(target, snapshot.now)
-        if not forwards or not _active(snapshot, target):
-            continue
-        assert target.ip is not None
-        input_entries: list[str] = []
-        for number, rule in forwards:
-            try:
-                path = forward_path(snapshot, target, number, rule)
-            except NoNetVMError as err:
-                skipped.append(f"{target.name} rule {number}: {err}")
-                continue
-            claims = _claims(path)
-            clash = next(
-                (
-                    owner
-                    for hop, proto, ports in claims
-                    if (owner := _overlapping(taken.get((hop, proto), []), ports)) is not None
-                ),
-                None,
-            )
-            if clash is not None:
-                skipped.append(f"{target.name} rule {number}: port conflict with '{clash}'")
-                continue
-            for hop, proto, ports in claims:
-                claimed_here = taken.setdefault((hop, proto), [])
-                bisect.insort(claimed_here, (ports.first, ports.last, target.name))
-            for step in path.steps:
-                directory = entries.setdefault(step.hop, {}).setdefault(
-                    f"{FORWARD_DIR}/{target.ip}", {}
-                )
-                directory[f"{len(directory):04}"] = step.entry()
-            words = ["action=accept", f"proto={rule.proto}", f"dstports={_ports(rule.dstports)}"]
-            if rule.srchost is not None:
-                words.append(f"srchost={rule.srchost.network}")
-            input_entries.append(" ".join(words))
+        input_entries = _plan_forwards(snapshot, target, entries, skipped, taken)
+        input_entries += _plan_inbound(snapshot, target, entries, skipped)
         if input_entries:
             entries.setdefault(target.name, {})[INPUT_DIR] = {
                 f"{n:04}": value for n, value in enumerate(input_entries)
             }
     return Plan(entries, tuple(skipped))
+
+
+def _plan_inbound(
+    snapshot: Snapshot,
+    target: QubeState,
+    entries: dict[str, dict[str, dict[str, str]]],
+    skipped: list[str],
+) -> list[str]:
+    """Put ``target``'s inbound rules into its netvm; returns its input entries.
+
+    Only rules of the target's address family (IPv4 here); the netvm's
+    entries keep the rule's position in the list as their key. A netvm
+    without our agent (moved there after ``Set``) gets nothing: the target
+    stays closed, as Qubes' default.
+    """
+    inbound = _inbound_rules(target, snapshot.now)
+    netvm = _inbound_netvm(snapshot, target) if inbound else None
+    if netvm is None:
+        return []
+    if not netvm.supports_forwarding:
+        skipped.append(
+            f"{target.name} inbound rules: '{netvm.name}' does not advertise {SUPPORT_FEATURE}"
+        )
+        return []
+    assert target.ip is not None
+    mine = [
+        (number, inbound_entry(rule))
+        for number, rule in inbound
+        if rule.srchost is not None and rule.srchost.network.version == target.ip.version
+    ]
+    if mine:
+        entries.setdefault(netvm.name, {})[f"{INBOUND_DIR}/{target.ip}"] = {
+            f"{number:04}": value for number, value in mine
+        }
+    return [value for _, value in mine]
+
+
+def _plan_forwards(
+    snapshot: Snapshot,
+    target: QubeState,
+    entries: dict[str, dict[str, dict[str, str]]],
+    skipped: list[str],
+    taken: dict[tuple[str, str], list[tuple[int, int, str]]],
+) -> list[str]:
+    """Put ``target``'s forward steps into its hops; returns its input entries."""
+    forwards = _forward_rules(target, snapshot.now)
+    input_entries: list[str] = []
+    if not forwards or not _active(snapshot, target):
+        return input_entries
+    assert target.ip is not None
+    for number, rule in forwards:
+        try:
+            path = forward_path(snapshot, target, number, rule)
+        except NoNetVMError as err:
+            skipped.append(f"{target.name} rule {number}: {err}")
+            continue
+        claims = _claims(path)
+        clash = next(
+            (
+                owner
+                for hop, proto, ports in claims
+                if (owner := _overlapping(taken.get((hop, proto), []), ports)) is not None
+            ),
+            None,
+        )
+        if clash is not None:
+            skipped.append(f"{target.name} rule {number}: port conflict with '{clash}'")
+            continue
+        for hop, proto, ports in claims:
+            claimed_here = taken.setdefault((hop, proto), [])
+            bisect.insort(claimed_here, (ports.first, ports.last, target.name))
+        for step in path.steps:
+            directory = entries.setdefault(step.hop, {}).setdefault(
+                f"{FORWARD_DIR}/{target.ip}", {}
+            )
+            directory[f"{len(directory):04}"] = step.entry()
+        words = ["action=accept", f"proto={rule.proto}", f"dstports={_ports(rule.dstports)}"]
+        if rule.srchost is not None:
+            words.append(f"srchost={rule.srchost.network}")
+        input_entries.append(" ".join(words))
+    return input_entries
 
 
 def next_expiry(snapshot: Snapshot) -> float | None:

@@ -105,11 +105,13 @@ def test_input_openings_render_in_order() -> None:
         }
     )
     assert input_rules.chain_rules(openings, "ip") == [
-        "ip saddr 192.0.2.0/24 meta l4proto tcp th dport 443 accept",
-        "ip saddr 10.137.0.21/32 drop",
-        "meta l4proto icmp icmp type 8 accept",
+        "ip saddr 192.0.2.0/24 meta l4proto tcp th dport 443 ct state new accept",
+        "ip saddr 10.137.0.21/32 ct state new drop",
+        "meta l4proto icmp icmp type 8 ct state new accept",
     ]
-    assert input_rules.chain_rules(openings, "ip6") == ["meta l4proto icmpv6 icmpv6 type 8 accept"]
+    assert input_rules.chain_rules(openings, "ip6") == [
+        "meta l4proto icmpv6 icmpv6 type 8 ct state new accept"
+    ]
 
 
 @pytest.mark.parametrize(

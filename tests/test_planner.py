@@ -250,12 +250,18 @@ def test_several_rules_and_several_targets() -> None:
                 "0002": step("53-53", "upstream", FW_IP, WEB_IP, "53-53", "udp"),
             },
             fwd(WORK_IP): {"0000": step("2222-2222", "upstream", FW_IP, WORK_IP, "22-22")},
+            # the inbound rule: its position in web's list, in web's netvm
+            f"/qns-inbound/{WEB_IP}": {
+                "0002": "action=accept srchost=10.137.0.11/32 proto=tcp dstports=22-22"
+            },
         },
         "web": {
             INPUT_DIR: {
                 "0000": "action=accept proto=tcp dstports=8443-8443",
                 "0001": "action=accept proto=udp dstports=8080-8080",
                 "0002": "action=accept proto=udp dstports=53-53",
+                # forward openings first, then the inbound rules
+                "0003": "action=accept srchost=10.137.0.11/32 proto=tcp dstports=22-22",
             },
         },
         "work": {INPUT_DIR: {"0000": "action=accept proto=tcp dstports=22-22"}},
@@ -263,13 +269,8 @@ def test_several_rules_and_several_targets() -> None:
     }
 
 
-def test_outbound_and_inbound_rules_alone_plan_nothing() -> None:
-    web = qube(
-        "web",
-        "sys-firewall",
-        WEB_IP,
-        ["action=accept proto=tcp dstports=443", "action=accept srchost=10.137.0.11"],
-    )
+def test_outbound_rules_alone_plan_nothing() -> None:
+    web = qube("web", "sys-firewall", WEB_IP, ["action=accept proto=tcp dstports=443"])
     assert plan(snapshot(web)) == Plan({}, ())
 
 

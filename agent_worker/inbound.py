@@ -1,0 +1,96 @@
+"""The inbound half of the firewall worker: ``/qns-inbound/`` to chain ``qns-inbound``.
+
+An inbound rule of qube T (``action=accept|drop srchost=NET [proto=]
+[dstports=|icmptype=]``) decides which of T's sibling qubes may open
+connections to T. Qubes drops all traffic between the qubes of one netvm
+in table ``qubes``' forward chain (``oifgroup 2 counter drop``: towards a
+vif), so the netvm's worker puts T's rules, in order, into chain
+``qns-inbound`` of that table, jumped to from ``forward`` after the user's
+``custom-forward`` and after our ``qns-forward`` (forwards are decided
+first, as in T's own INPUT), ahead of that drop. A packet no rule matches
+falls through to Qubes' drop: the default stays deny.
+
+Every rule matches ``iifgroup 2`` (the sender is one of this netvm's
+qubes, whose source address the antispoof chain already checked), T's
+address, the rule's source and ``ct state new``: only new connections are
+decided here, replies are accepted by Qubes' own ``established`` rule.
+The sender's outbound rules (table ``qubes-firewall``) still apply to its
+traffic, in the same hook: both must let it through.
+
+Entries use the grammar of ``/qns-input/`` (:mod:`agent_worker.input_rules`)
+with ``srchost`` required and of the target's family. One bad entry and
+the target gets no rule at all (its siblings stay refused), as forwards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from agent_worker.entries import EntryError
+from agent_worker.forwarding import ChainHalf, Refused, Target, by_address
+from agent_worker.input_rules import Opening, input_rule, parse_opening
+from agent_worker.nft_chains import BaseChainHook, Family
+from agent_worker.qdb_parse import IPAddress
+
+INBOUND_DIR = "/qns-inbound/"
+HANDLED_DIR = "/qns-inbound_handled/"
+INBOUND_CHAIN = "qns-inbound"
+HOOKS = {INBOUND_CHAIN: BaseChainHook(parent="forward", after=("qns-forward",))}
+
+_KEY_RE = re.compile(r"^[0-9]{4}$")
+
+
+def parse_target(address: IPAddress, untrusted_entries: dict[str, bytes]) -> list[Opening]:
+    """All rules of one target directory, in key order; any bad entry fails it."""
+    rules = []
+    for untrusted_key in sorted(untrusted_entries):
+        if not _KEY_RE.match(untrusted_key):
+            raise EntryError(f"unexpected key {untrusted_key[:20]!r}")
+        try:
+            rule = parse_opening(untrusted_entries[untrusted_key].decode("ascii"))
+        except (EntryError, UnicodeDecodeError) as err:
+            raise EntryError(f"entry {untrusted_key}: {err}") from None
+        if rule.srchost is None:
+            raise EntryError(f"entry {untrusted_key}: missing srchost")
+        if rule.srchost.version != address.version:
+            raise EntryError(f"entry {untrusted_key}: srchost of another family than the target")
+        rules.append(rule)
+    return rules
+
+
+def forward_rule(address: IPAddress, rule: Opening) -> str:
+    """nft rule body in the netvm's ``qns-inbound`` for one rule of target ``address``."""
+    family = "ip" if address.version == 4 else "ip6"
+    return f"iifgroup 2 {family} daddr {address} {input_rule(rule, family)}"
+
+
+def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
+    """``qns-inbound`` in both families: targets in address order, rules in key order."""
+    result: dict[Family, dict[str, list[str]]] = {"ip": {}, "ip6": {}}
+    for family, version in (("ip", 4), ("ip6", 6)):
+        result[family][INBOUND_CHAIN] = [
+            forward_rule(address, rule)
+            for address, target in by_address(targets)
+            if address.version == version and not isinstance(target, Refused)
+            for rule in target
+        ]
+    return result
+
+
+class Inbound(ChainHalf):
+    """The inbound half: ``/qns-inbound/`` rules to chain ``qns-inbound``."""
+
+    DIRECTORY = INBOUND_DIR
+    HANDLED = HANDLED_DIR
+    CHAINS = (INBOUND_CHAIN,)
+    HOOKS = HOOKS
+    LABEL = "inbound rules"
+    KIND = "inbound"
+    ITEMS = "rules"
+
+    def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Opening, ...]:
+        return tuple(parse_target(address, untrusted_entries))
+
+    def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
+        return desired_chains(targets)
