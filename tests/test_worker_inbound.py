@@ -1,0 +1,264 @@
+"""The worker's inbound half: /qns-inbound/ entries to chain qns-inbound.
+
+Pure tests first (strict parsing, fuzz, rule text), then the half against
+the kernel in a throwaway namespace with the Qubes base ruleset: where the
+jump sits (after custom-forward and qns-forward, whichever came first),
+a bad entry blocking only its target, removal leaving the table as Qubes
+made it, and nft accepting every rule the parser accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from worker_netns import MemoryQubesDB, chain_rules, in_netns, make_netns, nft_ruleset, ns_run
+
+from agent_worker import inbound
+from agent_worker.entries import EntryError
+from agent_worker.firewall import Nft
+from agent_worker.forwarding import ForwardChanges, Forwarder, NftError
+from agent_worker.inbound import Inbound
+from lab.base_ruleset import base_ruleset
+
+WEB, WORK = "10.137.0.20", "10.137.0.21"
+WEB_IP = ipaddress.IPv4Address(WEB)
+SSH = "action=accept srchost=10.137.0.21/32 proto=tcp dstports=22-22"
+USER_RULE = "tcp dport 9999 counter accept"
+
+
+def write_inbound(db: Any, target: str, values: list[str] | list[bytes]) -> None:
+    """Rewrite one target's rules the way dom0 does: clear, write, then the directory path."""
+    base = f"/qns-inbound/{target}"
+    db.rm(base + "/")
+    for number, value in enumerate(values):
+        db.write(f"{base}/{number:04d}", value)
+    db.write(base, "")
+
+
+def remove_inbound(db: Any, target: str) -> None:
+    db.rm(f"/qns-inbound/{target}/")
+    db.rm(f"/qns-inbound/{target}")
+
+
+# -- pure -------------------------------------------------------------------
+
+
+def test_rules_render_in_order_for_the_target_only() -> None:
+    rules = inbound.parse_target(
+        WEB_IP,
+        {
+            "0003": b"action=accept srchost=10.137.0.16/28",
+            "0000": b"action=drop srchost=10.137.0.21/32 proto=tcp dstports=23-23",
+            "0004": b"action=accept srchost=10.137.0.0/24 proto=icmp icmptype=8",
+        },
+    )
+    assert inbound.desired_chains({WEB_IP: tuple(rules)}) == {
+        "ip": {
+            "qns-inbound": [
+                "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21/32 meta l4proto tcp "
+                "th dport 23 ct state new drop",
+                "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.16/28 ct state new accept",
+                "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.0/24 meta l4proto icmp "
+                "icmp type 8 ct state new accept",
+            ]
+        },
+        "ip6": {"qns-inbound": []},
+    }
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason"),
+    [
+        ({"0000": b"action=accept proto=tcp dstports=22-22"}, "missing srchost"),
+        ({"0000": b"action=accept srchost=2001:db8::/64"}, "another family"),
+        ({"0000": b"action=forward srchost=10.0.0.0/8"}, "action must be"),
+        ({"0000": b"action=accept srchost=10.0.0.1/8"}, "bad network"),
+        ({"0000": b"action=accept srchost=10.0.0.0/8 dstports=1-2"}, "needs proto"),
+        ({"0000": b"action=accept  srchost=10.0.0.0/8"}, "malformed word"),
+        ({"0000": b"action=accept srchost=10.0.0.0/8 expire=1"}, "unknown key"),
+        ({"0000": "action=accept srchost=10.0.0.0/8 \u00e9".encode()}, "not ASCII|codec"),
+        ({"00000": SSH.encode()}, "unexpected key"),
+        ({"0000": SSH.encode(), "0001": b"action=accept srchost=10.0.0.0/8 proto=tcp "
+          b"dstports=22-22 dstports=23-23"}, "entry 0001: repeated key"),
+    ],
+)
+def test_bad_entries_fail_the_target(entries: dict[str, bytes], reason: str) -> None:
+    with pytest.raises(EntryError, match=reason):
+        inbound.parse_target(WEB_IP, entries)
+
+
+@given(st.dictionaries(st.text(max_size=8), st.binary(max_size=200), max_size=4))
+def test_fuzzed_entries_raise_only_entry_errors(untrusted: dict[str, bytes]) -> None:
+    with contextlib.suppress(EntryError):
+        inbound.parse_target(WEB_IP, untrusted)
+
+
+def test_events_are_the_inbound_directory_only() -> None:
+    half = Inbound(MemoryQubesDB(), lambda *_a, **_k: "")
+    assert half.classify([f"/qns-inbound/{WEB}/0000", f"/qns-inbound/{WEB}/"]) == ForwardChanges()
+    assert half.classify([f"/qns-inbound/{WEB}"]) == ForwardChanges(targets={WEB})
+    assert half.classify(["/qns-forward/10.137.0.20", "/qubes-firewall/10.137.0.20"]) == (
+        ForwardChanges()
+    )
+    assert half.classify(["/"]).full
+    assert not half.concerns("/qns-inbound_handled/10.137.0.20")
+
+
+class Recorder:
+    """A runner for a kernel whose ``qubes`` tables exist and are empty; records the rest."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def __call__(self, commands: str, *, check: bool = False) -> str:
+        if commands.startswith("list table"):
+            return '{"nftables": []}'
+        self.sent.append(commands)
+        return ""
+
+
+def test_a_bad_entry_blocks_its_target_only_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = MemoryQubesDB()
+    write_inbound(db, WEB, [SSH])
+    write_inbound(db, "10.137.0.22", [SSH, "action=accept srchost=10.137.0.21"])
+    db.write("/qns-inbound/010.137.0.7", "")
+    runner = Recorder()
+    with caplog.at_level(logging.INFO, logger="qubes.firewall"):
+        Inbound(db, runner).reload()
+    (text,) = runner.sent
+    assert "ip daddr 10.137.0.20 ip saddr 10.137.0.21/32" in text
+    assert "10.137.0.22" not in text
+    assert any(
+        m.startswith("no inbound rules to 10.137.0.22: entry 0001: network '10.137.0.21' not in")
+        for m in caplog.messages
+    )
+    assert any(m.startswith("ignoring /qns-inbound/010.137.0.7") for m in caplog.messages)
+    assert db.read(f"/qns-inbound_handled/{WEB}") == b"1"
+    assert db.read("/qns-inbound_handled/10.137.0.22") == b"1"
+
+
+# -- against the kernel -------------------------------------------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    yield from make_netns()
+
+
+def _base(ns: str) -> None:
+    ns_run(ns, "nft", "-f", "-", stdin=base_ruleset())
+    ns_run(ns, "nft", "add", "rule", "ip", "qubes", "custom-forward", *USER_RULE.split())
+
+
+FORWARD_STEP = "proto=tcp ports=8080-8080 iif=upstream daddr=local to=10.137.0.20 toports=80-80"
+
+
+def _jumps(ns: str) -> list[str]:
+    return [r for r in chain_rules(ns, "ip", "qubes", "forward") if r.startswith("jump ")]
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("inbound_first", [True, False])
+def test_inbound_jump_follows_custom_and_forward_jumps(netns: str, inbound_first: bool) -> None:
+    _base(netns)
+    original = nft_ruleset(netns)
+
+    def body() -> None:
+        db = MemoryQubesDB()
+        write_inbound(db, WEB, [SSH])
+        db.write("/qns-forward/10.137.0.20/0000", FORWARD_STEP)
+        db.write("/qns-forward/10.137.0.20", "")
+        halves = [Inbound(db, Nft().run), Forwarder(db, Nft().run)]
+        for half in halves if inbound_first else halves[::-1]:
+            half.reload()
+            half.reload()  # idempotent: no second jump
+
+    in_netns(netns, body)
+    assert _jumps(netns) == ["jump custom-forward", "jump qns-forward", "jump qns-inbound"]
+    forward = chain_rules(netns, "ip", "qubes", "forward")
+    vif_drop = "oifgroup 2 counter packets 0 bytes 0 drop"
+    assert forward.index("jump qns-inbound") < forward.index(vif_drop)
+    assert chain_rules(netns, "ip", "qubes", "qns-inbound") == [
+        "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21 tcp dport 22 ct state new accept"
+    ]
+    assert chain_rules(netns, "ip", "qubes", "custom-forward") == [
+        "tcp dport 9999 counter packets 0 bytes 0 accept"
+    ]
+
+    def remove_all() -> None:
+        db = MemoryQubesDB()
+        write_inbound(db, WEB, [SSH])
+        half = Inbound(db, Nft().run)
+        half.reload()
+        remove_inbound(db, WEB)
+        half.handle(half.classify([f"/qns-inbound/{WEB}/", f"/qns-inbound/{WEB}"]))
+        Forwarder(MemoryQubesDB(), Nft().run).reload()
+
+    in_netns(netns, remove_all)
+    assert nft_ruleset(netns) == original  # user rule kept, nothing of ours left
+
+
+@pytest.mark.lab
+def test_a_target_nft_refuses_is_left_out(netns: str) -> None:
+    _base(netns)
+
+    def body() -> None:
+        real = inbound.forward_rule
+
+        def broken(address: ipaddress.IPv4Address, rule: Any) -> str:
+            if str(address) == "10.137.0.22":
+                return "tcp dport 70000 accept"  # nft refuses this
+            return real(address, rule)
+
+        inbound.forward_rule = broken  # type: ignore[assignment]
+        db = MemoryQubesDB()
+        write_inbound(db, WEB, [SSH])
+        write_inbound(db, "10.137.0.22", [SSH])
+        Inbound(db, Nft().run).reload()
+
+    in_netns(netns, body)
+    assert chain_rules(netns, "ip", "qubes", "qns-inbound") == [
+        "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21 tcp dport 22 ct state new accept"
+    ]
+
+
+_WORDS = st.sampled_from([
+    "action=accept", "action=drop", "srchost=0.0.0.0/0", "srchost=10.137.0.21/32",
+    "srchost=192.0.2.0/24", "srchost=2001:db8::/32", "proto=tcp", "proto=udp", "proto=icmp",
+    "dstports=1-1", "dstports=22-22", "dstports=1-65535", "icmptype=0", "icmptype=255",
+])
+
+
+def _every_parsed_rule_is_accepted_by_nft() -> None:
+    nft = Nft()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(_WORDS, min_size=2, max_size=4, unique=True))
+    def check(words: list[str]) -> None:
+        try:
+            rules = inbound.parse_target(WEB_IP, {"0000": " ".join(words).encode()})
+        except EntryError:
+            return
+        half = Inbound(MemoryQubesDB(), nft.run)
+        text = half._transaction({WEB_IP: tuple(rules)})
+        try:
+            nft.run(text, check=True)
+        except NftError as err:
+            raise AssertionError(f"nft refused {words}: {err}") from None
+
+    check()
+
+
+@pytest.mark.lab
+def test_fuzz_nft_accepts_every_rule_the_parser_accepts(netns: str) -> None:
+    _base(netns)
+    in_netns(netns, _every_parsed_rule_is_accepted_by_nft)
