@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import wait_for
 
 from admin_client_patch.qubesd_client import QubesException, qubesd_call
 from lab.control import Lab
@@ -35,11 +36,7 @@ def set_rules(*lines: str) -> None:
 
 def eventually(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
     """Workers apply QubesDB changes asynchronously: poll until ``predicate`` holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting until {what}")
-        time.sleep(0.1)
+    wait_for(predicate, f"until {what}", timeout)
 
 
 def answers(
