@@ -3,8 +3,11 @@
 Both hosts of the dom0 side use it: the qubesd extension on Qubes
 (:mod:`core_admin_patch.extension`) and the lab's dom0 stand-in. Each hands
 it its qubes as objects shaped like qubesd's VMs (``name``, ``netvm``,
-``ip``, ``provides_network``, ``is_running()``, ``features``) plus a way to
-read a qube's rules, and a writer for QubesDB; this class does the rest.
+``ip``, ``ip6``, ``provides_network``, ``is_running()``, ``features``) plus a
+way to read a qube's rules, and a writer for QubesDB; this class does the rest.
+
+qubesd computes ``ip6`` itself; hosts without qubesd (the lab) use
+:func:`ipv6_enabled` and :func:`derived_ip6`, which follow qubesd's rules.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class DomainLike(Protocol):
     def ip(self) -> object: ...
 
     @property
+    def ip6(self) -> object:
+        """None when IPv6 is off for the qube (qubesd's ``vm.ip6``)."""
+
+    @property
     def features(self) -> Mapping[str, str]: ...
 
     def is_running(self) -> bool: ...
@@ -42,11 +49,40 @@ class DomainLike(Protocol):
 
 RulesReader = Callable[[DomainLike], list[Rule]]
 
+#: Qubes' site-local prefix for qubes' IPv6 addresses (qubes.config.qubes_ipv6_prefix).
+QUBES_IPV6_PREFIX = ipaddress.IPv6Network("fd09:24ef:4179::/64")
+
+
+def ipv6_enabled(features_up_the_chain: Iterable[Mapping[str, str]]) -> bool:
+    """Whether IPv6 is on for a qube, as qubesd's ``features.check_with_netvm('ipv6', False)``.
+
+    ``features_up_the_chain`` are the qube's features, then its netvm's, and
+    so on to the edge. The first that has ``ipv6`` decides, so enabling it
+    on a netvm reaches every qube below, and ``ipv6 = ''`` on a qube turns
+    it off there (and below it) whatever its netvms say. qubesd tests the
+    value's truth: any non-empty string is on.
+    """
+    for features in features_up_the_chain:
+        if "ipv6" in features:
+            return bool(features["ipv6"])
+    return False
+
+
+def derived_ip6(ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
+    """A qube's default IPv6 address: Qubes' prefix, then the IPv4 address as the last 32 bits.
+
+    qubesd builds ``<prefix>::a89:<qid in hex>`` from the qid it also builds
+    ``10.137.<qid>`` from, so 10.137.0.20 gives ``fd09:24ef:4179::a89:14``
+    either way (and 10.138.x.y of a disposable gives ``::a8a:...``, as there).
+    """
+    return ipaddress.IPv6Address(int(QUBES_IPV6_PREFIX.network_address) | int(ip))
+
 
 def qube_state(domain: DomainLike, rules: list[Rule]) -> planner.QubeState:
     """Freeze one domain into the planner's picture."""
     netvm = getattr(domain, "netvm", None)
     ip = getattr(domain, "ip", None)
+    ip6 = getattr(domain, "ip6", None)
     return planner.QubeState(
         name=domain.name,
         netvm=None if netvm is None else netvm.name,
@@ -55,6 +91,7 @@ def qube_state(domain: DomainLike, rules: list[Rule]) -> planner.QubeState:
         running=domain.is_running(),
         features=dict(domain.features),
         rules=tuple(rules),
+        ip6=None if ip6 is None else ipaddress.IPv6Address(str(ip6)),
     )
 
 

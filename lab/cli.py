@@ -6,6 +6,7 @@
     qubes-lab exec QUBE -- CMD...      run CMD in a qube, a LAN host, or dom0
     qubes-lab start|stop|restart QUBE  qube life cycle
     qubes-lab set QUBE netvm NAME|none / set QUBE ip ADDR
+    qubes-lab features QUBE NAME VALUE|--unset   e.g. features sys-net ipv6 1
 
 The state lives in ``$QUBES_LAB_DIR`` (default /run/qubes-lab). Point
 qvm-firewall at the lab with ``export QUBESD_SOCKET=$QUBES_LAB_DIR/qubesd.sock``
@@ -51,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     prefs.add_argument("qube")
     prefs.add_argument("property", choices=("netvm", "ip"))
     prefs.add_argument("value", help="netvm: a qube name or 'none'; ip: an IPv4 address")
+    features = commands.add_parser(
+        "features", help="set or unset a feature like qvm-features (ipv6 re-wires live)"
+    )
+    features.add_argument("qube")
+    features.add_argument("feature", help="e.g. ipv6 ('1': on for it and below, '': off)")
+    value = features.add_mutually_exclusive_group(required=True)
+    value.add_argument("value", nargs="?", help="the new value ('' is a value: ipv6 off)")
+    value.add_argument("--unset", action="store_true", help="remove the feature")
     return parser
 
 
@@ -113,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             lab.restart(args.qube)
         elif args.command == "set":
             lab.set(args.qube, args.property, args.value)
+        elif args.command == "features":
+            lab.set_feature(args.qube, args.feature, None if args.unset else args.value)
     except (LabError, CommandError) as err:
         print(f"qubes-lab: {err}", file=sys.stderr)
         return 1

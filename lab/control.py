@@ -253,6 +253,13 @@ class Lab:
     def set_ip(self, qube: str, ip: str) -> None:
         self.set(qube, "ip", ip)
 
+    def set_feature(self, qube: str, feature: str, value: str | None) -> None:
+        """``qvm-features``-like; None unsets. ``ipv6`` re-wires the qubes below live."""
+        if value is None:
+            self._call("feature", name=qube, feature=feature)
+        else:
+            self._call("feature", name=qube, feature=feature, value=value)
+
     def qube_info(self, qube: str) -> dict[str, Any]:
         """The status entry of one qube."""
         for info in self.status()["qubes"]:
@@ -297,11 +304,19 @@ class Lab:
                            f"{(result.stderr or result.stdout).strip()}")
         return result
 
-    def serve(self, target: str, proto: str, port: int, reply: str | None = None) -> Server:
-        """A ``probe serve`` in ``target``, ready when this returns; stop() it when done."""
+    def serve(
+        self, target: str, proto: str, port: int, reply: str | None = None,
+        bind: str | None = None,
+    ) -> Server:
+        """A ``probe serve`` in ``target``, ready when this returns; stop() it when done.
+
+        It listens on IPv4 unless ``bind`` says otherwise (``"::"``: any IPv6 address).
+        """
         argv = procs.python_argv("lab.probe", "serve", proto, str(port))
         if reply is not None:
             argv += ["--reply", reply]
+        if bind is not None:
+            argv += ["--bind", bind]
         proc = subprocess.Popen(
             self.command(target, argv), env=self.env(target), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=procs.REPO,

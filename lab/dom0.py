@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from core_admin_patch.errors import QubesException, QubesValueError, QubesVMNotFoundError
-from core_admin_patch.network_server import NetworkServer
+from core_admin_patch.network_server import NetworkServer, derived_ip6, ipv6_enabled
 from firewall_rules import Rule, default_rules, load_firewall_xml, outbound_qdb_entries
 from lab import netns, procs, wiring
 from lab.pyshim import qubesdb
@@ -78,6 +78,7 @@ class Runtime:
     vif: str | None = None
     attached_netvm: str | None = None
     attached_ip: ipaddress.IPv4Address | None = None
+    attached_ip6: ipaddress.IPv6Address | None = None
     services: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
 
@@ -97,6 +98,10 @@ class _Domain:
     @property
     def ip(self) -> ipaddress.IPv4Address:
         return self._dom0.topology.qubes[self.name].ip
+
+    @property
+    def ip6(self) -> ipaddress.IPv6Address | None:
+        return self._dom0.ip6_of(self.name)
 
     @property
     def features(self) -> Mapping[str, str]:
@@ -187,6 +192,23 @@ class Dom0:
     def _running_clients(self, netvm: str) -> list[Qube]:
         return [q for q in self.topology.clients(netvm) if self.runtime[q.name].running]
 
+    # --- IPv6, as qubesd's ip6 / gateway6 / visible_gateway6 -----------------
+
+    def ip6_of(self, name: str) -> ipaddress.IPv6Address | None:
+        """The qube's IPv6 address, None when IPv6 is off for it (or it has no network)."""
+        qube = self.topology.qubes[name]
+        if qube.netvm is None and not qube.provides_network:
+            return None
+        if not ipv6_enabled(q.features for q in self.topology.netvm_chain(name)):
+            return None
+        return qube.ip6 or derived_ip6(qube.ip)
+
+    def _gateway6_of(self, client: Qube) -> ipaddress.IPv6Address | None:
+        """``/qubes-gateway6``: the netvm's IPv6 address, when IPv6 is on for both."""
+        if client.netvm is None or self.ip6_of(client.name) is None:
+            return None
+        return self.ip6_of(client.netvm)
+
     # --- QubesDB as qubesd writes it --------------------------------------
 
     def _create_qdb_entries(self, qube: Qube) -> None:
@@ -201,8 +223,7 @@ class Dom0:
         db.write("/qubes-base-template", "")
         db.write("/default-user", "user")
         if qube.provides_network:
-            db.write("/qubes-netvm-network", str(qube.ip))
-            db.write("/qubes-netvm-gateway", str(qube.ip))
+            self._write_netvm_entries(qube)
             db.write("/qubes-netvm-netmask", wiring.NETMASK)
             db.write("/qubes-netvm-primary-dns", DNS[0])
             db.write("/qubes-netvm-secondary-dns", DNS[1])
@@ -215,11 +236,32 @@ class Dom0:
         for service, value in services.items():
             db.write(f"/qubes-service/{service}", "1" if value not in ("", "0") else "0")
 
+    def _write_netvm_entries(self, qube: Qube) -> None:
+        """What a netvm's clients route through: its address, and ``gateway6`` when IPv6 is on."""
+        db = self.qdb(qube.name)
+        db.write("/qubes-netvm-network", str(qube.ip))
+        db.write("/qubes-netvm-gateway", str(qube.ip))
+        gateway6 = self.ip6_of(qube.name)
+        if gateway6 is None:
+            db.rm("/qubes-netvm-gateway6")
+        else:
+            db.write("/qubes-netvm-gateway6", str(gateway6))
+
     def _write_client_entries(self, qube: Qube) -> None:
-        """Address, gateway and DNS of a qube; removed when it has no netvm."""
+        """Address, gateway and DNS of a qube; removed when it has no netvm.
+
+        ``/qubes-ip6`` and ``/qubes-gateway6`` only when IPv6 is on for the
+        qube (the gateway also needs it on for the netvm), as qubesd.
+        """
         db = self.qdb(qube.name)
         keys = ("/qubes-ip", "/qubes-netmask", "/qubes-gateway",
                 "/qubes-primary-dns", "/qubes-secondary-dns")
+        ip6, gateway6 = self.ip6_of(qube.name), self._gateway6_of(qube)
+        for key, value6 in (("/qubes-ip6", ip6), ("/qubes-gateway6", gateway6)):
+            if qube.netvm is None or value6 is None:
+                db.rm(key)
+            else:
+                db.write(key, str(value6))
         if qube.netvm is None:
             for key in keys:
                 db.rm(key)
@@ -230,43 +272,56 @@ class Dom0:
             db.write(key, value)
 
     def _reload_connected_ips(self, netvm: str) -> None:
-        """``/connected-ips``: the running clients, which the worker filters."""
+        """``/connected-ips`` and ``/connected-ips6``: running clients, which the worker filters."""
         db = self.qdb(netvm)
-        db.write("/connected-ips", " ".join(str(q.ip) for q in self._running_clients(netvm)))
-        db.write("/connected-ips6", "")
+        clients = self._running_clients(netvm)
+        db.write("/connected-ips", " ".join(str(q.ip) for q in clients))
+        ips6 = (self.ip6_of(q.name) for q in clients)
+        db.write("/connected-ips6", " ".join(str(ip6) for ip6 in ips6 if ip6 is not None))
 
-    def _outbound_entries(self, client: Qube) -> dict[str, str]:
+    def _client_addresses(self, client: Qube) -> list[tuple[int, ipaddress.IPv4Address
+                                                           | ipaddress.IPv6Address]]:
+        """(family, address) under which the netvm filters the client, as qubesd's loop."""
+        ip6 = self.ip6_of(client.name)
+        return [(4, client.ip)] + ([] if ip6 is None else [(6, ip6)])
+
+    def _outbound_entries(self, client: Qube, family: int) -> dict[str, str]:
         try:
-            return outbound_qdb_entries(self.read_rules(client.name), 4, time.time())
+            return outbound_qdb_entries(self.read_rules(client.name), family, time.time())
         except Exception as err:  # a broken firewall.xml must fail closed, not open
             log.error("%s: rules unusable, blocking its traffic: %s", client.name, err)
             return {"policy": "drop"}
 
     def _reload_firewall_for(self, netvm: str, client: Qube, strict: bool = True) -> None:
-        """Rewrite ``/qubes-firewall/<ip>/`` in the netvm, marker last, as qubesd does.
+        """Rewrite ``/qubes-firewall/<ip>/`` (and ``<ip6>/``) in the netvm, marker last, as qubesd.
 
-        Then wait for the netvm's worker to apply it, so a started qube (or a
-        returned Admin API call) already has its rules in nft. ``strict``
-        makes a worker that does not answer an error (qube start); otherwise
-        it is only logged, as qubesd does not depend on the agent either.
+        Each family gets the entries of its own rules (``addr_family`` 4 or
+        6), as qubesd's reload_firewall_for_vm. Then wait for the netvm's
+        worker to apply them, so a started qube (or a returned Admin API
+        call) already has its rules in nft. ``strict`` makes a worker that
+        does not answer an error (qube start); otherwise it is only logged,
+        as qubesd does not depend on the agent either.
         """
         db = self.qdb(netvm)
-        base = f"/qubes-firewall/{client.ip}"
-        entries = self._outbound_entries(client)
-        db.rm(base + "/")
-        for key, value in entries.items():
-            db.write(f"{base}/{key}", value)
-        before = _counter(db.read(f"/qubes-firewall_handled/{client.ip}"))
-        db.write(base, "")
-        self._outbound_written[(netvm, str(client.ip))] = entries
-        try:
-            self._wait_handled(netvm, client.ip, before)
-        except Dom0Error as err:
-            if strict:
-                raise
-            log.warning("%s", err)
+        for family, address in self._client_addresses(client):
+            base = f"/qubes-firewall/{address}"
+            entries = self._outbound_entries(client, family)
+            db.rm(base + "/")
+            for key, value in entries.items():
+                db.write(f"{base}/{key}", value)
+            before = _counter(db.read(f"/qubes-firewall_handled/{address}"))
+            db.write(base, "")
+            self._outbound_written[(netvm, str(address))] = entries
+            try:
+                self._wait_handled(netvm, address, before)
+            except Dom0Error as err:
+                if strict:
+                    raise
+                log.warning("%s", err)
 
-    def _wait_handled(self, netvm: str, ip: ipaddress.IPv4Address, before: int) -> None:
+    def _wait_handled(
+        self, netvm: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, before: int
+    ) -> None:
         """Wait until the netvm's worker has taken the client's new rules into nft."""
         db = self.qdb(netvm)
         deadline = time.monotonic() + HANDLED_TIMEOUT
@@ -278,21 +333,31 @@ class Dom0:
                 )
             time.sleep(0.01)
 
-    def _forget_client(self, netvm: str, ip: ipaddress.IPv4Address) -> None:
+    def _forget_client(
+        self, netvm: str, ip: ipaddress.IPv4Address, ip6: ipaddress.IPv6Address | None
+    ) -> None:
         """Remove a departed client's entries from its netvm (completion path last)."""
         db = self.qdb(netvm)
-        db.rm(f"/qubes-firewall/{ip}/")
-        db.rm(f"/qubes-firewall/{ip}")
+        for address in (ip, ip6):
+            if address is not None:
+                db.rm(f"/qubes-firewall/{address}/")
+                db.rm(f"/qubes-firewall/{address}")
+                self._outbound_written.pop((netvm, str(address)), None)
         db.rm(f"/mapped-ip/{ip}/")
-        self._outbound_written.pop((netvm, str(ip)), None)
 
     def _refresh(self) -> None:
         """Re-plan forward/input entries and re-arm the expiry timer."""
         next_expiry = self.network_server.refresh(time.time())
-        for (netvm, ip), written in list(self._outbound_written.items()):
-            client = next(q for q in self.topology.qubes.values() if str(q.ip) == ip)
-            if self._outbound_entries(client) != written:
-                self._reload_firewall_for(netvm, client, strict=False)
+        stale = {
+            client.name: (netvm, client)
+            for client in self.topology.qubes.values()
+            for family, address in self._client_addresses(client)
+            if (netvm := self.runtime[client.name].attached_netvm) is not None
+            and (written := self._outbound_written.get((netvm, str(address)))) is not None
+            and self._outbound_entries(client, family) != written
+        }
+        for netvm, client in stale.values():
+            self._reload_firewall_for(netvm, client, strict=False)
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None
@@ -326,12 +391,13 @@ class Dom0:
         self._reset_qdb(name)
         self.network_server.qube_reset(name)
         wiring.qube_up(qube)
-        if qube.uplink is not None:
+        if qube.uplink is not None or qube.uplink6 is not None:
             assert self.topology.lan is not None
             wiring.uplink_up(qube, self.topology.lan, f"up{self._next_port}")
             self._next_port += 1
         self._create_qdb_entries(qube)
         if qube.provides_network:
+            wiring.ipv6_forwarding(name, self.ip6_of(name) is not None)
             self._reload_connected_ips(name)
             self._start_service(qube, FIREWALL)
         self._start_service(qube, INPUT_HOOK)
@@ -352,8 +418,11 @@ class Dom0:
         db = self.qdb(netvm.name)
         db.write(f"/mapped-ip/{client.ip}/visible-ip", str(client.ip))
         db.write(f"/mapped-ip/{client.ip}/visible-gateway", str(netvm.ip))
-        runtime.vif = wiring.vif_online(netvm.name, client.name, runtime.domid, client.ip, netvm.ip)
+        ip6 = self.ip6_of(client.name)
+        runtime.vif = wiring.vif_online(netvm.name, client.name, runtime.domid, client.ip, netvm.ip,
+                                        ip6, self._gateway6_of(client))
         runtime.attached_netvm, runtime.attached_ip = netvm.name, client.ip
+        runtime.attached_ip6 = ip6
         self._reload_connected_ips(netvm.name)
         self._reload_firewall_for(netvm.name, client)
 
@@ -361,12 +430,13 @@ class Dom0:
         """Undo :meth:`_attach` (the netvm may already be gone)."""
         runtime = self.runtime[client.name]
         netvm, ip, vif = runtime.attached_netvm, runtime.attached_ip, runtime.vif
-        runtime.vif = runtime.attached_netvm = runtime.attached_ip = None
+        ip6 = runtime.attached_ip6
+        _forget_attachment(runtime)
         if netvm is None or ip is None or vif is None or not self.runtime[netvm].running:
             return
-        wiring.vif_offline(netvm, vif, ip)
+        wiring.vif_offline(netvm, vif, ip, ip6)
         self._reload_connected_ips(netvm)
-        self._forget_client(netvm, ip)
+        self._forget_client(netvm, ip, ip6)
 
     def stop(self, name: str, force: bool = False) -> None:
         """Shut a qube down; a netvm with running clients only with ``force``."""
@@ -384,9 +454,7 @@ class Dom0:
         runtime.running = False
         self._detach(qube)
         for client in clients:
-            self.runtime[client.name].vif = None
-            self.runtime[client.name].attached_netvm = None
-            self.runtime[client.name].attached_ip = None
+            _forget_attachment(self.runtime[client.name])
         ns = netns.namespace(name)
         if netns.exists(ns):
             procs.terminate(netns.pids(ns))
@@ -423,10 +491,46 @@ class Dom0:
         else:
             raise Dom0Error(f"cannot set {prop!r}: only netvm and ip can be changed")
 
+    def set_feature(self, name: str, feature: str, value: str | None = None) -> None:
+        """``qvm-features NAME FEATURE [VALUE]`` (no value: unset it).
+
+        ``ipv6`` is looked up the netvm chain, so setting it on a netvm
+        re-wires every running qube below it whose IPv6 changes (addresses,
+        gateway, QubesDB keys, outbound entries of both families), live.
+        """
+        qube = self._qube(name)
+        if not feature or any(c.isspace() for c in feature):
+            raise Dom0Error(f"invalid feature name {feature!r}")
+        affected = [qube, *self.topology.below(name)]
+        before = self._ipv6_view(affected)
+        if value is None:
+            qube.features.pop(feature, None)
+        else:
+            qube.features[feature] = value
+        log.info("%s: feature %s = %r", name, feature, value)
+        for other in affected:
+            if self.runtime[other.name].running and before[other.name] != self._ipv6_of_one(other):
+                self._rewire(other)
+        self._refresh()
+        self.save_state()
+
+    def _ipv6_of_one(
+        self, qube: Qube
+    ) -> tuple[ipaddress.IPv6Address | None, ipaddress.IPv6Address | None]:
+        return self.ip6_of(qube.name), self._gateway6_of(qube)
+
+    def _ipv6_view(
+        self, qubes: list[Qube]
+    ) -> dict[str, tuple[ipaddress.IPv6Address | None, ipaddress.IPv6Address | None]]:
+        """Each qube's IPv6 address and gateway, to see whom a change re-wires."""
+        return {q.name: self._ipv6_of_one(q) for q in qubes}
+
     def _change(self, qube: Qube, prop: str, value: object) -> None:
         old = getattr(qube, prop)
         if old == value:
             return
+        below = self.topology.below(qube.name)
+        before = self._ipv6_view(below)
         setattr(qube, prop, value)
         try:
             validate(self.topology)
@@ -443,24 +547,27 @@ class Dom0:
             raise Dom0Error(f"cannot attach {qube.name} to {value}: {value} is not running")
         log.info("%s: %s %s -> %s", qube.name, prop, old, value)
         if self.runtime[qube.name].running:
-            self._rewire(qube, clients_too=(prop == "ip" and qube.provides_network))
+            self._rewire(qube)
+            # Clients see a new gateway after an ip change; qubes further
+            # down may gain or lose IPv6 after a netvm change.
+            for other in below:
+                if self.runtime[other.name].running and (
+                    (prop == "ip" and other.netvm == qube.name)
+                    or before[other.name] != self._ipv6_of_one(other)
+                ):
+                    self._rewire(other)
         self._refresh()
         self.save_state()
 
-    def _rewire(self, qube: Qube, clients_too: bool) -> None:
-        """Detach and re-attach a running qube after its netvm or ip changed."""
+    def _rewire(self, qube: Qube) -> None:
+        """Detach and re-attach a running qube after its netvm, ip or IPv6 changed."""
         self._detach(qube)
         self._write_client_entries(qube)
         if qube.provides_network:
-            self.qdb(qube.name).write("/qubes-netvm-network", str(qube.ip))
-            self.qdb(qube.name).write("/qubes-netvm-gateway", str(qube.ip))
-        if qube.netvm is not None:
+            self._write_netvm_entries(qube)
+            wiring.ipv6_forwarding(qube.name, self.ip6_of(qube.name) is not None)
+        if qube.netvm is not None and self.runtime[qube.netvm].running:
             self._attach(qube)
-        if clients_too:
-            for client in self._running_clients(qube.name):
-                self._detach(client)
-                self._write_client_entries(client)
-                self._attach(client)
 
     # --- services ----------------------------------------------------------
 
@@ -524,6 +631,7 @@ class Dom0:
                 "name": name,
                 "netvm": qube.netvm,
                 "ip": str(qube.ip),
+                "ip6": None if (ip6 := self.ip6_of(name)) is None else str(ip6),
                 "provides_network": qube.provides_network,
                 "running": runtime.running,
                 "domid": runtime.domid,
@@ -558,6 +666,7 @@ class Dom0:
             "stop": self.stop,
             "restart": self.restart,
             "set": self.set_property,
+            "feature": self.set_feature,
             "restart-service": self.restart_service,
         }
         handler = handlers.get(str(op))
@@ -567,6 +676,12 @@ class Dom0:
             return handler(**args)
         except TypeError as err:
             raise Dom0Error(f"bad arguments for {op}: {err}") from None
+
+
+def _forget_attachment(runtime: Runtime) -> None:
+    """The qube is no longer connected (its vif is gone or going)."""
+    runtime.vif = runtime.attached_netvm = None
+    runtime.attached_ip = runtime.attached_ip6 = None
 
 
 def _counter(value: bytes | None) -> int:

@@ -25,14 +25,22 @@ import time
 #: does not hold, which is how the tests send spoofed packets (Linux
 #: IP_TRANSPARENT; needs CAP_NET_ADMIN, as any spoofing does).
 IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
 SCAN_BATCH = 512
 
 
+def _family(address: str) -> socket.AddressFamily:
+    """IPv6 for an address with a colon, else IPv4 (addresses only, no names)."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def serve(proto: str, port: int, reply: bytes, bind: str) -> None:
-    """Answer every client with ``reply`` until killed."""
+    """Answer every client with ``reply`` until killed (IPv6 only when ``bind`` is IPv6)."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    with socket.socket(socket.AF_INET, kind) as sock:
+    with socket.socket(_family(bind), kind) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if _family(bind) == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((bind, port))
         if proto == "tcp":
             sock.listen(64)
@@ -53,9 +61,12 @@ def connect(proto: str, host: str, port: int, timeout: float, source: str | None
     """The server's reply; OSError (refused, unreachable, timeout) otherwise."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_INET, kind) as sock:
+    with socket.socket(_family(host), kind) as sock:
         if source is not None:
-            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+            if _family(host) == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
             sock.bind((source, 0))
         sock.settimeout(timeout)
         sock.connect((host, port))
@@ -90,7 +101,7 @@ def scan(host: str, ports: list[int], timeout: float) -> list[int]:
         selector = selectors.DefaultSelector()
         pending: dict[socket.socket, int] = {}
         for port in ports[start : start + SCAN_BATCH]:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(_family(host), socket.SOCK_STREAM)
             sock.setblocking(False)
             status = sock.connect_ex((host, port))
             if status not in (0, errno.EINPROGRESS):
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("proto", choices=("tcp", "udp"))
     p_serve.add_argument("port", type=int)
     p_serve.add_argument("--reply", default="ok", help="text sent to each client")
-    p_serve.add_argument("--bind", default="0.0.0.0", help="local address to listen on")
+    p_serve.add_argument("--bind", default="0.0.0.0",
+                         help="local address to listen on ('::' for any IPv6 address)")
     p_connect = commands.add_parser("connect", help="connect once, print the reply")
     p_connect.add_argument("proto", choices=("tcp", "udp"))
     p_connect.add_argument("host")

@@ -5,8 +5,10 @@ address and role); dom0 owns the live copy and changes it (netvm, ip) the
 way qvm-prefs does. Everything is checked at load, so the wiring code can
 trust names (they become namespace and interface names) and addresses.
 
-IPv6 fields (``ip6``, ``uplink6``, ``network6``) are accepted and checked
-so topologies can carry them, but the lab wires IPv4 only for now.
+IPv6 is optional: ``[lan] network6``/``gateway6``, IPv6 addresses and
+routes of LAN hosts, ``uplink6`` of the edge netvm. Qubes get IPv6 the Qubes
+way, from the ``ipv6`` feature (dom0 derives their addresses); ``ip6`` only
+overrides the derived address.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,8 @@ class TopologyError(Exception):
 class Route:
     """A static route of a LAN host: ``to`` via ``via``."""
 
-    to: ipaddress.IPv4Network
-    via: ipaddress.IPv4Address
+    to: ipaddress.IPv4Network | ipaddress.IPv6Network
+    via: ipaddress.IPv4Address | ipaddress.IPv6Address
 
     def __str__(self) -> str:
         return f"{self.to} via {self.via}"
@@ -46,7 +49,7 @@ class LanHost:
     """A machine on the LAN (a namespace with one interface on the LAN switch)."""
 
     name: str
-    addresses: list[ipaddress.IPv4Interface]
+    addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
     routes: list[Route] = field(default_factory=list)
 
 
@@ -58,6 +61,7 @@ class Lan:
     gateway: ipaddress.IPv4Address | None
     hosts: list[LanHost]
     network6: ipaddress.IPv6Network | None = None
+    gateway6: ipaddress.IPv6Address | None = None
 
 
 @dataclass
@@ -89,6 +93,20 @@ class Topology:
         """Qubes whose netvm is ``netvm``, in definition order."""
         return [q for q in self.qubes.values() if q.netvm == netvm]
 
+    def netvm_chain(self, name: str) -> list[Qube]:
+        """The qube, its netvm, that one's netvm... up to the edge (no loops: validated)."""
+        chain = [self.qubes[name]]
+        while chain[-1].netvm is not None:
+            chain.append(self.qubes[chain[-1].netvm])
+        return chain
+
+    def below(self, name: str) -> list[Qube]:
+        """Every qube whose network goes through ``name``, parents before their clients."""
+        result: list[Qube] = []
+        for client in self.clients(name):
+            result += [client, *self.below(client.name)]
+        return result
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the TOML shape), for topology.json."""
         result: dict[str, Any] = {"qubes": [_qube_dict(q) for q in self.qubes.values()]}
@@ -108,6 +126,8 @@ class Topology:
                 lan["gateway"] = str(self.lan.gateway)
             if self.lan.network6 is not None:
                 lan["network6"] = str(self.lan.network6)
+            if self.lan.gateway6 is not None:
+                lan["gateway6"] = str(self.lan.gateway6)
             result["lan"] = lan
         return result
 
@@ -214,22 +234,23 @@ def _check_lan(
     topology: Topology, qube_addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str]
 ) -> None:
     lan = topology.lan
-    uplinks = [q for q in topology.qubes.values() if q.uplink is not None]
+    uplinks = [q for q in topology.qubes.values() if q.uplink or q.uplink6]
     if lan is None:
         if uplinks:
             raise TopologyError(f"qube {uplinks[0].name!r} has an uplink but there is no [lan]")
         return
-    taken: dict[ipaddress.IPv4Address, str] = {}
-    owners = [(q.name, q.uplink) for q in uplinks] + [
-        (h.name, a) for h in lan.hosts for a in h.addresses
-    ]
+    taken: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+    owners = [(q.name, u) for q in uplinks for u in (q.uplink, q.uplink6) if u is not None]
+    owners += [(h.name, a) for h in lan.hosts for a in h.addresses]
     for owner, interface in owners:
-        assert interface is not None
-        if interface.network != lan.network:
+        network = lan.network if interface.version == 4 else lan.network6
+        if network is None:
+            raise TopologyError(f"{owner!r}: IPv6 address {interface} but [lan] has no network6")
+        if interface.network != network:
             raise TopologyError(
-                f"{owner!r}: LAN address {interface} is not in the LAN network {lan.network}"
+                f"{owner!r}: LAN address {interface} is not in the LAN network {network}"
             )
-        if interface.ip in (lan.network.network_address, lan.network.broadcast_address):
+        if interface.ip in (network.network_address, network.broadcast_address):
             raise TopologyError(f"{owner!r}: {interface.ip} cannot be a host address")
         if interface.ip in taken:
             raise TopologyError(
@@ -238,15 +259,21 @@ def _check_lan(
             )
         taken[interface.ip] = owner
     for address, name in qube_addresses.items():
-        if address in lan.network:
-            raise TopologyError(
-                f"qube {name!r}: address {address} is inside the LAN network {lan.network}"
-            )
+        for network in (lan.network, lan.network6):
+            if network is not None and address in network:
+                raise TopologyError(
+                    f"qube {name!r}: address {address} is inside the LAN network {network}"
+                )
     if lan.gateway is not None and lan.gateway not in lan.network:
         raise TopologyError(f"LAN gateway {lan.gateway} is not in the LAN network {lan.network}")
+    if lan.gateway6 is not None and (lan.network6 is None or lan.gateway6 not in lan.network6):
+        raise TopologyError(f"LAN gateway6 {lan.gateway6} is not in the LAN network6")
     for host in lan.hosts:
         for route in host.routes:
-            if route.via not in lan.network:
+            if route.to.version != route.via.version:
+                raise TopologyError(f"LAN host {host.name!r}: route {route} mixes IPv4 and IPv6")
+            on_lan = lan.network if route.via.version == 4 else lan.network6
+            if on_lan is None or route.via not in on_lan:
                 raise TopologyError(
                     f"LAN host {host.name!r}: route {route}: {route.via} is not on the LAN"
                 )
@@ -277,7 +304,7 @@ def _name(where: str, untrusted_name: object) -> str:
     return untrusted_name
 
 
-def _parse(where: str, kind: type, untrusted_value: object) -> Any:
+def _parse(where: str, kind: Callable[[str], Any], untrusted_value: object) -> Any:
     """An ipaddress object of ``kind`` from a string, or a clear error."""
     if not isinstance(untrusted_value, str):
         raise TopologyError(f"{where}: expected a string, got {untrusted_value!r}")
@@ -294,7 +321,8 @@ def _bool(where: str, untrusted_value: object) -> bool:
 
 
 def _parse_lan(data: object) -> Lan:
-    _keys("[lan]", data, required=("network",), optional=("gateway", "hosts", "network6"))
+    _keys("[lan]", data, required=("network",),
+          optional=("gateway", "hosts", "network6", "gateway6"))
     assert isinstance(data, dict)
     network = _parse("[lan] network", ipaddress.IPv4Network, data["network"])
     gateway = (
@@ -307,13 +335,21 @@ def _parse_lan(data: object) -> Lan:
         if "network6" in data
         else None
     )
+    gateway6 = (
+        _parse("[lan] gateway6", ipaddress.IPv6Address, data["gateway6"])
+        if "gateway6" in data
+        else None
+    )
     untrusted_hosts = data.get("hosts", [])
     if not isinstance(untrusted_hosts, list):
         raise TopologyError("[lan] hosts must be an array of tables ([[lan.hosts]])")
-    return Lan(network, gateway, [_parse_host(network, h) for h in untrusted_hosts], network6)
+    hosts = [_parse_host(network, network6, h) for h in untrusted_hosts]
+    return Lan(network, gateway, hosts, network6, gateway6)
 
 
-def _parse_host(network: ipaddress.IPv4Network, data: object) -> LanHost:
+def _parse_host(
+    network: ipaddress.IPv4Network, network6: ipaddress.IPv6Network | None, data: object
+) -> LanHost:
     _keys("[[lan.hosts]]", data, required=("name", "addresses"), optional=("routes",))
     assert isinstance(data, dict)
     name = _name("[[lan.hosts]]", data["name"])
@@ -323,8 +359,12 @@ def _parse_host(network: ipaddress.IPv4Network, data: object) -> LanHost:
         raise TopologyError(f"{where}: addresses must be a non-empty array")
     addresses = []
     for untrusted_address in untrusted_addresses:
-        address = _parse(f"{where} address", ipaddress.IPv4Address, untrusted_address)
-        addresses.append(ipaddress.IPv4Interface((address, network.prefixlen)))
+        address = _parse(f"{where} address", ipaddress.ip_address, untrusted_address)
+        if address.version == 4:
+            addresses.append(ipaddress.IPv4Interface((address, network.prefixlen)))
+        else:
+            prefixlen = 64 if network6 is None else network6.prefixlen
+            addresses.append(ipaddress.IPv6Interface((address, prefixlen)))
     routes = []
     untrusted_routes = data.get("routes", [])
     if not isinstance(untrusted_routes, list):
@@ -337,8 +377,8 @@ def _parse_host(network: ipaddress.IPv4Network, data: object) -> LanHost:
             )
         routes.append(
             Route(
-                _parse(f"{where} route", ipaddress.IPv4Network, words[0]),
-                _parse(f"{where} route", ipaddress.IPv4Address, words[2]),
+                _parse(f"{where} route", ipaddress.ip_network, words[0]),
+                _parse(f"{where} route", ipaddress.ip_address, words[2]),
             )
         )
     return LanHost(name, addresses, routes)
