@@ -22,7 +22,7 @@ def default_data() -> dict[str, Any]:
 
 def test_default_topology_is_the_documented_one() -> None:
     topology = load_topology(DEFAULT_TOPOLOGY)
-    assert list(topology.qubes) == ["sys-net", "sys-firewall", "web", "work"]
+    assert list(topology.qubes) == ["sys-net", "sys-firewall", "web", "work", "direct"]
     sys_net = topology.qubes["sys-net"]
     assert sys_net.netvm is None and sys_net.provides_network
     assert str(sys_net.uplink) == "192.0.2.2/24"
