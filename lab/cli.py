@@ -70,14 +70,14 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"{name}: {'running, pid ' + str(pid) if pid else 'not running'}")
     if not daemons.get("dom0") and status["qubes"]:
         print("dom0 is gone: below is the last state it saved; 'qubes-lab down' cleans up")
-    rows = [("QUBE", "NETVM", "IP", "STATE", "DOMID", "VIF", "PROCESSES")]
+    rows = [("QUBE", "NETVM", "IP", "IP6", "STATE", "DOMID", "VIF", "PROCESSES")]
     for qube in status["qubes"]:
         services = " ".join(
             f"{label}={'up' if info['alive'] else 'DEAD'}"
             for label, info in sorted(qube.get("services", {}).items())
         )
         rows.append((
-            qube["name"], qube["netvm"] or "-", qube["ip"],
+            qube["name"], qube["netvm"] or "-", qube["ip"], qube.get("ip6") or "-",
             "running" if qube["running"] else "halted",
             str(qube["domid"] or "-"), qube["vif"] or "-", services or "-",
         ))
