@@ -11,6 +11,9 @@ Each change is its own nft transaction, separate from the outbound one: a
 forward nft refuses then never holds back an outbound update, and the
 reverse. Within it, both chains of both families change together or not
 at all. A target whose entries do not all parse gets no rules at all.
+
+:class:`ChainHalf` is that machinery for any per-target directory; the
+inbound half (:mod:`agent_worker.inbound`) is the other one.
 """
 
 from __future__ import annotations
