@@ -10,6 +10,7 @@ pytestmark = pytest.mark.lab
 
 LAN_HOST = "192.0.2.10"
 WEB, WORK = "10.137.0.20", "10.137.0.21"
+DIRECT = "10.137.0.8"  # behind sys-net
 
 
 def _connected(lab: Lab, netvm: str) -> list[str]:
@@ -18,10 +19,10 @@ def _connected(lab: Lab, netvm: str) -> list[str]:
 
 
 def _firewall_clients(lab: Lab, netvm: str) -> set[str]:
-    """Client addresses with a completed ``/qubes-firewall/<ip>`` in the netvm."""
+    """IPv4 client addresses with a completed ``/qubes-firewall/<ip>`` in the netvm."""
     return {
         path.split("/")[2] for path in lab.qubesdb(netvm).list("/qubes-firewall/")
-        if path.count("/") == 2
+        if path.count("/") == 2 and ":" not in path
     }
 
 
@@ -74,7 +75,7 @@ def test_netvm_restart_reattaches_its_clients(lab: Lab) -> None:
     # A client keeps its domid, so its vif keeps its name in the new netvm.
     assert {q: lab.vif(q) for q in ("web", "work")} == clients_before
     assert _connected(lab, "sys-firewall") == [WEB, WORK]
-    assert _connected(lab, "sys-net") == ["10.137.0.6"]
+    assert _connected(lab, "sys-net") == ["10.137.0.6", DIRECT]
     assert lab.qube_info("sys-firewall")["services"]["firewall"]["alive"]
     assert _reaches_lan(lab, "web")
     assert _reaches_lan(lab, "work")
@@ -84,7 +85,7 @@ def test_start_of_a_qube_starts_its_netvm_first(lab: Lab) -> None:
     lab.stop("web")
     lab.stop("work")
     lab.stop("sys-firewall")
-    assert _connected(lab, "sys-net") == []
+    assert _connected(lab, "sys-net") == [DIRECT]
     lab.start("web")
     assert lab.qube_info("sys-firewall")["running"]
     assert not lab.qube_info("work")["running"]
@@ -97,13 +98,13 @@ def test_set_netvm_rewires_a_running_qube(lab: Lab) -> None:
     lab.set_netvm("work", "sys-net")
     assert _connected(lab, "sys-firewall") == [WEB]
     assert WORK not in _firewall_clients(lab, "sys-firewall")
-    assert _connected(lab, "sys-net") == sorted([WORK, "10.137.0.6"])
+    assert _connected(lab, "sys-net") == sorted([WORK, "10.137.0.6", DIRECT])
     assert WORK in _firewall_clients(lab, "sys-net")
     assert lab.qubesdb("work").read("/qubes-gateway") == b"10.137.0.5"
     assert _reaches_lan(lab, "work")
     lab.set_netvm("work", None)
     assert lab.vif("work") is None
-    assert _connected(lab, "sys-net") == ["10.137.0.6"]
+    assert _connected(lab, "sys-net") == ["10.137.0.6", DIRECT]
     assert lab.qubesdb("work").read("/qubes-ip") is None
     assert lab.exec("work", ["ip", "link", "show", "eth0"]).returncode != 0
     lab.set_netvm("work", "sys-firewall")
@@ -119,7 +120,7 @@ def test_set_ip_rewires_and_moves_the_entries(lab: Lab) -> None:
     assert _reaches_lan(lab, "web")
     lab.set_ip("sys-firewall", "10.137.0.7")
     assert lab.qubesdb("web").read("/qubes-gateway") == b"10.137.0.7"
-    assert _connected(lab, "sys-net") == ["10.137.0.7"]
+    assert _connected(lab, "sys-net") == ["10.137.0.7", DIRECT]
     assert _reaches_lan(lab, "web")
     lab.set_ip("sys-firewall", "10.137.0.6")
     lab.set_ip("web", WEB)

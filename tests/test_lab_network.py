@@ -147,7 +147,7 @@ def test_qubesdb_holds_what_qubesd_writes(lab: Lab) -> None:
     assert firewall.read(f"/qubes-firewall/{WEB}") == b""
     assert firewall.read(f"/qubes-firewall/{WEB}/policy") in (b"accept", b"drop")
     assert firewall.read(f"/mapped-ip/{WEB}/visible-gateway") == b"10.137.0.6"
-    assert lab.qubesdb("sys-net").read("/connected-ips") == b"10.137.0.6 10.137.0.30"
+    assert lab.qubesdb("sys-net").read("/connected-ips") == b"10.137.0.6 10.137.0.8"
     assert lab.qubesdb("sys-net").read("/qubes-ip") is None
 
 
