@@ -459,12 +459,24 @@ def _plan_forwards(
     input_entries: list[str] = []
     if not forwards or not _active(snapshot, target):
         return input_entries
-    assert target.ip is not None
     for number, rule in forwards:
         try:
             path = forward_path(snapshot, target, number, rule)
         except NoNetVMError as err:
             skipped.append(f"{target.name} rule {number}: {err}")
+            continue
+        assert target.ip is not None  # forward_path refuses a target without one
+        unsupported = [
+            name for name in (target.name, *path.hops)
+            if not snapshot.qubes[name].supports_forwarding
+        ]
+        if unsupported:
+            # Accepted at Set, then a netvm changed under it: never write into
+            # a qube whose agent would not understand (or enforce) the entries.
+            skipped.append(
+                f"{target.name} rule {number}: '{unsupported[0]}' does not advertise"
+                f" {SUPPORT_FEATURE}"
+            )
             continue
         claims = _claims(path)
         clash = next(

@@ -347,11 +347,6 @@ def test_hop_without_ip_skips_the_rule_with_a_reason() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="planner bug: plan() asserts target.ip before forward_path can refuse it,"
-    " so one such qube aborts the whole re-plan",
-)
 def test_running_target_with_netvm_but_no_ip_is_skipped_not_a_crash() -> None:
     """forward_path refuses a target without an IP; plan() must report it, not assert."""
     web = qube("web", "sys-firewall", None, [ext("443", "8443")])
@@ -373,11 +368,6 @@ def test_plan_is_deterministic_and_independent_of_dict_order() -> None:
     assert first.skipped == ("work rule 0: port conflict with 'web'",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="planner bug: plan() never checks supported-feature, so after a netvm change"
-    " it writes steps into a hop without our agent (DESIGN: only to hops that advertise it)",
-)
 def test_plan_writes_nothing_into_a_hop_without_support_after_a_netvm_change() -> None:
     # check_rules accepted web's rule behind sys-firewall; web then moved
     # behind sys-old, whose template has no agent.
