@@ -50,6 +50,7 @@ INPUT_DIR = "/qns-input"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Family = Literal[4, 6]
 
 
 class PlanError(Exception):
@@ -222,41 +223,51 @@ def netvm_chain(snapshot: Snapshot, target: QubeState) -> list[QubeState]:
     return chain
 
 
-def forward_path(snapshot: Snapshot, target: QubeState, number: int, rule: Rule) -> ForwardPath:
-    """The DNAT steps of one forward rule, from the target's netvm outwards."""
+def address(qube: QubeState, family: Family) -> IPAddress | None:
+    """The qube's address in ``family`` (IPv6 only while it is on for the qube)."""
+    return qube.ip if family == 4 else qube.ip6
+
+
+def forward_path(
+    snapshot: Snapshot, target: QubeState, number: int, rule: Rule, family: Family = 4
+) -> ForwardPath:
+    """The DNAT steps of one forward rule in one family, from the target's netvm outwards."""
     chain = netvm_chain(snapshot, target)
     if not chain:
         raise NoNetVMError(f"'{target.name}' has no netvm: nothing can forward to it")
-    if target.ip is None:
-        raise NoNetVMError(f"'{target.name}' has no IP address")
+    what = "IP address" if family == 4 else "IPv6 address"
+    target_ip = address(target, family)
+    if target_ip is None:
+        raise NoNetVMError(f"'{target.name}' has no {what}")
+    hop_ips = {}
     for hop in chain:
-        if hop.ip is None:
-            raise NoNetVMError(f"'{hop.name}' on the path of '{target.name}' has no IP address")
+        hop_ip = address(hop, family)
+        if hop_ip is None:
+            raise NoNetVMError(f"'{hop.name}' on the path of '{target.name}' has no {what}")
+        hop_ips[hop.name] = hop_ip
     proto = str(rule.proto)
     srcports = _ports(rule.srcports)
     dstports = _ports(rule.dstports)
     srchost = _srchost(rule)
     if str(rule.forwardtype) == "internal":
         netvm = chain[0]
-        assert netvm.ip is not None
         step = DnatStep(
             netvm.name,
             target.name,
             "downstream",
-            netvm.ip,
+            hop_ips[netvm.name],
             proto,
             srcports,
-            target.ip,
+            target_ip,
             dstports,
             srchost,
         )
         return ForwardPath(target.name, number, rule, (step,))
     steps = []
-    receiver, receiver_ip, receiver_ports = target.name, target.ip, dstports
+    receiver, receiver_ip, receiver_ports = target.name, target_ip, dstports
     for position, hop in enumerate(chain):
         is_edge = position == len(chain) - 1
-        assert hop.ip is not None
-        daddr: Literal["local"] | IPAddress = "local" if is_edge else hop.ip
+        daddr: Literal["local"] | IPAddress = "local" if is_edge else hop_ips[hop.name]
         steps.append(
             DnatStep(
                 hop.name,
@@ -270,7 +281,7 @@ def forward_path(snapshot: Snapshot, target: QubeState, number: int, rule: Rule)
                 srchost,
             )
         )
-        receiver, receiver_ip, receiver_ports = hop.name, hop.ip, srcports
+        receiver, receiver_ip, receiver_ports = hop.name, hop_ips[hop.name], srcports
     return ForwardPath(target.name, number, rule, tuple(steps))
 
 
@@ -420,8 +431,9 @@ def _plan_inbound(
 ) -> list[str]:
     """Put ``target``'s inbound rules into its netvm; returns its input entries.
 
-    Only rules of the target's address family (IPv4 here); the netvm's
-    entries keep the rule's position in the list as their key. A netvm
+    Each family's rules go under the target's address in that family (IPv6
+    ones only while IPv6 is on for it); the netvm's entries keep the rule's
+    position in the list as their key, and the target gets them in list order. A netvm
     without our agent (moved there after ``Set``) gets nothing: the target
     stays closed, as Qubes' default.
     """
@@ -434,17 +446,42 @@ def _plan_inbound(
             f"{target.name} inbound rules: '{netvm.name}' does not advertise {SUPPORT_FEATURE}"
         )
         return []
-    assert target.ip is not None
-    mine = [
-        (number, inbound_entry(rule))
-        for number, rule in inbound
-        if rule.srchost is not None and rule.srchost.network.version == target.ip.version
-    ]
-    if mine:
-        entries.setdefault(netvm.name, {})[f"{INBOUND_DIR}/{target.ip}"] = {
+    input_entries: list[tuple[int, str]] = []
+    for family in (4, 6):
+        target_ip = address(target, family)
+        mine = [
+            (number, inbound_entry(rule))
+            for number, rule in inbound
+            if rule.srchost is not None and rule.srchost.network.version == family
+        ]
+        if target_ip is None or not mine:
+            continue
+        entries.setdefault(netvm.name, {})[f"{INBOUND_DIR}/{target_ip}"] = {
             f"{number:04}": value for number, value in mine
         }
-    return [value for _, value in mine]
+        input_entries += mine
+    return [value for _, value in sorted(input_entries)]
+
+
+def _family_paths(
+    snapshot: Snapshot, target: QubeState, number: int, rule: Rule
+) -> tuple[list[ForwardPath], str]:
+    """The rule's paths in each family it can take, or none and why.
+
+    A rule limited by ``srchost`` lives in that address's family only; one
+    without takes IPv4 and, where IPv6 is on for the target and every hop,
+    IPv6 too. IPv6 being off is no reason to skip a rule open to both.
+    """
+    families: tuple[Family, ...] = (4, 6)
+    if rule.srchost is not None:
+        families = (4,) if rule.srchost.network.version == 4 else (6,)
+    paths, reasons = [], []
+    for family in families:
+        try:
+            paths.append(forward_path(snapshot, target, number, rule, family))
+        except NoNetVMError as err:
+            reasons.append(str(err))
+    return paths, reasons[0] if reasons else ""
 
 
 def _plan_forwards(
@@ -460,12 +497,11 @@ def _plan_forwards(
     if not forwards or not _active(snapshot, target):
         return input_entries
     for number, rule in forwards:
-        try:
-            path = forward_path(snapshot, target, number, rule)
-        except NoNetVMError as err:
-            skipped.append(f"{target.name} rule {number}: {err}")
+        paths, reason = _family_paths(snapshot, target, number, rule)
+        if not paths:
+            skipped.append(f"{target.name} rule {number}: {reason}")
             continue
-        assert target.ip is not None  # forward_path refuses a target without one
+        path = paths[0]  # hops and ports are the same in both families
         unsupported = [
             name for name in (target.name, *path.hops)
             if not snapshot.qubes[name].supports_forwarding
@@ -493,11 +529,13 @@ def _plan_forwards(
         for hop, proto, ports in claims:
             claimed_here = taken.setdefault((hop, proto), [])
             bisect.insort(claimed_here, (ports.first, ports.last, target.name))
-        for step in path.steps:
-            directory = entries.setdefault(step.hop, {}).setdefault(
-                f"{FORWARD_DIR}/{target.ip}", {}
-            )
-            directory[f"{len(directory):04}"] = step.entry()
+        for family_path in paths:
+            target_ip = family_path.steps[0].to
+            for step in family_path.steps:
+                directory = entries.setdefault(step.hop, {}).setdefault(
+                    f"{FORWARD_DIR}/{target_ip}", {}
+                )
+                directory[f"{len(directory):04}"] = step.entry()
         words = ["action=accept", f"proto={rule.proto}", f"dstports={_ports(rule.dstports)}"]
         if rule.srchost is not None:
             words.append(f"srchost={rule.srchost.network}")
@@ -521,8 +559,12 @@ def describe_forwards(snapshot: Snapshot, name: str) -> dict[int, str]:
     target = snapshot.qubes[name]
     described = {}
     for number, rule in _forward_rules(target, snapshot.now):
-        try:
-            described[number] = forward_path(snapshot, target, number, rule).describe()
-        except NoNetVMError as err:
-            described[number] = f"not reachable: {err}"
+        paths, reason = _family_paths(snapshot, target, number, rule)
+        if not paths:
+            described[number] = f"not reachable: {reason}"
+            continue
+        text = paths[0].describe()
+        if len(paths) == 2:
+            text += f" (IPv6: {paths[1].steps[0].to} too)"
+        described[number] = text
     return described

@@ -174,5 +174,5 @@ def test_get_paths_through_the_lab_dom0_context(
                 f"action=accept\n{FORWARD}\n".encode(), NOW)
     assert get_paths(dom0) == (  # type: ignore[arg-type]
         b"1 sys-net uplink addresses tcp/8443 -> sys-firewall (10.137.0.6) tcp/8443"
-        b" -> web (10.137.0.20) tcp/443\n"
+        b" -> web (10.137.0.20) tcp/443 (IPv6: fd09:24ef:4179::a89:14 too)\n"
     )
