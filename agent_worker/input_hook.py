@@ -58,15 +58,28 @@ def update(db: qubesdb.QubesDB) -> None:
     log.info("input openings applied: %d", len(openings))
 
 
+def close_all() -> None:
+    """Remove ``qns-input`` and its jump: a stopped hook leaves nothing open behind it."""
+    try:
+        nft_chains.remove({family: [INPUT_CHAIN] for family in ("ip", "ip6")}, HOOKS)
+    except nft_chains.NftError as err:
+        log.error("could not remove the input openings: %s", err)
+        return
+    log.info("input openings removed")
+
+
 def main() -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     db = qubesdb.QubesDB()
     db.watch(MARKER)
-    update(db)
-    while True:
-        if db.read_watch() == MARKER:
-            update(db)
+    try:
+        update(db)
+        while True:
+            if db.read_watch() == MARKER:
+                update(db)
+    finally:
+        close_all()
 
 
 if __name__ == "__main__":
