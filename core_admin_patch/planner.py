@@ -33,6 +33,7 @@ decided first, then the inbound rules, first match wins, default deny.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -98,16 +99,7 @@ class Snapshot:
     def with_rules(self, name: str, rules: Iterable[Rule]) -> Snapshot:
         """The same picture with ``name``'s rules replaced (to check a Set)."""
         qubes = dict(self.qubes)
-        old = qubes[name]
-        qubes[name] = QubeState(
-            old.name,
-            old.netvm,
-            old.ip,
-            old.provides_network,
-            old.running,
-            old.features,
-            tuple(rules),
-        )
+        qubes[name] = dataclasses.replace(qubes[name], rules=tuple(rules))
         return Snapshot(qubes, self.now)
 
 

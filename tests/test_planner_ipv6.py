@@ -17,6 +17,7 @@ from core_admin_patch.planner import (
     describe_forwards,
     plan,
 )
+from firewall_rules import Rule
 
 NET6, FW6, WEB6 = "fd09:24ef:4179::a89:5", "fd09:24ef:4179::a89:6", "fd09:24ef:4179::a89:14"
 
@@ -115,3 +116,10 @@ def test_describe_says_ipv6_too() -> None:
         "too)"
     )
 
+
+
+def test_checking_a_set_keeps_the_ipv6_addresses() -> None:
+    snap = topology()
+    proposed = snap.with_rules("web", (Rule.from_api_string(ext("8443", "443")),))
+    assert proposed.qubes["web"].ip6 == ipaddress.IPv6Address(WEB6)
+    assert proposed.qubes["web"].rules[0].kind.value == "forward"
