@@ -85,3 +85,17 @@ def test_ipv6_toggled_off_and_on(api: Lab) -> None:
     assert answers(api, "lan", "tcp", UPLINK, 8080, 80)  # IPv4 untouched
     api.set_feature("sys-net", "ipv6", "1")
     eventually(lambda: answers6(api, "lan", "tcp", UPLINK6, 8080, 80), "the IPv6 forward is back")
+
+
+WORK6 = "fd09:24ef:4179::a89:15"
+
+
+def test_inbound_rule_over_ipv6(api: Lab) -> None:
+    """work may open TCP 22 on web over IPv6 only, from its own IPv6 address."""
+    assert not answers6(api, "work", "tcp", WEB6, 22, 22)
+    set_rules(f"action=accept srchost={WORK6} proto=tcp dstports=22", "action=accept")
+    eventually(lambda: answers6(api, "work", "tcp", WEB6, 22, 22), "work reaches web:22 over IPv6")
+    assert not answers6(api, "work", "tcp", WEB6, 23, 23)
+    assert not answers(api, "work", "tcp", "10.137.0.20", 22)  # the rule is IPv6 only
+    set_rules("action=accept")
+    eventually(lambda: not answers6(api, "work", "tcp", WEB6, 22, 22), "the rule is gone")
