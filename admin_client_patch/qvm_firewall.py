@@ -133,9 +133,17 @@ def rule_row(number: int, rule: Rule, now: float) -> list[str]:
             cells.append("-")
         elif keys == ("expire",):
             cells.append(_expire_cell(value, now))
+        elif keys in (("srcports",), ("dstports",)):
+            cells.append(_ports_cell(value))
         else:
             cells.append(value)
     return cells
+
+
+def _ports_cell(value: str) -> str:
+    """``443`` for the canonical ``443-443``, as upstream's table shows a single port."""
+    first, _, last = value.partition("-")
+    return first if first == last else value
 
 
 def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:

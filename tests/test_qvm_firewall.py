@@ -157,7 +157,8 @@ def test_forward_and_inbound_rules_are_readable(dom0: Dom0) -> None:
     assert forward["KIND"] == "forward"
     assert forward["FORWARD TYPE"] == "external"
     assert forward["SOURCE"].startswith("192.168.1.0/24")
-    assert "8080" in forward["SRC PORT(S)"] and "80" in forward["PORT(S)"]
+    assert (forward["SRC PORT(S)"], forward["PORT(S)"]) == ("8080", "80")
+    assert inbound["PORT(S)"] == "22"
     assert forward["COMMENT"] == "web server"
     assert inbound["KIND"] == "inbound"
     assert inbound["SOURCE"].startswith("10.137.0.6")
@@ -342,3 +343,10 @@ def test_older_dom0_without_getpaths_still_lists(
     assert below[1].startswith("  not available: dom0 did not describe them (")
     assert "admin.vm.firewall.GetPaths" in below[1]
     assert len(table(dom0)) == 3
+
+
+def test_port_ranges_in_the_table(dom0: Dom0) -> None:
+    ok(dom0, "web", "add", "--before", "0", "action=accept", "proto=tcp", "dstports=8000-8100")
+    row = dict(zip(HEADER, table(dom0)[1], strict=True))
+    assert row["PORT(S)"] == "8000-8100"
+    assert raw(dom0)[0].endswith("dstports=8000-8100")
