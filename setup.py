@@ -22,6 +22,7 @@ setup(
             "qvm-firewall = admin_client_patch.qvm_firewall:main",
             "qubes-lab = lab.cli:main",
             "qubes-firewall-worker = agent_worker.firewall:main",
+            "qubes-network-server-input = agent_worker.input_hook:main",
         ],
         "qubes.ext": [
             "qubes_network_server = core_admin_patch.extension:NetworkServerExtension",
