@@ -9,11 +9,12 @@ forward openings in the target's own ``/qns-input``.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_planner import qube
 
 from agent_worker import inbound, input_rules
 from core_admin_patch.planner import (
@@ -34,27 +35,6 @@ NOW = 1_700_000_000.0
 SUPPORT: Mapping[str, str] = {SUPPORT_FEATURE: "1"}
 WEB_IP, WORK_IP = "10.137.0.20", "10.137.0.21"
 SSH_FROM_WORK = "action=accept srchost=10.137.0.21 proto=tcp dstports=22"
-
-
-def qube(
-    name: str,
-    netvm: str | None,
-    ip: str | None,
-    lines: Sequence[str] = (),
-    *,
-    running: bool = True,
-    features: Mapping[str, str] = SUPPORT,
-    provides_network: bool = False,
-) -> QubeState:
-    return QubeState(
-        name=name,
-        netvm=netvm,
-        ip=None if ip is None else ipaddress.IPv4Address(ip),
-        provides_network=provides_network,
-        running=running,
-        features=dict(features),
-        rules=tuple(Rule.from_api_string(line) for line in lines),
-    )
 
 
 def snapshot(*qubes: QubeState, now: float = NOW) -> Snapshot:
