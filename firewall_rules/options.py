@@ -34,6 +34,10 @@ _LABEL_RE = re.compile(r"\A[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?\Z")
 #: A label that inet_aton() or a resolver could read as a number (010, 0x7f).
 _NUMBER_LIKE_RE = re.compile(r"\A(?:0x[0-9a-f]*|[0-9]+)\Z")
 
+#: qubesd's rule for qube names (qubes.vm.validate_name).
+_QUBE_NAME_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_-]*\Z")
+QUBE_NAME_MAX = 31
+
 
 def shown(untrusted_value: str) -> str:
     """A value quoted for an error message: escaped, and cut if long."""
@@ -236,6 +240,36 @@ class SrcHost:
     @property
     def rule(self) -> str:
         return f"srchost={self.value}"
+
+
+class SrcQube:
+    """Source of inbound or internal-forward traffic named by qube, not by address.
+
+    dom0 resolves the name to the qube's current address from its own
+    state each time it plans (never through DNS), so the rule follows the
+    qube when its IP changes. The name is checked as qubesd checks VM names
+    (``qubes.vm.validate_name``), so it is safe in QubesDB, logs and paths.
+    """
+
+    key = "srcqube"
+
+    def __init__(self, untrusted_value: str) -> None:
+        if len(untrusted_value) > QUBE_NAME_MAX:
+            raise RuleError(
+                f"srcqube={shown(untrusted_value)}: qube names are at most"
+                f" {QUBE_NAME_MAX} characters"
+            )
+        if not _QUBE_NAME_RE.match(untrusted_value):
+            raise RuleError(
+                f"srcqube={shown(untrusted_value)}: not a qube name (a letter, then"
+                " letters, digits, '-' and '_'; addresses go in srchost=)"
+            )
+        if untrusted_value in ("none", "default", "Domain-0") or untrusted_value.endswith("-dm"):
+            raise RuleError(f"srcqube={shown(untrusted_value)}: cannot be a qube's name")
+        self.value = untrusted_value
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Ports:

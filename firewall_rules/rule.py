@@ -3,7 +3,7 @@
 Three kinds share one ordered list per qube. Which kind a rule is follows
 from its options alone, so a rule never needs a separate type field:
 ``action=forward`` is a forward rule, ``accept``/``drop`` with ``srchost=``
-an inbound rule, anything else an upstream outbound rule.
+or ``srcqube=`` an inbound rule, anything else an upstream outbound rule.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from firewall_rules.options import (
     SpecialTarget,
     SrcHost,
     SrcPorts,
+    SrcQube,
     shown,
 )
 
@@ -33,8 +34,8 @@ QDB_VALUE_MAX = 3072
 #: Options in the order ``api_rule`` prints them (upstream's order for its
 #: options, the new ones next to their kin, comment last).
 API_ORDER = (
-    "action", "expire", "forwardtype", "srchost", "dsthost", "proto", "specialtarget",
-    "srcports", "dstports", "icmptype", "comment",
+    "action", "expire", "forwardtype", "srchost", "srcqube", "dsthost", "proto",
+    "specialtarget", "srcports", "dstports", "icmptype", "comment",
 )
 
 #: Names upstream also accepts for dsthost (``--raw`` output uses dst4/dst6).
@@ -58,6 +59,7 @@ class Rule:
     expire: Expire | None
     forwardtype: ForwardType | None
     srchost: SrcHost | None
+    srcqube: SrcQube | None
     dsthost: DstHost | None
     proto: Proto | None
     specialtarget: SpecialTarget | None
@@ -118,10 +120,12 @@ class Rule:
             raise RuleError("dstports= needs proto=tcp or proto=udp")
         if self.icmptype is not None and str(self.proto) != "icmp":
             raise RuleError("icmptype= needs proto=icmp")
+        if self.srchost is not None and self.srcqube is not None:
+            raise RuleError("srchost= and srcqube= cannot be combined: give one source")
         if str(self.action) == "forward":
             kind = RuleKind.FORWARD
             self._check_forward()
-        elif self.srchost is not None:
+        elif self.srchost is not None or self.srcqube is not None:
             kind = RuleKind.INBOUND
             self._refuse(("dsthost", "specialtarget", *_FORWARD_ONLY), "an inbound rule")
             if self.dstports is not None and self.dstports.first == 0:
@@ -146,6 +150,11 @@ class Rule:
                 raise RuleError(f"action=forward needs {name}=")
         if str(self.proto) not in ("tcp", "udp"):
             raise RuleError("action=forward needs proto=tcp or proto=udp")
+        if self.srcqube is not None and str(self.forwardtype) != "internal":
+            raise RuleError(
+                "srcqube= needs forwardtype=internal: an external forward comes from"
+                " the LAN, not from a qube (use srchost=)"
+            )
         assert self.srcports is not None and self.dstports is not None
         for ports in (self.srcports, self.dstports):
             if ports.first == 0:
@@ -221,6 +230,7 @@ _OPTION_TYPES = {
     "expire": Expire,
     "forwardtype": ForwardType,
     "srchost": SrcHost,
+    "srcqube": SrcQube,
     "proto": Proto,
     "specialtarget": SpecialTarget,
     "srcports": SrcPorts,

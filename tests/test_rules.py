@@ -120,6 +120,13 @@ NEW_CANONICAL = [
     ("action=accept srchost=fd09:24ef:4179::a89:15 proto=icmp icmptype=128",
      "action=accept srchost=fd09:24ef:4179::a89:15/128 proto=icmp icmptype=128",
      RuleKind.INBOUND),
+    ("proto=tcp srcqube=work action=accept dstports=22",
+     "action=accept srcqube=work proto=tcp dstports=22-22", RuleKind.INBOUND),
+    ("action=drop srcqube=Disp-1_a expire=1800000100",
+     "action=drop expire=1800000100 srcqube=Disp-1_a", RuleKind.INBOUND),
+    ("action=forward srcqube=work forwardtype=internal proto=tcp srcports=2222 dstports=22",
+     "action=forward forwardtype=internal srcqube=work proto=tcp srcports=2222-2222"
+     " dstports=22-22", RuleKind.FORWARD),
 ]
 
 
@@ -211,6 +218,21 @@ BAD_LINES = [
     "action=accept srchost=10.0.0.1 specialtarget=dns",
     "action=accept srchost=10.0.0.1 proto=tcp dstports=0",
     "action=accept srchost=10.0.0.1 srcports=22",
+    # srcqube: a qube name as qubesd validates it, inbound or internal forwards only
+    "action=accept srcqube=", "action=accept srcqube=1work", "action=accept srcqube=-work",
+    "action=accept srcqube=work.example", "action=accept srcqube=10.137.0.21",
+    "action=accept srcqube=work:1", "action=accept srcqube=work/32",
+    "action=accept srcqube=" + "w" * 32, "action=accept srcqube=none",
+    "action=accept srcqube=default", "action=accept srcqube=Domain-0",
+    "action=accept srcqube=work-dm", "action=accept srcqube=work$(id)",
+    "action=accept srcqube=work srchost=10.137.0.21",
+    "action=accept srcqube=work dsthost=10.0.0.1", "action=accept srcqube=work srcports=22",
+    "action=accept srcqube=work specialtarget=dns",
+    "action=accept srcqube=work forwardtype=internal",
+    "action=forward forwardtype=external proto=tcp srcports=80 dstports=80 srcqube=work",
+    "action=forward forwardtype=internal proto=tcp srcports=80 dstports=80 srcqube=work"
+    " srchost=10.137.0.21",
+    "action=forward proto=tcp srcports=80 dstports=80 srcqube=work",
 ]
 
 
@@ -256,6 +278,12 @@ def test_error_messages_say_what_is_wrong() -> None:
         "action=accept colour=blue": "unknown option 'colour'",
         "action=accept proto=tcp proto=udp": "given twice",
         "action=accept srchost=10.1.0.0/8": "did you mean 10.0.0.0/8",
+        "action=accept srcqube=1work": "not a qube name",
+        "action=accept srcqube=" + "w" * 32: "at most 31 characters",
+        "action=accept srcqube=sys-net-dm": "cannot be a qube's name",
+        "action=accept srcqube=work srchost=10.137.0.21": "cannot be combined",
+        "action=forward forwardtype=external proto=tcp srcports=80 dstports=80 srcqube=work":
+            "needs forwardtype=internal",
     }
     for line, fragment in cases.items():
         with pytest.raises(RuleError, match=None) as info:
@@ -277,6 +305,16 @@ def test_version_2_for_upstream_rules_3_for_new_kinds() -> None:
         "action=forward forwardtype=external proto=tcp srcports=80 dstports=80"
     )
     assert b'<firewall version="3">' in firewall_xml_bytes([*upstream, forward], NOW)
+
+
+def test_srcqube_is_a_version_3_property(tmp_path: Path) -> None:
+    rule = Rule.from_api_string("action=accept srcqube=work proto=tcp dstports=22")
+    data = firewall_xml_bytes([rule], NOW)
+    assert b'<firewall version="3">' in data
+    assert b'<property name="srcqube">work</property>' in data
+    path = tmp_path / "firewall.xml"
+    save_firewall_xml(path, [rule], NOW)
+    assert load_firewall_xml(path) == [rule]
 
 
 def test_upstream_v2_file_reads(tmp_path: Path) -> None:
@@ -328,6 +366,14 @@ BAD_FILES = {
                       '<property name="action">accept</property>'
                       '<property name="srchost">10.0.0.1</property>'
                       "</properties></rule></rules></firewall>",
+    "srcqube in v2": '<firewall version="2"><rules><rule><properties>'
+                     '<property name="action">accept</property>'
+                     '<property name="srcqube">work</property>'
+                     "</properties></rule></rules></firewall>",
+    "bad srcqube in v3": '<firewall version="3"><rules><rule><properties>'
+                         '<property name="action">accept</property>'
+                         '<property name="srcqube">10.137.0.21</property>'
+                         "</properties></rule></rules></firewall>",
     "entity": '<!DOCTYPE f [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
               '<firewall version="2"><rules><rule><properties>'
               '<property name="action">&x;</property></properties></rule></rules></firewall>',
@@ -389,6 +435,9 @@ ipv6_nets = st.builds(
     lambda a, p: ipaddress.IPv6Network((a, p), strict=False),
     st.ip_addresses(v=6), st.integers(0, 128),
 )
+qube_names = st.from_regex(r"\A[a-zA-Z][a-zA-Z0-9_-]{0,30}\Z").filter(
+    lambda n: n not in ("none", "default") and not n.endswith("-dm")
+)
 hostnames = st.lists(
     st.from_regex(r"\A[a-z][a-z0-9-]{0,10}[a-z0-9]\Z"), min_size=1, max_size=4
 ).map(".".join)
@@ -434,16 +483,19 @@ def outbound_lines(draw: st.DrawFn) -> str:
 @st.composite
 def forward_lines(draw: st.DrawFn) -> str:
     size = draw(st.integers(1, 20))
+    forwardtype = draw(st.sampled_from(["external", "internal"]))
     src, dst = draw(port_range(size)), draw(port_range(size))
     words = [
         "action=forward",
-        f"forwardtype={draw(st.sampled_from(['external', 'internal']))}",
+        f"forwardtype={forwardtype}",
         f"proto={draw(st.sampled_from(['tcp', 'udp']))}",
         f"srcports={src[0]}-{src[1]}", f"dstports={dst[0]}-{dst[1]}",
     ]
     source = draw(st.one_of(st.none(), ipv4_nets, ipv6_nets))
     if source is not None:
         words.append(f"srchost={source}")
+    elif forwardtype == "internal" and draw(st.booleans()):
+        words.append(f"srcqube={draw(qube_names)}")
     return " ".join(draw(st.permutations(words)) + _tail(draw))
 
 
@@ -451,7 +503,10 @@ def forward_lines(draw: st.DrawFn) -> str:
 def inbound_lines(draw: st.DrawFn) -> str:
     words = [
         f"action={draw(st.sampled_from(['accept', 'drop']))}",
-        f"srchost={draw(st.one_of(ipv4_nets, ipv6_nets))}",
+        draw(st.one_of(
+            st.builds("srchost={}".format, st.one_of(ipv4_nets, ipv6_nets)),
+            st.builds("srcqube={}".format, qube_names),
+        )),
     ]
     proto = draw(st.sampled_from([None, "tcp", "udp", "icmp"]))
     if proto is not None:
