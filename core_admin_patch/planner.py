@@ -28,6 +28,12 @@ order, to T's netvm under ``/qns-inbound/<target ip>/NNNN`` (``NNNN`` the
 rule's position in T's list, as upstream numbers ``/qubes-firewall/``) and
 to T's own ``/qns-input/``, after the forward openings: forwards are
 decided first, then the inbound rules, first match wins, default deny.
+
+A rule's ``srcqube=NAME`` (inbound, internal forwards) is resolved here, at
+every plan, to that qube's current addresses (``/32``, and ``/128`` where
+it has IPv6), so the entries hold plain ``srchost=`` networks and follow
+the qube when its IP changes. A name that resolves to nothing leaves the
+rule out (reported in ``skipped``): it admits nothing rather than anyone.
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ class UnsupportedHopError(PlanError):
 
 class PortConflictError(PlanError):
     """Two forward rules need the same port on the same hop."""
+
+
+class UnresolvedSourceError(PlanError):
+    """A rule's ``srcqube`` names no qube, or one without an address."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,11 @@ class ForwardPath:
         first = self.steps[-1]
         if first.daddr == "local":
             entry = f"{first.hop} uplink addresses"
+        elif self.rule.srcqube is not None and first.srchost is not None:
+            entry = (
+                f"{first.hop} ({first.daddr}) from {self.rule.srcqube}"
+                f" ({first.srchost.network_address})"
+            )
         else:
             entry = f"{first.hop} ({first.daddr}) from its qubes"
         parts = [f"{entry} {first.proto}/{first.ports.describe()}"]
@@ -192,8 +207,31 @@ def _ports(option: object) -> PortRange:
     return PortRange(option.first, option.last)  # type: ignore[attr-defined]
 
 
-def _srchost(rule: Rule) -> IPNetwork | None:
-    return None if rule.srchost is None else rule.srchost.network
+def rule_sources(snapshot: Snapshot, rule: Rule) -> dict[Family, IPNetwork | None]:
+    """The rule's source network in each address family it applies to.
+
+    ``srchost``: its own family. ``srcqube``: the named qube's current
+    addresses as single-host networks, from the snapshot (dom0's own state,
+    never DNS); UnresolvedSourceError when it names no qube or one without
+    any address, so the caller leaves the rule out instead of widening it.
+    Neither: both families, any source (None).
+    """
+    if rule.srchost is not None:
+        network = rule.srchost.network
+        return {4: network} if network.version == 4 else {6: network}
+    if rule.srcqube is None:
+        return {4: None, 6: None}
+    source = snapshot.qubes.get(str(rule.srcqube))
+    if source is None:
+        raise UnresolvedSourceError(f"srcqube '{rule.srcqube}' names no qube")
+    sources: dict[Family, IPNetwork | None] = {}
+    for family in (4, 6):
+        source_ip = address(source, family)
+        if source_ip is not None:
+            sources[family] = ipaddress.ip_network(source_ip)
+    if not sources:
+        raise UnresolvedSourceError(f"srcqube '{rule.srcqube}' has no IP address")
+    return sources
 
 
 def netvm_chain(snapshot: Snapshot, target: QubeState) -> list[QubeState]:
@@ -221,9 +259,20 @@ def address(qube: QubeState, family: Family) -> IPAddress | None:
 
 
 def forward_path(
-    snapshot: Snapshot, target: QubeState, number: int, rule: Rule, family: Family = 4
+    snapshot: Snapshot,
+    target: QubeState,
+    number: int,
+    rule: Rule,
+    family: Family = 4,
+    *,
+    source: IPNetwork | None,
 ) -> ForwardPath:
-    """The DNAT steps of one forward rule in one family, from the target's netvm outwards."""
+    """The DNAT steps of one forward rule in one family, from the target's netvm outwards.
+
+    ``source`` is the rule's source network in ``family`` as
+    :func:`rule_sources` resolved it (None: any source); it is a required
+    argument so no caller can drop a rule's source by forgetting it.
+    """
     chain = netvm_chain(snapshot, target)
     if not chain:
         raise NoNetVMError(f"'{target.name}' has no netvm: nothing can forward to it")
@@ -240,7 +289,6 @@ def forward_path(
     proto = str(rule.proto)
     srcports = _ports(rule.srcports)
     dstports = _ports(rule.dstports)
-    srchost = _srchost(rule)
     if str(rule.forwardtype) == "internal":
         netvm = chain[0]
         step = DnatStep(
@@ -252,7 +300,7 @@ def forward_path(
             srcports,
             target_ip,
             dstports,
-            srchost,
+            source,
         )
         return ForwardPath(target.name, number, rule, (step,))
     steps = []
@@ -270,7 +318,7 @@ def forward_path(
                 srcports,
                 receiver_ip,
                 receiver_ports,
-                srchost,
+                source,
             )
         )
         receiver, receiver_ip, receiver_ports = hop.name, hop_ips[hop.name], srcports
@@ -293,14 +341,14 @@ def _inbound_rules(qube: QubeState, now: float) -> list[tuple[int, Rule]]:
     ]
 
 
-def inbound_entry(rule: Rule) -> str:
+def inbound_entry(rule: Rule, source: IPNetwork) -> str:
     """The QubesDB value of one inbound rule, the same in the netvm and the target.
 
-    The rule's own words in a fixed order, ``srchost`` as a network; no
+    The rule's own words in a fixed order, its source (``srchost``, or the
+    address ``srcqube`` resolved to in this family) as a network; no
     ``expire`` or ``comment`` (doc/qubesdb.md).
     """
-    assert rule.srchost is not None
-    words = [f"action={rule.action}", f"srchost={rule.srchost.network}"]
+    words = [f"action={rule.action}", f"srchost={source}"]
     if rule.proto is not None:
         words.append(f"proto={rule.proto}")
     if rule.dstports is not None:
@@ -330,8 +378,22 @@ def check_rules(snapshot: Snapshot, name: str, rules: Iterable[Rule]) -> None:
     """
     proposed = snapshot.with_rules(name, rules)
     target = proposed.qubes[name]
+    for rule in target.rules:
+        # A stopped qube or one without netvm is fine (resolved when it has
+        # an address); a name that matches nothing is a typo.
+        if (
+            rule.srcqube is not None
+            and not rule.is_expired(snapshot.now)
+            and str(rule.srcqube) not in proposed.qubes
+        ):
+            raise UnresolvedSourceError(
+                f"srcqube '{rule.srcqube}' in the rules of '{name}': no such qube"
+            )
     forwards = _forward_rules(target, snapshot.now)
-    paths = [forward_path(proposed, target, number, rule) for number, rule in forwards]
+    # Claims only: the hops and ports taken do not depend on the source.
+    paths = [
+        forward_path(proposed, target, number, rule, source=None) for number, rule in forwards
+    ]
     involved = {hop for path in paths for hop in path.hops}
     if _inbound_rules(target, snapshot.now):
         # Applied by the netvm's worker and the target's hook. Without a
@@ -355,7 +417,7 @@ def check_rules(snapshot: Snapshot, name: str, rules: Iterable[Rule]) -> None:
             continue
         for number, rule in _forward_rules(other, snapshot.now):
             try:
-                other_path = forward_path(proposed, other, number, rule)
+                other_path = forward_path(proposed, other, number, rule, source=None)
             except NoNetVMError:
                 continue
             claimed += [(*c, other.name, number) for c in _claims(other_path)]
@@ -438,13 +500,19 @@ def _plan_inbound(
             f"{target.name} inbound rules: '{netvm.name}' does not advertise {SUPPORT_FEATURE}"
         )
         return []
+    resolved: list[tuple[int, Rule, dict[Family, IPNetwork | None]]] = []
+    for number, rule in inbound:
+        try:
+            resolved.append((number, rule, rule_sources(snapshot, rule)))
+        except UnresolvedSourceError as err:
+            skipped.append(f"{target.name} rule {number}: {err}")
     input_entries: list[tuple[int, str]] = []
     for family in (4, 6):
         target_ip = address(target, family)
         mine = [
-            (number, inbound_entry(rule))
-            for number, rule in inbound
-            if rule.srchost is not None and rule.srchost.network.version == family
+            (number, inbound_entry(rule, source))
+            for number, rule, sources in resolved
+            if (source := sources.get(family)) is not None
         ]
         if target_ip is None or not mine:
             continue
@@ -460,17 +528,19 @@ def _family_paths(
 ) -> tuple[list[ForwardPath], str]:
     """The rule's paths in each family it can take, or none and why.
 
-    A rule limited by ``srchost`` lives in that address's family only; one
+    A rule limited by ``srchost`` lives in that address's family only, one
+    limited by ``srcqube`` in the families that qube has an address in; one
     without takes IPv4 and, where IPv6 is on for the target and every hop,
     IPv6 too. IPv6 being off is no reason to skip a rule open to both.
     """
-    families: tuple[Family, ...] = (4, 6)
-    if rule.srchost is not None:
-        families = (4,) if rule.srchost.network.version == 4 else (6,)
+    try:
+        sources = rule_sources(snapshot, rule)
+    except UnresolvedSourceError as err:
+        return [], str(err)
     paths, reasons = [], []
-    for family in families:
+    for family, source in sources.items():
         try:
-            paths.append(forward_path(snapshot, target, number, rule, family))
+            paths.append(forward_path(snapshot, target, number, rule, family, source=source))
         except NoNetVMError as err:
             reasons.append(str(err))
     return paths, reasons[0] if reasons else ""
@@ -529,9 +599,11 @@ def _plan_forwards(
                 )
                 directory[f"{len(directory):04}"] = step.entry()
         words = ["action=accept", f"proto={rule.proto}", f"dstports={_ports(rule.dstports)}"]
-        if rule.srchost is not None:
-            words.append(f"srchost={rule.srchost.network}")
-        input_entries.append(" ".join(words))
+        # One opening for both families when any source may connect, else
+        # one per family the source was resolved in.
+        for source in dict.fromkeys(family_path.steps[0].srchost for family_path in paths):
+            extra = [] if source is None else [f"srchost={source}"]
+            input_entries.append(" ".join([*words, *extra]))
     return input_entries
 
 

@@ -641,7 +641,7 @@ def test_describe_forwards_three_hops_and_unreachable() -> None:
 def test_forward_path_hops_run_from_the_netvm_outwards() -> None:
     web = qube("web", "sys-vpn", WEB_IP, [ext("443", "8443")])
     snap = snapshot(web)
-    path = forward_path(snap, web, 0, web.rules[0])
+    path = forward_path(snap, web, 0, web.rules[0], source=None)
     assert path.hops == ["sys-vpn", "sys-firewall", "sys-net"]
     assert [step.to_qube for step in path.steps] == ["web", "sys-vpn", "sys-firewall"]
 
