@@ -35,9 +35,13 @@ A rule is a list of key=value words, in any order:
   outbound  action=accept|drop [dsthost=HOST] [proto=tcp|udp|icmp]
             [dstports=N[-M] | icmptype=N] [specialtarget=dns]
   forward   action=forward forwardtype=external|internal proto=tcp|udp
-            srcports=N[-M] dstports=N[-M] [srchost=IP[/N]]
-  inbound   action=accept|drop srchost=IP[/N] [proto=tcp|udp|icmp]
+            srcports=N[-M] dstports=N[-M] [srchost=IP[/N] | srcqube=QUBE]
+  inbound   action=accept|drop srchost=IP[/N]|srcqube=QUBE [proto=tcp|udp|icmp]
             [dstports=N[-M] | icmptype=N]
+
+srcqube= names the source qube instead of its address (inbound rules and
+internal forwards): dom0 uses that qube's current IP, so the rule follows it
+when its IP changes.
 
 Any rule may end with expire=EPOCH or expire=+SECONDS (e.g. +300 for five
 minutes from now) and comment=TEXT; the comment takes all words after it.
@@ -103,7 +107,8 @@ HEADER = (
 
 #: API keys shown in each column after NO and KIND.
 _COLUMN_KEYS = (
-    ("action",), ("dsthost", "dst4", "dst6"), ("srchost",), ("proto",), ("srcports",),
+    ("action",), ("dsthost", "dst4", "dst6"), ("srchost", "srcqube"), ("proto",),
+    ("srcports",),
     ("dstports",), ("forwardtype",), ("specialtarget",), ("icmptype",), ("expire",),
     ("comment",),
 )

@@ -169,6 +169,25 @@ def test_forward_and_inbound_rules_are_readable(dom0: Dom0) -> None:
         assert canonical(line) == line
 
 
+def test_srcqube_rules_show_the_qube_as_source(dom0: Dom0) -> None:
+    ok(dom0, "web", "add", "--before", "0", "action=accept", "srcqube=work", "proto=tcp",
+       "dstports=22")
+    ok(dom0, "web", "add", "--before", "1", "action=forward", "forwardtype=internal",
+       "proto=tcp", "srcports=2222", "dstports=22", "srcqube=work")
+    inbound, forward, _ = (dict(zip(HEADER, row, strict=True)) for row in table(dom0)[1:])
+    assert (inbound["KIND"], inbound["SOURCE"], inbound["PORT(S)"]) == ("inbound", "work", "22")
+    assert (forward["KIND"], forward["SOURCE"]) == ("forward", "work")
+    assert raw(dom0)[:2] == [
+        "action=accept srcqube=work proto=tcp dstports=22-22",
+        "action=forward forwardtype=internal srcqube=work proto=tcp srcports=2222-2222"
+        " dstports=22-22",
+    ]
+    message = fails(dom0, "web", "add", "action=forward", "forwardtype=external", "proto=tcp",
+                    "srcports=80", "dstports=80", "srcqube=work")
+    assert "needs forwardtype=internal" in message
+    assert "srcqube=QUBE" in ok(dom0, "--help")
+
+
 def test_bad_host(dom0: Dom0) -> None:
     message = fails(dom0, "web", "add", "action=accept", "dsthost=10.0.0.0/33")
     assert "10.0.0.0/33" in message
