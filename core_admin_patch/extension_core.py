@@ -42,6 +42,9 @@ REPLAN_EVENTS: frozenset[str] = frozenset({
     "property-reset:netvm",
     "property-set:ip",
     "property-reset:ip",
+    # srcqube= rules name a qube's IPv6 address too, which can be set apart
+    "property-set:ip6",
+    "property-reset:ip6",
     "property-set:provides_network",
     "property-reset:provides_network",
     "firewall-changed",

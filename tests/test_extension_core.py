@@ -105,7 +105,8 @@ def test_collection_never_imports_qubes() -> None:
 
 def test_event_sets() -> None:
     for event in ("domain-start", "domain-shutdown", "domain-qdb-create", "property-set:netvm",
-                  "property-set:ip", "firewall-changed", "domain-feature-set:ipv6",
+                  "property-set:ip", "property-set:ip6", "firewall-changed",
+                  "domain-feature-set:ipv6",
                   "domain-feature-delete:ipv6"):
         assert event in REPLAN_EVENTS
     assert QDB_RESET_EVENTS <= REPLAN_EVENTS
