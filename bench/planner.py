@@ -36,7 +36,7 @@ INFRA = {
 
 
 class CountingWriter:
-    """An in-memory QubesDB of every qube, counting the calls the applier makes.
+    """An in-memory QubesDB of every qube, counting the writes and removals the applier makes.
 
     Entries are kept per directory so a recursive ``rm`` costs O(1): the
     benchmark should time the applier, not its stand-in.
@@ -50,6 +50,15 @@ class CountingWriter:
         self.calls += 1
         directory, _, key = path.rpartition("/")
         self.db.setdefault(qube, {}).setdefault(directory, {})[key] = value
+
+    def list(self, qube: str, prefix: str) -> list[str]:
+        """Not counted: the applier lists a qube only before its first write."""
+        return [
+            f"{directory}/{key}"
+            for directory, keys in self.db.get(qube, {}).items()
+            for key in keys
+            if f"{directory}/{key}".startswith(prefix)
+        ]
 
     def rm(self, qube: str, path: str) -> None:
         self.calls += 1

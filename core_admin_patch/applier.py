@@ -10,11 +10,13 @@ the same signal path, so the worker drops its rules.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Protocol
 
-from core_admin_patch.planner import Plan
+from core_admin_patch.planner import FORWARD_DIR, INBOUND_DIR, INPUT_DIR, Plan
 
 log = logging.getLogger("qubes.network-server")
 
@@ -26,8 +28,17 @@ class EntryWriter(Protocol):
 
     def rm(self, qube: str, path: str) -> None: ...
 
+    def list(self, qube: str, prefix: str) -> list[str]:
+        """Paths under ``prefix`` in the qube's QubesDB; none if it is not running."""
+        ...
+
 
 Directories = Mapping[str, Mapping[str, str]]
+
+#: Content of a directory found in QubesDB but not written by this applier
+#: (dom0 restarted, or a write failed): never equal to a planned directory,
+#: so it is rewritten or removed.
+UNKNOWN: Mapping[str, str] = MappingProxyType({"?": "found in QubesDB"})
 
 
 class Applier:
@@ -39,23 +50,27 @@ class Applier:
         self._skipped: tuple[str, ...] = ()
 
     def forget(self, qube: str) -> None:
-        """The qube's QubesDB was reset (it stopped or started): assume it empty."""
+        """What the qube's QubesDB holds is no longer known: look again before the next write."""
         self._written.pop(qube, None)
 
     def written(self, qube: str) -> Directories:
         return self._written.get(qube, {})
 
-    def apply(self, plan: Plan) -> list[str]:
+    def apply(self, plan: Plan, running: Iterable[str] = ()) -> list[str]:
         """Bring every qube's entries to ``plan``; returns the directories rewritten.
 
-        A qube whose write fails is forgotten, so the next apply rewrites
-        all of it instead of trusting a half-written state.
+        ``running`` names every qube whose QubesDB may hold entries, planned
+        or not. A qube this applier has not written to since it started (or
+        since ``forget``) is read first, so entries left by an earlier dom0
+        or by a failed write are removed instead of pointing at an address
+        their target may no longer hold. A qube whose write fails is
+        forgotten, so the next apply reads it again.
         """
         changed: list[str] = []
-        for qube in sorted(set(plan.entries) | set(self._written)):
+        for qube in sorted(set(plan.entries) | set(self._written) | set(running)):
             new = plan.entries.get(qube, {})
-            old = self._written.get(qube, {})
             try:
+                old = self._written[qube] if qube in self._written else self._found(qube)
                 for directory in sorted(set(new) | set(old)):
                     if new.get(directory) == old.get(directory):
                         continue
@@ -64,10 +79,7 @@ class Applier:
             except Exception:
                 self.forget(qube)
                 raise
-            if new:
-                self._written[qube] = {d: dict(keys) for d, keys in new.items()}
-            else:
-                self._written.pop(qube, None)
+            self._written[qube] = {d: dict(keys) for d, keys in new.items()}
         for line in changed:
             log.info("rewrote %s", line)
         if plan.skipped != self._skipped:
@@ -75,6 +87,30 @@ class Applier:
                 log.warning("forward rule not applied: %s", reason)
             self._skipped = plan.skipped
         return changed
+
+    def _found(self, qube: str) -> dict[str, Mapping[str, str]]:
+        """Our directories present in the qube's QubesDB, content unknown.
+
+        The paths come from the qube's own database, which the qube can
+        write: only names of the exact form dom0 writes are taken, so the
+        worst a qube can do is have its own entries rewritten.
+        """
+        found: dict[str, Mapping[str, str]] = {}
+        for base in (FORWARD_DIR, INBOUND_DIR):
+            for untrusted_path in self._writer.list(qube, base + "/"):
+                untrusted_name = untrusted_path[len(base) + 1 :].split("/", 1)[0]
+                try:
+                    address = ipaddress.ip_address(untrusted_name)
+                except ValueError:
+                    continue
+                if str(address) == untrusted_name:
+                    found[f"{base}/{address}"] = UNKNOWN
+        if any(
+            path == INPUT_DIR or path.startswith(INPUT_DIR + "/")
+            for path in self._writer.list(qube, INPUT_DIR)
+        ):
+            found[INPUT_DIR] = UNKNOWN
+        return found
 
     def _rewrite(self, qube: str, directory: str, keys: Mapping[str, str] | None) -> None:
         self._writer.rm(qube, directory + "/")

@@ -135,6 +135,20 @@ class QdbWriter:
     def rm(self, qube: str, path: str) -> None:
         self._do(qube, "rm", path)
 
+    def list(self, qube: str, prefix: str) -> list[str]:
+        """Paths under ``prefix``; a failure marks the qube for a full rewrite later."""
+        if qube in self.failed:
+            return []
+        qdb = self._qdb(qube)
+        if qdb is None:
+            return []
+        try:
+            return [str(path) for path in qdb.list(prefix)]
+        except Exception as err:  # qubesdb.Error, or the connection is gone
+            log.warning("%s: QubesDB list %s failed, will look again later: %s", qube, prefix, err)
+            self.failed.add(qube)
+            return []
+
     def _do(self, qube: str, op: str, *args: str) -> None:
         if qube in self.failed:
             return

@@ -129,7 +129,8 @@ class NetworkServer:
     def refresh(self, now: float) -> float | None:
         """Re-plan everything and write the differences; returns the next expiry."""
         snapshot = self.snapshot(now)
-        self._applier.apply(planner.plan(snapshot))
+        running = [q.name for q in snapshot.qubes.values() if q.running]
+        self._applier.apply(planner.plan(snapshot), running)
         return planner.next_expiry(snapshot)
 
     def qube_reset(self, name: str) -> None:

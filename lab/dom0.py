@@ -705,6 +705,11 @@ class _EntryWriter:
         if self._dom0.runtime[qube].running:
             self._dom0.qdb(qube).rm(path)
 
+    def list(self, qube: str, prefix: str) -> list[str]:
+        if not self._dom0.runtime[qube].running:
+            return []
+        return list(self._dom0.qdb(qube).list(prefix))
+
 
 async def _serve_control(
     dom0: Dom0, stop: asyncio.Event, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -31,6 +31,7 @@ class RecordingWriter:
         self.calls: list[Call] = []
         self.db: dict[str, dict[str, str]] = {}
         self.fail_on: tuple[str, str] | None = None
+        self.lists = 0
 
     def write(self, qube: str, path: str, value: str) -> None:
         if self.fail_on == (qube, path):
@@ -39,10 +40,16 @@ class RecordingWriter:
         self.db.setdefault(qube, {})[path] = value
 
     def rm(self, qube: str, path: str) -> None:
+        if self.fail_on == (qube, path):
+            raise OSError(f"qubesdb of {qube} gone")
         self.calls.append(("rm", qube, path))
         entries = self.db.setdefault(qube, {})
         for key in [k for k in entries if k == path or (path.endswith("/") and k.startswith(path))]:
             del entries[key]
+
+    def list(self, qube: str, prefix: str) -> list[str]:
+        self.lists += 1
+        return sorted(path for path in self.db.get(qube, {}) if path.startswith(prefix))
 
     def take(self) -> list[Call]:
         calls, self.calls = self.calls, []
@@ -245,3 +252,61 @@ def test_skipped_rules_are_logged_once_until_they_change(caplog: pytest.LogCaptu
         applier.apply(make_plan({}, skipped))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["forward rule not applied: zeta rule 0: port conflict with 'alpha'"]
+
+
+# -- entries the applier did not write: dom0 restarted, or a write failed -----
+
+STALE = {WORK_DIR + "/0000": STEP_C, WORK_DIR: "", "/qns-input/0000": INPUT, "/qns-input": ""}
+
+
+def test_entries_left_by_an_earlier_dom0_are_removed() -> None:
+    writer = RecordingWriter()
+    writer.db["sys-net"] = dict(STALE)
+    assert Applier(writer).apply(make_plan({}), running=["sys-net"]) == [
+        f"sys-net:{WORK_DIR}", "sys-net:/qns-input",
+    ]
+    assert writer.db["sys-net"] == {}
+
+
+def test_entries_left_by_an_earlier_dom0_are_rewritten_when_still_planned() -> None:
+    writer = RecordingWriter()
+    writer.db["sys-net"] = {WORK_DIR + "/0000": STEP_A, WORK_DIR + "/0001": STEP_B, WORK_DIR: ""}
+    applier = Applier(writer)
+    applier.apply(make_plan({"sys-net": {WORK_DIR: {"0000": STEP_C}}}), running=["sys-net"])
+    assert writer.db["sys-net"] == {WORK_DIR + "/0000": STEP_C, WORK_DIR: ""}
+
+
+def test_a_failed_write_never_leaves_a_stale_forward_behind() -> None:
+    """The review's case: a write fails, the forward is then unplanned."""
+    writer = RecordingWriter()
+    applier = Applier(writer)
+    applier.apply(BASE, running=["sys-net", "web"])
+    writer.fail_on = ("sys-net", WEB_DIR + "/")
+    with pytest.raises(OSError):
+        applier.apply(make_plan({"web": BASE.entries["web"]}), running=["sys-net", "web"])
+    writer.fail_on = None
+    applier.apply(make_plan({"web": BASE.entries["web"]}), running=["sys-net", "web"])
+    assert writer.db["sys-net"] == {}
+
+
+def test_the_qubesdb_is_read_once_per_qube() -> None:
+    writer = RecordingWriter()
+    applier = Applier(writer)
+    applier.apply(BASE, running=["sys-net", "web", "work"])
+    first = writer.lists
+    assert first > 0
+    applier.apply(BASE, running=["sys-net", "web", "work"])
+    assert writer.lists == first
+    applier.forget("web")
+    applier.apply(BASE, running=["sys-net", "web", "work"])
+    assert writer.lists > first
+
+
+def test_paths_dom0_never_writes_are_left_alone() -> None:
+    """A qube can write its own QubesDB: only exact dom0 names are taken for ours."""
+    writer = RecordingWriter()
+    junk = {"/qns-forward/010.137.0.9/0000": "x", "/qns-forward/web/0000": "x",
+            "/qns-inputs": "x", "/qns-inbound/10.137.0.9x": "x"}
+    writer.db["web"] = dict(junk)
+    assert Applier(writer).apply(make_plan({}), running=["web"]) == []
+    assert writer.db["web"] == junk

@@ -45,6 +45,11 @@ class FakeQdb:
         for key in [k for k in self.data if k == path or (subtree and k.startswith(path))]:
             del self.data[key]
 
+    def list(self, prefix: str) -> list[str]:
+        if self.broken:
+            raise OSError("qubesdb gone")
+        return sorted(path for path in self.data if path.startswith(prefix))
+
 
 @dataclass
 class FakeVM:
