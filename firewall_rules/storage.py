@@ -17,7 +17,7 @@ from pathlib import Path
 import lxml.etree
 
 from firewall_rules.errors import FirewallFileError, RuleError
-from firewall_rules.options import shown
+from firewall_rules.options import parse_ipv4, parse_ipv6, shown
 from firewall_rules.rule import MAX_RULES, Rule, RuleKind
 
 #: A firewall.xml bigger than this is not ours (MAX_RULES rules fit easily).
@@ -25,35 +25,123 @@ FILE_MAX = 16 * 1024 * 1024
 
 
 def _parser() -> lxml.etree.XMLParser:
-    """No entities, no network, no huge trees: the file is data, nothing more."""
-    return lxml.etree.XMLParser(
-        resolve_entities=False, no_network=True, huge_tree=False, remove_comments=True,
-        remove_pis=True,
-    )
+    """No entities, no network, no huge trees: the file is data, nothing more.
+
+    Comments and processing instructions stay in the tree: dropping them
+    would join the text around them (``10.0.0.1<!---->0``) into a value
+    other XML readers do not see. :func:`_children` skips them between
+    elements; a ``<property>`` holding one is refused.
+    """
+    return lxml.etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+def _check_attributes(element: lxml.etree._Element, allowed: tuple[str, ...]) -> None:
+    """Refuse an attribute outside ``allowed``."""
+    for untrusted_name in element.attrib:
+        if untrusted_name not in allowed:
+            raise RuleError(
+                f"unexpected attribute {shown(str(untrusted_name))} on <{element.tag}>"
+            )
+
+
+def _children(element: lxml.etree._Element) -> list[lxml.etree._Element]:
+    """The child elements; refuses text, entities and text between them.
+
+    Whitespace (layout) and comments between elements are allowed.
+    """
+    if (element.text or "").strip():
+        raise RuleError(f"unexpected text in <{element.tag}>")
+    children = []
+    for child in element:
+        if (child.tail or "").strip():
+            raise RuleError(f"unexpected text in <{element.tag}>")
+        if isinstance(child, (lxml.etree._Comment, lxml.etree._ProcessingInstruction)):
+            continue
+        if not isinstance(child.tag, str):
+            raise RuleError(f"unexpected content in <{element.tag}>")
+        children.append(child)
+    return children
+
+
+def _only_child(element: lxml.etree._Element, tag: str) -> lxml.etree._Element:
+    """The single child element of ``element``, which must be ``<tag>``."""
+    children = _children(element)
+    if len(children) != 1 or children[0].tag != tag:
+        raise RuleError(f"<{element.tag}> must hold exactly one <{tag}> element")
+    return children[0]
 
 
 def _rule_v2(xml_rule: lxml.etree._Element, version: str) -> Rule:
     """One ``<rule><properties><property name=...>`` element."""
-    properties = xml_rule.find("properties")
-    if xml_rule.tag != "rule" or properties is None:
+    if xml_rule.tag != "rule":
         raise RuleError("expected <rule><properties>...")
-    pairs = []
-    for prop in properties:
-        name = prop.get("name")
-        if prop.tag != "property" or name is None:
+    _check_attributes(xml_rule, ())
+    properties = _only_child(xml_rule, "properties")
+    _check_attributes(properties, ())
+    untrusted_pairs = []
+    for prop in _children(properties):
+        untrusted_name = prop.get("name")
+        if prop.tag != "property" or untrusted_name is None:
             raise RuleError("expected <property name=...>")
-        pairs.append((name, prop.text or ""))
-    rule = Rule.from_options(pairs)
+        _check_attributes(prop, ("name",))
+        if len(prop):
+            raise RuleError(
+                f"<property name={shown(untrusted_name)}> holds more than text"
+            )
+        untrusted_pairs.append((untrusted_name, prop.text or ""))
+    rule = Rule.from_options(untrusted_pairs)
     if version == "2" and rule.kind is not RuleKind.OUTBOUND:
         raise RuleError(f"{rule.kind.value} rule in a version 2 file")
     return rule
 
 
+#: Attributes Qubes 3.x wrote; yumProxy is accepted and ignored, as upstream does.
+_V1_ROOT_ATTRIBUTES = ("policy", "dns", "icmp", "yumProxy")
+_V1_RULE_ATTRIBUTES = ("address", "netmask", "proto", "port", "toport", "expire")
+
+
+def _v1_dsthost(untrusted_address: str, untrusted_netmask: str) -> str:
+    """An address gets its netmask; a host name takes none, as upstream."""
+    if parse_ipv4(untrusted_address) is None and parse_ipv6(untrusted_address) is None:
+        return untrusted_address
+    return f"{untrusted_address}/{untrusted_netmask}"
+
+
+def _rule_v1(element: lxml.etree._Element, action: str) -> Rule:
+    """One Qubes 3.x ``<rule address=.. netmask=.. proto=.. port=.. toport=.. expire=..>``."""
+    if element.tag != "rule":
+        raise RuleError(f"unexpected element {shown(str(element.tag))} (expected <rule>)")
+    _check_attributes(element, _V1_RULE_ATTRIBUTES)
+    if _children(element):
+        raise RuleError("<rule> takes attributes only, no elements")
+    untrusted_pairs = [("action", action)]
+    untrusted_address = element.get("address")
+    if untrusted_address:
+        untrusted_netmask = element.get("netmask", "32")
+        untrusted_pairs.append(("dsthost", _v1_dsthost(untrusted_address, untrusted_netmask)))
+    untrusted_port, untrusted_toport = element.get("port"), element.get("toport")
+    untrusted_proto = element.get("proto")
+    if untrusted_port:
+        untrusted_ports = (
+            f"{untrusted_port}-{untrusted_toport}" if untrusted_toport else untrusted_port
+        )
+        untrusted_pairs.append(("dstports", untrusted_ports))
+        untrusted_proto = untrusted_proto or "tcp"  # Qubes 3.x: a port without protocol meant TCP
+    if untrusted_proto and untrusted_proto != "any":
+        untrusted_pairs.append(("proto", untrusted_proto))
+    untrusted_expire = element.get("expire")
+    if untrusted_expire:
+        untrusted_pairs.append(("expire", untrusted_expire))
+    return Rule.from_options(untrusted_pairs)
+
+
 def _rules_v1(root: lxml.etree._Element) -> list[Rule]:
     """Qubes 3.x format: a policy, dns/icmp switches and address rules."""
-    policy = root.get("policy")
-    if policy not in ("allow", "deny"):
-        raise RuleError(f"policy={shown(str(policy))} must be allow or deny")
+    _check_attributes(root, _V1_ROOT_ATTRIBUTES)
+    untrusted_policy = root.get("policy")
+    if untrusted_policy not in ("allow", "deny"):
+        raise RuleError(f"policy={shown(str(untrusted_policy))} must be allow or deny")
+    policy = untrusted_policy
 
     def action_of(key: str) -> str:
         return "accept" if root.get(key, policy) == "allow" else "drop"
@@ -63,23 +151,27 @@ def _rules_v1(root: lxml.etree._Element) -> list[Rule]:
         Rule.from_options([("action", action_of("icmp")), ("proto", "icmp")]),
     ]
     exception_action = "drop" if policy == "allow" else "accept"
-    for element in root:
-        pairs = [("action", exception_action)]
-        address = element.get("address")
-        if address:
-            pairs.append(("dsthost", f"{address}/{element.get('netmask', '32')}"))
-        port, toport = element.get("port"), element.get("toport")
-        proto = element.get("proto")
-        if port:
-            pairs.append(("dstports", f"{port}-{toport}" if toport else port))
-            proto = proto or "tcp"  # Qubes 3.x: a port without protocol meant TCP
-        if proto and proto != "any":
-            pairs.append(("proto", proto))
-        if element.get("expire"):
-            pairs.append(("expire", element.get("expire", "")))
-        rules.append(Rule.from_options(pairs))
+    for number, element in enumerate(_children(root)):
+        try:
+            rules.append(_rule_v1(element, exception_action))
+        except RuleError as err:
+            raise RuleError(f"rule {number}: {err}") from None
     if policy == "allow":
         rules.append(Rule.from_options([("action", "accept")]))
+    return rules
+
+
+def _rules_v2(root: lxml.etree._Element, version: str) -> list[Rule]:
+    """``<firewall version=..><rules>``: exactly one ``<rules>``, only ``<rule>`` in it."""
+    _check_attributes(root, ("version",))
+    xml_rules = _only_child(root, "rules")
+    _check_attributes(xml_rules, ())
+    rules = []
+    for number, xml_rule in enumerate(_children(xml_rules)):
+        try:
+            rules.append(_rule_v2(xml_rule, version))
+        except RuleError as err:
+            raise RuleError(f"rule {number}: {err}") from None
     return rules
 
 
@@ -87,7 +179,9 @@ def load_firewall_xml(path: Path) -> list[Rule]:
     """The rules stored in ``path``; FirewallFileError (naming it) if unusable.
 
     An unreadable, corrupt or unknown-version file is an error, never "no
-    rules": treating it as empty would open the qube to everything.
+    rules": treating it as empty would open the qube to everything. So is
+    anything in it the reader would otherwise skip (stray elements, text,
+    attributes): what is loaded must be all the file says.
     """
     try:
         with open(path, "rb") as stream:
@@ -100,24 +194,19 @@ def load_firewall_xml(path: Path) -> list[Rule]:
         root = lxml.etree.fromstring(data, _parser())
     except lxml.etree.XMLSyntaxError as err:
         raise FirewallFileError(f"{path}: not valid XML: {err}") from None
-    version = root.get("version", "1")
     try:
-        if root.tag != "firewall" and version != "1":
-            raise RuleError(f"root element <{root.tag}> is not <firewall>")
-        if version == "1":
+        if root.tag == "QubesFirewallRules":
             rules = _rules_v1(root)
-        elif version in ("2", "3"):
-            xml_rules = root.find("rules")
-            if xml_rules is None:
-                raise RuleError("no <rules> element")
-            rules = []
-            for number, xml_rule in enumerate(xml_rules):
-                try:
-                    rules.append(_rule_v2(xml_rule, version))
-                except RuleError as err:
-                    raise RuleError(f"rule {number}: {err}") from None
+        elif root.tag != "firewall":
+            raise RuleError(
+                f"root element {shown(str(root.tag))} is not <firewall> (or <QubesFirewallRules>)"
+            )
+        elif (untrusted_version := root.get("version")) in ("2", "3"):
+            rules = _rules_v2(root, str(untrusted_version))
         else:
-            raise RuleError(f"unsupported firewall.xml version {shown(version)}")
+            raise RuleError(
+                f"unsupported firewall.xml version {shown(str(untrusted_version))}"
+            )
     except RuleError as err:
         raise FirewallFileError(f"{path}: {err}") from None
     if len(rules) > MAX_RULES:

@@ -352,6 +352,40 @@ def test_v1_file_reads(tmp_path: Path) -> None:
     ]
 
 
+def test_v1_host_name_takes_no_netmask(tmp_path: Path) -> None:
+    path = tmp_path / "firewall.xml"
+    path.write_text(
+        '<QubesFirewallRules policy="deny" dns="allow" icmp="allow" yumProxy="allow">\n'
+        '  <rule address="www.example.com" netmask="32" proto="tcp" port="443" />\n'
+        '  <rule address="2001:db8::" netmask="32" />\n'
+        "</QubesFirewallRules>\n"
+    )
+    assert [r.api_rule for r in load_firewall_xml(path)][2:] == [
+        "action=accept dsthost=www.example.com proto=tcp dstports=443-443",
+        "action=accept dst6=2001:db8::/32",
+    ]
+
+
+def test_layout_whitespace_and_comments_between_elements_read(tmp_path: Path) -> None:
+    path = tmp_path / "firewall.xml"
+    path.write_text(
+        '<?xml version="1.0"?>\n<!-- hand edited -->\n<firewall version="2">\n'
+        "  <rules>\n    <!-- web -->\n    <rule>\n      <properties>\n"
+        '        <property name="action">accept</property>\n'
+        "        <!-- anything -->\n"
+        '        <property name="dsthost">10.0.0.1</property>\n'
+        "      </properties>\n    </rule>\n  </rules>\n</firewall>\n"
+    )
+    assert [r.api_rule for r in load_firewall_xml(path)] == ["action=accept dst4=10.0.0.1/32"]
+
+
+def _v2(rules: str, version: str = "2") -> str:
+    return f'<firewall version="{version}"><rules>{rules}</rules></firewall>'
+
+
+_ACCEPT = '<property name="action">accept</property>'
+_DROP_RULE = '<rule><properties><property name="action">drop</property></properties></rule>'
+
 BAD_FILES = {
     "not xml": "nothing like xml",
     "truncated": '<firewall version="2"><rules><rule>',
@@ -379,6 +413,54 @@ BAD_FILES = {
               '<property name="action">&x;</property></properties></rule></rules></firewall>',
     "v1 bad policy": '<QubesFirewallRules policy="maybe"/>',
     "wrong root": '<rules version="2"><rules/></rules>',
+    # Content a reader taking only .text would ignore: what it then loads is
+    # not what the file says (an expire cut to 1 drops the rule as expired).
+    "element inside property": _v2(
+        f'<rule><properties>{_ACCEPT}<property name="expire">1<b/>9999999999</property>'
+        "</properties></rule>"
+    ),
+    "comment inside property": _v2(
+        f'<rule><properties>{_ACCEPT}<property name="dsthost">10.0.0.1<!---->0</property>'
+        "</properties></rule>"
+    ),
+    "entity inside property": '<!DOCTYPE f [<!ENTITY x "0">]>' + _v2(
+        f'<rule><properties>{_ACCEPT}<property name="dsthost">10.0.0.1&x;</property>'
+        "</properties></rule>"
+    ),
+    "text after property": _v2(
+        f'<rule><properties>{_ACCEPT}<property name="dsthost">10.0.0.1</property>0'
+        "</properties></rule>"
+    ),
+    "text in properties": _v2(f"<rule><properties>junk{_ACCEPT}</properties></rule>"),
+    "text in rule": _v2(f"<rule>junk<properties>{_ACCEPT}</properties></rule>"),
+    "text in rules": _v2(f"junk{_DROP_RULE}"),
+    "text after rule": _v2(f"{_DROP_RULE}junk"),
+    "text in firewall": f'<firewall version="2">junk<rules>{_DROP_RULE}</rules></firewall>',
+    "extra element in rule": _v2(
+        f"<rule><properties>{_ACCEPT}</properties><properties>{_ACCEPT}</properties></rule>"
+    ),
+    "other element in rule": _v2(f"<rule><properties>{_ACCEPT}</properties><x/></rule>"),
+    "second rules element": f'<firewall version="2"><rules>{_DROP_RULE}</rules>'
+                            f"<rules><rule><properties>{_ACCEPT}</properties></rule></rules>"
+                            "</firewall>",
+    "other element in firewall": f'<firewall version="2"><rules>{_DROP_RULE}</rules><x/>'
+                                 "</firewall>",
+    "attribute on property": _v2(
+        '<rule><properties><property name="action" x="1">drop</property></properties></rule>'
+    ),
+    "attribute on rule": _v2(f'<rule x="1"><properties>{_ACCEPT}</properties></rule>'),
+    "attribute on firewall": f'<firewall version="2" x="1"><rules>{_DROP_RULE}</rules>'
+                             "</firewall>",
+    "v1 other element": '<QubesFirewallRules policy="deny"><x address="1.2.3.4"/>'
+                        "</QubesFirewallRules>",
+    "v1 unknown attribute": '<QubesFirewallRules policy="deny">'
+                            '<rule address="1.2.3.4" srchost="10.0.0.1"/></QubesFirewallRules>',
+    "v1 unknown root attribute": '<QubesFirewallRules policy="deny" x="1"/>',
+    "v1 element in rule": '<QubesFirewallRules policy="deny"><rule address="1.2.3.4">'
+                          "<x/></rule></QubesFirewallRules>",
+    "v1 text": '<QubesFirewallRules policy="deny">junk<rule address="1.2.3.4"/>'
+               "</QubesFirewallRules>",
+    "v1 other root": '<foo policy="deny"><rule address="1.2.3.4"/></foo>',
 }
 
 
