@@ -78,6 +78,23 @@ def derived_ip6(ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(int(QUBES_IPV6_PREFIX.network_address) | int(ip))
 
 
+def planning_features(features: Mapping[str, str]) -> dict[str, str]:
+    """The qube's features, with the support feature as qubesd's consumers see it.
+
+    qubesd keeps the ``supported-feature.*`` requests of a template-based
+    qube on its template and reads them with ``check_with_template``; a
+    plain mapping (the lab) holds the qube's own value.
+    """
+    planned = dict(features)
+    check_with_template = getattr(features, "check_with_template", None)
+    if callable(check_with_template):
+        value = check_with_template(planner.SUPPORT_FEATURE, None)
+        planned.pop(planner.SUPPORT_FEATURE, None)
+        if value is not None:
+            planned[planner.SUPPORT_FEATURE] = str(value)
+    return planned
+
+
 def qube_state(domain: DomainLike, rules: list[Rule]) -> planner.QubeState:
     """Freeze one domain into the planner's picture."""
     netvm = getattr(domain, "netvm", None)
@@ -89,7 +106,7 @@ def qube_state(domain: DomainLike, rules: list[Rule]) -> planner.QubeState:
         ip=None if ip is None else ipaddress.IPv4Address(str(ip)),
         provides_network=bool(getattr(domain, "provides_network", False)),
         running=domain.is_running(),
-        features=dict(domain.features),
+        features=planning_features(domain.features),
         rules=tuple(rules),
         ip6=None if ip6 is None else ipaddress.IPv6Address(str(ip6)),
     )

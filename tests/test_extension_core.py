@@ -294,3 +294,35 @@ def test_outbound_reader_fails_closed(tmp_path: Path) -> None:
     assert OutboundFirewall(path).qdb_entries() == {"policy": "drop", "0000": "action=accept"}
     path.write_text("<firewall version='9'/>")
     assert OutboundFirewall(path).qdb_entries() == {"policy": "drop"}
+
+
+class TemplateFeatures(dict[str, str]):
+    """qubesd's Features: ``check_with_template`` walks the template chain."""
+
+    def __init__(self, template: FakeVM | None = None, **values: str) -> None:
+        super().__init__(values)
+        self.template = template
+
+    def check_with_template(self, feature: str, default: object) -> object:
+        if feature in self:
+            return self[feature]
+        if self.template is None:
+            return default
+        return self.template.features.check_with_template(feature, default)  # type: ignore[attr-defined]
+
+
+def test_support_feature_of_a_template_based_hop_is_read_from_its_template(
+    system: System,
+) -> None:
+    # qubesd stores supported-feature.* requests of a template-based qube on its template
+    template = FakeVM("fedora", "", klass="TemplateVM",
+                      features=TemplateFeatures(**{SUPPORT_FEATURE: "1"}))
+    for name in ("sys-net", "sys-firewall", "web"):
+        system.vms[name].features = TemplateFeatures(template)
+    handle_call(system.core, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
+    system.core.refresh()
+    assert "/qns-forward/10.137.0.20" in system.vms["sys-firewall"].untrusted_qdb.data
+    # The qube's own value still wins over its template's (qubesd's lookup order).
+    system.vms["sys-firewall"].features = TemplateFeatures(template, **{SUPPORT_FEATURE: ""})
+    with pytest.raises(errors.QubesValueError, match="sys-firewall"):
+        handle_call(system.core, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
