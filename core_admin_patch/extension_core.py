@@ -15,9 +15,10 @@ tests hand in small stand-ins.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -234,10 +235,7 @@ class ExtensionCore:
 
     def planned_domains(self) -> list[VMLike]:
         """The qubes that can take part in a forward: not dom0 (no firewall.xml, no netvm)."""
-        return [
-            vm for vm in self._domains()
-            if getattr(vm, "klass", None) != "AdminVM" and getattr(vm, "dir_path", None)
-        ]
+        return [vm for vm in self._domains() if has_firewall(vm)]
 
     def start_timer(self, loop: LoopLike) -> None:
         """Arm expiry re-plans on qubesd's loop (once it runs)."""
@@ -297,20 +295,45 @@ class ExtensionCore:
     # --- AdminContext -------------------------------------------------------
 
     def find_qube(self, untrusted_name: str) -> QubeRef:
+        """The qube's firewall.xml; dom0 (AdminVM, no dir_path) has none."""
         try:
             vm = self._lookup(untrusted_name)
         except KeyError:
             raise errors.QubesVMNotFoundError(untrusted_name) from None
+        if not has_firewall(vm):
+            raise errors.QubesValueError(f"{vm.name} has no firewall")
         return QubeRef(vm.name, firewall_path(vm))
 
     def check_rules(self, qube: QubeRef, rules: list[Rule]) -> None:
-        self.server.check_rules(qube.name, rules, self._clock())
+        with _not_planned(qube):
+            self.server.check_rules(qube.name, rules, self._clock())
 
     def firewall_changed(self, qube: QubeRef) -> None:
-        self._fire_firewall_changed(self._lookup(qube.name))
+        try:
+            vm = self._lookup(qube.name)
+        except KeyError:
+            raise errors.QubesVMNotFoundError(qube.name) from None
+        self._fire_firewall_changed(vm)
 
     def describe_forwards(self, qube: QubeRef, now: float) -> dict[int, str]:
-        return self.server.describe(qube.name, now)
+        with _not_planned(qube):
+            return self.server.describe(qube.name, now)
+
+
+@contextlib.contextmanager
+def _not_planned(qube: QubeRef) -> Iterator[None]:
+    """The planner's KeyError for a qube gone from the domains (removed meanwhile)."""
+    try:
+        yield
+    except KeyError as err:
+        if err.args != (qube.name,):
+            raise
+        raise errors.QubesVMNotFoundError(qube.name) from None
+
+
+def has_firewall(vm: object) -> bool:
+    """Whether a qube has a firewall.xml of its own (dom0 has no directory)."""
+    return getattr(vm, "klass", None) != "AdminVM" and bool(getattr(vm, "dir_path", None))
 
 
 def upstream_error(err: BaseException) -> tuple[str, tuple[object, ...]] | None:

@@ -90,7 +90,7 @@ def system(tmp_path: Path) -> System:
     fw = vm("sys-firewall", netvm=net, ip=ipaddress.IPv4Address("10.137.0.6"),
             provides_network=True)
     web = vm("web", netvm=fw, ip=ipaddress.IPv4Address("10.137.0.20"))
-    dom0 = FakeVM("dom0", "", klass="AdminVM")
+    dom0 = FakeVM("dom0", None, klass="AdminVM")  # type: ignore[arg-type]  # as qubesd
     vms = {v.name: v for v in (dom0, net, fw, web)}
     clock = [NOW]
     fired: list[str] = []
@@ -326,3 +326,32 @@ def test_support_feature_of_a_template_based_hop_is_read_from_its_template(
     system.vms["sys-firewall"].features = TemplateFeatures(template, **{SUPPORT_FEATURE: ""})
     with pytest.raises(errors.QubesValueError, match="sys-firewall"):
         handle_call(system.core, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
+
+
+@pytest.mark.parametrize("method", ["admin.vm.firewall.Get", "admin.vm.firewall.GetPaths",
+                                    "admin.vm.firewall.Reload"])
+def test_dom0_has_no_firewall(system: System, method: str) -> None:
+    with pytest.raises(errors.QubesValueError, match=r"^dom0 has no firewall$"):
+        handle_call(system.core, method, "", "dom0", b"", NOW)
+    with pytest.raises(errors.QubesValueError, match=r"^dom0 has no firewall$"):
+        handle_call(system.core, "admin.vm.firewall.Set", "", "dom0", b"action=drop\n", NOW)
+
+
+def test_qube_missing_from_the_plan_is_a_one_line_error(system: System, tmp_path: Path) -> None:
+    # Found by name (qubesd resolved it) but not among the planned domains
+    # (e.g. removed in between): no KeyError traceback.
+    (tmp_path / "ghost").mkdir()
+    ghost = FakeVM("ghost", str(tmp_path / "ghost"), netvm=system.vms["sys-firewall"],
+                   ip=ipaddress.IPv4Address("10.137.0.30"))
+    vms = dict(system.vms)
+    core = ExtensionCore(
+        domains=lambda: list(system.vms.values()),
+        lookup={**vms, "ghost": ghost}.__getitem__,
+        fire_firewall_changed=lambda v: None,
+        clock=lambda: NOW,
+    )
+    save_firewall_xml(Path(ghost.dir_path) / "firewall.xml", [Rule.from_api_string(FORWARD)], NOW)
+    with pytest.raises(errors.QubesVMNotFoundError):
+        handle_call(core, "admin.vm.firewall.Set", "", "ghost", f"{FORWARD}\n".encode(), NOW)
+    with pytest.raises(errors.QubesVMNotFoundError):
+        handle_call(core, "admin.vm.firewall.GetPaths", "", "ghost", b"", NOW)
