@@ -534,7 +534,9 @@ class Dom0:
         setattr(qube, prop, value)
         try:
             validate(self.topology)
-        except TopologyError as err:
+            if prop == "netvm":
+                self.network_server.check_ports(time.time())
+        except (TopologyError, QubesValueError) as err:
             setattr(qube, prop, old)
             raise Dom0Error(f"{qube.name}: cannot set {prop}: {err}") from None
         if (

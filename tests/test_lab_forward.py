@@ -17,7 +17,7 @@ import pytest
 from conftest import wait_for
 
 from admin_client_patch.qubesd_client import QubesException, qubesd_call
-from lab.control import Lab
+from lab.control import Lab, LabError
 
 pytestmark = pytest.mark.lab
 
@@ -236,3 +236,18 @@ def test_agent_restart(api: Lab) -> None:
     api.restart_service("web", "input")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "works after the restarts")
     assert {qube: sorted(qns_rules(api, qube)) for qube in NETVMS} == before
+
+
+def test_netvm_change_that_would_take_a_forwarded_port_is_refused(api: Lab) -> None:
+    """direct (behind sys-net) and web both forward 2222 internally; moving direct
+    behind sys-firewall would make them fight over sys-firewall's port."""
+    internal_ssh = "action=forward forwardtype=internal proto=tcp srcports=2222 dstports=22"
+    set_rules(internal_ssh)
+    qubesd_call("direct", "admin.vm.firewall.Set", payload=f"{internal_ssh}\n".encode())
+    try:
+        with pytest.raises(LabError, match=r"on 'sys-firewall' is wanted by both 'web' .* and 'direct'"):
+            api.set_netvm("direct", "sys-firewall")
+        assert api.qube_info("direct")["netvm"] == "sys-net"
+        eventually(lambda: answers(api, "work", "tcp", SYS_FIREWALL, 2222, 22), "web keeps 2222")
+    finally:
+        qubesd_call("direct", "admin.vm.firewall.Set", payload=b"action=accept\n")
