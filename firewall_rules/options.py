@@ -38,6 +38,9 @@ _NUMBER_LIKE_RE = re.compile(r"\A(?:0x[0-9a-f]*|[0-9]+)\Z")
 _QUBE_NAME_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_-]*\Z")
 QUBE_NAME_MAX = 31
 
+#: Names upstream also accepts for dsthost (``--raw`` output uses dst4/dst6).
+DSTHOST_ALIASES = ("dsthost", "dst4", "dst6", "dstname")
+
 
 def shown(untrusted_value: str) -> str:
     """A value quoted for an error message: escaped, and cut if long."""
@@ -170,21 +173,27 @@ class DstHost:
     """
 
     def __init__(self, untrusted_value: str, untrusted_key: str = "dsthost") -> None:
+        if untrusted_key not in DSTHOST_ALIASES:
+            raise RuleError(f"unknown option {shown(untrusted_key)}")
         key = untrusted_key
-        host, slash, _ = untrusted_value.partition("/")
+        untrusted_host, slash, _ = untrusted_value.partition("/")
         self.network: IPNetwork | None = None
-        if (address4 := parse_ipv4(host)) is not None:
+        if (address4 := parse_ipv4(untrusted_host)) is not None:
+            host = untrusted_host
             self.type = "dst4"
             prefix = _prefix(key, untrusted_value, 32)
             self.network = ipaddress.IPv4Network((address4, prefix), strict=False)
             self.value = f"{host}/{prefix}"
-        elif (address6 := parse_ipv6(host)) is not None:
+        elif (address6 := parse_ipv6(untrusted_host)) is not None:
+            host = untrusted_host
             self.type = "dst6"
             prefix = _prefix(key, untrusted_value, 128)
             self.network = ipaddress.IPv6Network((address6, prefix), strict=False)
             self.value = f"{host}/{prefix}"
         elif slash:
-            raise RuleError(f"{key}={shown(untrusted_value)}: invalid IP address {shown(host)}")
+            raise RuleError(
+                f"{key}={shown(untrusted_value)}: invalid IP address {shown(untrusted_host)}"
+            )
         else:
             self.type = "dsthost"
             self.value = check_hostname(key, untrusted_value)

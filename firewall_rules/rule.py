@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from firewall_rules.errors import RuleError
 from firewall_rules.options import (
+    DSTHOST_ALIASES,
     Action,
     Comment,
     DstHost,
@@ -37,9 +38,6 @@ API_ORDER = (
     "action", "expire", "forwardtype", "srchost", "srcqube", "dsthost", "proto",
     "specialtarget", "srcports", "dstports", "icmptype", "comment",
 )
-
-#: Names upstream also accepts for dsthost (``--raw`` output uses dst4/dst6).
-DSTHOST_ALIASES = ("dsthost", "dst4", "dst6", "dstname")
 
 _FORWARD_ONLY = ("forwardtype", "srcports")
 

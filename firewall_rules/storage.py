@@ -88,7 +88,8 @@ def _rule_v2(xml_rule: lxml.etree._Element, version: str) -> Rule:
             raise RuleError(
                 f"<property name={shown(untrusted_name)}> holds more than text"
             )
-        untrusted_pairs.append((untrusted_name, prop.text or ""))
+        untrusted_value = prop.text or ""
+        untrusted_pairs.append((untrusted_name, untrusted_value))
     rule = Rule.from_options(untrusted_pairs)
     if version == "2" and rule.kind is not RuleKind.OUTBOUND:
         raise RuleError(f"{rule.kind.value} rule in a version 2 file")

@@ -21,6 +21,7 @@ from firewall_rules import (
     parse_api_payload,
     save_firewall_xml,
 )
+from firewall_rules.options import DstHost
 from firewall_rules.storage import firewall_xml_bytes
 
 NOW = 1_800_000_000.0
@@ -471,6 +472,11 @@ def test_bad_file_is_an_error_naming_it(tmp_path: Path, name: str) -> None:
     with pytest.raises(FirewallFileError) as info:
         load_firewall_xml(path)
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_dsthost_refuses_a_key_that_is_no_destination() -> None:
+    with pytest.raises(RuleError, match="unknown option 'srchost'"):
+        DstHost("1.2.3.4", "srchost")
 
 
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
