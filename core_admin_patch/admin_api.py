@@ -110,18 +110,27 @@ def firewall_get(ctx: AdminContext, qube: QubeRef, untrusted_payload: bytes, now
     ).encode("ascii")
 
 
+def parse_rules(untrusted_payload: bytes, now: float) -> list[Rule]:
+    """A Set payload's rules; any bad line refuses all of it (one-line QubesValueError)."""
+    if not untrusted_payload.isascii():
+        raise QubesValueError("firewall rules must be ASCII text")
+    try:
+        return parse_api_payload(untrusted_payload, now)
+    except RuleError as err:
+        raise QubesValueError(str(err)) from None
+
+
 def firewall_set(ctx: AdminContext, qube: QubeRef, untrusted_payload: bytes, now: float) -> bytes:
     """Replace all rules: parse everything, check, save, then apply.
 
     One bad line refuses the whole payload before anything is written, so
     the stored rules are either the old list or the new one, never a mix.
     """
-    if not untrusted_payload.isascii():
-        raise QubesValueError("firewall rules must be ASCII text")
-    try:
-        rules = parse_api_payload(untrusted_payload, now)
-    except RuleError as err:
-        raise QubesValueError(str(err)) from None
+    return set_rules(ctx, qube, parse_rules(untrusted_payload, now), now)
+
+
+def set_rules(ctx: AdminContext, qube: QubeRef, rules: list[Rule], now: float) -> bytes:
+    """Check, save and apply already parsed rules (the second half of Set)."""
     ctx.check_rules(qube, rules)
     try:
         save_firewall_xml(qube.firewall_path, rules, now)
@@ -190,12 +199,17 @@ def handle_call(
     untrusted_dest: str,
     untrusted_payload: bytes,
     now: float,
+    permission: Callable[..., object] | None = None,
 ) -> bytes:
     """Run one Admin API call; the reply data, or a Qubes exception.
 
     Malformed requests (unknown method, argument or payload where none is
     taken) raise ProtocolError as in qubesd; everything the user can get
     wrong raises a QubesException whose message is meant for them.
+
+    ``permission`` is qubesd's ``fire_event_for_permission``: called once
+    the request is well formed, as upstream's methods do, and for Set after
+    parsing, with ``rules=`` (the parsed list, parsed only once).
     """
     try:
         handler, takes_payload = METHODS[untrusted_method]
@@ -206,4 +220,11 @@ def handle_call(
     if untrusted_payload and not takes_payload:
         raise ProtocolError(f"{untrusted_method} takes no payload")
     qube = ctx.find_qube(validate_qube_name(untrusted_dest))
+    if permission is None:
+        return handler(ctx, qube, untrusted_payload, now)
+    if handler is firewall_set:
+        rules = parse_rules(untrusted_payload, now)
+        permission(rules=rules)
+        return set_rules(ctx, qube, rules, now)
+    permission()
     return handler(ctx, qube, untrusted_payload, now)

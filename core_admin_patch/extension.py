@@ -66,12 +66,12 @@ def _api_method(name: str, classifiers: dict[str, Any]) -> Any:
 
 def _api_handler(method: str) -> Any:
     async def call(self: Any, untrusted_payload: bytes = b"") -> str:
-        self.fire_event_for_permission()
         core = NetworkServerExtension().core(self.app)
         try:
+            # fire_event_for_permission runs inside, after parsing (Set: rules=)
             data = handle_call(
                 core, method, getattr(self, "arg", ""), self.dest.name, untrusted_payload,
-                time.time(),
+                time.time(), permission=self.fire_event_for_permission,
             )
         except Exception as err:
             mapped = upstream_error(err)

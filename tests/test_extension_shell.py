@@ -123,9 +123,11 @@ class FakeAPI:
         self.app, self.arg = app, arg
         self.dest = app.domains[dest]  # qubesd resolved it before calling
         self.permission_checked = False
+        self.permission_kwargs: list[dict[str, Any]] = []
 
     def fire_event_for_permission(self, **kwargs: Any) -> None:
         self.permission_checked = True
+        self.permission_kwargs.append(kwargs)
 
 
 def test_handlers_cover_the_event_sets(shell: Any) -> None:
@@ -199,3 +201,36 @@ class _Domains:
 
     def __getitem__(self, name: str) -> FakeVM:
         return self._app.domains[name]
+
+
+def test_set_parses_then_fires_permission_with_the_rules(shell: Any, tmp_path: Path) -> None:
+    shell.NetworkServerExtension()
+    app = FakeApp(tmp_path)
+    app_ns = types.SimpleNamespace(domains=_Domains(app))
+    api_cls = sys.modules["qubes.api.admin"].QubesAdminAPI
+    exc = sys.modules["qubes.exc"]
+    call = FakeAPI(app_ns, "web")  # type: ignore[arg-type]
+    asyncio.run(api_cls.vm_firewall_set(call, b"action=accept srchost=10.137.0.6\naction=drop\n"))
+    assert len(call.permission_kwargs) == 1  # one parse, one permission event
+    rules = call.permission_kwargs[0]["rules"]
+    assert [rule.api_rule for rule in rules] == ["action=accept srchost=10.137.0.6/32",
+                                                "action=drop"]
+    # A payload that does not parse is refused before any permission event (as upstream).
+    bad = FakeAPI(app_ns, "web")  # type: ignore[arg-type]
+    with pytest.raises(exc.QubesValueError):
+        asyncio.run(api_cls.vm_firewall_set(bad, b"action=bogus\n"))
+    assert bad.permission_kwargs == []
+    # Refused by a permission handler: nothing is saved.
+    def deny(**kwargs: Any) -> None:
+        raise exc.PermissionDenied("no")
+
+    denied = FakeAPI(app_ns, "web")  # type: ignore[arg-type]
+    denied.fire_event_for_permission = deny  # type: ignore[method-assign]
+    with pytest.raises(exc.PermissionDenied):
+        asyncio.run(api_cls.vm_firewall_set(denied, b"action=drop\n"))
+    got = asyncio.run(api_cls.vm_firewall_get(FakeAPI(app_ns, "web"), b""))  # type: ignore[arg-type]
+    assert got.startswith("action=accept srchost=10.137.0.6")
+    # Other methods fire it without arguments.
+    get = FakeAPI(app_ns, "web")  # type: ignore[arg-type]
+    asyncio.run(api_cls.vm_firewall_get(get, b""))
+    assert get.permission_kwargs == [{}]
