@@ -29,6 +29,7 @@ import qubes.exc
 import qubes.ext
 import qubes.vm.mix.net
 
+from core_admin_patch import errors
 from core_admin_patch.admin_api import METHODS, handle_call
 from core_admin_patch.extension_core import (
     APP_EVENTS,
@@ -143,3 +144,13 @@ class NetworkServerExtension(qubes.ext.Extension):  # type: ignore[misc]
     @qubes.ext.handler(*sorted(APP_EVENTS), system=True)
     def on_app_event(self, app: Any, event: str, **kwargs: Any) -> None:
         self.core(app).on_app_event(event)
+
+    @qubes.ext.handler("property-pre-set:netvm")
+    def on_netvm_pre_set(
+        self, vm: Any, event: str, newvalue: Any = None, **kwargs: Any
+    ) -> None:
+        """Veto a netvm change that would make two qubes' forwards share a port."""
+        try:
+            self.core(vm.app).check_netvm_change(vm, newvalue)
+        except errors.QubesValueError as err:
+            raise qubes.exc.QubesValueError(str(err)) from None

@@ -355,3 +355,44 @@ def test_qube_missing_from_the_plan_is_a_one_line_error(system: System, tmp_path
         handle_call(core, "admin.vm.firewall.Set", "", "ghost", f"{FORWARD}\n".encode(), NOW)
     with pytest.raises(errors.QubesVMNotFoundError):
         handle_call(core, "admin.vm.firewall.GetPaths", "", "ghost", b"", NOW)
+
+
+def _add_vm(system: System, tmp_path: Path, name: str, **kwargs: Any) -> FakeVM:
+    (tmp_path / name).mkdir()
+    system.vms[name] = FakeVM(name, str(tmp_path / name), **kwargs)
+    return system.vms[name]
+
+
+def test_netvm_change_that_would_share_a_port_is_refused(system: System, tmp_path: Path) -> None:
+    system.set_rules("web", FORWARD)  # claims tcp/8443 on sys-firewall and sys-net
+    web2 = _add_vm(system, tmp_path, "web2", ip=ipaddress.IPv4Address("10.137.0.21"))
+    system.set_rules("web2", FORWARD)
+    with pytest.raises(errors.QubesValueError, match=r"8443 on 'sys-net' is wanted by both"):
+        system.core.check_netvm_change(web2, system.vms["sys-net"])
+    system.core.check_netvm_change(web2, None)  # disconnecting never conflicts
+    # A netvm with no port in common is fine.
+    other = _add_vm(system, tmp_path, "sys-net2", ip=ipaddress.IPv4Address("10.137.0.7"),
+                    provides_network=True)
+    system.core.check_netvm_change(web2, other)
+    system.core.check_netvm_change(web2, "sys-net2")  # a name, as older qubesd may pass
+
+
+def test_moving_a_hop_checks_the_forwards_behind_it(system: System, tmp_path: Path) -> None:
+    system.set_rules("web", FORWARD)
+    fw2 = _add_vm(system, tmp_path, "sys-firewall2", ip=ipaddress.IPv4Address("10.137.0.8"),
+                  provides_network=True)
+    _add_vm(system, tmp_path, "web2", netvm=fw2, ip=ipaddress.IPv4Address("10.137.0.21"))
+    system.set_rules("web2", FORWARD)
+    with pytest.raises(errors.QubesValueError, match="'web2'"):
+        system.core.check_netvm_change(fw2, system.vms["sys-net"])
+
+
+def test_an_existing_conflict_elsewhere_does_not_block_an_unrelated_change(
+    system: System, tmp_path: Path,
+) -> None:
+    system.set_rules("web", FORWARD)
+    _add_vm(system, tmp_path, "web2", netvm=system.vms["sys-firewall"],
+            ip=ipaddress.IPv4Address("10.137.0.21"))
+    system.set_rules("web2", FORWARD)  # written behind the API's back: already a conflict
+    lone = _add_vm(system, tmp_path, "lone", ip=ipaddress.IPv4Address("10.137.0.22"))
+    system.core.check_netvm_change(lone, system.vms["sys-net"])

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from core_admin_patch.extension_core import APP_EVENTS, REPLAN_EVENTS
+from core_admin_patch.planner import SUPPORT_FEATURE
 from firewall_rules import Rule, save_firewall_xml
 
 
@@ -234,3 +235,29 @@ def test_set_parses_then_fires_permission_with_the_rules(shell: Any, tmp_path: P
     get = FakeAPI(app_ns, "web")  # type: ignore[arg-type]
     asyncio.run(api_cls.vm_firewall_get(get, b""))
     assert get.permission_kwargs == [{}]
+
+
+def test_netvm_pre_set_refuses_a_shared_port(shell: Any, tmp_path: Path) -> None:
+    ext = shell.NetworkServerExtension()
+    assert ext.on_netvm_pre_set.ha_events == ("property-pre-set:netvm",)
+    app = FakeApp(tmp_path)
+    app_ns = types.SimpleNamespace(domains=_Domains(app))
+    forward = Rule.from_api_string(
+        "action=forward forwardtype=external proto=tcp srcports=8443 dstports=443"
+    )
+    vms = {}
+    for name, ip in (("net", "10.137.0.5"), ("web", "10.137.0.20"), ("web2", "10.137.0.21")):
+        (tmp_path / name).mkdir(exist_ok=True)
+        vm = FakeVM(name, tmp_path / name, app_ns)
+        vm.ip = ip  # type: ignore[assignment]
+        vm.features = {SUPPORT_FEATURE: "1"}
+        app.domains[name] = vms[name] = vm
+    vms["net"].provides_network = True
+    vms["web"].netvm = vms["net"]  # type: ignore[assignment]
+    for name in ("web", "web2"):
+        save_firewall_xml(tmp_path / name / "firewall.xml", [forward], 0)
+    exc = sys.modules["qubes.exc"]
+    with pytest.raises(exc.QubesValueError, match="is wanted by both 'web'"):
+        ext.on_netvm_pre_set(vms["web2"], "property-pre-set:netvm", name="netvm",
+                             newvalue=vms["net"], oldvalue=None)
+    ext.on_netvm_pre_set(vms["web2"], "property-pre-set:netvm", name="netvm", newvalue=None)
