@@ -40,7 +40,6 @@ from agent_worker.qdb_parse import (
     Blocked,
     IPAddress,
     parse_address,
-    parse_address_list,
     parse_resolv_conf,
     parse_source,
 )
@@ -63,7 +62,7 @@ from agent_worker.ruleset import (
 log = logging.getLogger("qubes.firewall")
 
 FIREWALL_DIR = "/qubes-firewall/"
-CONNECTED_IPS: dict[str, Literal[4, 6]] = {"/connected-ips": 4, "/connected-ips6": 6}
+CONNECTED_IPS = forwarding.CONNECTED_IPS
 DNS_KEYS = ("/qubes-primary-dns", "/qubes-secondary-dns")
 HANDLED_DIR = "/qubes-firewall_handled/"
 DNS_INFO_DIR = "/dns/"
@@ -235,13 +234,9 @@ class Worker:
             self.sources[address] = source
 
     def _load_connected(self) -> None:
-        connected: set[IPAddress] = set()
-        for path, version in CONNECTED_IPS.items():
-            addresses, problems = parse_address_list(self.db.read(path), version)
-            for problem in problems:
-                log.error("%s: ignoring an entry: %s", path, problem)
-            connected |= addresses
-        self.connected = frozenset(connected)
+        self.connected, problems = forwarding.read_connected(self.db)
+        for path, problem in problems:
+            log.error("%s: ignoring an entry: %s", path, problem)
 
     def _dns_servers(self) -> frozenset[IPAddress]:
         """This hop's DNS servers: QubesDB's, and resolv.conf's as upstream uses."""

@@ -21,17 +21,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from agent_worker import nft_chains
 from agent_worker.entries import EntryError
 from agent_worker.forward import DNAT_CHAIN, FORWARD_CHAIN, Step, chain_rules, parse_target
 from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
-from agent_worker.qdb_parse import IPAddress, parse_address
+from agent_worker.qdb_parse import IPAddress, parse_address, parse_address_list
 
 log = logging.getLogger("qubes.firewall")
 
 FORWARD_DIR = "/qns-forward/"
+#: this hop's clients, per family; rules only ever point at one of them
+CONNECTED_IPS: dict[str, Literal[4, 6]] = {"/connected-ips": 4, "/connected-ips6": 6}
 HANDLED_DIR = "/qns-forward_handled/"
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 CHAINS = (DNAT_CHAIN, FORWARD_CHAIN)
@@ -68,6 +70,21 @@ class ForwardChanges:
 
     full: bool = False
     targets: set[str] = field(default_factory=set)
+    #: ``/connected-ips(6)`` changed: re-filter what is rendered
+    connected: bool = False
+
+
+def read_connected(
+    db: QubesDBConnection,
+) -> tuple[frozenset[IPAddress], list[tuple[str, str]]]:
+    """This hop's connected clients (both families), and ``(path, why)`` of words refused."""
+    connected: set[IPAddress] = set()
+    problems = []
+    for path, version in CONNECTED_IPS.items():
+        addresses, refused = parse_address_list(db.read(path), version)
+        connected |= addresses
+        problems += [(path, problem) for problem in refused]
+    return frozenset(connected), problems
 
 
 def ours(path: str, directory: str = FORWARD_DIR) -> bool:
@@ -76,8 +93,15 @@ def ours(path: str, directory: str = FORWARD_DIR) -> bool:
 
 
 def concerns(path: str, directory: str = FORWARD_DIR) -> bool:
-    """Whether a watch event may change entries in ``directory`` (ours, or a parent removed)."""
-    return ours(path, directory) or (path.endswith("/") and directory.startswith(path))
+    """Whether a watch event may change what ``directory``'s half renders.
+
+    Its entries (ours, or a parent removed) or the connected clients.
+    """
+    return (
+        ours(path, directory)
+        or path in CONNECTED_IPS
+        or (path.endswith("/") and directory.startswith(path))
+    )
 
 
 def classify(paths: Iterable[str], directory: str = FORWARD_DIR) -> ForwardChanges:
@@ -88,6 +112,9 @@ def classify(paths: Iterable[str], directory: str = FORWARD_DIR) -> ForwardChang
     """
     changes = ForwardChanges()
     for path in paths:
+        if path in CONNECTED_IPS:
+            changes.connected = True
+            continue
         if not concerns(path, directory):
             continue
         # "/qns-forward", "/" and the like mean: read every target again
@@ -171,9 +198,17 @@ class ChainHalf:
         self.targets: dict[IPAddress, Target] = {}
         #: targets whose rules nft refused, left out until dom0 rewrites them
         self.refused: dict[IPAddress, str] = {}
+        #: this hop's clients (``/connected-ips(6)``); rules point at nothing else
+        self.connected: frozenset[IPAddress] = frozenset()
+        #: (target, address) left out as not connected, logged once
+        self.skipped: set[tuple[IPAddress, IPAddress]] = set()
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Any, ...]:
         """A target's entries, validated; EntryError if any does not parse."""
+        raise NotImplementedError
+
+    def destination(self, address: IPAddress, item: Any) -> IPAddress:
+        """The address an item of target ``address`` sends traffic to (must be connected)."""
         raise NotImplementedError
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
@@ -230,8 +265,32 @@ class ChainHalf:
     def _transaction(self, targets: Mapping[IPAddress, Target]) -> str:
         return transaction(self.desired(targets), self.runner, self.CHAINS, self.HOOKS)
 
+    def _load_connected(self) -> None:
+        """Re-read the connected clients (the outbound worker logs garbage in them)."""
+        self.connected, _problems = read_connected(self.db)
+
+    def _connected_only(self, address: IPAddress, target: Target) -> Target:
+        """The items of a target that point at a connected client; the others logged once.
+
+        A stale entry (dom0 missed removing it) must never reach a qube
+        that reuses the address, so only clients of this hop count.
+        """
+        if isinstance(target, Refused):
+            return target
+        kept = []
+        for item in target:
+            to = self.destination(address, item)
+            if to in self.connected:
+                self.skipped.discard((address, to))
+                kept.append(item)
+            elif (address, to) not in self.skipped:
+                self.skipped.add((address, to))
+                log.warning("%s to %s: leaving out what goes to %s: not a connected client",
+                            self.LABEL, address, to)
+        return tuple(kept)
+
     def _effective(self) -> dict[IPAddress, Target]:
-        targets = dict(self.targets)
+        targets = {a: self._connected_only(a, t) for a, t in self.targets.items()}
         for address, reason in self.refused.items():
             targets[address] = Refused(reason)
         return targets
@@ -303,6 +362,7 @@ class ChainHalf:
                 targets[address] = target
         gone = self.targets.keys() - targets.keys()
         self.targets = targets
+        self._load_connected()
         self.commit()
         for address in sorted(targets.keys() | gone, key=lambda a: (a.version, a)):
             self._record(address)
@@ -312,6 +372,11 @@ class ChainHalf:
         if changes.full:
             self.reload()
             return
+        changed = False
+        if changes.connected:
+            before = self.desired(self._effective())
+            self._load_connected()
+            changed = self.desired(self._effective()) != before
         handled = []
         for untrusted_name in sorted(changes.targets):
             address = self._target_address(untrusted_name)
@@ -325,7 +390,7 @@ class ChainHalf:
             else:
                 self.targets[address] = target
             handled.append(address)
-        if handled:
+        if handled or changed:
             self.commit()
             for address in handled:
                 self._record(address)
@@ -348,6 +413,10 @@ class Forwarder(ChainHalf):
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Step, ...]:
         return tuple(parse_target(untrusted_entries))
+
+    def destination(self, address: IPAddress, item: Step) -> IPAddress:
+        # the next hop (a ProxyVM, client of this hop) or, at the last hop, the target
+        return item.to
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
         return desired_chains(targets)

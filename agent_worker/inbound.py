@@ -92,5 +92,8 @@ class Inbound(ChainHalf):
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Opening, ...]:
         return tuple(parse_target(address, untrusted_entries))
 
+    def destination(self, address: IPAddress, item: Opening) -> IPAddress:
+        return address
+
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
         return desired_chains(targets)

@@ -50,6 +50,8 @@ WEB_TCP = f"proto=tcp ports=8080-8080 iif=upstream daddr=local to={WEB} toports=
 WEB_UDP = f"proto=udp ports=5353-5353 iif=upstream daddr=local to={WEB} toports=53-53"
 WORK_TCP = f"proto=tcp ports=2222-2222 iif=upstream daddr=local to={WORK} toports=22-22"
 USER_RULE = "tcp dport 9999 counter accept"
+#: this hop's clients: rules only point at them
+CONNECTED = {"/connected-ips": f"{WEB} {WORK}", "/connected-ips6": "fd09:24ef:4179::a89:5"}
 
 
 def write_forwards(db: Any, target: str, steps: list[str] | list[bytes]) -> None:
@@ -81,7 +83,9 @@ def test_events_wait_for_the_completion_path() -> None:
     )
     assert classify(["/qns-forward/"]).full
     assert classify(["/"]).full
-    assert classify(["/qubes-firewall/10.137.0.5", "/connected-ips"]) == ForwardChanges()
+    assert classify(["/qubes-firewall/10.137.0.5"]) == ForwardChanges()
+    assert classify(["/connected-ips", "/connected-ips6"]) == ForwardChanges(connected=True)
+    assert forwarding.concerns("/connected-ips6") and not forwarding.ours("/connected-ips6")
     assert not forwarding.concerns("/qubes-firewall/")
     assert not forwarding.concerns("/qns-forward_handled/10.137.0.5")
     assert forwarding.ours("/qns-forward") and not forwarding.ours("/")
@@ -104,7 +108,7 @@ class ListingOnly:
 
 
 def test_bad_entry_fails_its_target_only_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
-    db = MemoryQubesDB()
+    db = MemoryQubesDB(CONNECTED)
     write_forwards(db, WEB, [WEB_TCP])
     write_forwards(db, WORK, [WORK_TCP, "proto=tcp ports=1-1"])
     db.write("/qns-forward/010.137.0.7", "")
@@ -119,12 +123,42 @@ def test_bad_entry_fails_its_target_only_and_logs_it(caplog: pytest.LogCaptureFi
     assert handled(db, WORK) == 1 and handled(db, WEB) == 1
 
 
+def test_steps_go_to_connected_clients_only(caplog: pytest.LogCaptureFixture) -> None:
+    """A stale entry (dom0 missed its removal) never reaches a qube reusing the address."""
+    db = MemoryQubesDB(CONNECTED)
+    write_forwards(db, WEB, [WEB_TCP, WEB_UDP])
+    write_forwards(db, WORK, [WORK_TCP])
+    runner = ListingOnly()
+    forwarder = Forwarder(db, runner)
+    forwarder.reload()
+    assert f"to {WEB}:80" in runner.sent[-1] and f"to {WORK}:22" in runner.sent[-1]
+
+    db.write("/connected-ips", WORK)
+    with caplog.at_level(logging.INFO, logger="qubes.firewall"):
+        forwarder.handle(classify(["/connected-ips"]))
+        forwarder.handle(classify(["/connected-ips6"]))  # nothing changed: nothing sent
+        forwarder.handle(classify([f"/qns-forward/{WORK}"]))  # not logged again
+    assert len(runner.sent) == 3
+    assert WEB not in runner.sent[1] and f"to {WORK}:22" in runner.sent[1]
+    skipped = [m for m in caplog.messages if "not a connected client" in m]
+    assert skipped == [f"forwards to {WEB}: leaving out what goes to {WEB}: not a connected client"]
+
+    db.write("/connected-ips", f"{WORK} {WEB}")
+    forwarder.handle(classify(["/connected-ips"]))
+    assert f"to {WEB}:80" in runner.sent[-1] and f"to {WORK}:22" in runner.sent[-1]
+
+    # at a hop before the last, ``to`` is the next hop: a client of this hop, not the target
+    write_forwards(db, "10.137.0.99", [WEB_TCP.replace("ports=80-80", "ports=81-81")])
+    forwarder.handle(classify(["/qns-forward/10.137.0.99"]))
+    assert f"to {WEB}:81" in runner.sent[-1]
+
+
 def test_nothing_to_forward_leaves_table_qubes_alone() -> None:
     runner = ListingOnly()
-    Forwarder(MemoryQubesDB(), runner).reload()
+    Forwarder(MemoryQubesDB(CONNECTED), runner).reload()
     assert runner.sent == []
     missing = ListingOnly(tables=False)
-    db = MemoryQubesDB()
+    db = MemoryQubesDB(CONNECTED)
     write_forwards(db, WEB, [WEB_TCP])
     Forwarder(db, missing).reload()
     assert missing.sent == []
@@ -212,7 +246,7 @@ def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str)
     original = nft_ruleset(netns)
 
     def body() -> None:
-        db = MemoryQubesDB()
+        db = MemoryQubesDB(CONNECTED)
         write_forwards(db, WEB, [WEB_TCP, WEB_UDP])
         write_forwards(db, "fd09:24ef:4179::a89:5", [_GOOD[2]])
         forwarder = Forwarder(db, Nft().run)
@@ -243,7 +277,7 @@ def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str)
     ]
 
     def remove_all() -> None:
-        db = MemoryQubesDB()
+        db = MemoryQubesDB(CONNECTED)
         write_forwards(db, WEB, [WEB_TCP])
         forwarder = Forwarder(db, Nft().run)
         forwarder.reload()
@@ -271,7 +305,7 @@ def test_refused_target_is_left_out_and_the_rest_applies(netns: str) -> None:
             return real(step)
 
         forward.dnat_rule = broken  # type: ignore[assignment]
-        db = MemoryQubesDB()
+        db = MemoryQubesDB(CONNECTED)
         write_forwards(db, WEB, [WEB_TCP])
         write_forwards(db, WORK, [WORK_TCP])
         forwarder = Forwarder(db, Nft().run)
@@ -405,6 +439,22 @@ def test_tcp_and_udp_reach_the_target_until_the_entries_go(hop: Hop) -> None:
         assert probe(hop.client, "udp", HOP_UPLINK, 5353) is None
     assert hop.worker.process.poll() is None
     assert "INFO: forwards to 10.137.0.5 removed" in hop.worker.text()
+
+
+@pytest.mark.lab
+def test_forward_follows_the_connected_clients(hop: Hop) -> None:
+    with serving(hop.web, "tcp", 80, "web-tcp"):
+        hop.rewrite(WEB, [WEB_TCP])
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8080) == "web-tcp"
+        hop.db.write("/connected-ips", WORK)  # web gone, its entries left behind
+        wait_for(lambda: _rules_with(nft_ruleset(hop.hop), "qns-dnat") == [],
+                 what="stale forward removed")
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8080) is None
+        hop.db.write("/connected-ips", f"{WEB} {WORK}")
+        wait_for(lambda: len(_rules_with(nft_ruleset(hop.hop), "qns-dnat")) == 1,
+                 what="forward back")
+        assert probe(hop.client, "tcp", HOP_UPLINK, 8080) == "web-tcp"
+    assert hop.worker.text().count(f"leaving out what goes to {WEB}") == 1
 
 
 @pytest.mark.lab

@@ -31,6 +31,8 @@ WEB, WORK = "10.137.0.20", "10.137.0.21"
 WEB_IP = ipaddress.IPv4Address(WEB)
 SSH = "action=accept srchost=10.137.0.21/32 proto=tcp dstports=22-22"
 USER_RULE = "tcp dport 9999 counter accept"
+#: the netvm's clients: rules only protect them
+CONNECTED = {"/connected-ips": f"{WEB} {WORK} 10.137.0.22"}
 
 
 def write_inbound(db: Any, target: str, values: list[str] | list[bytes]) -> None:
@@ -101,7 +103,7 @@ def test_fuzzed_entries_raise_only_entry_errors(untrusted: dict[str, bytes]) -> 
 
 
 def test_events_are_the_inbound_directory_only() -> None:
-    half = Inbound(MemoryQubesDB(), lambda *_a, **_k: "")
+    half = Inbound(MemoryQubesDB(CONNECTED), lambda *_a, **_k: "")
     assert half.classify([f"/qns-inbound/{WEB}/0000", f"/qns-inbound/{WEB}/"]) == ForwardChanges()
     assert half.classify([f"/qns-inbound/{WEB}"]) == ForwardChanges(targets={WEB})
     assert half.classify(["/qns-forward/10.137.0.20", "/qubes-firewall/10.137.0.20"]) == (
@@ -127,7 +129,7 @@ class Recorder:
 def test_a_bad_entry_blocks_its_target_only_and_is_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    db = MemoryQubesDB()
+    db = MemoryQubesDB(CONNECTED)
     write_inbound(db, WEB, [SSH])
     write_inbound(db, "10.137.0.22", [SSH, "action=accept srchost=10.137.0.21"])
     db.write("/qns-inbound/010.137.0.7", "")
@@ -144,6 +146,23 @@ def test_a_bad_entry_blocks_its_target_only_and_is_logged(
     assert any(m.startswith("ignoring /qns-inbound/010.137.0.7") for m in caplog.messages)
     assert db.read(f"/qns-inbound_handled/{WEB}") == b"1"
     assert db.read("/qns-inbound_handled/10.137.0.22") == b"1"
+
+
+def test_rules_protect_connected_clients_only() -> None:
+    db = MemoryQubesDB(CONNECTED)
+    write_inbound(db, WEB, [SSH])
+    runner = Recorder()
+    half = Inbound(db, runner)
+    half.reload()
+    assert f"ip daddr {WEB}" in runner.sent[-1]
+    db.write("/connected-ips", WORK)
+    half.handle(half.classify(["/connected-ips"]))
+    assert len(runner.sent) == 1  # an empty table gets nothing to remove
+    assert half.desired(half._effective()) == {"ip": {"qns-inbound": []},
+                                               "ip6": {"qns-inbound": []}}
+    db.write("/connected-ips", f"{WORK} {WEB}")
+    half.handle(half.classify(["/connected-ips"]))
+    assert len(runner.sent) == 2 and f"ip daddr {WEB}" in runner.sent[-1]
 
 
 # -- against the kernel -------------------------------------------------------
@@ -173,7 +192,7 @@ def test_inbound_jump_follows_custom_and_forward_jumps(netns: str, inbound_first
     original = nft_ruleset(netns)
 
     def body() -> None:
-        db = MemoryQubesDB()
+        db = MemoryQubesDB(CONNECTED)
         write_inbound(db, WEB, [SSH])
         db.write("/qns-forward/10.137.0.20/0000", FORWARD_STEP)
         db.write("/qns-forward/10.137.0.20", "")
@@ -195,13 +214,13 @@ def test_inbound_jump_follows_custom_and_forward_jumps(netns: str, inbound_first
     ]
 
     def remove_all() -> None:
-        db = MemoryQubesDB()
+        db = MemoryQubesDB(CONNECTED)
         write_inbound(db, WEB, [SSH])
         half = Inbound(db, Nft().run)
         half.reload()
         remove_inbound(db, WEB)
         half.handle(half.classify([f"/qns-inbound/{WEB}/", f"/qns-inbound/{WEB}"]))
-        Forwarder(MemoryQubesDB(), Nft().run).reload()
+        Forwarder(MemoryQubesDB(CONNECTED), Nft().run).reload()
 
     in_netns(netns, remove_all)
     assert nft_ruleset(netns) == original  # user rule kept, nothing of ours left
@@ -220,7 +239,7 @@ def test_a_target_nft_refuses_is_left_out(netns: str) -> None:
             return real(address, rule)
 
         inbound.forward_rule = broken  # type: ignore[assignment]
-        db = MemoryQubesDB()
+        db = MemoryQubesDB(CONNECTED)
         write_inbound(db, WEB, [SSH])
         write_inbound(db, "10.137.0.22", [SSH])
         Inbound(db, Nft().run).reload()
@@ -248,7 +267,7 @@ def _every_parsed_rule_is_accepted_by_nft() -> None:
             rules = inbound.parse_target(WEB_IP, {"0000": " ".join(words).encode()})
         except EntryError:
             return
-        half = Inbound(MemoryQubesDB(), nft.run)
+        half = Inbound(MemoryQubesDB(CONNECTED), nft.run)
         text = half._transaction({WEB_IP: tuple(rules)})
         try:
             nft.run(text, check=True)
