@@ -230,17 +230,21 @@ def parse_source(
 def parse_resolv_conf(text: str) -> frozenset[IPAddress]:
     """Nameserver addresses a hop sends DNS to (upstream's source for specialtarget=dns).
 
-    Loopback and unspecified addresses are left out: forwarded traffic never
-    goes there (a local stub resolver such as systemd-resolved's).
+    Loopback, unspecified and link-local addresses, and any with a zone id
+    (``fe80::1%eth0``, which nft refuses), are left out: forwarded traffic
+    never goes there (a local stub resolver such as systemd-resolved's, a
+    router on the uplink's link).
     """
     servers = set()
     for line in text.splitlines():
         fields = line.split()
         if len(fields) >= 2 and fields[0] == "nameserver":
+            if "%" in fields[1]:
+                continue
             try:
                 address = ipaddress.ip_address(fields[1])
             except ValueError:
                 continue
-            if not (address.is_loopback or address.is_unspecified):
+            if not (address.is_loopback or address.is_unspecified or address.is_link_local):
                 servers.add(address)
     return frozenset(servers)

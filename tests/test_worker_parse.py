@@ -162,6 +162,15 @@ def test_connected_ips_keep_the_family_and_report_garbage() -> None:
     assert parse_address_list(b"\xff", 4) == (frozenset(), ["value is not ASCII"])
 
 
+def test_resolv_conf_leaves_out_link_local_and_zone_ids() -> None:
+    """nft refuses ``fe80::1%eth0``: one such line would block every IPv6 dns rule."""
+    text = (
+        "nameserver fe80::1%eth0\nnameserver fe80::2\nnameserver 169.254.1.1\n"
+        "nameserver 2001:db8::1%2\nnameserver 2001:db8::53\n"
+    )
+    assert parse_resolv_conf(text) == {addr("2001:db8::53")}
+
+
 def test_resolv_conf_nameservers_without_local_stubs() -> None:
     text = (
         "# comment\nnameserver 10.139.1.1\nnameserver 127.0.0.53\nnameserver ::1\n"
