@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import time
+import warnings
 from typing import Any
 
 import qubes.api
@@ -33,12 +35,15 @@ from core_admin_patch import errors
 from core_admin_patch.admin_api import METHODS, handle_call
 from core_admin_patch.extension_core import (
     APP_EVENTS,
+    LOAD_EVENT,
     REPLAN_EVENTS,
     ExtensionCore,
     OutboundFirewall,
     firewall_path,
     upstream_error,
 )
+
+log = logging.getLogger("qubes.network-server")
 
 #: method -> (attribute on QubesAdminAPI, qrexec policy classifiers). The
 #: attribute names of Get/Set/Reload are upstream's, so ours replace them
@@ -109,6 +114,18 @@ def install_firewall_reader() -> None:
     )
 
 
+def _qubesd_loop() -> asyncio.AbstractEventLoop | None:
+    """qubesd's loop: running, or set by qubesd's main() before it loads qubes.xml."""
+    with contextlib.suppress(RuntimeError):
+        return asyncio.get_running_loop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # no current loop (3.12+)
+        try:
+            return asyncio.get_event_loop()
+        except RuntimeError:
+            return None
+
+
 class NetworkServerExtension(qubes.ext.Extension):  # type: ignore[misc]
     """Keeps forward and input entries right as qubesd's state changes."""
 
@@ -144,6 +161,15 @@ class NetworkServerExtension(qubes.ext.Extension):  # type: ignore[misc]
     @qubes.ext.handler(*sorted(APP_EVENTS), system=True)
     def on_app_event(self, app: Any, event: str, **kwargs: Any) -> None:
         self.core(app).on_app_event(event)
+
+    @qubes.ext.handler(LOAD_EVENT)
+    def on_domain_load(self, vm: Any, event: str, **kwargs: Any) -> None:
+        """qubesd start: one re-plan (and the expiry timer) once its loop runs."""
+        loop = _qubesd_loop()
+        if loop is None:
+            log.error("no event loop at %s: rule expiry waits for the first event", event)
+            return
+        self.core(vm.app).on_load(vm, loop)
 
     @qubes.ext.handler("property-pre-set:netvm")
     def on_netvm_pre_set(

@@ -61,6 +61,9 @@ REPLAN_EVENTS: frozenset[str] = frozenset({
 #: dom0 remembers having written there no longer holds.
 QDB_RESET_EVENTS: frozenset[str] = frozenset({"domain-qdb-create", "domain-shutdown"})
 
+#: Fired on every qube once qubesd has loaded qubes.xml (at qubesd start).
+LOAD_EVENT = "domain-load"
+
 #: Events fired on the app (system-wide): a qube appeared or disappeared.
 APP_EVENTS: frozenset[str] = frozenset({"domain-add", "domain-delete"})
 
@@ -85,6 +88,8 @@ class LoopLike(Protocol):
     def time(self) -> float: ...
 
     def call_at(self, when: float, callback: Callable[[], object]) -> Any: ...
+
+    def call_soon(self, callback: Callable[[], object]) -> Any: ...
 
 
 def firewall_path(vm: VMLike) -> Path:
@@ -234,6 +239,7 @@ class ExtensionCore:
             self.planned_domains, read_rules, self.writer  # type: ignore[arg-type]
         )
         self.timer: ExpiryTimer | None = None
+        self._startup_scheduled = False
 
     def planned_domains(self) -> list[VMLike]:
         """The qubes that can take part in a forward: not dom0 (no firewall.xml, no netvm)."""
@@ -243,6 +249,18 @@ class ExtensionCore:
         """Arm expiry re-plans on qubesd's loop (once it runs)."""
         if self.timer is None:
             self.timer = ExpiryTimer(loop, self.on_expiry, self._clock)
+
+    def on_load(self, vm: VMLike, loop: LoopLike) -> None:
+        """qubesd loaded qubes.xml (``domain-load`` on each qube): re-plan once its loop runs.
+
+        After a qubesd restart nothing else would reconcile QubesDB (rules
+        that expired meanwhile) or arm the expiry timer before the first
+        event. ``call_soon`` on a loop not yet running runs when it starts.
+        """
+        self.start_timer(loop)
+        if not self._startup_scheduled:
+            self._startup_scheduled = True
+            loop.call_soon(self.refresh)
 
     def on_expiry(self) -> None:
         """A rule expired: outbound entries of its qube too, then the forwards.

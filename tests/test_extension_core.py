@@ -396,3 +396,37 @@ def test_an_existing_conflict_elsewhere_does_not_block_an_unrelated_change(
     system.set_rules("web2", FORWARD)  # written behind the API's back: already a conflict
     lone = _add_vm(system, tmp_path, "lone", ip=ipaddress.IPv4Address("10.137.0.22"))
     system.core.check_netvm_change(lone, system.vms["sys-net"])
+
+
+class SoonLoop(FakeLoop):
+    """FakeLoop that also queues ``call_soon`` callbacks (run when the loop starts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.soon: list[Any] = []
+
+    def call_soon(self, callback: Any) -> FakeHandle:
+        self.soon.append(callback)
+        return FakeHandle(self.now, callback)
+
+
+def test_load_schedules_one_startup_refresh_that_reconciles_and_arms_expiry(
+    system: System,
+) -> None:
+    # qubesd restarted: a rule expired while it was down, another expires later
+    system.set_rules("web", f"{FORWARD} expire={int(NOW) - 10}\n"
+                            "action=forward forwardtype=external proto=tcp srcports=2222 "
+                            f"dstports=22 expire={int(NOW) + 60}")
+    stale = system.vms["sys-firewall"].untrusted_qdb
+    stale.data.update({"/qns-forward/10.137.0.20/0000": "left by the old qubesd",
+                       "/qns-forward/10.137.0.20": ""})
+    loop = SoonLoop()
+    for vm in system.vms.values():  # domain-load fires on every qube
+        system.core.on_load(vm, loop)
+    assert len(loop.soon) == 1 and loop.handles == []
+    loop.soon[0]()  # the loop starts
+    entries = stale.data
+    assert "left by the old qubesd" not in entries.values()
+    assert any("2222" in value for value in entries.values())
+    assert system.core.timer is not None and system.core.timer.expiry == int(NOW) + 60
+    assert loop.handles[-1].when == pytest.approx(loop.now + 60 + EXPIRY_SLACK)

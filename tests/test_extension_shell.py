@@ -261,3 +261,29 @@ def test_netvm_pre_set_refuses_a_shared_port(shell: Any, tmp_path: Path) -> None
         ext.on_netvm_pre_set(vms["web2"], "property-pre-set:netvm", name="netvm",
                              newvalue=vms["net"], oldvalue=None)
     ext.on_netvm_pre_set(vms["web2"], "property-pre-set:netvm", name="netvm", newvalue=None)
+
+
+def test_domain_load_replans_once_qubesd_loop_runs(shell: Any, tmp_path: Path) -> None:
+    ext = shell.NetworkServerExtension()
+    assert ext.on_domain_load.ha_events == ("domain-load",)
+    app = FakeApp(tmp_path)
+    app_ns = types.SimpleNamespace(domains=_Domains(app))
+    app.web.app = app_ns
+    expire = 4_000_000_000
+    rule = Rule.from_api_string(
+        f"action=forward forwardtype=external proto=tcp srcports=80 dstports=80 expire={expire}"
+    )
+    save_firewall_xml(tmp_path / "web" / "firewall.xml", [rule], 0)
+    # qubesd's main() sets its loop, then loads qubes.xml (domain-load), then runs the loop.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        ext.on_domain_load(app.web, "domain-load")
+        ext.on_domain_load(app.web, "domain-load")
+        core = shell.NetworkServerExtension._core
+        assert core.timer is not None and core.timer.expiry is None  # nothing ran yet
+        loop.run_until_complete(asyncio.sleep(0))
+        assert core.timer.expiry == expire  # the startup re-plan armed the expiry timer
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
