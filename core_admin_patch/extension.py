@@ -9,8 +9,9 @@ only connects it to qubesd:
 - the Admin API: ``admin.vm.firewall.Get``/``Set``/``Reload`` are replaced
   (upstream's parser refuses forward and inbound rules) and ``GetPaths``
   is added, all answered by :func:`core_admin_patch.admin_api.handle_call`;
-- ``vm.firewall``: replaced by a reader of every firewall.xml version, so
-  upstream's outbound path keeps working for a version 3 file.
+- ``vm.firewall``: replaced by one OutboundFirewall per qube (every
+  firewall.xml version, ``clone``/``save``), so upstream's outbound path
+  and DispVM creation keep working for a version 3 file.
 
 Not run on a real dom0 yet; doc/dom0-extension.md lists what is unverified.
 """
@@ -38,8 +39,7 @@ from core_admin_patch.extension_core import (
     LOAD_EVENT,
     REPLAN_EVENTS,
     ExtensionCore,
-    OutboundFirewall,
-    firewall_path,
+    firewall_for,
     upstream_error,
 )
 
@@ -104,14 +104,13 @@ def install_api_methods() -> None:
 
 
 def install_firewall_reader() -> None:
-    """``vm.firewall`` reads firewall.xml afresh with our reader (all versions).
+    """``vm.firewall`` is the qube's one OutboundFirewall (all firewall.xml versions).
 
-    Upstream's object is loaded once and refuses version 3; ours serves its
-    ``qdb_entries`` to upstream's ``reload_firewall_for_vm``.
+    Upstream's object refuses version 3; ours serves its ``qdb_entries`` to
+    upstream's ``reload_firewall_for_vm`` and its ``clone``/``save`` to
+    DispVM creation.
     """
-    qubes.vm.mix.net.NetVMMixin.firewall = property(  # type: ignore[assignment]
-        lambda vm: OutboundFirewall(firewall_path(vm))
-    )
+    qubes.vm.mix.net.NetVMMixin.firewall = property(firewall_for)  # type: ignore[assignment]
 
 
 def _qubesd_loop() -> asyncio.AbstractEventLoop | None:

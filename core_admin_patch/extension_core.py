@@ -16,6 +16,7 @@ tests hand in small stand-ins.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import ipaddress
 import logging
@@ -28,7 +29,13 @@ from typing import Any, Protocol
 from core_admin_patch import errors, planner
 from core_admin_patch.admin_api import load_rules
 from core_admin_patch.network_server import DomainLike, NetworkServer
-from firewall_rules import Rule, default_rules, load_firewall_xml, outbound_qdb_entries
+from firewall_rules import (
+    Rule,
+    default_rules,
+    load_firewall_xml,
+    outbound_qdb_entries,
+    save_firewall_xml,
+)
 
 log = logging.getLogger("qubes.network-server")
 
@@ -100,8 +107,12 @@ def firewall_path(vm: VMLike) -> Path:
 def read_rules(vm: VMLike) -> list[Rule]:
     """All three rule kinds from firewall.xml (upstream's vm.firewall sees only outbound).
 
-    No file means rules were never set: upstream's default, accept all.
+    No file means rules were never set: those cloned into the qube and not
+    saved yet, else upstream's default, accept all.
     """
+    firewall = getattr(vm, _FIREWALL_ATTRIBUTE, None)
+    if isinstance(firewall, OutboundFirewall):
+        return firewall.current()  # rules cloned into a qube not saved yet
     path = firewall_path(vm)
     return load_firewall_xml(path) if path.exists() else default_rules()
 
@@ -437,11 +448,18 @@ class OutboundFirewall:
     qube. This object gives it the same ``/qubes-firewall/`` entries from
     our reader; a file that cannot be read blocks the qube (policy drop),
     as an unreadable rule set must never open it.
+
+    One object per qube (:func:`firewall_for`), as upstream's. firewall.xml,
+    once it exists, is the rule list (our Set writes it directly); before
+    that, rules given by ``clone()`` (a disposable is cloned from its
+    template before its directory exists) or assignment are held here
+    until ``save()``.
     """
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self._path = path
+    def __init__(self, vm: VMLike, clock: Callable[[], float] = time.time) -> None:
+        self._vm = vm
         self._clock = clock
+        self._unsaved: list[Rule] | None = None
 
     @property
     def policy(self) -> str:
@@ -449,13 +467,66 @@ class OutboundFirewall:
 
     @property
     def rules(self) -> list[Rule]:
-        """Our rules (all kinds); raises QubesVMError-like errors via admin_api."""
-        return load_rules(QubeRef(self._path.parent.name, self._path))
+        """Our rules (all kinds); an unreadable file raises admin_api's QubesVMError."""
+        path = firewall_path(self._vm)
+        if path.exists():
+            return load_rules(QubeRef(self._vm.name, path))
+        return self._fallback()
+
+    @rules.setter
+    def rules(self, rules: Iterable[object]) -> None:
+        self._unsaved = [_own_rule(rule) for rule in rules]
+
+    def current(self) -> list[Rule]:
+        """The rules in force, for planning; raises the reader's error for a bad file."""
+        path = firewall_path(self._vm)
+        return load_firewall_xml(path) if path.exists() else self._fallback()
+
+    def _fallback(self) -> list[Rule]:
+        return list(self._unsaved) if self._unsaved is not None else default_rules()
+
+    def clone(self, other: Any) -> None:
+        """Take every rule of ``other`` (forward and inbound too), as upstream's ``clone``.
+
+        An unreadable source raises: a copy never falls back to accept-all.
+        Saved at once if the qube already has its directory, else at ``save()``.
+        """
+        self.rules = list(other.rules)
+        if Path(self._vm.dir_path).is_dir():
+            self.save()
+
+    def save(self) -> None:
+        """Write the rules to firewall.xml and announce it (``firewall-changed``), as upstream."""
+        rules = self._unsaved if self._unsaved is not None else self.rules
+        save_firewall_xml(firewall_path(self._vm), rules, self._clock())
+        self._unsaved = None
+        fire_event = getattr(self._vm, "fire_event", None)
+        if fire_event is not None:
+            fire_event("firewall-changed")
 
     def qdb_entries(self, addr_family: int | None = None) -> dict[str, str]:
         try:
-            rules = load_firewall_xml(self._path) if self._path.exists() else default_rules()
-            return outbound_qdb_entries(rules, addr_family, self._clock())
+            return outbound_qdb_entries(self.current(), addr_family, self._clock())
         except Exception as err:
-            log.error("%s: firewall rules unusable, blocking its traffic: %s", self._path, err)
+            log.error("%s: firewall rules unusable, blocking its traffic: %s", self._vm.name, err)
             return {"policy": "drop"}
+
+
+def _own_rule(rule: object) -> Rule:
+    """A copy of one of our rules, or ours parsed from another's ``api_rule`` line."""
+    if isinstance(rule, Rule):
+        return copy.copy(rule)
+    return Rule.from_api_string(str(getattr(rule, "api_rule", rule)))
+
+
+#: Attribute under which a qube keeps its OutboundFirewall.
+_FIREWALL_ATTRIBUTE = "_qns_firewall"
+
+
+def firewall_for(vm: VMLike) -> OutboundFirewall:
+    """The qube's one OutboundFirewall (``vm.firewall``), made on first use."""
+    firewall = getattr(vm, _FIREWALL_ATTRIBUTE, None)
+    if not isinstance(firewall, OutboundFirewall):
+        firewall = OutboundFirewall(vm)
+        setattr(vm, _FIREWALL_ATTRIBUTE, firewall)
+    return firewall

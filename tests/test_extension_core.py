@@ -19,6 +19,8 @@ from core_admin_patch.extension_core import (
     ExpiryTimer,
     ExtensionCore,
     OutboundFirewall,
+    firewall_for,
+    read_rules,
     upstream_error,
 )
 from core_admin_patch.planner import SUPPORT_FEATURE
@@ -282,18 +284,19 @@ def test_outbound_reader_serves_upstream_entries_for_a_v3_file(system: System) -
                             "action=accept proto=tcp dstports=443\naction=drop")
     path = Path(system.vms["web"].dir_path) / "firewall.xml"
     assert 'version="3"' in path.read_text()
-    entries = OutboundFirewall(path, lambda: NOW).qdb_entries(addr_family=4)
+    entries = OutboundFirewall(system.vms["web"], lambda: NOW).qdb_entries(addr_family=4)
     assert entries["policy"] == "drop"
     assert set(entries) == {"policy", "0002", "0003"}  # forward and inbound leave gaps
     assert entries["0003"] == "action=drop"
 
 
 def test_outbound_reader_fails_closed(tmp_path: Path) -> None:
+    web = FakeVM("web", str(tmp_path / "web"))
     path = tmp_path / "web" / "firewall.xml"
     path.parent.mkdir()
-    assert OutboundFirewall(path).qdb_entries() == {"policy": "drop", "0000": "action=accept"}
+    assert OutboundFirewall(web).qdb_entries() == {"policy": "drop", "0000": "action=accept"}
     path.write_text("<firewall version='9'/>")
-    assert OutboundFirewall(path).qdb_entries() == {"policy": "drop"}
+    assert OutboundFirewall(web).qdb_entries() == {"policy": "drop"}
 
 
 class TemplateFeatures(dict[str, str]):
@@ -430,3 +433,68 @@ def test_load_schedules_one_startup_refresh_that_reconciles_and_arms_expiry(
     assert any("2222" in value for value in entries.values())
     assert system.core.timer is not None and system.core.timer.expiry == int(NOW) + 60
     assert loop.handles[-1].when == pytest.approx(loop.now + 60 + EXPIRY_SLACK)
+
+
+@dataclass
+class EventVM(FakeVM):
+    events: list[str] = field(default_factory=list)
+
+    def fire_event(self, event: str, **kwargs: Any) -> None:
+        self.events.append(event)
+
+
+ALL_KINDS = f"{FORWARD}\naction=accept srchost=10.137.0.6\naction=accept proto=tcp dstports=443\n" \
+    "action=drop"
+
+
+def test_one_firewall_object_per_qube(system: System) -> None:
+    web = system.vms["web"]
+    assert firewall_for(web) is firewall_for(web)
+    assert firewall_for(web) is not firewall_for(system.vms["sys-net"])
+
+
+def test_clone_for_a_disposable_copies_every_rule_kind_and_saves_later(
+    system: System, tmp_path: Path,
+) -> None:
+    system.set_rules("web", ALL_KINDS)  # web is the disposable template here
+    disp = EventVM("disp1234", str(tmp_path / "disp1234"), netvm=system.vms["sys-firewall"],
+                   ip=ipaddress.IPv4Address("10.138.4.210"))
+    # DispVM.__init__: self.firewall.clone(template.firewall), before its directory exists
+    firewall_for(disp).clone(firewall_for(system.vms["web"]))
+    assert not Path(disp.dir_path).exists()
+    assert [r.api_rule for r in firewall_for(disp).rules] == \
+        [r.api_rule for r in firewall_for(system.vms["web"]).rules]
+    assert [r.api_rule for r in read_rules(disp)] == [r.api_rule for r in firewall_for(disp).rules]
+    entries = firewall_for(disp).qdb_entries(addr_family=4)
+    assert entries == {"policy": "drop", "0002": "action=accept proto=tcp dstports=443-443",
+                       "0003": "action=drop"}  # not upstream's default accept-all
+    Path(disp.dir_path).mkdir()
+    firewall_for(disp).save()
+    saved = Path(disp.dir_path) / "firewall.xml"
+    assert 'version="3"' in saved.read_text()
+    template_rules = read_rules(system.vms["web"])
+    assert [r.api_rule for r in read_rules(disp)] == [r.api_rule for r in template_rules]
+    assert disp.events == ["firewall-changed"]
+
+
+def test_clone_onto_an_existing_qube_saves_at_once(system: System, tmp_path: Path) -> None:
+    system.set_rules("web", ALL_KINDS)
+    copy = EventVM("copy", str(tmp_path / "copy"))
+    Path(copy.dir_path).mkdir()
+    firewall_for(copy).clone(firewall_for(system.vms["web"]))
+    assert len(read_rules(copy)) == 4 and (Path(copy.dir_path) / "firewall.xml").exists()
+    # A later Set writes firewall.xml directly: the file wins over anything held in memory.
+    system.vms["copy"] = copy
+    handle_call(system.core, "admin.vm.firewall.Set", "", "copy", b"action=drop\n", NOW)
+    assert [r.api_rule for r in firewall_for(copy).rules] == ["action=drop"]
+
+
+def test_clone_of_an_unreadable_firewall_refuses_instead_of_accepting_all(
+    system: System, tmp_path: Path,
+) -> None:
+    (Path(system.vms["web"].dir_path) / "firewall.xml").write_text("garbage")
+    disp = EventVM("disp1", str(tmp_path / "disp1"))
+    with pytest.raises(errors.QubesVMError):
+        firewall_for(disp).clone(firewall_for(system.vms["web"]))
+    Path(disp.dir_path).mkdir()
+    assert not (Path(disp.dir_path) / "firewall.xml").exists()

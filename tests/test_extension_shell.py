@@ -189,6 +189,11 @@ def test_vm_firewall_is_our_reader(shell: Any, tmp_path: Path) -> None:
     net_mixin = sys.modules["qubes.vm.mix.net"].NetVMMixin
     entries = net_mixin.firewall.fget(app.web).qdb_entries(addr_family=4)
     assert entries == {"policy": "drop", "0000": "action=accept"}
+    # One object per qube (DispVM.__init__ calls clone() on it, then it must still hold the rules)
+    assert net_mixin.firewall.fget(app.web) is net_mixin.firewall.fget(app.web)
+    disp = FakeVM("disp1", tmp_path / "disp1", app)
+    net_mixin.firewall.fget(disp).clone(net_mixin.firewall.fget(app.web))
+    assert net_mixin.firewall.fget(disp).rules[0].api_rule == "action=accept"
 
 
 class _Domains:
