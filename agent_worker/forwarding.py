@@ -157,7 +157,8 @@ def transaction(
 
     A family without any rule gets neither chain nor jump, so a hop that
     forwards nothing keeps table ``qubes`` exactly as Qubes made it. A
-    family without table ``qubes`` is left alone.
+    family without table ``qubes``, or without the chain our jump goes
+    in, is left alone.
     """
     text = ""
     for family in FAMILIES:
@@ -165,7 +166,10 @@ def transaction(
         if items is None:
             continue
         wanted = chains.get(family, {})
-        if any(wanted.values()):
+        missing = nft_chains.missing_parents(names, hooks, items)
+        if any(wanted.values()) and missing:
+            log.debug("skipping %s qubes: no chain %s", family, ", ".join(missing))
+        elif any(wanted.values()):
             text += nft_chains.build_transaction(
                 family, {c: list(wanted.get(c, [])) for c in names}, hooks, runner, items
             )

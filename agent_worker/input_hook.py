@@ -53,7 +53,11 @@ def update(db: qubesdb.QubesDB) -> None:
         _apply(openings)
     except nft_chains.NftError as err:
         log.error("nft refused the input openings, closing them all: %s", err)
-        _apply([])
+        try:
+            _apply([])
+        except nft_chains.NftError as again:
+            log.error("nft refused emptying them too, removing the chain: %s", again)
+            close_all()
         return
     log.info("input openings applied: %d", len(openings))
 

@@ -16,6 +16,7 @@ tests can look at the text without a kernel.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -24,6 +25,8 @@ import nftables
 
 Family = Literal["ip", "ip6"]
 TABLE = "qubes"
+
+log = logging.getLogger("qubes.nft_chains")
 
 
 class NftError(RuntimeError):
@@ -103,6 +106,22 @@ def _jump_position(
     return f"add rule {family} {TABLE} {parent} position {before[-1]} jump {chain}"
 
 
+def missing_parents(
+    chains: Iterable[str], hooks: Mapping[str, BaseChainHook], items: list[dict[str, Any]]
+) -> list[str]:
+    """Parent chains our ``chains`` are jumped to from that the table lacks.
+
+    Upstream creates ``ip6 qubes`` with only ``prerouting`` when IPv6 is
+    off: a jump into a missing ``input`` would make nft refuse the whole
+    transaction, the other family's part included.
+    """
+    present = {
+        item["chain"].get("name") for item in items if isinstance(item.get("chain"), dict)
+    }
+    parents = {hooks[c].parent for c in chains if hooks[c].parent is not None}
+    return sorted(p for p in parents if p is not None and p not in present)
+
+
 def build_transaction(
     family: Family,
     chains: Mapping[str, list[str]],
@@ -164,12 +183,20 @@ def apply(
     hooks: Mapping[str, BaseChainHook],
     runner: Runner = run,
 ) -> None:
-    """Replace our chains in every family whose ``qubes`` table exists, atomically."""
+    """Replace our chains in every family whose ``qubes`` table exists, atomically.
+
+    A family whose table lacks a parent chain is skipped (logged at debug).
+    """
     text = ""
     for family, chains in chains_by_family.items():
         items = list_table(family, runner)
-        if items is not None:
-            text += build_transaction(family, chains, hooks, runner, items)
+        if items is None:
+            continue
+        missing = missing_parents(chains, hooks, items)
+        if missing:
+            log.debug("skipping %s %s: no chain %s", family, TABLE, ", ".join(missing))
+            continue
+        text += build_transaction(family, chains, hooks, runner, items)
     if text:
         runner(text)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -10,12 +12,67 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from worker_netns import QUBE, REPO, chain_rules, make_netns, ns_run, qubesdb_server, wait_for
+from worker_netns import (
+    QUBE,
+    REPO,
+    MemoryQubesDB,
+    chain_rules,
+    make_netns,
+    ns_run,
+    qubesdb_server,
+    wait_for,
+)
 
+from agent_worker import nft_chains
 from lab.base_ruleset import base_ruleset
 from lab.pyshim import qubesdb
 
-pytestmark = pytest.mark.lab
+sys.modules.setdefault("qubesdb", qubesdb)  # what agent_worker.input_hook imports
+from agent_worker import input_hook  # noqa: E402
+
+# -- pure ---------------------------------------------------------------------
+
+
+def test_a_family_without_the_parent_chain_is_skipped() -> None:
+    """Upstream's ip6 qubes may hold only prerouting: IPv4 must still apply."""
+    listings = {
+        "ip": [{"table": {"name": "qubes"}}, {"chain": {"name": "input"}}],
+        "ip6": [{"table": {"name": "qubes"}}, {"chain": {"name": "prerouting"}}],
+    }
+    sent: list[str] = []
+
+    def runner(commands: str, *, check: bool = False) -> str:
+        if commands.startswith("list table"):
+            return json.dumps({"nftables": listings[commands.split()[2]]})
+        sent.append(commands)
+        return ""
+
+    rules = {"ip": {"qns-input": ["tcp dport 22 accept"]},
+             "ip6": {"qns-input": ["tcp dport 22 accept"]}}
+    nft_chains.apply(rules, input_hook.HOOKS, runner)  # type: ignore[arg-type]
+    (text,) = sent
+    assert "add rule ip qubes qns-input tcp dport 22 accept" in text
+    assert "ip6" not in text
+
+
+def test_a_refused_fallback_is_logged_and_the_chain_removed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(_openings: object) -> None:
+        raise nft_chains.NftError("Error: refused")
+
+    removed: list[object] = []
+    monkeypatch.setattr(input_hook, "_apply", refuse)
+    monkeypatch.setattr(nft_chains, "remove", lambda *args: removed.append(args))
+    db = MemoryQubesDB({"/qns-input/0000": "action=accept proto=tcp dstports=22-22",
+                        "/qns-input": ""})
+    with caplog.at_level(logging.INFO, logger=input_hook.log.name):
+        input_hook.update(db)  # type: ignore[arg-type]
+    assert any("refused emptying them too" in m for m in caplog.messages)
+    assert len(removed) == 1
+
+
+# -- the hook as a process ------------------------------------------------------
 
 
 @pytest.fixture
@@ -59,6 +116,7 @@ def write_openings(db: qubesdb.QubesDB, *values: str) -> None:
     db.write("/qns-input", "")
 
 
+@pytest.mark.lab
 def test_openings_follow_qubesdb_and_go_with_the_hook(
     netns: str, db: qubesdb.QubesDB, tmp_path: Path
 ) -> None:
@@ -87,3 +145,29 @@ def test_openings_follow_qubesdb_and_go_with_the_hook(
         hook.wait(timeout=10)
     assert "qns-input" not in ns_run(netns, "nft", "list", "ruleset")
     assert "input openings removed" in log.read_text()
+
+
+@pytest.mark.lab
+def test_ipv4_opens_while_ip6_qubes_lacks_input(
+    netns: str, db: qubesdb.QubesDB, tmp_path: Path
+) -> None:
+    """As upstream's antispoof leaves ip6 qubes with IPv6 off: only prerouting."""
+    ruleset = base_ruleset()
+    ns_run(netns, "nft", "-f", "-", stdin=ruleset)
+    ns_run(netns, "nft", "delete", "table", "ip6", "qubes")
+    ns_run(netns, "nft", "-f", "-", stdin=(
+        "table ip6 qubes { chain prerouting { type filter hook prerouting priority raw; }; }\n"
+    ))
+    log = tmp_path / "hook.log"
+    hook = start_hook(netns, os.environ["QUBESDB_DIR"], log)
+    try:
+        write_openings(db, "action=accept proto=tcp dstports=22-22",
+                       "action=accept proto=tcp dstports=443-443 srchost=2001:db8::/64")
+        wait_for(lambda: len(openings(netns, "ip")) == 1 or hook.poll() is not None,
+                 what="IPv4 opening")
+        assert hook.poll() is None, log.read_text()
+        assert openings(netns, "ip") == ["tcp dport 22 ct state new accept"]
+        assert openings(netns, "ip6") == []
+    finally:
+        hook.send_signal(signal.SIGTERM)
+        hook.wait(timeout=10)

@@ -92,17 +92,21 @@ def test_events_wait_for_the_completion_path() -> None:
 
 
 class ListingOnly:
-    """A runner for a kernel whose ``qubes`` tables exist and are empty; records the rest."""
+    """A runner for a kernel whose ``qubes`` tables hold only a forward chain; records the rest."""
 
-    def __init__(self, tables: bool = True) -> None:
+    def __init__(self, tables: bool = True, parent: str = "forward") -> None:
         self.tables = tables
+        self.parent = parent
         self.sent: list[str] = []
 
     def __call__(self, commands: str, *, check: bool = False) -> str:
         if commands.startswith("list table"):
             if not self.tables:
                 raise forwarding.NftError("Error: No such file or directory")
-            return json.dumps({"nftables": [{"table": {"family": "ip", "name": "qubes"}}]})
+            return json.dumps({"nftables": [
+                {"table": {"family": "ip", "name": "qubes"}},
+                {"chain": {"family": "ip", "table": "qubes", "name": self.parent}},
+            ]})
         self.sent.append(commands)
         return ""
 
@@ -162,6 +166,9 @@ def test_nothing_to_forward_leaves_table_qubes_alone() -> None:
     write_forwards(db, WEB, [WEB_TCP])
     Forwarder(db, missing).reload()
     assert missing.sent == []
+    no_forward_chain = ListingOnly(parent="prerouting")  # upstream's ip6 qubes, IPv6 off
+    Forwarder(db, no_forward_chain).reload()
+    assert no_forward_chain.sent == []
 
 
 def step_text(step: forward.Step) -> str:

@@ -114,14 +114,14 @@ def test_events_are_the_inbound_directory_only() -> None:
 
 
 class Recorder:
-    """A runner for a kernel whose ``qubes`` tables exist and are empty; records the rest."""
+    """A runner for a kernel whose ``qubes`` tables hold only a forward chain; records the rest."""
 
     def __init__(self) -> None:
         self.sent: list[str] = []
 
     def __call__(self, commands: str, *, check: bool = False) -> str:
         if commands.startswith("list table"):
-            return '{"nftables": []}'
+            return '{"nftables": [{"chain": {"name": "forward"}}]}'
         self.sent.append(commands)
         return ""
 
