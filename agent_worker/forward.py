@@ -126,7 +126,10 @@ def _match(step: Step) -> str:
 def dnat_rule(step: Step) -> str:
     """The prerouting DNAT of one step; ranges map 1:1 through an nft map."""
     family = step.family
-    where = "fib daddr type local" if step.daddr == "local" else f"{family} daddr {step.daddr}"
+    # always a local destination: a wrong or stale daddr must never catch transit traffic
+    where = "fib daddr type local"
+    if step.daddr != "local":
+        where += f" {family} daddr {step.daddr}"
     head = f"{_match(step)} {where} {step.proto} dport {_ports_text(step.ports)}"
     to = f"[{step.to}]" if step.to.version == 6 else str(step.to)
     if step.ports == step.toports:

@@ -43,7 +43,7 @@ def test_same_range_keeps_ports_and_internal_matches_downstream() -> None:
         "proto=tcp ports=80-81 iif=downstream daddr=10.137.0.6 to=10.137.0.20 toports=80-81"
     )
     assert forward.dnat_rule(step) == (
-        "iifgroup 2 ip daddr 10.137.0.6 tcp dport 80-81 dnat ip to 10.137.0.20"
+        "iifgroup 2 fib daddr type local ip daddr 10.137.0.6 tcp dport 80-81 dnat ip to 10.137.0.20"
     )
 
 

@@ -296,6 +296,23 @@ def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str)
 
 
 @pytest.mark.lab
+def test_a_named_hop_address_must_still_be_local(netns: str) -> None:
+    """``daddr=X`` alone would DNAT transit traffic to X if X is stale or wrong."""
+    _base(netns)
+
+    def body() -> None:
+        db = MemoryQubesDB(CONNECTED)
+        write_forwards(db, WORK, [_GOOD[1]])
+        Forwarder(db, Nft().run).reload()
+
+    in_netns(netns, body)
+    (rule,) = chain_rules(netns, "ip", "qubes", "qns-dnat")
+    assert rule.startswith(
+        "iifgroup 2 ip saddr 10.137.0.0/24 fib daddr type local ip daddr 10.137.0.1 udp dport "
+    )
+
+
+@pytest.mark.lab
 def test_refused_target_is_left_out_and_the_rest_applies(netns: str) -> None:
     _base(netns)
 
