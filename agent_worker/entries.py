@@ -10,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-_WORD_RE = re.compile(r"^([a-z]+)=([A-Za-z0-9.:/-]+)$")
-_PORTS_RE = re.compile(r"^(0|[1-9][0-9]{0,4})-(0|[1-9][0-9]{0,4})$")
+_WORD_RE = re.compile(r"([a-z]+)=([A-Za-z0-9.:/-]+)")
+_PORTS_RE = re.compile(r"(0|[1-9][0-9]{0,4})-(0|[1-9][0-9]{0,4})")
 MAX_VALUE = 3072
 
 
@@ -25,7 +25,7 @@ def parse_words(untrusted_value: str, allowed: set[str]) -> dict[str, str]:
         raise EntryError("value too long")
     words: dict[str, str] = {}
     for untrusted_word in untrusted_value.split(" "):
-        match = _WORD_RE.match(untrusted_word)
+        match = _WORD_RE.fullmatch(untrusted_word)
         if match is None:
             raise EntryError(f"malformed word {untrusted_word[:40]!r}")
         key, value = match.groups()
@@ -39,7 +39,7 @@ def parse_words(untrusted_value: str, allowed: set[str]) -> dict[str, str]:
 
 def parse_port_range(untrusted_text: str) -> tuple[int, int]:
     """``N-M`` with 1 <= N <= M <= 65535, in decimal without leading zeros (as dom0 writes)."""
-    match = _PORTS_RE.match(untrusted_text)
+    match = _PORTS_RE.fullmatch(untrusted_text)
     if match is None:
         raise EntryError(f"bad port range {untrusted_text[:20]!r}")
     first, last = int(match.group(1)), int(match.group(2))

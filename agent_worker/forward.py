@@ -31,7 +31,7 @@ FORWARD_CHAIN = "qns-forward"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_KEY_RE = re.compile(r"^[0-9]{4}$")
+_KEY_RE = re.compile(r"[0-9]{4}")
 _STEP_KEYS = {"proto", "ports", "iif", "daddr", "to", "toports", "srchost"}
 _REQUIRED = _STEP_KEYS - {"srchost"}
 
@@ -97,7 +97,7 @@ def parse_target(untrusted_entries: dict[str, bytes]) -> list[Step]:
     """All steps of one target directory, in key order; any bad entry fails it."""
     steps = []
     for untrusted_key in sorted(untrusted_entries):
-        if not _KEY_RE.match(untrusted_key):
+        if not _KEY_RE.fullmatch(untrusted_key):
             raise EntryError(f"unexpected key {untrusted_key[:20]!r}")
         try:
             untrusted_text = untrusted_entries[untrusted_key].decode("ascii")

@@ -38,14 +38,14 @@ HANDLED_DIR = "/qns-inbound_handled/"
 INBOUND_CHAIN = "qns-inbound"
 HOOKS = {INBOUND_CHAIN: BaseChainHook(parent="forward", after=("qns-forward",))}
 
-_KEY_RE = re.compile(r"^[0-9]{4}$")
+_KEY_RE = re.compile(r"[0-9]{4}")
 
 
 def parse_target(address: IPAddress, untrusted_entries: dict[str, bytes]) -> list[Opening]:
     """All rules of one target directory, in key order; any bad entry fails it."""
     rules = []
     for untrusted_key in sorted(untrusted_entries):
-        if not _KEY_RE.match(untrusted_key):
+        if not _KEY_RE.fullmatch(untrusted_key):
             raise EntryError(f"unexpected key {untrusted_key[:20]!r}")
         try:
             rule = parse_opening(untrusted_entries[untrusted_key].decode("ascii"))

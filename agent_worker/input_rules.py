@@ -21,8 +21,8 @@ from agent_worker.entries import EntryError, parse_network, parse_port_range, pa
 
 INPUT_CHAIN = "qns-input"
 
-_KEY_RE = re.compile(r"^[0-9]{4}$")
-_ICMPTYPE_RE = re.compile(r"^[0-9]{1,3}$")
+_KEY_RE = re.compile(r"[0-9]{4}")
+_ICMPTYPE_RE = re.compile(r"[0-9]{1,3}")
 _KEYS = {"action", "proto", "dstports", "icmptype", "srchost"}
 
 
@@ -56,7 +56,7 @@ def parse_opening(untrusted_value: str) -> Opening:
         dstports = parse_port_range(untrusted_words["dstports"])
     icmptype = None
     if "icmptype" in untrusted_words:
-        if proto != "icmp" or not _ICMPTYPE_RE.match(untrusted_words["icmptype"]):
+        if proto != "icmp" or not _ICMPTYPE_RE.fullmatch(untrusted_words["icmptype"]):
             raise EntryError("icmptype needs proto icmp and a number 0-255")
         icmptype = int(untrusted_words["icmptype"])
         if icmptype > 255:
@@ -69,7 +69,7 @@ def parse_openings(untrusted_entries: dict[str, bytes]) -> list[Opening]:
     """All entries in key order; one bad entry fails the whole set."""
     openings = []
     for untrusted_key in sorted(untrusted_entries):
-        if not _KEY_RE.match(untrusted_key):
+        if not _KEY_RE.fullmatch(untrusted_key):
             raise EntryError(f"unexpected key {untrusted_key[:20]!r}")
         try:
             openings.append(parse_opening(untrusted_entries[untrusted_key].decode("ascii")))

@@ -28,14 +28,14 @@ Action = Literal["accept", "drop"]
 Proto = Literal["tcp", "udp", "icmp"]
 
 MAX_VALUE = 3072
-_RULE_KEY_RE = re.compile(r"^[0-9]{4}$")
-_WORD_RE = re.compile(r"^([a-z0-9]+)=([A-Za-z0-9_.:/-]+)$")
-_PORTS_RE = re.compile(r"^([0-9]{1,5})(?:-([0-9]{1,5}))?$")
-_ICMPTYPE_RE = re.compile(r"^[0-9]{1,3}$")
-_DST4_RE = re.compile(r"^[0-9.]{7,15}(?:/[0-9]{1,2})?$")
-_DST6_RE = re.compile(r"^[0-9a-fA-F:.]{2,45}(?:/[0-9]{1,3})?$")
+_RULE_KEY_RE = re.compile(r"[0-9]{4}")
+_WORD_RE = re.compile(r"([a-z0-9]+)=([A-Za-z0-9_.:/-]+)")
+_PORTS_RE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
+_ICMPTYPE_RE = re.compile(r"[0-9]{1,3}")
+_DST4_RE = re.compile(r"[0-9.]{7,15}(?:/[0-9]{1,2})?")
+_DST6_RE = re.compile(r"[0-9a-fA-F:.]{2,45}(?:/[0-9]{1,3})?")
 # dom0 accepts lowercase letters, digits and "-._" in a host name.
-_HOSTNAME_RE = re.compile(r"^[a-z0-9_.-]{1,253}$")
+_HOSTNAME_RE = re.compile(r"[a-z0-9_.-]{1,253}")
 _OPTIONS = {"action", "proto", "dst4", "dst6", "dsthost", "dstports", "specialtarget", "icmptype"}
 
 
@@ -69,7 +69,7 @@ class Blocked:
 
 def parse_address(untrusted_text: str) -> IPAddress:
     """An address in the canonical form dom0 writes (``str(ipaddress)``)."""
-    if not 2 <= len(untrusted_text) <= 39 or not re.match(r"^[0-9a-f.:]+$", untrusted_text):
+    if not 2 <= len(untrusted_text) <= 39 or not re.fullmatch(r"[0-9a-f.:]+", untrusted_text):
         raise EntryError(f"not an address: {untrusted_text[:40]!r}")
     try:
         address = ipaddress.ip_address(untrusted_text)
@@ -108,7 +108,7 @@ def parse_address_list(
 def _parse_network(untrusted_text: str, version: Literal[4, 6]) -> IPNetwork:
     """dst4/dst6: dom0 always adds a prefix; host bits may be set (nft masks them)."""
     pattern = _DST4_RE if version == 4 else _DST6_RE
-    if not pattern.match(untrusted_text):
+    if not pattern.fullmatch(untrusted_text):
         raise EntryError(f"bad IPv{version} network {untrusted_text[:50]!r}")
     try:
         network = ipaddress.ip_network(untrusted_text, strict=False)
@@ -121,7 +121,7 @@ def _parse_network(untrusted_text: str, version: Literal[4, 6]) -> IPNetwork:
 
 def _parse_ports(untrusted_text: str) -> tuple[int, int]:
     """``N`` or ``N-M``, 0 <= N <= M <= 65535, as dom0 writes ``dstports``."""
-    match = _PORTS_RE.match(untrusted_text)
+    match = _PORTS_RE.fullmatch(untrusted_text)
     if match is None:
         raise EntryError(f"bad dstports {untrusted_text[:20]!r}")
     first = int(match.group(1))
@@ -134,7 +134,7 @@ def _parse_ports(untrusted_text: str) -> tuple[int, int]:
 def _split_words(untrusted_value: str) -> dict[str, str]:
     words: dict[str, str] = {}
     for untrusted_word in untrusted_value.split(" "):
-        match = _WORD_RE.match(untrusted_word)
+        match = _WORD_RE.fullmatch(untrusted_word)
         if match is None:
             raise EntryError(f"malformed word {untrusted_word[:40]!r}")
         key, value = match.groups()
@@ -169,7 +169,7 @@ def parse_rule(untrusted_value: str, version: Literal[4, 6]) -> OutboundRule:
             raise EntryError("dst6 rule for an IPv4 source")
         dst = _parse_network(words["dst6"], 6)
     dsthost = words.get("dsthost")
-    if dsthost is not None and not _HOSTNAME_RE.match(dsthost):
+    if dsthost is not None and not _HOSTNAME_RE.fullmatch(dsthost):
         raise EntryError(f"bad dsthost {dsthost[:50]!r}")
     dstports = None
     if "dstports" in words:
@@ -178,7 +178,7 @@ def parse_rule(untrusted_value: str, version: Literal[4, 6]) -> OutboundRule:
         dstports = _parse_ports(words["dstports"])
     icmptype = None
     if "icmptype" in words:
-        if proto != "icmp" or not _ICMPTYPE_RE.match(words["icmptype"]):
+        if proto != "icmp" or not _ICMPTYPE_RE.fullmatch(words["icmptype"]):
             raise EntryError("icmptype needs proto icmp and a number")
         icmptype = int(words["icmptype"])
         if icmptype > 255:
@@ -216,7 +216,7 @@ def parse_source(
                 return Blocked(f"bad policy {untrusted_text[:20]!r}")
             policy = untrusted_text  # type: ignore[assignment]
             continue
-        if not _RULE_KEY_RE.match(untrusted_key):
+        if not _RULE_KEY_RE.fullmatch(untrusted_key):
             return Blocked(f"unexpected entry {untrusted_key[:20]!r}")
         try:
             rules.append(parse_rule(untrusted_text, version))

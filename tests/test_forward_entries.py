@@ -148,3 +148,20 @@ def test_fuzzed_forward_entries_raise_only_entry_errors(untrusted: dict[str, byt
 def test_fuzzed_word_mixes_raise_only_entry_errors(words: list[str]) -> None:
     with contextlib.suppress(EntryError):
         forward.parse_step(" ".join(words))
+
+
+@pytest.mark.parametrize(
+    "parse",
+    [
+        lambda: input_rules.parse_opening("action=accept\n"),
+        lambda: input_rules.parse_opening("action=accept proto=icmp icmptype=8\n"),
+        lambda: input_rules.parse_openings({"0000\n": b"action=accept"}),
+        lambda: forward.parse_step(EDGE + "\n"),
+        lambda: forward.parse_step(EDGE.replace("8443-8443 ", "8443-8443\n ", 1)),
+        lambda: forward.parse_target({"0000\n": EDGE.encode()}),
+    ],
+)
+def test_a_trailing_newline_is_refused(parse: object) -> None:
+    """``$`` matches before a final newline: every pattern must match the whole text."""
+    with pytest.raises(EntryError):
+        parse()  # type: ignore[operator]

@@ -221,3 +221,19 @@ def test_fuzz_parse_rule_only_raises_entry_error(value: str, version: int) -> No
 def test_fuzz_address_list_never_raises(value: bytes, version: int) -> None:
     addresses, _problems = parse_address_list(value, version)  # type: ignore[arg-type]
     assert all(a.version == version for a in addresses)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "action=accept\n",
+        "action=accept dsthost=example.com\n",
+        "action=accept dst4=10.0.0.0/8\n",
+        "action=accept proto=tcp dstports=443\n",
+        "action=accept proto=icmp icmptype=8\n",
+    ],
+)
+def test_a_trailing_newline_is_refused(value: str) -> None:
+    with pytest.raises(EntryError):
+        parse_rule(value, 4)
+    assert isinstance(parse_source({"policy": b"drop", "0000\n": b"action=accept"}, 4), Blocked)
