@@ -416,7 +416,12 @@ class Forwarder(ChainHalf):
     ITEMS = "steps"
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Step, ...]:
-        return tuple(parse_target(untrusted_entries))
+        steps = parse_target(untrusted_entries)
+        for number, step in enumerate(steps):
+            if step.to.version != address.version:
+                key = sorted(untrusted_entries)[number]
+                raise EntryError(f"entry {key}: to of another family than the target")
+        return tuple(steps)
 
     def destination(self, address: IPAddress, item: Step) -> IPAddress:
         # the next hop (a ProxyVM, client of this hop) or, at the last hop, the target

@@ -127,6 +127,21 @@ def test_bad_entry_fails_its_target_only_and_logs_it(caplog: pytest.LogCaptureFi
     assert handled(db, WORK) == 1 and handled(db, WEB) == 1
 
 
+def test_steps_of_another_family_than_the_target_are_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = MemoryQubesDB(CONNECTED)
+    write_forwards(db, "fd09:24ef:4179::a89:5", [_GOOD[2], WEB_TCP])
+    runner = ListingOnly()
+    with caplog.at_level(logging.INFO, logger="qubes.firewall"):
+        Forwarder(db, runner).reload()
+    assert runner.sent == []
+    assert (
+        "no forwards to fd09:24ef:4179::a89:5: entry 0001: to of another family than the target"
+        in caplog.messages
+    )
+
+
 def test_steps_go_to_connected_clients_only(caplog: pytest.LogCaptureFixture) -> None:
     """A stale entry (dom0 missed its removal) never reaches a qube reusing the address."""
     db = MemoryQubesDB(CONNECTED)
