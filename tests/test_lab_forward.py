@@ -245,7 +245,8 @@ def test_netvm_change_that_would_take_a_forwarded_port_is_refused(api: Lab) -> N
     set_rules(internal_ssh)
     qubesd_call("direct", "admin.vm.firewall.Set", payload=f"{internal_ssh}\n".encode())
     try:
-        with pytest.raises(LabError, match=r"on 'sys-firewall' is wanted by both 'web' .* and 'direct'"):
+        conflict = r"on 'sys-firewall' is wanted by both 'web' .* and 'direct'"
+        with pytest.raises(LabError, match=conflict):
             api.set_netvm("direct", "sys-firewall")
         assert api.qube_info("direct")["netvm"] == "sys-net"
         eventually(lambda: answers(api, "work", "tcp", SYS_FIREWALL, 2222, 22), "web keeps 2222")
