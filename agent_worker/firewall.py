@@ -220,7 +220,7 @@ class Worker:
         try:
             return parse_address(untrusted_text)
         except EntryError as err:
-            log.error("ignoring %s%s: %s", FIREWALL_DIR, untrusted_text[:48], err)
+            log.error("ignoring %r: %s", FIREWALL_DIR + untrusted_text[:48], err)
             return None
 
     def _load_source(self, address: IPAddress) -> None:

@@ -236,7 +236,7 @@ class ChainHalf:
         try:
             return parse_address(untrusted_text)
         except EntryError as err:
-            log.error("ignoring %s%s: %s", self.DIRECTORY, untrusted_text[:48], err)
+            log.error("ignoring %r: %s", self.DIRECTORY + untrusted_text[:48], err)
             return None
 
     def _read_target(self, address: IPAddress) -> Target | None:

@@ -116,6 +116,7 @@ def test_bad_entry_fails_its_target_only_and_logs_it(caplog: pytest.LogCaptureFi
     write_forwards(db, WEB, [WEB_TCP])
     write_forwards(db, WORK, [WORK_TCP, "proto=tcp ports=1-1"])
     db.write("/qns-forward/010.137.0.7", "")
+    db.write("/qns-forward/10.0.0.1\nqubes-firewall: INFO: forged", "")
     runner = ListingOnly()
     with caplog.at_level(logging.INFO, logger="qubes.firewall"):
         Forwarder(db, runner).reload()
@@ -123,7 +124,8 @@ def test_bad_entry_fails_its_target_only_and_logs_it(caplog: pytest.LogCaptureFi
     assert f"to {WEB}:80" in text
     assert WORK not in text
     assert f"no forwards to {WORK}: entry 0001: missing daddr, iif, to, toports" in caplog.messages
-    assert any(m.startswith("ignoring /qns-forward/010.137.0.7") for m in caplog.messages)
+    assert any(m.startswith("ignoring '/qns-forward/010.137.0.7'") for m in caplog.messages)
+    assert "\n" not in "".join(caplog.messages)  # untrusted path text is quoted
     assert handled(db, WORK) == 1 and handled(db, WEB) == 1
 
 

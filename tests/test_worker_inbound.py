@@ -133,6 +133,7 @@ def test_a_bad_entry_blocks_its_target_only_and_is_logged(
     write_inbound(db, WEB, [SSH])
     write_inbound(db, "10.137.0.22", [SSH, "action=accept srchost=10.137.0.21"])
     db.write("/qns-inbound/010.137.0.7", "")
+    db.write("/qns-inbound/10.0.0.1\nqubes-firewall: INFO: forged", "")
     runner = Recorder()
     with caplog.at_level(logging.INFO, logger="qubes.firewall"):
         Inbound(db, runner).reload()
@@ -143,7 +144,8 @@ def test_a_bad_entry_blocks_its_target_only_and_is_logged(
         m.startswith("no inbound rules to 10.137.0.22: entry 0001: network '10.137.0.21' not in")
         for m in caplog.messages
     )
-    assert any(m.startswith("ignoring /qns-inbound/010.137.0.7") for m in caplog.messages)
+    assert any(m.startswith("ignoring '/qns-inbound/010.137.0.7'") for m in caplog.messages)
+    assert "\n" not in "".join(caplog.messages)  # untrusted path text is quoted
     assert db.read(f"/qns-inbound_handled/{WEB}") == b"1"
     assert db.read("/qns-inbound_handled/10.137.0.22") == b"1"
 

@@ -137,7 +137,7 @@ def test_garbage_blocks_only_that_source(netns: str, qdb_dir: Path, tmp_path: Pa
     db.write("/qubes-firewall/not-an-ip", "")
     db.write("/connected-ips", f"{WEB} {WORK} 999.1.1.1")
     wait_for(lambda: "999.1.1.1" in worker.text(), what="log of the bad connected-ips entry")
-    assert "ignoring /qubes-firewall/not-an-ip: not an address" in worker.text()
+    assert "ignoring '/qubes-firewall/not-an-ip': not an address" in worker.text()
 
     @settings(max_examples=30, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow])

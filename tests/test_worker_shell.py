@@ -81,13 +81,15 @@ def test_garbage_paths_and_values_are_logged_not_fatal(
     db = MemoryQubesDB({"/connected-ips": "10.137.0.5 bogus", "/qubes-primary-dns": "x"})
     db.write("/qubes-firewall/10.137.0.05/policy", "accept")
     db.write("/qubes-firewall/10.137.0.05", "")
+    db.write("/qubes-firewall/10.0.0.1\nqubes-firewall: INFO: forged", "")
     write_rules(db, "10.137.0.5", "drop", ["action=accept dst4=10.0.0.0/8 dst4=1.0.0.0/8"])
     nft = RecordingNft()
     with caplog.at_level(logging.INFO, logger="qubes.firewall"):
         _worker(db, nft, tmp_path).reload()
     messages = caplog.messages
-    assert "ignoring /qubes-firewall/10.137.0.05: not an address: '10.137.0.05'" in messages
+    assert "ignoring '/qubes-firewall/10.137.0.05': not an address: '10.137.0.05'" in messages
     assert "blocking all traffic from 10.137.0.5: rule 0000: repeated option 'dst4'" in messages
+    assert "\n" not in "".join(messages)  # untrusted path text is quoted: no forged lines
     assert any(m.startswith("/connected-ips: ignoring an entry") for m in messages)
     assert any(m.startswith("/qubes-primary-dns: ignoring it") for m in messages)
     (transaction,) = nft.transactions
