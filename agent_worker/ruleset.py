@@ -85,10 +85,6 @@ class KernelTable:
     jumps: tuple[Jump, ...] = ()
 
 
-def family_of(address: IPAddress) -> Family:
-    return "ip" if address.version == 4 else "ip6"
-
-
 def chain_name(source: IPAddress) -> str:
     """``qbs-`` and the address with ``.``/``:`` turned into ``-`` (upstream's naming)."""
     return CHAIN_PREFIX + str(source).replace(".", "-").replace(":", "-")
