@@ -88,22 +88,27 @@ def _jumps(items: list[dict[str, Any]], parent: str) -> list[tuple[int, str]]:
 
 def _jump_position(
     family: Family, items: list[dict[str, Any]], hook: BaseChainHook, chain: str
-) -> str | None:
-    """Command adding the jump to ``chain`` in its parent, or None if present.
+) -> list[str]:
+    """Commands putting the jump to ``chain`` in place in its parent; none if it is.
 
     The jump goes right after the last of the user's ``custom-*`` jump and
     the jumps named in ``hook.after``, or first in the chain without any.
+    A jump found before one of those counts as missing: it is deleted and
+    added again in its place.
     """
     assert hook.parent is not None
     parent = hook.parent
     jumps = _jumps(items, parent)
-    if any(target == chain for _, target in jumps):
-        return None
     anchors = {f"custom-{parent}", *hook.after}
-    before = [handle for handle, target in jumps if target in anchors]
-    if not before:
-        return f"insert rule {family} {TABLE} {parent} jump {chain}"
-    return f"add rule {family} {TABLE} {parent} position {before[-1]} jump {chain}"
+    last_anchor = max((i for i, (_, target) in enumerate(jumps) if target in anchors), default=-1)
+    mine = [(i, handle) for i, (handle, target) in enumerate(jumps) if target == chain]
+    if mine and all(i > last_anchor for i, _ in mine):
+        return []
+    lines = [f"delete rule {family} {TABLE} {parent} handle {handle}" for _, handle in mine]
+    if last_anchor < 0:
+        return [*lines, f"insert rule {family} {TABLE} {parent} jump {chain}"]
+    position = jumps[last_anchor][0]
+    return [*lines, f"add rule {family} {TABLE} {parent} position {position} jump {chain}"]
 
 
 def missing_parents(
@@ -144,9 +149,7 @@ def build_transaction(
         lines.append(f"flush chain {family} {TABLE} {chain}")
         lines += [f"add rule {family} {TABLE} {chain} {rule}" for rule in rules]
         if hook.parent is not None:
-            jump = _jump_position(family, items, hook, chain)
-            if jump is not None:
-                lines.append(jump)
+            lines += _jump_position(family, items, hook, chain)
     return "\n".join(lines) + "\n"
 
 

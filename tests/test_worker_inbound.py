@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from worker_netns import MemoryQubesDB, chain_rules, in_netns, make_netns, nft_ruleset, ns_run
 
-from agent_worker import inbound
+from agent_worker import inbound, nft_chains
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
 from agent_worker.forwarding import ForwardChanges, Forwarder, NftError
@@ -167,6 +167,26 @@ def test_rules_protect_connected_clients_only() -> None:
     assert len(runner.sent) == 2 and f"ip daddr {WEB}" in runner.sent[-1]
 
 
+def _jump(handle: int, target: str) -> dict[str, Any]:
+    return {"rule": {"chain": "forward", "handle": handle, "expr": [{"jump": {"target": target}}]}}
+
+
+def test_a_jump_before_its_anchors_is_moved_after_them() -> None:
+    misplaced = [_jump(7, "qns-inbound"), _jump(3, "custom-forward"), _jump(9, "qns-forward")]
+    text = nft_chains.build_transaction(
+        "ip", {"qns-inbound": []}, inbound.HOOKS, items=misplaced
+    ).splitlines()
+    assert text[-2:] == [
+        "delete rule ip qubes forward handle 7",
+        "add rule ip qubes forward position 9 jump qns-inbound",
+    ]
+    in_place = [_jump(3, "custom-forward"), _jump(9, "qns-forward"), _jump(7, "qns-inbound")]
+    text = nft_chains.build_transaction(
+        "ip", {"qns-inbound": []}, inbound.HOOKS, items=in_place
+    ).splitlines()
+    assert not any(" qubes forward " in line for line in text)  # left where it is
+
+
 # -- against the kernel -------------------------------------------------------
 
 
@@ -226,6 +246,25 @@ def test_inbound_jump_follows_custom_and_forward_jumps(netns: str, inbound_first
 
     in_netns(netns, remove_all)
     assert nft_ruleset(netns) == original  # user rule kept, nothing of ours left
+
+
+@pytest.mark.lab
+def test_a_misplaced_jump_is_put_back_after_custom_forward(netns: str) -> None:
+    _base(netns)
+
+    def apply() -> None:
+        db = MemoryQubesDB(CONNECTED)
+        write_inbound(db, WEB, [SSH])
+        Inbound(db, Nft().run).reload()
+
+    in_netns(netns, apply)
+    handle = ns_run(netns, "nft", "-a", "list", "chain", "ip", "qubes", "forward")
+    (line,) = [x for x in handle.splitlines() if "jump qns-inbound" in x]
+    ns_run(netns, "nft", "delete", "rule", "ip", "qubes", "forward", "handle", line.split()[-1])
+    ns_run(netns, "nft", "insert", "rule", "ip", "qubes", "forward", "jump", "qns-inbound")
+    assert _jumps(netns) == ["jump qns-inbound", "jump custom-forward"]
+    in_netns(netns, apply)
+    assert _jumps(netns) == ["jump custom-forward", "jump qns-inbound"]
 
 
 @pytest.mark.lab
