@@ -29,6 +29,10 @@ from firewall_rules.options import (
     shown,
 )
 
+#: Largest forwarded range whose ports change on the way (each port is one
+#: element of an nft map in every hop; the agent refuses more, too).
+MAX_REMAPPED_PORTS = 1024
+
 #: Longest value QubesDB stores; an entry must fit in one.
 QDB_VALUE_MAX = 3072
 
@@ -161,6 +165,11 @@ class Rule:
             raise RuleError(
                 f"srcports={self.srcports} and dstports={self.dstports} must hold the same"
                 " number of ports (they map one to one)"
+            )
+        if self.srcports.first != self.dstports.first and self.srcports.count > MAX_REMAPPED_PORTS:
+            raise RuleError(
+                f"srcports={self.srcports} maps {self.srcports.count} ports to other ports:"
+                f" at most {MAX_REMAPPED_PORTS} (a range kept as is has no limit)"
             )
 
     def _qdb_words(self) -> str:

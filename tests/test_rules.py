@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent_worker.forward import MAX_REMAPPED_PORTS as AGENT_REMAP_LIMIT
 from firewall_rules import (
     FirewallFileError,
     Rule,
@@ -22,6 +23,7 @@ from firewall_rules import (
     save_firewall_xml,
 )
 from firewall_rules.options import DstHost
+from firewall_rules.rule import MAX_REMAPPED_PORTS as DOM0_REMAP_LIMIT
 from firewall_rules.storage import firewall_xml_bytes
 
 NOW = 1_800_000_000.0
@@ -205,6 +207,7 @@ BAD_LINES = [
     "action=forward forwardtype=external proto=tcp srcports=0 dstports=80",
     "action=forward forwardtype=external proto=tcp srcports=80 dstports=0-1",
     "action=forward forwardtype=external proto=tcp srcports=80-81 dstports=80-82",
+    "action=forward forwardtype=external proto=tcp srcports=2000-3024 dstports=5000-6024",
     "action=forward forwardtype=external proto=tcp srcports=80 dstports=80 srchost=example.com",
     "action=forward forwardtype=external proto=tcp srcports=80 dstports=80 srchost=10.0.0.1/8",
     "action=forward forwardtype=external proto=tcp srcports=80 dstports=80 srchost=",
@@ -638,3 +641,13 @@ def test_arbitrary_text_never_crashes(untrusted_line: str) -> None:
         assert "\n" not in str(err)
     else:
         assert Rule.from_api_string(rule.api_rule) == rule
+
+
+def test_remapped_range_limit_matches_the_agent() -> None:
+    assert DOM0_REMAP_LIMIT == AGENT_REMAP_LIMIT
+    Rule.from_api_string(
+        "action=forward forwardtype=external proto=tcp srcports=2000-3023 dstports=5000-6023"
+    )
+    Rule.from_api_string(
+        "action=forward forwardtype=external proto=tcp srcports=1-65535 dstports=1-65535"
+    )
