@@ -65,17 +65,22 @@ def fresh_lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
     return Lab(Path(tmp_path_factory.mktemp("lab")))
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The default topology, up; brought down at module end."""
+def lab_up(tmp_path_factory: pytest.TempPathFactory, topology: Path | None = None) -> Iterator[Lab]:
+    """Body of a module-scoped lab fixture: ``topology`` (default: built-in) up, then down."""
     if lab_unavailable() is not None:
         pytest.skip(LAB_MISSING)
     instance = fresh_lab(tmp_path_factory)
-    instance.up()
+    instance.up(topology)
     try:
         yield instance
     finally:
         instance.down()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The default topology, up; brought down at module end."""
+    yield from lab_up(tmp_path_factory)
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fresh_lab, lab_unavailable, wait_for
+from conftest import lab_up, wait_for
 
 from admin_client_patch.qubesd_client import QubesException, qubesd_call
 from core_admin_patch.planner import SUPPORT_FEATURE
@@ -32,14 +32,7 @@ SERVED = (22, 23, 80, 8080)
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The inbound topology, up for this module."""
-    if lab_unavailable() is not None:
-        pytest.skip(lab_unavailable() or "")
-    instance = fresh_lab(tmp_path_factory)
-    instance.up(TOPOLOGY)
-    try:
-        yield instance
-    finally:
-        instance.down()
+    yield from lab_up(tmp_path_factory, TOPOLOGY)
 
 
 def set_rules(qube: str, *lines: str) -> None:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import fresh_lab, lab_unavailable, wait_for
+from conftest import lab_up, wait_for
 from test_lab_forward_ipv6 import answers6
 from test_lab_inbound import (
     TOPOLOGY,
@@ -44,14 +44,7 @@ INTERNAL_FROM_WORK = (
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The inbound topology (with work2), up for this module."""
-    if lab_unavailable() is not None:
-        pytest.skip(lab_unavailable() or "")
-    instance = fresh_lab(tmp_path_factory)
-    instance.up(TOPOLOGY)
-    try:
-        yield instance
-    finally:
-        instance.down()
+    yield from lab_up(tmp_path_factory, TOPOLOGY)
 
 
 @pytest.fixture
