@@ -77,7 +77,7 @@ class MemoryQubesDB:
 
 
 def forward_entries(count: int) -> dict[str, str]:
-    """``/qns-forward/`` entries as dom0 writes them for ``count`` targets of one step each.
+    """``/qns-forward/`` and ``/connected-ips`` as dom0 writes them, ``count`` one-step targets.
 
     A mix of tcp and udp, single ports and 3-port ranges mapped to other
     ports (an nft map), some limited to a ``srchost`` network.
@@ -99,6 +99,10 @@ def forward_entries(count: int) -> dict[str, str]:
         base = f"{forwarding.FORWARD_DIR}{target}"
         entries[f"{base}/0000"] = value
         entries[base] = ""
+    # Every target is a client of this hop, as dom0 writes it: the worker
+    # renders steps only towards connected clients.
+    targets = (ipaddress.IPv4Address("10.137.1.0") + number for number in range(count))
+    entries["/connected-ips"] = " ".join(str(target) for target in targets)
     return entries
 
 
