@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from core_admin_patch import errors, planner
+from core_admin_patch import errors
 from core_admin_patch.admin_api import load_rules
 from core_admin_patch.network_server import DomainLike, NetworkServer
 from firewall_rules import (
@@ -318,11 +316,7 @@ class ExtensionCore:
         give the port to whichever qube sorts first.
         """
         new_name = None if new_netvm is None else str(getattr(new_netvm, "name", new_netvm))
-        conflict = netvm_conflict(self.server.snapshot(self._clock()), vm.name, new_name)
-        if conflict is not None:
-            raise errors.QubesValueError(
-                f"cannot set netvm of '{vm.name}' to '{new_name}': {conflict}"
-            )
+        self.server.check_netvm_change(vm.name, new_name, self._clock())
 
     def refresh(self) -> None:
         """Re-plan and write; never raises into qubesd's event dispatch."""
@@ -374,44 +368,6 @@ def _not_planned(qube: QubeRef) -> Iterator[None]:
         if err.args != (qube.name,):
             raise
         raise errors.QubesVMNotFoundError(qube.name) from None
-
-
-#: Stand-in address for a qube that gets one only with its new netvm:
-#: the ports a forward claims on its hops do not depend on it.
-_UNASSIGNED_IP = ipaddress.IPv4Address("0.0.0.0")
-
-
-def netvm_conflict(
-    snapshot: planner.Snapshot, name: str, new_netvm: str | None
-) -> str | None:
-    """The port conflict that moving ``name`` under ``new_netvm`` would create, if any.
-
-    Checked for the moved qube and every qube behind it (a hop's move moves
-    their forwards too), against the static topology as Set is. A path that
-    breaks is no conflict (the plan skips and reports it), and a conflict
-    among qubes the move does not touch is not this change's to refuse.
-    """
-    moved = snapshot.qubes.get(name)
-    if moved is None or new_netvm is None:
-        return None
-    qubes = dict(snapshot.qubes)
-    qubes[name] = dataclasses.replace(moved, netvm=new_netvm, ip=moved.ip or _UNASSIGNED_IP)
-    proposed = planner.Snapshot(qubes, snapshot.now)
-    for target in sorted(qubes):
-        if target != name:
-            try:
-                chain = planner.netvm_chain(proposed, qubes[target])
-            except planner.NoNetVMError:
-                continue
-            if name not in {hop.name for hop in chain}:
-                continue
-        try:
-            planner.check_rules(proposed, target, qubes[target].rules)
-        except planner.PortConflictError as err:
-            return str(err)
-        except planner.PlanError:
-            continue
-    return None
 
 
 def has_firewall(vm: object) -> bool:

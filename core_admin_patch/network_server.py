@@ -143,21 +143,16 @@ class NetworkServer:
         except planner.PlanError as err:
             raise QubesValueError(str(err)) from None
 
-    def check_ports(self, now: float) -> None:
-        """Refuse a topology in which two qubes' forwards need one port of one hop.
+    def check_netvm_change(self, name: str, new_netvm: str | None, now: float) -> None:
+        """Refuse (QubesValueError) moving ``name`` under ``new_netvm`` if forwards would clash.
 
-        Run before a netvm change takes effect: the planner would otherwise
-        give the port to whichever qube sorts first, silently taking a live
+        Run before the change takes effect: the planner would otherwise give
+        the port to whichever qube sorts first, silently taking a live
         service away from the other.
         """
-        snapshot = self.snapshot(now)
-        for name, qube in sorted(snapshot.qubes.items()):
-            try:
-                planner.check_rules(snapshot, name, qube.rules)
-            except planner.PortConflictError as err:
-                raise QubesValueError(str(err)) from None
-            except planner.PlanError:
-                continue  # a broken path is skipped at plan time, not a conflict
+        conflict = planner.netvm_conflict(self.snapshot(now), name, new_netvm)
+        if conflict is not None:
+            raise QubesValueError(f"cannot set netvm of '{name}' to '{new_netvm}': {conflict}")
 
     def refresh(self, now: float) -> float | None:
         """Re-plan everything and write the differences; returns the next expiry."""

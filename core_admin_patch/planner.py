@@ -443,6 +443,44 @@ def _active(snapshot: Snapshot, target: QubeState) -> bool:
     return bool(chain) and all(hop.running for hop in chain)
 
 
+#: Stand-in address for a qube that gets one only with its new netvm:
+#: the ports a forward claims on its hops do not depend on it.
+_UNASSIGNED_IP = ipaddress.IPv4Address("0.0.0.0")
+
+
+def netvm_conflict(
+    snapshot: Snapshot, name: str, new_netvm: str | None
+) -> str | None:
+    """The port conflict that moving ``name`` under ``new_netvm`` would create, if any.
+
+    Checked for the moved qube and every qube behind it (a hop's move moves
+    their forwards too), against the static topology as Set is. A path that
+    breaks is no conflict (the plan skips and reports it), and a conflict
+    among qubes the move does not touch is not this change's to refuse.
+    """
+    moved = snapshot.qubes.get(name)
+    if moved is None or new_netvm is None:
+        return None
+    qubes = dict(snapshot.qubes)
+    qubes[name] = dataclasses.replace(moved, netvm=new_netvm, ip=moved.ip or _UNASSIGNED_IP)
+    proposed = Snapshot(qubes, snapshot.now)
+    for target in sorted(qubes):
+        if target != name:
+            try:
+                chain = netvm_chain(proposed, qubes[target])
+            except NoNetVMError:
+                continue
+            if name not in {hop.name for hop in chain}:
+                continue
+        try:
+            check_rules(proposed, target, qubes[target].rules)
+        except PortConflictError as err:
+            return str(err)
+        except PlanError:
+            continue
+    return None
+
+
 def _overlapping(taken: list[tuple[int, int, str]], ports: PortRange) -> str | None:
     """Owner of a taken range overlapping ``ports``, by bisection.
 

@@ -529,14 +529,14 @@ class Dom0:
         old = getattr(qube, prop)
         if old == value:
             return
+        if prop == "netvm":  # as qubesd's property-pre-set:netvm handler does
+            self.network_server.check_netvm_change(qube.name, value, time.time())
         below = self.topology.below(qube.name)
         before = self._ipv6_view(below)
         setattr(qube, prop, value)
         try:
             validate(self.topology)
-            if prop == "netvm":
-                self.network_server.check_ports(time.time())
-        except (TopologyError, QubesValueError) as err:
+        except TopologyError as err:
             setattr(qube, prop, old)
             raise Dom0Error(f"{qube.name}: cannot set {prop}: {err}") from None
         if (
