@@ -179,3 +179,11 @@ class NetworkServerExtension(qubes.ext.Extension):  # type: ignore[misc]
             self.core(vm.app).check_netvm_change(vm, newvalue)
         except errors.QubesValueError as err:
             raise qubes.exc.QubesValueError(str(err)) from None
+
+    @qubes.ext.handler("property-pre-reset:netvm")
+    def on_netvm_pre_reset(self, vm: Any, event: str, **kwargs: Any) -> None:
+        """The same veto when netvm goes back to its default (``qvm-prefs -D``).
+
+        The event carries no new value; the default is what qubesd will use.
+        """
+        self.on_netvm_pre_set(vm, event, newvalue=vm.property_get_default("netvm"))

@@ -266,6 +266,13 @@ def test_netvm_pre_set_refuses_a_shared_port(shell: Any, tmp_path: Path) -> None
         ext.on_netvm_pre_set(vms["web2"], "property-pre-set:netvm", name="netvm",
                              newvalue=vms["net"], oldvalue=None)
     ext.on_netvm_pre_set(vms["web2"], "property-pre-set:netvm", name="netvm", newvalue=None)
+    # Back to the default netvm (qvm-prefs -D web2 netvm) is checked the same way.
+    assert ext.on_netvm_pre_reset.ha_events == ("property-pre-reset:netvm",)
+    vms["web2"].property_get_default = {"netvm": vms["net"]}.get  # type: ignore[attr-defined]
+    with pytest.raises(exc.QubesValueError, match="is wanted by both 'web'"):
+        ext.on_netvm_pre_reset(vms["web2"], "property-pre-reset:netvm", name="netvm")
+    vms["web2"].property_get_default = {"netvm": None}.get  # type: ignore[attr-defined]
+    ext.on_netvm_pre_reset(vms["web2"], "property-pre-reset:netvm", name="netvm")
 
 
 def test_domain_load_replans_once_qubesd_loop_runs(shell: Any, tmp_path: Path) -> None:
