@@ -35,16 +35,22 @@ def lab_unavailable() -> str | None:
     return None
 
 
+def cannot_run(reason: str) -> None:
+    """Skip, saying why, outside CI; fail under CI, where everything must run."""
+    if os.environ.get("CI"):
+        pytest.fail(f"NOT RUN UNDER CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("lab") is None:
         return
     reason = lab_unavailable()
     if reason is None:
         return
-    if os.environ.get("CI"):
-        pytest.fail(f"{LAB_MISSING}: {reason}", pytrace=False)
-    item.config.stash[_SKIPPED] = item.config.stash.get(_SKIPPED, 0) + 1
-    pytest.skip(f"{LAB_MISSING}: {reason}")
+    if not os.environ.get("CI"):
+        item.config.stash[_SKIPPED] = item.config.stash.get(_SKIPPED, 0) + 1
+    cannot_run(f"{LAB_MISSING}: {reason}")
 
 
 _SKIPPED = pytest.StashKey[int]()
@@ -67,8 +73,9 @@ def fresh_lab(tmp_path_factory: pytest.TempPathFactory) -> Lab:
 
 def lab_up(tmp_path_factory: pytest.TempPathFactory, topology: Path | None = None) -> Iterator[Lab]:
     """Body of a module-scoped lab fixture: ``topology`` (default: built-in) up, then down."""
-    if lab_unavailable() is not None:
-        pytest.skip(LAB_MISSING)
+    reason = lab_unavailable()
+    if reason is not None:
+        cannot_run(f"{LAB_MISSING}: {reason}")
     instance = fresh_lab(tmp_path_factory)
     instance.up(topology)
     try:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pytest
+from conftest import cannot_run
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_man_page_documents_every_option(tmp_path: Path) -> None:
     if not (REPO / ".venv" / "bin" / "argparse-manpage").exists():
-        pytest.skip("argparse-manpage not installed (run make deps)")
+        cannot_run("argparse-manpage not installed (run make deps)")
     subprocess.run(["make", "-s", "man"], cwd=REPO, check=True, capture_output=True, timeout=120)
     page = (REPO / "doc" / "man" / "qvm-firewall.1").read_text()
     assert page.startswith('.TH QVM\\-FIREWALL "1"')

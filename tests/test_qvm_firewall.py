@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from admin_api_fixture import REPO, Dom0, running_dom0
+from conftest import cannot_run
 
 from admin_client_patch.qvm_firewall import HEADER, get_parser
 from core_admin_patch import admin_api
@@ -285,7 +286,7 @@ def test_daemon_unreachable(tmp_path: Path) -> None:
 def test_console_script(dom0: Dom0) -> None:
     script = REPO / ".venv" / "bin" / "qvm-firewall"
     if not script.exists():
-        pytest.skip("qvm-firewall console script not installed (run make deps)")
+        cannot_run("qvm-firewall console script not installed (run make deps)")
     result = subprocess.run(
         [str(script), "--raw", "web"], env=dom0.env(), capture_output=True, text=True,
         timeout=60,

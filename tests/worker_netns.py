@@ -10,7 +10,6 @@ import ctypes
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cannot_run, lab_unavailable
 
 CLONE_NEWNET = 0x40000000
 REPO = Path(__file__).resolve().parent.parent
@@ -71,12 +71,9 @@ def write_rules(db: Any, address: str, policy: str, rules: list[str]) -> None:
 
 def require_root() -> None:
     """Skip loudly outside CI, fail under CI, when namespaces cannot be used."""
-    if os.geteuid() == 0 and shutil.which("ip") and shutil.which("nft"):
-        return
-    message = "NETNS TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    reason = lab_unavailable()
+    if reason is not None:
+        cannot_run(f"NETNS TEST NOT RUN: needs root, ip and nft (CI runs it as root): {reason}")
 
 
 def make_netns() -> Iterator[str]:
