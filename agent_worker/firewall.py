@@ -268,13 +268,7 @@ class Worker:
                         log.warning("not recording %s for %s: path too long", name, address)
                         continue
                     self.db.write(base + name, dns_info_value(addresses))
-        path = f"{HANDLED_DIR}{address}"
-        untrusted_count = self.db.read(path)
-        try:
-            count = int(untrusted_count or b"0")
-        except ValueError:
-            count = 0
-        self.db.write(path, str(count + 1))
+        forwarding.count_handled(self.db, f"{HANDLED_DIR}{address}")
 
     # -- applying ---------------------------------------------------------
 

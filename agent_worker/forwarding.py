@@ -74,6 +74,20 @@ class ForwardChanges:
     connected: bool = False
 
 
+def count_handled(db: QubesDBConnection, path: str) -> None:
+    """Add one to a ``*_handled`` counter, as upstream counts each handled change.
+
+    The counter lives in the qube's own QubesDB, so a value that is no
+    number restarts it rather than stopping the worker.
+    """
+    untrusted_count = db.read(path)
+    try:
+        count = int(untrusted_count or b"0")
+    except ValueError:
+        count = 0
+    db.write(path, str(count + 1))
+
+
 def read_connected(
     db: QubesDBConnection,
 ) -> tuple[frozenset[IPAddress], list[tuple[str, str]]]:
@@ -256,13 +270,7 @@ class ChainHalf:
 
     def _record(self, address: IPAddress) -> None:
         """Count the handling of a target, as upstream counts a client's."""
-        path = f"{self.HANDLED}{address}"
-        untrusted_count = self.db.read(path)
-        try:
-            count = int(untrusted_count or b"0")
-        except ValueError:
-            count = 0
-        self.db.write(path, str(count + 1))
+        count_handled(self.db, f"{self.HANDLED}{address}")
 
     # -- applying ---------------------------------------------------------
 
