@@ -21,6 +21,7 @@ from worker_netns import (
     ns_run,
     qubesdb_server,
     wait_for,
+    write_directory,
 )
 
 from agent_worker import nft_chains
@@ -109,11 +110,7 @@ def openings(ns: str, family: str) -> list[str]:
 
 
 def write_openings(db: qubesdb.QubesDB, *values: str) -> None:
-    """As dom0 does: remove, write every key, then the completion marker."""
-    db.rm("/qns-input/")
-    for number, value in enumerate(values):
-        db.write(f"/qns-input/{number:04}", value)
-    db.write("/qns-input", "")
+    write_directory(db, "/qns-input", list(values))
 
 
 @pytest.mark.lab

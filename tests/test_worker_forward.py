@@ -23,50 +23,45 @@ from hypothesis import strategies as st
 from worker_netns import (
     HOP_UPLINK,
     QUBE,
+    USER_RULE,
     MemoryQubesDB,
     WorkerProcess,
     chain_rules,
     in_netns,
+    load_base_ruleset,
     make_netns,
     nft_ruleset,
     ns_run,
     probe,
     qubesdb_server,
+    remove_directory,
     serving,
     start_worker,
     wait_for,
     wire_hop,
+    write_directory,
 )
 
 from agent_worker import forward, forwarding
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
 from agent_worker.forwarding import ForwardChanges, Forwarder, classify
-from lab.base_ruleset import base_ruleset
 from lab.pyshim import qubesdb
 
 WEB, WORK = "10.137.0.5", "10.137.0.6"
 WEB_TCP = f"proto=tcp ports=8080-8080 iif=upstream daddr=local to={WEB} toports=80-80"
 WEB_UDP = f"proto=udp ports=5353-5353 iif=upstream daddr=local to={WEB} toports=53-53"
 WORK_TCP = f"proto=tcp ports=2222-2222 iif=upstream daddr=local to={WORK} toports=22-22"
-USER_RULE = "tcp dport 9999 counter accept"
 #: this hop's clients: rules only point at them
 CONNECTED = {"/connected-ips": f"{WEB} {WORK}", "/connected-ips6": "fd09:24ef:4179::a89:5"}
 
 
 def write_forwards(db: Any, target: str, steps: list[str] | list[bytes]) -> None:
-    """Rewrite one target's steps the way dom0 does: clear, write, then the directory path."""
-    base = f"/qns-forward/{target}"
-    db.rm(base + "/")
-    for number, step in enumerate(steps):
-        db.write(f"{base}/{number:04d}", step)
-    db.write(base, "")
+    write_directory(db, f"/qns-forward/{target}", steps)
 
 
 def remove_forwards(db: Any, target: str) -> None:
-    base = f"/qns-forward/{target}"
-    db.rm(base + "/")
-    db.rm(base)
+    remove_directory(db, f"/qns-forward/{target}")
 
 
 def handled(db: Any, target: str) -> int:
@@ -259,14 +254,9 @@ def netns() -> Iterator[str]:
     yield from make_netns()
 
 
-def _base(ns: str) -> None:
-    ns_run(ns, "nft", "-f", "-", stdin=base_ruleset())
-    ns_run(ns, "nft", "add", "rule", "ip", "qubes", "custom-forward", *USER_RULE.split())
-
-
 @pytest.mark.lab
 def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str) -> None:
-    _base(netns)
+    load_base_ruleset(netns)
     original = nft_ruleset(netns)
 
     def body() -> None:
@@ -315,7 +305,7 @@ def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str)
 @pytest.mark.lab
 def test_a_named_hop_address_must_still_be_local(netns: str) -> None:
     """``daddr=X`` alone would DNAT transit traffic to X if X is stale or wrong."""
-    _base(netns)
+    load_base_ruleset(netns)
 
     def body() -> None:
         db = MemoryQubesDB(CONNECTED)
@@ -331,7 +321,7 @@ def test_a_named_hop_address_must_still_be_local(netns: str) -> None:
 
 @pytest.mark.lab
 def test_refused_target_is_left_out_and_the_rest_applies(netns: str) -> None:
-    _base(netns)
+    load_base_ruleset(netns)
 
     def body() -> list[str]:
         lines: list[str] = []
@@ -394,7 +384,7 @@ def _every_parsed_step_is_accepted_by_nft() -> None:
 
 @pytest.mark.lab
 def test_fuzz_nft_accepts_every_step_the_parser_accepts(netns: str) -> None:
-    _base(netns)
+    load_base_ruleset(netns)
     in_netns(netns, _every_parsed_step_is_accepted_by_nft)
 
 

@@ -18,35 +18,37 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from worker_netns import MemoryQubesDB, chain_rules, in_netns, make_netns, nft_ruleset, ns_run
+from worker_netns import (
+    MemoryQubesDB,
+    chain_rules,
+    in_netns,
+    load_base_ruleset,
+    make_netns,
+    nft_ruleset,
+    ns_run,
+    remove_directory,
+    write_directory,
+)
 
 from agent_worker import inbound, nft_chains
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
 from agent_worker.forwarding import ForwardChanges, Forwarder, NftError
 from agent_worker.inbound import Inbound
-from lab.base_ruleset import base_ruleset
 
 WEB, WORK = "10.137.0.20", "10.137.0.21"
 WEB_IP = ipaddress.IPv4Address(WEB)
 SSH = "action=accept srchost=10.137.0.21/32 proto=tcp dstports=22-22"
-USER_RULE = "tcp dport 9999 counter accept"
 #: the netvm's clients: rules only protect them
 CONNECTED = {"/connected-ips": f"{WEB} {WORK} 10.137.0.22"}
 
 
 def write_inbound(db: Any, target: str, values: list[str] | list[bytes]) -> None:
-    """Rewrite one target's rules the way dom0 does: clear, write, then the directory path."""
-    base = f"/qns-inbound/{target}"
-    db.rm(base + "/")
-    for number, value in enumerate(values):
-        db.write(f"{base}/{number:04d}", value)
-    db.write(base, "")
+    write_directory(db, f"/qns-inbound/{target}", values)
 
 
 def remove_inbound(db: Any, target: str) -> None:
-    db.rm(f"/qns-inbound/{target}/")
-    db.rm(f"/qns-inbound/{target}")
+    remove_directory(db, f"/qns-inbound/{target}")
 
 
 # -- pure -------------------------------------------------------------------
@@ -195,11 +197,6 @@ def netns() -> Iterator[str]:
     yield from make_netns()
 
 
-def _base(ns: str) -> None:
-    ns_run(ns, "nft", "-f", "-", stdin=base_ruleset())
-    ns_run(ns, "nft", "add", "rule", "ip", "qubes", "custom-forward", *USER_RULE.split())
-
-
 FORWARD_STEP = "proto=tcp ports=8080-8080 iif=upstream daddr=local to=10.137.0.20 toports=80-80"
 
 
@@ -210,7 +207,7 @@ def _jumps(ns: str) -> list[str]:
 @pytest.mark.lab
 @pytest.mark.parametrize("inbound_first", [True, False])
 def test_inbound_jump_follows_custom_and_forward_jumps(netns: str, inbound_first: bool) -> None:
-    _base(netns)
+    load_base_ruleset(netns)
     original = nft_ruleset(netns)
 
     def body() -> None:
@@ -250,7 +247,7 @@ def test_inbound_jump_follows_custom_and_forward_jumps(netns: str, inbound_first
 
 @pytest.mark.lab
 def test_a_misplaced_jump_is_put_back_after_custom_forward(netns: str) -> None:
-    _base(netns)
+    load_base_ruleset(netns)
 
     def apply() -> None:
         db = MemoryQubesDB(CONNECTED)
@@ -269,7 +266,7 @@ def test_a_misplaced_jump_is_put_back_after_custom_forward(netns: str) -> None:
 
 @pytest.mark.lab
 def test_a_target_nft_refuses_is_left_out(netns: str) -> None:
-    _base(netns)
+    load_base_ruleset(netns)
 
     def body() -> None:
         real = inbound.forward_rule
@@ -320,5 +317,5 @@ def _every_parsed_rule_is_accepted_by_nft() -> None:
 
 @pytest.mark.lab
 def test_fuzz_nft_accepts_every_rule_the_parser_accepts(netns: str) -> None:
-    _base(netns)
+    load_base_ruleset(netns)
     in_netns(netns, _every_parsed_rule_is_accepted_by_nft)

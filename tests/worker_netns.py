@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 from conftest import cannot_run, lab_unavailable
 
+from lab.base_ruleset import base_ruleset, client_elements
+
 CLONE_NEWNET = 0x40000000
 REPO = Path(__file__).resolve().parent.parent
 QUBE = "sys-firewall"
@@ -57,6 +59,30 @@ class MemoryQubesDB:
 
     def list(self, path: str) -> list[str]:
         return sorted(k for k in self.entries if k.startswith(path))
+
+
+def write_directory(db: Any, base: str, values: list[str] | list[bytes]) -> None:
+    """Rewrite ``base``'s entries the way dom0 does: clear, write NNNN keys, then ``base``."""
+    db.rm(base + "/")
+    for number, value in enumerate(values):
+        db.write(f"{base}/{number:04d}", value)
+    db.write(base, "")
+
+
+def remove_directory(db: Any, base: str) -> None:
+    """Remove ``base`` as dom0 does: its keys, then the path the worker watches."""
+    db.rm(base + "/")
+    db.rm(base)
+
+
+#: A rule of the user's own in ``custom-forward``, which our chains must keep.
+USER_RULE = "tcp dport 9999 counter accept"
+
+
+def load_base_ruleset(ns: str) -> None:
+    """The Qubes base tables in ``ns``, with USER_RULE in ``custom-forward``."""
+    ns_run(ns, "nft", "-f", "-", stdin=base_ruleset())
+    ns_run(ns, "nft", "add", "rule", "ip", "qubes", "custom-forward", *USER_RULE.split())
 
 
 def write_rules(db: Any, address: str, policy: str, rules: list[str]) -> None:
@@ -227,8 +253,6 @@ def wire_hop(client: str, hop: str, targets: dict[str, str]) -> None:
     elements); a target gets its address as /32 and the hop as gateway.
     ``targets`` maps namespace to address.
     """
-    from lab.base_ruleset import base_ruleset, client_elements
-
     subprocess.run(["ip", "link", "add", "eth0", "netns", hop, "type", "veth",
                     "peer", "name", "eth0", "netns", client], check=True)
     ns_run(client, "ip", "address", "add", f"{CLIENT_ADDRESS}/24", "dev", "eth0")
