@@ -9,12 +9,11 @@ forward openings in the target's own ``/qns-input``.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_planner import qube
+from test_planner import NOW, qube
 
 from agent_worker import inbound, input_rules
 from core_admin_patch.planner import (
@@ -31,8 +30,6 @@ from core_admin_patch.planner import (
 )
 from firewall_rules import Rule
 
-NOW = 1_700_000_000.0
-SUPPORT: Mapping[str, str] = {SUPPORT_FEATURE: "1"}
 WEB_IP, WORK_IP = "10.137.0.20", "10.137.0.21"
 SSH_FROM_WORK = "action=accept srchost=10.137.0.21 proto=tcp dstports=22"
 
