@@ -16,6 +16,7 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "ruff"],
         "man": ["argparse-manpage"],
+        "gui": ["PyQt6", "pytest-qt"],
     },
     entry_points={
         "console_scripts": [
