@@ -287,7 +287,9 @@ class ExtensionCore:
             except Exception:
                 continue  # logged at every re-plan already
             if any(
-                rule.expire is not None and since <= rule.expire.timestamp < now
+                rule.expire is not None
+                and rule.expire.timestamp is not None
+                and since <= rule.expire.timestamp < now
                 for rule in rules
             ):
                 self._fire_firewall_changed(vm)

@@ -141,6 +141,14 @@ def test_expire_relative_becomes_epoch(dom0: Dom0) -> None:
     assert 250 <= int(row["EXPIRE"][1:-1]) <= 300
 
 
+def test_expire_shutdown_is_listed_as_such(dom0: Dom0) -> None:
+    ok(dom0, "web", "add", "--before", "0", "action=accept", "srchost=10.137.0.6",
+       "expire=shutdown")
+    assert raw(dom0)[0] == "action=accept expire=shutdown srchost=10.137.0.6/32"
+    row = dict(zip(HEADER, table(dom0)[1], strict=True))
+    assert row["EXPIRE"] == "shutdown"
+
+
 def test_comment_with_spaces(dom0: Dom0) -> None:
     ok(dom0, "web", "add", "action=drop", "proto=tcp", "comment=no", "more", "telnet")
     assert raw(dom0)[-1].endswith("comment=no more telnet")
