@@ -24,6 +24,7 @@ setup(
             "qubes-lab = lab.cli:main",
             "qubes-firewall-worker = agent_worker.firewall:main",
             "qubes-network-server-input = agent_worker.input_hook:main",
+            "qubes-network-server-settings = admin_client_patch.gui.standalone:main",
         ],
         "qubes.ext": [
             "qubes_network_server = core_admin_patch.extension:NetworkServerExtension",
