@@ -22,6 +22,10 @@ import pytest
 
 from lab.control import Lab
 
+# Qt widgets in tests (pytest-qt) draw offscreen: no display needed, and
+# grabbed screenshots still hold real pixels.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
 LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
 
 
