@@ -14,7 +14,6 @@ added upstream is checked without a change here.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from upstream_env import (
     CORE_ADMIN,
     CORE_QREXEC,
     core_admin_paths,
+    discover_cases,
     require_upstream,
     run_unittests,
     upstream_dir,
@@ -44,30 +44,16 @@ SUITES: dict[str, str | None] = {
 CLEAN = ("pass", "skip", "xfail")
 
 
-def discover_cases(root: Path, module: str, method_filter: str | None) -> list[str]:
-    """``module.Class.test_method`` for each test method written in the module's classes."""
-    source = root / CORE_ADMIN / (module.replace(".", "/") + ".py")
-    tree = ast.parse(source.read_text(encoding="utf-8"))
-    cases = []
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        for item in node.body:
-            if (
-                isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
-                and item.name.startswith("test")
-                and (method_filter is None or method_filter in item.name)
-            ):
-                cases.append(f"{module}.{node.name}.{item.name}")
-    return cases
-
-
 def all_cases() -> list[str]:
     """Every selected case, or one placeholder when there are no snapshots."""
     root = upstream_dir()
     if root is None or not (root / CORE_ADMIN).is_dir():
         return ["<no upstream snapshots>"]
-    return [case for module, only in SUITES.items() for case in discover_cases(root, module, only)]
+    return [
+        case
+        for module, only in SUITES.items()
+        for case in discover_cases(root / CORE_ADMIN, module, only)
+    ]
 
 
 @pytest.fixture(scope="module")

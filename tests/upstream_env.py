@@ -13,6 +13,7 @@ under CI).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -62,6 +63,28 @@ def require_upstream(*folders: str) -> Path:
     if missing:
         cannot_run(f"UPSTREAM CONFORMANCE NOT RUN: {root} has no {', '.join(missing)}")
     return root
+
+
+def discover_cases(source_root: Path, module: str, method_filter: str | None = None) -> list[str]:
+    """``module.Class.test_method`` for each test method written in the module's classes.
+
+    Read from the source (no import), so pytest can list upstream's cases
+    at collection; ``method_filter`` keeps only names containing it.
+    """
+    source = source_root / (module.replace(".", "/") + ".py")
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    cases = []
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if (
+                isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+                and item.name.startswith("test")
+                and (method_filter is None or method_filter in item.name)
+            ):
+                cases.append(f"{module}.{node.name}.{item.name}")
+    return cases
 
 
 def python_env(paths: Sequence[Path], **extra: str) -> dict[str, str]:
