@@ -1,0 +1,192 @@
+"""Run the real upstream Qubes code (snapshots in ``$QUBES_UPSTREAM_DIR``) beside ours.
+
+The snapshots are read-only: nothing here writes into them. Byte code is
+off (``PYTHONDONTWRITEBYTECODE``), qubes-core-admin's entry points come
+from ``setup.py egg_info`` into a scratch folder, and anything patched or
+generated lives in temporary folders.
+
+Where the snapshots are: ``$QUBES_UPSTREAM_DIR``, else ``../shared/upstream``
+beside the repository (CI's layout, which .ci/run exports). Without
+either, each test says so through :func:`conftest.cannot_run` (a failure
+under CI).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from conftest import cannot_run
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
+
+#: The snapshot folders (see the upstream README's table).
+CORE_ADMIN = "qubes-core-admin"
+CORE_QREXEC = "qubes-core-qrexec"
+ADMIN_CLIENT = "qubes-core-admin-client"
+AGENT = "qubes-core-agent-linux"
+MANAGER = "qubes-manager"
+
+#: Upstream's unit tests refuse root in a container; they run as nobody.
+NOBODY = 65534
+
+
+def upstream_dir() -> Path | None:
+    """The folder holding the snapshots, or None when there is none."""
+    configured = os.environ.get("QUBES_UPSTREAM_DIR")
+    if configured:
+        path = Path(configured)
+        return path if path.is_dir() else None
+    default = REPO.parent / "shared" / "upstream"
+    return default if default.is_dir() else None
+
+
+def require_upstream(*folders: str) -> Path:
+    """The snapshots folder holding ``folders``; otherwise the test cannot run."""
+    root = upstream_dir()
+    if root is None:
+        cannot_run(
+            "UPSTREAM CONFORMANCE NOT RUN: no upstream snapshots "
+            "(set QUBES_UPSTREAM_DIR, or put them at ../shared/upstream)"
+        )
+        raise AssertionError("unreachable")
+    missing = [folder for folder in folders if not (root / folder).is_dir()]
+    if missing:
+        cannot_run(f"UPSTREAM CONFORMANCE NOT RUN: {root} has no {', '.join(missing)}")
+    return root
+
+
+def discover_cases(source_root: Path, module: str, method_filter: str | None = None) -> list[str]:
+    """``module.Class.test_method`` for each test method written in the module's classes.
+
+    Read from the source (no import), so pytest can list upstream's cases
+    at collection; ``method_filter`` keeps only names containing it.
+    """
+    source = source_root / (module.replace(".", "/") + ".py")
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    cases = []
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if (
+                isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+                and item.name.startswith("test")
+                and (method_filter is None or method_filter in item.name)
+            ):
+                cases.append(f"{module}.{node.name}.{item.name}")
+    return cases
+
+
+def python_env(paths: Sequence[Path], **extra: str) -> dict[str, str]:
+    """This environment with ``paths`` first on PYTHONPATH and byte code off."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = os.pathsep.join(str(path) for path in [*paths, REPO])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(extra)
+    return env
+
+
+def core_admin_paths(root: Path, scratch: Path) -> list[Path]:
+    """PYTHONPATH for qubesd code: its entry points (egg-info), stubs, qrexec, the source.
+
+    ``setup.py egg_info --egg-base`` writes only into ``scratch``;
+    qubes.ext.get_extensions() then finds upstream's extensions as in an
+    installed dom0.
+    """
+    egg_base = scratch / "core-admin-egg"
+    if not (egg_base / "qubes.egg-info" / "entry_points.txt").exists():
+        egg_base.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg_base)],
+            cwd=root / CORE_ADMIN, env=python_env([]), check=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+    return [
+        egg_base,
+        root / CORE_ADMIN / "test-packages",
+        root / CORE_ADMIN,
+        root / CORE_QREXEC,
+    ]
+
+
+def shared_scratch() -> Path:
+    """A temporary folder every uid may read (upstream's tests run as nobody)."""
+    path = Path(tempfile.mkdtemp(prefix="qns-upstream-"))
+    path.chmod(0o755)
+    return path
+
+
+def nobody_dir(parent: Path, name: str) -> Path:
+    """A folder under ``parent`` owned by nobody: its HOME, TMPDIR and output."""
+    path = parent / name
+    path.mkdir()
+    os.chown(path, NOBODY, NOBODY)
+    return path
+
+
+def run_as_nobody(
+    argv: Sequence[str], env: Mapping[str, str], home: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as uid/gid nobody with ``home`` as HOME, TMPDIR and cwd."""
+    if os.geteuid() != 0:
+        cannot_run("UPSTREAM CONFORMANCE NOT RUN: switching to uid nobody needs root")
+    if shutil.which("setpriv") is None:
+        cannot_run("UPSTREAM CONFORMANCE NOT RUN: setpriv (util-linux) is missing")
+    env = {**env, "HOME": str(home), "TMPDIR": str(home)}
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+        env=env, cwd=home, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def run_unittests(
+    names: Sequence[str], paths: Sequence[Path], scratch: Path, label: str,
+    extra_args: Sequence[str] = (), as_nobody: bool = True,
+) -> dict[str, dict[str, str]]:
+    """Run unittest ``names`` through tests/upstream_unittest.py; outcome per test id.
+
+    Raises AssertionError with the runner's output when it produced no report
+    (an import error, a crash): that is never a per-test result.
+    """
+    home = nobody_dir(scratch, label) if as_nobody else scratch / label
+    home.mkdir(exist_ok=True)
+    report = home / "report.json"
+    argv = [
+        sys.executable, str(TESTS / "upstream_unittest.py"),
+        "--report", str(report), *extra_args, *names,
+    ]
+    env = python_env(paths, QUBES_TEST="1")
+    if as_nobody:
+        proc = run_as_nobody(argv, env, home)
+    else:
+        env = {**env, "HOME": str(home), "TMPDIR": str(home)}
+        proc = subprocess.run(argv, env=env, cwd=home, capture_output=True, text=True,
+                              timeout=600, check=False)
+    if not report.exists():
+        raise AssertionError(
+            f"upstream test run {label} gave no report (exit {proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    outcomes: dict[str, dict[str, str]] = json.loads(report.read_text())
+    return outcomes
+
+
+@pytest.fixture(scope="session")
+def upstream_scratch() -> Iterator[Path]:
+    """One readable temporary folder for the session's upstream runs."""
+    path = shared_scratch()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
