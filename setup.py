@@ -16,7 +16,8 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "ruff"],
         "man": ["argparse-manpage"],
-        "gui": ["PyQt6", "pytest-qt"],
+        # PyQt6 for the panel; the rest runs upstream Qube Manager in tests.
+        "gui": ["PyQt6", "pytest-qt", "qasync", "pyxdg"],
     },
     entry_points={
         "console_scripts": [
