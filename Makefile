@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps test lint demo man clean
+.PHONY: all deps test lint demo man screenshots clean
 
 all: test
 
@@ -40,6 +40,11 @@ man: $(STAMP)
 	    --function get_parser --prog qvm-firewall --project-name qubes-network-server \
 	    --description "manage a qube's outbound, forward and inbound firewall rules" \
 	    --manual-title "Qubes network server" --output doc/man/qvm-firewall.1
+
+# The GUI screenshots in doc/gui/, taken by the GUI tests (needs root: the lab).
+screenshots: $(STAMP)
+	QNS_SCREENSHOT_DIR=doc/gui $(PY) -m pytest -q tests/test_gui_dialogs.py \
+	    tests/test_lab_gui.py tests/test_lab_qube_manager.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info doc/man

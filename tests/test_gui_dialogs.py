@@ -8,8 +8,10 @@ panel is driven in tests/test_lab_gui.py.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
+from gui_shots import screenshot
 from pytestqt.qtbot import QtBot
 
 from admin_client_patch.gui.dialogs import ForwardRuleDialog, InboundRuleDialog, RuleDialog
@@ -170,7 +172,7 @@ def test_inbound_fields_become_the_canonical_rule(qtbot: QtBot) -> None:
     assert save.saved[0].api_rule == "action=accept srcqube=work proto=tcp dstports=22-22"
 
 
-def test_inbound_needs_a_source_and_a_protocol_for_ports(qtbot: QtBot) -> None:
+def test_inbound_needs_a_source_and_a_protocol_for_ports(qtbot: QtBot, tmp_path: Path) -> None:
     save = Recorder()
     dialog = inbound_dialog(qtbot, save)
     ok(dialog)
@@ -180,6 +182,10 @@ def test_inbound_needs_a_source_and_a_protocol_for_ports(qtbot: QtBot) -> None:
     ok(dialog)
     assert "choose TCP, UDP or ICMP" in dialog.error_label.text()
     assert save.saved == []
+    dialog.srcqube_edit.setText("my work")
+    dialog.tcp_radio.setChecked(True)
+    ok(dialog)
+    screenshot(dialog, "inbound-invalid", tmp_path)
 
 
 @pytest.mark.parametrize(("value", "unit", "seconds"), [
