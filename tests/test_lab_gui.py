@@ -8,6 +8,9 @@ from the LAN. Screenshots of the panel and its dialogs are taken on the way
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ from pytestqt.qtbot import QtBot
 from admin_client_patch.gui.dialogs import ForwardRuleDialog, InboundRuleDialog, RuleDialog
 from admin_client_patch.gui.panel import NetworkServerPanel, RuleTable
 from admin_client_patch.gui.rule_store import RuleStore
+from admin_client_patch.gui.standalone import SettingsWindow
 from admin_client_patch.qubesd_client import qubesd_call
 from firewall_rules import Rule
 from lab.control import Lab
@@ -321,3 +325,32 @@ def test_the_outbound_rules_are_never_touched(
     press_ok(qtbot, dialog)
     got = qubesd_call("web", "admin.vm.firewall.Get").decode().splitlines()
     assert got == [canonical(x) for x in outbound]
+
+
+# --- qubes-network-server-settings ----------------------------------------------
+
+
+def test_the_settings_window_holds_the_panel_for_the_qube(
+    qtbot: QtBot, api: Lab, tmp_path: Path
+) -> None:
+    set_list("web", "forward",
+             "action=forward forwardtype=external proto=tcp srcports=8080 dstports=80")
+    set_list("web", "inbound", "action=accept srcqube=work proto=tcp dstports=22")
+    window = SettingsWindow(RuleStore("web"))
+    qtbot.addWidget(window)
+    window.show()
+    assert window.windowTitle() == "Port forwarding and inbound access: web"
+    assert window.panel.forwards.view.topLevelItemCount() == 1
+    assert window.panel.inbound.view.topLevelItemCount() == 1
+    screenshot(window, "settings-window", tmp_path)
+
+
+def test_the_settings_command_refuses_an_unknown_qube_in_one_line(api: Lab) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "qubes-network-server-settings"), "nosuchqube"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "QUBESD_SOCKET": str(api.qubesd_socket)},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("qubes-network-server-settings: error: ")
+    assert "nosuchqube" in result.stderr and result.stderr.count("\n") == 1
