@@ -275,6 +275,8 @@ class ExtensionCore:
         event. ``call_soon`` on a loop not yet running runs when it starts.
         """
         self.start_timer(loop)
+        if not vm.is_running():  # dom0 went down without stopping it
+            self._drop_shutdown_rules(vm)
         if not self._startup_scheduled:
             self._startup_scheduled = True
             loop.call_soon(self.refresh)
@@ -310,7 +312,18 @@ class ExtensionCore:
         if event in QDB_RESET_EVENTS:
             self.server.qube_reset(vm.name)
             self.writer.failed.discard(vm.name)
+        if event == "domain-shutdown":
+            self._drop_shutdown_rules(vm)
         self.refresh()
+
+    def _drop_shutdown_rules(self, vm: VMLike) -> None:
+        """Delete the stopped qube's ``expire=shutdown`` rules; never raises into qubesd."""
+        if not has_firewall(vm):
+            return
+        try:
+            self.server.drop_shutdown_rules(vm.name)
+        except Exception:
+            log.exception("%s: cannot delete its rules that lasted until it stopped", vm.name)
 
     def on_app_event(self, event: str) -> None:
         if event in APP_EVENTS:
