@@ -7,7 +7,7 @@ built as upstream's Makefile builds them (``pyuic6`` for ``ui_*.py``, Qt's
 with byte code off, so nothing is written into either snapshot.
 
 Qube Manager's qubesadmin app is upstream's own test double
-(``qubesadmin.tests.mock_app.MockQubes``) describing the lab's qubes, with
+(``qubesadmin.tests.mock_app.MockQubesComplete``) describing the lab's qubes, with
 one change: every ``admin.vm.firewall.*`` call goes to the lab's qubesd
 over its socket, framed and parsed by qubesadmin's own ``QubesLocal``
 code. So the firewall tab, both halves, reads and writes the lab's real
@@ -93,12 +93,16 @@ def load_settings_module(paths: list[Path]) -> types.ModuleType:
 
 
 def lab_backed_app(lab_socket: Path, qubes: dict[str, dict[str, Any]]) -> Any:
-    """Upstream's MockQubes holding ``qubes`` (name -> MockQube arguments), firewall to the lab."""
+    """Upstream's MockQubesComplete plus ``qubes`` (name -> MockQube arguments), firewall to the lab.
+
+    Upstream's fixture already holds sys-net and sys-firewall, wired as in
+    the lab, and the templates and disposables their properties name.
+    """
     import qubesadmin.app
     import qubesadmin.config
-    from qubesadmin.tests.mock_app import MockQube, MockQubes
+    from qubesadmin.tests.mock_app import MockQube, MockQubesComplete
 
-    class LabBackedQubes(MockQubes):  # type: ignore[misc]
+    class LabBackedQubes(MockQubesComplete):  # type: ignore[misc]
         """Every admin.vm.firewall.* call goes to the lab's qubesd."""
 
         def qubesd_call(

@@ -30,8 +30,6 @@ pytestmark = pytest.mark.lab
 
 #: The lab's qubes as Qube Manager's qubesadmin app describes them.
 LAB_QUBES: dict[str, dict[str, Any]] = {
-    "sys-firewall": {"netvm": "sys-net", "provides_network": True, "running": True,
-                     "template": "fedora-36", "features": {"qubes-firewall": "1"}},
     "web": {"netvm": "sys-firewall", "running": True, "template": "fedora-36",
             "label": "green"},
     "work": {"netvm": "sys-firewall", "running": True, "template": "fedora-36",
@@ -99,7 +97,8 @@ def test_settings_shows_outbound_forward_and_inbound_rules(
     assert window.policy_deny_radio_button.isChecked()
     model = window.rulesTreeView.model()
     assert model.rowCount() == 1
-    assert model.data(model.index(0, 0)) == "192.0.2.10"
+    assert model.data(model.index(0, 0)) == "192.0.2.10/32"  # as upstream shows it
+    assert model.data(model.index(0, 1)).startswith("443")
     # the lower half: the panel, below the outbound rules in one splitter
     panel = window.network_server_panel
     assert window.firewall_splitter.indexOf(window.outbound_rules_widget) == 0
@@ -119,7 +118,9 @@ def test_an_outbound_change_saved_by_qube_manager_keeps_forward_and_inbound_rule
     window.save_changes()
     rules = stored(web_rules)
     outbound = qubesd_call("web", "admin.vm.firewall.Get").decode().splitlines()
-    assert outbound == ["action=accept"]
+    # upstream keeps the listed addresses and ends with accept-all instead of
+    # dns, icmp, drop
+    assert outbound == canonical([OUTBOUND[0], "action=accept"])
     for line in canonical(FORWARD + INBOUND):
         assert line in rules
 
@@ -128,8 +129,12 @@ def test_an_outbound_rule_removed_in_qube_manager_keeps_the_others(
     qtbot: QtBot, settings_module: ModuleType, web_rules: Lab
 ) -> None:
     window = open_settings(qtbot, settings_module, web_rules)
-    window.rulesTreeView.selectAll()
+    view = window.rulesTreeView
+    view.setCurrentIndex(view.model().index(0, 0))  # the rule to 192.0.2.10
+    assert view.selectedIndexes()
+    assert window.delete_rule_button.isEnabled()
     window.delete_rule_button.click()
+    assert window.fw_model.rowCount() == 0
     window.save_changes()
     outbound = qubesd_call("web", "admin.vm.firewall.Get").decode().splitlines()
     assert outbound == canonical(OUTBOUND[1:])
