@@ -93,7 +93,7 @@ def load_settings_module(paths: list[Path]) -> types.ModuleType:
 
 
 def lab_backed_app(lab_socket: Path, qubes: dict[str, dict[str, Any]]) -> Any:
-    """Upstream's MockQubesComplete plus ``qubes`` (name -> MockQube arguments), firewall to the lab.
+    """Upstream's MockQubesComplete plus ``qubes`` (name -> MockQube arguments), firewall: lab's.
 
     Upstream's fixture already holds sys-net and sys-firewall, wired as in
     the lab, and the templates and disposables their properties name.
