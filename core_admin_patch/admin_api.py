@@ -28,6 +28,7 @@ from collections.abc import Callable
 from core_admin_patch.errors import ProtocolError, QubesValueError
 from core_admin_patch.network_server import NetworkServer, QubeRef
 from firewall_rules import Rule, RuleError, RuleKind, parse_api_payload
+from firewall_rules.options import qube_name_problem
 
 GET = "admin.vm.firewall.Get"
 SET = "admin.vm.firewall.Set"
@@ -35,22 +36,12 @@ RELOAD = "admin.vm.firewall.Reload"
 GET_PATHS = "admin.vm.firewall.GetPaths"
 
 #: Argument of Get/Set -> the list it reads or replaces.
-LIST_ARGUMENTS: dict[str, RuleKind] = {
-    "": RuleKind.OUTBOUND,
-    "forward": RuleKind.FORWARD,
-    "inbound": RuleKind.INBOUND,
-}
+LIST_ARGUMENTS: dict[str, RuleKind] = {kind.api_argument: kind for kind in RuleKind}
 
 
 def call_name(method: str, kind: RuleKind) -> str:
     """How a user names the call for one list: ``admin.vm.firewall.Set+forward``."""
-    argument = next(arg for arg, listed in LIST_ARGUMENTS.items() if listed is kind)
-    return f"{method}+{argument}" if argument else method
-
-
-#: qubesd's rule for qube names (qubes.vm.validate_name).
-_NAME_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_-]*\Z")
-_NAME_MAX = 31
+    return f"{method}+{kind.api_argument}" if kind.api_argument else method
 
 
 def validate_qube_name(untrusted_name: str) -> str:
@@ -59,16 +50,9 @@ def validate_qube_name(untrusted_name: str) -> str:
     A name that could never belong to a qube is refused early, so it never
     reaches a path join or a log line unchecked.
     """
-    if len(untrusted_name) > _NAME_MAX:
-        raise QubesValueError("VM name must be shorter than 32 characters")
-    if _NAME_RE.match(untrusted_name) is None:
-        raise QubesValueError("VM name contains illegal characters")
-    if untrusted_name == "Domain-0":
-        raise QubesValueError("VM name cannot be 'Domain-0'")
-    if untrusted_name in ("none", "default"):
-        raise QubesValueError("VM name cannot be 'none' nor 'default'")
-    if untrusted_name.endswith("-dm"):
-        raise QubesValueError("VM name cannot end with -dm")
+    problem = qube_name_problem(untrusted_name)
+    if problem is not None:
+        raise QubesValueError(problem)
     return untrusted_name
 
 

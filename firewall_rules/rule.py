@@ -68,6 +68,14 @@ class RuleKind(enum.Enum):
     FORWARD = "forward"
     INBOUND = "inbound"
 
+    @property
+    def api_argument(self) -> str:
+        """The argument of ``admin.vm.firewall.Get``/``Set`` for this kind's list.
+
+        None for the outbound list: those calls are upstream's, unchanged.
+        """
+        return "" if self is RuleKind.OUTBOUND else self.value
+
 
 class Rule:
     """One validated rule; build it with :meth:`from_api_string` or :meth:`from_options`."""

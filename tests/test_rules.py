@@ -301,8 +301,8 @@ def test_error_messages_say_what_is_wrong() -> None:
         "action=accept proto=tcp proto=udp": "given twice",
         "action=accept srchost=10.1.0.0/8": "did you mean 10.0.0.0/8",
         "action=accept srcqube=1work": "not a qube name",
-        "action=accept srcqube=" + "w" * 32: "at most 31 characters",
-        "action=accept srcqube=sys-net-dm": "cannot be a qube's name",
+        "action=accept srcqube=" + "w" * 32: "shorter than 32 characters",
+        "action=accept srcqube=sys-net-dm": "cannot end with -dm",
         "action=accept srcqube=work srchost=10.137.0.21": "cannot be combined",
         "action=forward forwardtype=external proto=tcp srcports=80 dstports=80 srcqube=work":
             "needs forwardtype=internal",
