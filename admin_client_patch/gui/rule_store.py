@@ -12,17 +12,11 @@ qubesd client) and in Qube Manager (qubesadmin's ``qubesd_call``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from admin_client_patch.firewall import parse_paths
-from admin_client_patch.qubesd_client import QubesDaemonCommunicationError, qubesd_call
-from firewall_rules import Rule, RuleError, RuleKind
-
-#: ``call(dest, method, arg, payload) -> reply data``, raising QubesException.
-Call = Callable[[str, str, str, bytes], bytes]
-
-#: The Admin API argument naming each list the panel edits.
-LIST_ARG = {RuleKind.FORWARD: "forward", RuleKind.INBOUND: "inbound"}
+from admin_client_patch.firewall import QubeFirewall
+from admin_client_patch.qubesd_client import Call, qubesd_call
+from firewall_rules import Rule, RuleKind
 
 
 class StaleViewError(Exception):
@@ -30,38 +24,23 @@ class StaleViewError(Exception):
 
 
 class RuleStore:
-    """The forward and inbound rules of one qube, through the Admin API."""
+    """The forward and inbound rules of one qube, edited on fresh reads."""
 
     def __init__(self, qube: str, call: Call = qubesd_call) -> None:
         self.qube = qube
-        self._call = call
+        self._firewall = QubeFirewall(qube, call)
 
     def rules(self, kind: RuleKind) -> list[Rule]:
         """The list in force now (``admin.vm.firewall.Get+forward|inbound``)."""
-        reply = self._call(self.qube, "admin.vm.firewall.Get", LIST_ARG[kind], b"")
-        rules = []
-        for untrusted_line in reply.decode("ascii", "replace").splitlines():
-            try:
-                rule = Rule.from_api_string(untrusted_line)
-            except RuleError as err:
-                raise QubesDaemonCommunicationError(
-                    f"dom0 sent a rule this panel cannot read: {err}"
-                ) from None
-            if rule.kind is not kind:
-                raise QubesDaemonCommunicationError(
-                    f"dom0 sent a {rule.kind.value} rule in the {kind.value} list"
-                )
-            rules.append(rule)
-        return rules
+        return self._firewall.rules(kind)
 
     def save(self, kind: RuleKind, rules: Sequence[Rule]) -> None:
         """Replace the whole list; dom0 stores all of it or refuses all of it."""
-        payload = "".join(rule.api_rule + "\n" for rule in rules).encode("ascii")
-        self._call(self.qube, "admin.vm.firewall.Set", LIST_ARG[kind], payload)
+        self._firewall.save(kind, rules)
 
     def paths(self) -> dict[int, str]:
         """Path of each forward, numbered as :meth:`rules` lists them (``GetPaths``)."""
-        return parse_paths(self._call(self.qube, "admin.vm.firewall.GetPaths", "", b""))
+        return self._firewall.paths()
 
     # --- edits on a fresh list ---------------------------------------------
 

@@ -8,9 +8,9 @@ import sys
 from PyQt6 import QtWidgets
 
 from admin_client_patch.gui.panel import NetworkServerPanel
-from admin_client_patch.gui.rule_store import Call, RuleStore
+from admin_client_patch.gui.rule_store import RuleStore
 from admin_client_patch.gui.transport import default_call
-from admin_client_patch.qubesd_client import QubesException
+from admin_client_patch.qubesd_client import Call, QubesException
 from firewall_rules import RuleKind
 
 PROG = "qubes-network-server-settings"

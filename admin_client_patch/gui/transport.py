@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from admin_client_patch.gui.rule_store import Call
-from admin_client_patch.qubesd_client import QubesException, qubesd_call, socket_path
+from admin_client_patch.qubesd_client import Call, QubesException, qubesd_call, socket_path
 
 
 def qubesadmin_call(app: Any) -> Call:
