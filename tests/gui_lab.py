@@ -12,12 +12,17 @@ from lab.control import Lab
 QVM_FIREWALL = Path(sys.executable).parent / "qvm-firewall"
 
 
-def qvm_firewall(lab: Lab, *args: str) -> str:
-    """Run the project's qvm-firewall against the lab's qubesd; its output."""
-    result = subprocess.run(
+def run_qvm_firewall(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """The project's qvm-firewall against the lab's qubesd."""
+    return subprocess.run(
         [str(QVM_FIREWALL), *args], capture_output=True, text=True, check=False,
         env={**os.environ, "QUBESD_SOCKET": str(lab.qubesd_socket)},
     )
+
+
+def qvm_firewall(lab: Lab, *args: str) -> str:
+    """Run qvm-firewall, which must succeed; its output."""
+    result = run_qvm_firewall(lab, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
