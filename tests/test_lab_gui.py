@@ -61,7 +61,7 @@ def api(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
 def panel(qtbot: QtBot, api: Lab) -> NetworkServerPanel:
     widget = NetworkServerPanel(RuleStore("web"))
     qtbot.addWidget(widget)
-    widget.resize(900, 560)
+    widget.resize(1100, 560)
     widget.show()
     assert widget.refresh()
     return widget

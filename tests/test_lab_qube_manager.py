@@ -106,7 +106,7 @@ def test_settings_shows_outbound_forward_and_inbound_rules(
     assert panel.forwards.view.topLevelItem(0).text(2) == "8080 → 80"
     assert "sys-net" in panel.forwards.view.topLevelItem(0).child(0).text(0)
     assert panel.inbound.view.topLevelItem(0).text(1) == "qube work"
-    window.resize(860, 900)
+    window.resize(1100, 900)
     screenshot(window, "qube-manager-settings", tmp_path)
 
 

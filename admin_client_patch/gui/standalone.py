@@ -28,7 +28,7 @@ class SettingsWindow(QtWidgets.QDialog):
         layout = QtWidgets.QVBoxLayout(self)
         layout.addWidget(self.panel)
         layout.addWidget(buttons)
-        self.resize(860, 600)
+        self.resize(1060, 620)
         self.panel.refresh()
 
 
