@@ -23,7 +23,7 @@ from qube_manager_env import load_settings_module as load_settings
 from upstream_env import MANAGER, require_upstream
 
 from admin_client_patch.qubesd_client import qubesd_call
-from firewall_rules import Rule
+from firewall_rules import Rule, RuleKind
 from lab.control import Lab
 
 pytestmark = pytest.mark.lab
@@ -141,3 +141,23 @@ def test_an_outbound_rule_removed_in_qube_manager_keeps_the_others(
     rules = stored(web_rules)
     for line in canonical(FORWARD + INBOUND):
         assert line in rules
+
+
+def test_the_panel_in_qube_manager_edits_through_qubesadmin_and_shows_refusals(
+    qtbot: QtBot, settings_module: ModuleType, web_rules: Lab
+) -> None:
+    """Its calls go through Qube Manager's qubesadmin app; a refusal is qubesadmin's exception."""
+    window = open_settings(qtbot, settings_module, web_rules)
+    panel = window.network_server_panel
+    panel.add_rule(RuleKind.INBOUND)
+    panel.dialog.srcqube_edit.setText("direct")
+    panel.dialog.accept()
+    assert canonical(["action=accept srcqube=direct"])[0] in stored(web_rules)
+    panel.add_rule(RuleKind.FORWARD)
+    dialog = panel.dialog
+    dialog.srcports_edit.setText("8080")  # web's own first forward has it
+    dialog.accept()
+    assert dialog.isVisible()
+    assert dialog.error_label.text().startswith("dom0 refused the rule, nothing was changed:")
+    assert "is wanted by both 'web'" in dialog.error_label.text()
+    assert [x for x in stored(web_rules) if "action=forward" in x] == canonical(FORWARD)
