@@ -613,7 +613,6 @@ class Dom0:
             wiring.switch_up(self.topology.lan)
         for qube in self.topology.qubes.values():
             self.firewall_path(qube.name).parent.mkdir(parents=True, exist_ok=True)
-            self._drop_shutdown_rules(qube.name)  # left from a lab that went down hard
         for qube in self.topology.qubes.values():
             if qube.autostart:
                 self.start(qube.name)
