@@ -7,6 +7,11 @@ down its write side; the server answers ``0\\0<data>`` on success or
 That is what qubesd does and what qubesadmin parses, so the unmodified
 qubesadmin (and our qvm-firewall) can talk to the lab.
 
+Besides the firewall methods (:mod:`core_admin_patch.admin_api`), the
+lab answers the reads the stock qubesadmin makes before it gets there
+(:data:`LAB_READS`): the qube list, and a qube's properties and features,
+from the lab dom0's live topology, in qubesd's reply formats.
+
 Where qubesd just drops the connection (framing errors, oversized
 requests, ProtocolError) this server answers with a framed error instead:
 the caller always learns why, and an empty reply never hides a mistake.
@@ -17,14 +22,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
+import re
 import socket
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-from core_admin_patch.admin_api import AdminContext, handle_call
-from core_admin_patch.errors import PermissionDenied, ProtocolError, QubesException
+from core_admin_patch.admin_api import AdminContext, handle_call, validate_qube_name
+from core_admin_patch.errors import (
+    PermissionDenied,
+    ProtocolError,
+    QubesException,
+    QubesVMNotFoundError,
+)
+from lab.topology import Qube, Topology
 
 log = logging.getLogger("qubes-lab.qubesd")
 
@@ -49,6 +64,103 @@ def encode_error(exc_type: str, message: str) -> bytes:
     """
     safe = message.replace("\0", "\\x00").replace("%", "%%")
     return b"2\0" + exc_type.encode("ascii") + b"\0\0" + safe.encode("utf-8") + b"\0"
+
+
+class QubesNoSuchPropertyError(QubesException):
+    """qubesd's error for a property the qube does not have."""
+
+
+class QubesFeatureNotFoundError(QubesException):
+    """qubesd's error for a feature the qube does not have."""
+
+
+@runtime_checkable
+class LabInventory(Protocol):
+    """The lab dom0 as the read methods see it: its live topology and run state."""
+
+    topology: Topology
+    runtime: Mapping[str, Any]
+
+    def ip6_of(self, name: str) -> ipaddress.IPv6Address | None: ...
+
+
+def _vm_list(inventory: LabInventory, qube: Qube | None) -> str:
+    """``admin.vm.List``: ``NAME class=CLASS state=STATE`` lines, dom0 first."""
+    lines = [] if qube is not None else ["dom0 class=AdminVM state=Running"]
+    for listed in [qube] if qube is not None else list(inventory.topology.qubes.values()):
+        state = "Running" if inventory.runtime[listed.name].running else "Halted"
+        lines.append(f"{listed.name} class=AppVM state={state}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _properties(inventory: LabInventory, qube: Qube) -> dict[str, tuple[str, str, bool]]:
+    """Property -> (qubesd type, value, whether it is the default), as qubesd has them."""
+    ip6 = inventory.ip6_of(qube.name)
+    return {
+        "name": ("str", qube.name, False),
+        "klass": ("str", "AppVM", True),
+        "netvm": ("vm", qube.netvm or "", False),
+        "ip": ("str", str(qube.ip), False),
+        "ip6": ("str", "" if ip6 is None else str(ip6), qube.ip6 is None),
+        "provides_network": ("bool", str(qube.provides_network), False),
+        "autostart": ("bool", str(qube.autostart), False),
+    }
+
+
+def _property_get(inventory: LabInventory, qube: Qube, untrusted_name: str) -> str:
+    """``admin.vm.property.Get``: ``default=True|False type=TYPE VALUE``."""
+    found = _properties(inventory, qube).get(untrusted_name)
+    if found is None:
+        raise QubesNoSuchPropertyError(f"Invalid property {untrusted_name!r} of {qube.name}")
+    kind, value, is_default = found
+    return f"default={is_default} type={kind} {value}"
+
+
+def _feature_get(qube: Qube, untrusted_name: str) -> str:
+    if untrusted_name not in qube.features:
+        raise QubesFeatureNotFoundError(f"Feature not set for domain {qube.name}: {untrusted_name}")
+    return qube.features[untrusted_name]
+
+
+#: method -> (takes an argument, answer(inventory, qube or None for dom0, arg)).
+LAB_READS: dict[str, tuple[bool, Callable[[LabInventory, Qube | None, str], str]]] = {
+    "admin.vm.List": (False, lambda inv, qube, arg: _vm_list(inv, qube)),
+    "admin.vm.property.List": (
+        False, lambda inv, qube, arg: "".join(f"{name}\n" for name in _properties(inv, qube))
+    ),
+    "admin.vm.property.Get": (True, lambda inv, qube, arg: _property_get(inv, qube, arg)),
+    "admin.vm.feature.List": (
+        False, lambda inv, qube, arg: "".join(f"{name}\n" for name in sorted(qube.features))
+    ),
+    "admin.vm.feature.Get": (True, lambda inv, qube, arg: _feature_get(qube, arg)),
+}
+
+
+#: A property or feature name, as qrexec lets an argument through.
+_ARG_RE = re.compile(r"\A[a-zA-Z0-9_.-]{1,64}\Z")
+
+
+def lab_read(
+    inventory: LabInventory, untrusted_method: str, untrusted_arg: str, untrusted_dest: str,
+    untrusted_payload: bytes,
+) -> bytes:
+    """One of :data:`LAB_READS`, checked the way qubesd checks its calls."""
+    takes_arg, answer_call = LAB_READS[untrusted_method]
+    if untrusted_payload:
+        raise ProtocolError(f"{untrusted_method} takes no payload")
+    if bool(untrusted_arg) != takes_arg:
+        raise ProtocolError(f"{untrusted_method}: argument {'missing' if takes_arg else 'given'}")
+    if untrusted_arg and _ARG_RE.match(untrusted_arg) is None:
+        raise ProtocolError(f"{untrusted_method}: invalid argument")
+    qube: Qube | None = None
+    if untrusted_dest != "dom0":
+        name = validate_qube_name(untrusted_dest)
+        qube = inventory.topology.qubes.get(name)
+        if qube is None:
+            raise QubesVMNotFoundError(name)
+    elif untrusted_method != "admin.vm.List":
+        raise ProtocolError(f"{untrusted_method}: dom0 has none in the lab")
+    return answer_call(inventory, qube, untrusted_arg).encode("ascii")
 
 
 def parse_header(untrusted_header: bytes) -> tuple[str, str, str, str]:
@@ -89,9 +201,14 @@ def answer(ctx: AdminContext, untrusted_request: bytes, now: float) -> bytes:
         untrusted_method, untrusted_arg, untrusted_source, untrusted_dest = parse_header(
             untrusted_header
         )
-        data = handle_call(
-            ctx, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
-        )
+        if untrusted_method in LAB_READS and isinstance(ctx, LabInventory):
+            data = lab_read(
+                ctx, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload
+            )
+        else:
+            data = handle_call(
+                ctx, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
+            )
     except (QubesException, ProtocolError, PermissionDenied) as exc:
         log.info("call %r refused: %s: %s", untrusted_method, type(exc).__name__, exc)
         return encode_error(type(exc).__name__, str(exc))
