@@ -31,6 +31,7 @@ from upstream_env import (
     CORE_QREXEC,
     MANAGER,
     TESTS,
+    admin_client_paths,
     core_admin_paths,
     python_env,
     require_upstream,
@@ -58,6 +59,11 @@ INBOUND = ["action=accept srcqube=work proto=tcp dstports=22-22"]
 KINDS = ("", "forward", "inbound")
 
 
+def words(lines: list[str]) -> list[list[str]]:
+    """Each rule line as its sorted words: qubesadmin writes the options in its own order."""
+    return [sorted(line.split()) for line in lines]
+
+
 def get_rules(qube: str) -> dict[str, list[str]]:
     """Each list as the Admin API returns it: outbound (no argument), forward, inbound."""
     return {
@@ -72,9 +78,14 @@ def set_rules(qube: str, outbound: list[str], forward: list[str], inbound: list[
         qubesd_call(qube, "admin.vm.firewall.Set", kind, payload)
 
 
+#: The session's scratch folder, for the helpers (set by lab_socket).
+SCRATCH: list[Path] = []
+
+
 @pytest.fixture(scope="module")
-def lab_socket(lab: Lab) -> Iterator[str]:
+def lab_socket(lab: Lab, upstream_scratch: Path) -> Iterator[str]:
     """The lab's qubesd socket, exported for our own client's calls."""
+    SCRATCH[:] = [upstream_scratch]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
         yield str(lab.qubesd_socket)
@@ -89,8 +100,8 @@ def holding(lab_socket: str) -> dict[str, list[str]]:
     return stored
 
 
-def client_env(root: Path, *extra_paths: Path) -> dict[str, str]:
-    return python_env([*extra_paths, root / ADMIN_CLIENT])
+def client_env(root: Path, scratch: Path, *extra_paths: Path) -> dict[str, str]:
+    return python_env([*extra_paths, *admin_client_paths(root, scratch)])
 
 
 def drive(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -102,7 +113,7 @@ def drive(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def stock_qvm_firewall(socket: str, *args: str) -> subprocess.CompletedProcess[str]:
     root = require_upstream(ADMIN_CLIENT)
-    return drive(client_env(root), "tool", socket, "qvm_firewall", *args)
+    return drive(client_env(root, SCRATCH[0]), "tool", socket, "qvm_firewall", *args)
 
 
 def result_of(proc: subprocess.CompletedProcess[str]) -> dict:
@@ -121,7 +132,7 @@ def test_stock_list_shows_outbound_rules(lab_socket: str, holding: dict[str, lis
     assert [line.split()[0] for line in lines[1:]] == [str(n) for n in range(len(OUTBOUND))]
     raw = stock_qvm_firewall(lab_socket, QUBE, "--raw", "--reload", "list")
     assert raw.returncode == 0, raw.stderr
-    assert raw.stdout.splitlines() == holding[""]
+    assert words(raw.stdout.splitlines()) == words(holding[""])
     assert get_rules(QUBE) == holding
 
 
@@ -194,9 +205,9 @@ def test_qube_manager_firewall_tab_edits_and_saves_with_a_stale_cache(
 ) -> None:
     root = require_upstream(MANAGER, ADMIN_CLIENT)
     extra = "action=forward forwardtype=external proto=udp srcports=5353-5353 dstports=53-53"
-    env = {**client_env(root, manager_copy), "QT_QPA_PLATFORM": "offscreen"}
+    env = {**client_env(root, SCRATCH[0], manager_copy), "QT_QPA_PLATFORM": "offscreen"}
     result = result_of(drive(env, "manager", lab_socket, QUBE, "192.0.2.50", "8443", extra))
-    assert result["opened"] == holding[""][:2]  # the tab lists the accept rules
+    assert words(result["opened"]) == words(holding[""][:2])  # the tab lists the accepts
     after = get_rules(QUBE)
     assert after[""] == [
         holding[""][1],
@@ -218,7 +229,8 @@ def test_backup_restore_keeps_outbound_rules(
     shutil.copyfile(lab.state_dir / "qubes" / QUBE / "firewall.xml", backup)
     set_rules("work", ["action=accept"], [], [])
     try:
-        result = result_of(drive(client_env(root), "restore", lab_socket, "work", str(backup)))
+        result = result_of(drive(client_env(root, upstream_scratch), "restore", lab_socket,
+                                 "work", str(backup)))
         assert result["errors"] == []
         assert get_rules("work")[""] == holding[""]
     finally:

@@ -79,7 +79,7 @@ def manager(socket_path: str, qube: str, address: str, port: str, extra_forward:
     vm = _app(socket_path).domains[qube]
     model = firewall.QubesFirewallRulesModel()
     model.set_vm(vm)  # what the Settings window does when it opens
-    opened = [str(rule) for rule in model.children]
+    opened = [rule.rule for rule in model.children]
     # meanwhile, another client adds a forward: the tab's cache is stale now
     forwards = qubesd_call(qube, "admin.vm.firewall.Get", "forward").decode()
     qubesd_call(qube, "admin.vm.firewall.Set", "forward",
@@ -93,7 +93,7 @@ def manager(socket_path: str, qube: str, address: str, port: str, extra_forward:
     model.remove_child(0)
     model.apply_rules(allow=model.allow)  # the Settings window's OK
     application.processEvents()
-    return {"opened": opened, "saved": [str(rule) for rule in model.children]}
+    return {"opened": opened, "saved": [rule.rule for rule in model.children]}
 
 
 def load(path: str) -> dict[str, Any]:
