@@ -49,7 +49,7 @@ QUBE = "web"
 #: Outbound rules in the shape Qube Manager's tab edits (accepts, then DNS, ICMP, drop).
 OUTBOUND = [
     "action=accept dst4=198.51.100.0/24 proto=tcp dstports=443-443",
-    "action=accept dsthost=example.com proto=tcp dstports=80-80",
+    "action=accept dst4=203.0.113.0/24 proto=tcp dstports=80-80",
     "action=accept specialtarget=dns",
     "action=accept proto=icmp",
     "action=drop",
