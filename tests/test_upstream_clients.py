@@ -9,7 +9,9 @@ our Admin API) and the firewall.xml our dom0 writes:
 - Qube Manager's firewall tab opens ``web``, takes a rule from its dialog
   and saves, with a cache gone stale meanwhile, without losing a forward;
 - backup restore's firewall.xml handler restores ``web``'s outbound rules;
-- qubesd's own ``Firewall.load()`` reads ``web``'s firewall.xml.
+- qubesd's own ``Firewall.load()`` reads ``web``'s firewall.xml;
+- stock ``qvm-clone`` clones ``web`` (against a real qubesd, which it needs
+  for everything but the firewall: tests/upstream_qubesd.py ``--serve``).
 
 The forward and inbound lists are read and written with
 ``admin.vm.firewall.Get+forward``/``Set+forward`` and ``+inbound``.
@@ -33,8 +35,10 @@ from upstream_env import (
     TESTS,
     admin_client_paths,
     core_admin_paths,
+    nobody_dir,
     python_env,
     require_upstream,
+    run_as_nobody,
     upstream_scratch,
 )
 
@@ -247,3 +251,51 @@ def test_upstream_firewall_load_reads_our_file(
     env = python_env(core_admin_paths(root, upstream_scratch), QUBES_TEST="1")
     result = result_of(drive(env, "load", str(copy)))
     assert result["rules"] == holding[""]
+
+
+# --- qvm-clone, against a real qubesd ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_qubesd_socket(upstream_scratch: Path) -> Iterator[str]:
+    """A real qubesd (offline, our extension loaded) serving the Admin API, as nobody."""
+    root = require_upstream(CORE_ADMIN, CORE_QREXEC)
+    env = python_env(core_admin_paths(root, upstream_scratch), QUBES_TEST="1")
+    home = nobody_dir(upstream_scratch, "real-qubesd-serve")
+    socket = home / "qubesd.sock"
+    env = {**env, "HOME": str(home), "TMPDIR": str(home)}
+    server = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+         str(TESTS / "upstream_qubesd.py"), "--serve", str(socket)],
+        env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stderr is not None
+        ready = server.stdout.readline()
+        assert '"ready"' in ready, server.stderr.read()[-5000:]
+        yield str(socket)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_stock_qvm_clone_clones_a_qube_holding_forwards(
+    real_qubesd_socket: str, upstream_scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = require_upstream(ADMIN_CLIENT)
+    monkeypatch.setenv("QUBESD_SOCKET", real_qubesd_socket)
+    set_rules(QUBE, OUTBOUND, FORWARD, INBOUND)
+    source = get_rules(QUBE)
+    home = nobody_dir(upstream_scratch, "qvm-clone")
+    tools = home / "bin"  # dom0's menu tool, called by qvm-clone: nothing to do here
+    tools.mkdir()
+    (tools / "qvm-appmenus").write_text("#!/bin/sh\nexit 0\n")
+    (tools / "qvm-appmenus").chmod(0o755)
+    env = {**client_env(root, upstream_scratch), "PATH": f"{tools}:/usr/bin:/bin"}
+    clone = run_as_nobody(
+        [sys.executable, str(TESTS / "upstream_drivers.py"), "tool", real_qubesd_socket,
+         "qvm_clone", QUBE, "web-clone"], env, home, timeout=120,
+    )
+    assert clone.returncode == 0, clone.stdout + clone.stderr
+    assert get_rules("web-clone")[""] == source[""]
+    assert get_rules(QUBE) == source

@@ -20,12 +20,17 @@ P, "value": V}`` (netvm, ip), ``{"op": "feature", "qube": Q, "name": N,
 "value": V or null}``, ``{"op": "api", "qube": Q, "method": M, "arg": A,
 "payload": TEXT}``, ``{"op": "qubesdb", "prefix": P}`` (every running
 qube's entries under P).
+
+With ``--serve SOCKET`` it serves qubesd's Admin API on SOCKET instead,
+for upstream's clients (qubesadmin), until SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import signal
 import sys
 import tempfile
 import traceback
@@ -34,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import libvirt
 import qubes
+import qubes.api
 import qubes.api.admin
 import qubes.app
 import qubes.config
@@ -94,13 +101,28 @@ class RealQubesd:
             unittest.mock.patch("qubes.vm.LocalVM.start_qdb_watch", lambda self, loop=None: None),
         ):
             patch.start()
+        self.running: set[str] = set()
+        running = self.running
+        for patch in (  # a qube runs when this says so (every qube, also ones made later)
+            unittest.mock.patch("qubes.vm.qubesvm.QubesVM.is_running",
+                                lambda vm: vm.name in running),
+            unittest.mock.patch("qubes.vm.qubesvm.QubesVM.is_paused", lambda vm: False),
+            # what Xen would tell of the host (for default memory sizes)
+            unittest.mock.patch("qubes.app.QubesHost.memory_total", 16 * 1024 * 1024),
+        ):
+            patch.start()
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         app = qubes.Qubes(str(base / "qubes.xml"), load=False, offline_mode=True)
         app.vmm = unittest.mock.Mock(spec=qubes.app.VMMConnection)
-        app.vmm.offline_mode = False  # is_running is ours (below), libvirt calls are no-ops
+        app.vmm.offline_mode = False  # is_running is ours (above), libvirt calls are no-ops
         # a running domain's libvirt XML, read when its network is detached
-        app.vmm.libvirt_conn.lookupByUUID.return_value.XMLDesc.return_value = "<domain/>"
+        domain = app.vmm.libvirt_conn.lookupByUUID.return_value
+        domain.XMLDesc.return_value = "<domain/>"
+        # the power state libvirt reports (admin.vm.List): as upstream's Admin API tests
+        domain.state.return_value = [libvirt.VIR_DOMAIN_SHUTOFF, 0]
+        domain.ID.return_value = -1  # no Xen domain id
+        app.vmm.xs.read.return_value = ""  # no start time known
         # libvirt XML templates from the snapshot, not an installed dom0's /usr/share/qubes
         templates = Path(qubes.__file__).parent.parent / "templates"
         app.env.loader = jinja2.FileSystemLoader(str(templates))
@@ -112,13 +134,10 @@ class RealQubesd:
         app.add_new_vm("TemplateVM", label="black", name="tpl", maxmem=400)
         app.default_template = "tpl"
         self.app = app
-        self.running: set[str] = set()
         for name, (_, ip, provides, features) in TOPOLOGY.items():
             vm = app.add_new_vm("AppVM", qid=int(ip.rsplit(".", 1)[1]), name=name, label="red",
                                 ip=ip, provides_network=provides, maxmem=400)
             Path(vm.dir_path).mkdir(parents=True, exist_ok=True)
-            vm.is_running = (lambda name=name: name in self.running)  # type: ignore[method-assign]
-            vm.is_paused = lambda: False  # type: ignore[method-assign]
             for key, value in features.items():
                 vm.features[key] = value
         for name, (netvm, *_) in TOPOLOGY.items():
@@ -178,11 +197,35 @@ class RealQubesd:
         }
 
 
+def serve(qubesd: RealQubesd, socket_path: str) -> None:
+    """qubesd's Admin API on ``socket_path`` (its own protocol class), until SIGTERM.
+
+    The qubes get their storage first, as ``qvm-create`` would, so calls
+    that copy volumes (``qvm-clone``) find them.
+    """
+    loop = qubesd.loop
+    for vm in qubesd.app.domains:
+        if vm.klass != "AdminVM":
+            loop.run_until_complete(vm.create_on_disk())
+    server = loop.run_until_complete(loop.create_unix_server(
+        functools.partial(qubes.api.QubesDaemonProtocol, qubes.api.admin.QubesAdminAPI,
+                          app=qubesd.app),
+        path=socket_path,
+    ))
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    print(json.dumps({"ok": True, "result": "ready"}), flush=True)
+    loop.run_forever()
+    server.close()
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="qns-qubesd-") as base:
         qubesd = RealQubesd(Path(base))
         for name in TOPOLOGY:
             qubesd.start(name)
+        if sys.argv[1:2] == ["--serve"]:
+            serve(qubesd, sys.argv[2])
+            return 0
         print(json.dumps({"ok": True, "result": "ready"}), flush=True)
         for line in sys.stdin:
             request = json.loads(line)
