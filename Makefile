@@ -15,7 +15,7 @@ $(STAMP): setup.py scripts/install-deps
 	./scripts/install-deps
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,man]'
+	$(PY) -m pip install -q -e '.[test,man,conformance]'
 	touch $@
 
 deps: $(STAMP)

@@ -14,8 +14,14 @@ setup(
     ]),
     install_requires=["lxml"],
     extras_require={
-        "test": ["pytest", "hypothesis", "ruff"],
+        # docutils, jinja2, pyinotify: what upstream's qubesd code imports, for the
+        # tests that run it (QUBES_UPSTREAM_DIR)
+        "test": ["pytest", "hypothesis", "ruff", "docutils", "jinja2", "pyinotify"],
         "man": ["argparse-manpage"],
+        # The rest of the upstream code the conformance tests run
+        # (tests/test_upstream_*.py): Qube Manager's GUI toolkit, pytest's Qt
+        # plugin, qubesadmin's YAML.
+        "conformance": ["pyyaml", "PyQt6", "pytest-qt"],
     },
     entry_points={
         "console_scripts": [

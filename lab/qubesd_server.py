@@ -1,5 +1,9 @@
 """The lab's qubesd: the real qubesd socket protocol in front of admin_api.
 
+Every call goes to :func:`core_admin_patch.admin_api.handle_call` with the
+lab's NetworkServer, method and argument as they came (``Get+forward`` is
+method ``admin.vm.firewall.Get``, argument ``forward``).
+
 One connection carries one call. The client sends
 ``"{method}+{arg} {source} name {dest}\\0"`` and the payload, then shuts
 down its write side; the server answers ``0\\0<data>`` on success or
@@ -7,10 +11,11 @@ down its write side; the server answers ``0\\0<data>`` on success or
 That is what qubesd does and what qubesadmin parses, so the unmodified
 qubesadmin (and our qvm-firewall) can talk to the lab.
 
-Besides the firewall methods (:mod:`core_admin_patch.admin_api`), the
-lab answers the reads the stock qubesadmin makes before it gets there
-(:data:`LAB_READS`): the qube list, and a qube's properties and features,
-from the lab dom0's live topology, in qubesd's reply formats.
+Before it gets to the firewall, the stock qubesadmin lists the qubes and
+reads their properties and features; the lab answers those reads
+(:data:`LAB_READS`) from the NetworkServer's snapshot of its qubes, in
+qubesd's reply formats, so upstream's unmodified ``qvm-firewall`` runs
+against the lab.
 
 Where qubesd just drops the connection (framing errors, oversized
 requests, ProtocolError) this server answers with a framed error instead:
@@ -22,24 +27,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import re
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
-from core_admin_patch.admin_api import AdminContext, handle_call, validate_qube_name
+from core_admin_patch.admin_api import handle_call
 from core_admin_patch.errors import (
     PermissionDenied,
     ProtocolError,
     QubesException,
+    QubesValueError,
     QubesVMNotFoundError,
 )
-from lab.topology import Qube, Topology
+from core_admin_patch.network_server import NetworkServer
+from core_admin_patch.planner import QubeState
+from firewall_rules.options import qube_name_problem
 
 log = logging.getLogger("qubes-lab.qubesd")
 
@@ -74,75 +80,60 @@ class QubesFeatureNotFoundError(QubesException):
     """qubesd's error for a feature the qube does not have."""
 
 
-@runtime_checkable
-class LabInventory(Protocol):
-    """The lab dom0 as the read methods see it: its live topology and run state."""
-
-    topology: Topology
-    runtime: Mapping[str, Any]
-
-    def ip6_of(self, name: str) -> ipaddress.IPv6Address | None: ...
-
-
-def _vm_list(inventory: LabInventory, qube: Qube | None) -> str:
-    """``admin.vm.List``: ``NAME class=CLASS state=STATE`` lines, dom0 first."""
-    lines = [] if qube is not None else ["dom0 class=AdminVM state=Running"]
-    for listed in [qube] if qube is not None else list(inventory.topology.qubes.values()):
-        state = "Running" if inventory.runtime[listed.name].running else "Halted"
-        lines.append(f"{listed.name} class=AppVM state={state}")
+def _vm_list(qubes: list[QubeState]) -> str:
+    """``admin.vm.List``: ``NAME class=CLASS state=STATE`` lines (dom0 too, for all)."""
+    lines = [f"{q.name} class=AppVM state={'Running' if q.running else 'Halted'}" for q in qubes]
+    if len(qubes) != 1:
+        lines.insert(0, "dom0 class=AdminVM state=Running")
     return "".join(line + "\n" for line in lines)
 
 
-def _properties(inventory: LabInventory, qube: Qube) -> dict[str, tuple[str, str, bool]]:
-    """Property -> (qubesd type, value, whether it is the default), as qubesd has them."""
-    ip6 = inventory.ip6_of(qube.name)
+def _properties(qube: QubeState) -> dict[str, tuple[str, str]]:
+    """Property -> (qubesd type, value) of what the lab knows of a qube."""
     return {
-        "name": ("str", qube.name, False),
-        "klass": ("str", "AppVM", True),
-        "netvm": ("vm", qube.netvm or "", False),
-        "ip": ("str", str(qube.ip), False),
-        "ip6": ("str", "" if ip6 is None else str(ip6), qube.ip6 is None),
-        "provides_network": ("bool", str(qube.provides_network), False),
-        "autostart": ("bool", str(qube.autostart), False),
+        "name": ("str", qube.name),
+        "netvm": ("vm", qube.netvm or ""),
+        "ip": ("str", "" if qube.ip is None else str(qube.ip)),
+        "ip6": ("str", "" if qube.ip6 is None else str(qube.ip6)),
+        "provides_network": ("bool", str(qube.provides_network)),
     }
 
 
-def _property_get(inventory: LabInventory, qube: Qube, untrusted_name: str) -> str:
-    """``admin.vm.property.Get``: ``default=True|False type=TYPE VALUE``."""
-    found = _properties(inventory, qube).get(untrusted_name)
+def _property_get(qube: QubeState, untrusted_name: str) -> str:
+    """``admin.vm.property.Get``: ``default=False type=TYPE VALUE`` (all set explicitly)."""
+    found = _properties(qube).get(untrusted_name)
     if found is None:
         raise QubesNoSuchPropertyError(f"Invalid property {untrusted_name!r} of {qube.name}")
-    kind, value, is_default = found
-    return f"default={is_default} type={kind} {value}"
+    kind, value = found
+    return f"default=False type={kind} {value}"
 
 
-def _feature_get(qube: Qube, untrusted_name: str) -> str:
+def _feature_get(qube: QubeState, untrusted_name: str) -> str:
     if untrusted_name not in qube.features:
         raise QubesFeatureNotFoundError(f"Feature not set for domain {qube.name}: {untrusted_name}")
     return qube.features[untrusted_name]
 
 
-#: method -> (takes an argument, answer(inventory, qube or None for dom0, arg)).
-LAB_READS: dict[str, tuple[bool, Callable[[LabInventory, Qube | None, str], str]]] = {
-    "admin.vm.List": (False, lambda inv, qube, arg: _vm_list(inv, qube)),
+#: method -> (takes an argument, answer(the qube, or all of them for dom0's List; arg)).
+LAB_READS: dict[str, tuple[bool, Callable[[list[QubeState], str], str]]] = {
+    "admin.vm.List": (False, lambda qubes, arg: _vm_list(qubes)),
     "admin.vm.property.List": (
-        False, lambda inv, qube, arg: "".join(f"{name}\n" for name in _properties(inv, qube))
+        False, lambda qubes, arg: "".join(f"{name}\n" for name in _properties(qubes[0]))
     ),
-    "admin.vm.property.Get": (True, lambda inv, qube, arg: _property_get(inv, qube, arg)),
+    "admin.vm.property.Get": (True, lambda qubes, arg: _property_get(qubes[0], arg)),
     "admin.vm.feature.List": (
-        False, lambda inv, qube, arg: "".join(f"{name}\n" for name in sorted(qube.features))
+        False, lambda qubes, arg: "".join(f"{name}\n" for name in sorted(qubes[0].features))
     ),
-    "admin.vm.feature.Get": (True, lambda inv, qube, arg: _feature_get(qube, arg)),
+    "admin.vm.feature.Get": (True, lambda qubes, arg: _feature_get(qubes[0], arg)),
 }
-
 
 #: A property or feature name, as qrexec lets an argument through.
 _ARG_RE = re.compile(r"\A[a-zA-Z0-9_.-]{1,64}\Z")
 
 
 def lab_read(
-    inventory: LabInventory, untrusted_method: str, untrusted_arg: str, untrusted_dest: str,
-    untrusted_payload: bytes,
+    server: NetworkServer, untrusted_method: str, untrusted_arg: str, untrusted_dest: str,
+    untrusted_payload: bytes, now: float,
 ) -> bytes:
     """One of :data:`LAB_READS`, checked the way qubesd checks its calls."""
     takes_arg, answer_call = LAB_READS[untrusted_method]
@@ -152,15 +143,18 @@ def lab_read(
         raise ProtocolError(f"{untrusted_method}: argument {'missing' if takes_arg else 'given'}")
     if untrusted_arg and _ARG_RE.match(untrusted_arg) is None:
         raise ProtocolError(f"{untrusted_method}: invalid argument")
-    qube: Qube | None = None
-    if untrusted_dest != "dom0":
-        name = validate_qube_name(untrusted_dest)
-        qube = inventory.topology.qubes.get(name)
-        if qube is None:
-            raise QubesVMNotFoundError(name)
-    elif untrusted_method != "admin.vm.List":
-        raise ProtocolError(f"{untrusted_method}: dom0 has none in the lab")
-    return answer_call(inventory, qube, untrusted_arg).encode("ascii")
+    qubes = server.snapshot(now).qubes
+    if untrusted_dest == "dom0":
+        if untrusted_method != "admin.vm.List":
+            raise ProtocolError(f"{untrusted_method}: dom0 has none in the lab")
+        return answer_call(sorted(qubes.values(), key=lambda q: q.name), "").encode("ascii")
+    problem = qube_name_problem(untrusted_dest)
+    if problem is not None:
+        raise QubesValueError(problem)
+    qube = qubes.get(untrusted_dest)
+    if qube is None:
+        raise QubesVMNotFoundError(untrusted_dest)
+    return answer_call([qube], untrusted_arg).encode("ascii")
 
 
 def parse_header(untrusted_header: bytes) -> tuple[str, str, str, str]:
@@ -191,7 +185,7 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
     return bytes(untrusted_request)
 
 
-def answer(ctx: AdminContext, untrusted_request: bytes, now: float) -> bytes:
+def answer(server: NetworkServer, untrusted_request: bytes, now: float) -> bytes:
     """The reply frame for one complete request; never raises, never empty."""
     untrusted_method = "?"
     try:
@@ -201,13 +195,13 @@ def answer(ctx: AdminContext, untrusted_request: bytes, now: float) -> bytes:
         untrusted_method, untrusted_arg, untrusted_source, untrusted_dest = parse_header(
             untrusted_header
         )
-        if untrusted_method in LAB_READS and isinstance(ctx, LabInventory):
+        if untrusted_method in LAB_READS:
             data = lab_read(
-                ctx, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload
+                server, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
             )
         else:
             data = handle_call(
-                ctx, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
+                server, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
             )
     except (QubesException, ProtocolError, PermissionDenied) as exc:
         log.info("call %r refused: %s: %s", untrusted_method, type(exc).__name__, exc)
@@ -234,7 +228,7 @@ def _remove_stale_socket(socket_path: Path) -> None:
     raise FileExistsError(errno.EEXIST, "qubesd socket is in use", str(socket_path))
 
 
-async def start_server(socket_path: Path, ctx: AdminContext) -> asyncio.AbstractServer:
+async def start_server(socket_path: Path, network_server: NetworkServer) -> asyncio.AbstractServer:
     """Serve the Admin API on ``socket_path`` until the server is closed.
 
     Calls are handled one at a time in the event loop, so two Set calls
@@ -248,7 +242,7 @@ async def start_server(socket_path: Path, ctx: AdminContext) -> asyncio.Abstract
             except ProtocolError as exc:
                 reply = encode_error(type(exc).__name__, str(exc))
             else:
-                reply = answer(ctx, untrusted_request, time.time())
+                reply = answer(network_server, untrusted_request, time.time())
             writer.write(reply)
             await writer.drain()
             if writer.can_write_eof():
