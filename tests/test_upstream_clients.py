@@ -204,22 +204,34 @@ def manager_copy(upstream_scratch: Path) -> Path:
     return copy
 
 
+@pytest.mark.parametrize("held", ["forward and inbound", "outbound only"])
 def test_qube_manager_firewall_tab_edits_and_saves_with_a_stale_cache(
-    lab_socket: str, holding: dict[str, list[str]], manager_copy: Path
+    lab_socket: str, manager_copy: Path, held: str
 ) -> None:
+    """Opens, edits, saves; a forward added meanwhile (stale cache) survives the save.
+
+    "outbound only" is the case that opens on any version: there, a save
+    from a stale cache used to drop the forward added meanwhile.
+    """
     root = require_upstream(MANAGER, ADMIN_CLIENT)
+    if held == "outbound only":
+        set_rules(QUBE, OUTBOUND, [], [])
+    else:
+        set_rules(QUBE, OUTBOUND, FORWARD, INBOUND)
+    before = get_rules(QUBE)
     extra = "action=forward forwardtype=external proto=udp srcports=5353-5353 dstports=53-53"
     env = {**client_env(root, SCRATCH[0], manager_copy), "QT_QPA_PLATFORM": "offscreen"}
     result = result_of(drive(env, "manager", lab_socket, QUBE, "192.0.2.50", "8443", extra))
-    assert words(result["opened"]) == words(holding[""][:2])  # the tab lists the accepts
+    assert words(result["opened"]) == words(before[""][:2])  # the tab lists the accepts
     after = get_rules(QUBE)
     assert after[""] == [
-        holding[""][1],
+        before[""][1],
         "action=accept dst4=192.0.2.50/32 proto=tcp dstports=8443-8443",
-        *holding[""][2:],
+        *before[""][2:],
     ]
-    assert len(after["forward"]) == 2 and after["forward"][0] == holding["forward"][0]
-    assert after["inbound"] == holding["inbound"]
+    assert after["forward"][:-1] == before["forward"]
+    assert words(after["forward"][-1:]) == words([extra])
+    assert after["inbound"] == before["inbound"]
 
 
 # --- backup restore, and qubesd's own reader -------------------------------------
