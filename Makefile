@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps test lint demo man clean
+.PHONY: all deps test lint demo man clean conformance
 
 all: test
 
@@ -25,6 +25,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+# The real upstream Qubes code beside ours (doc/conformance.md); the snapshots
+# come from QUBES_UPSTREAM_DIR, else ../shared/upstream.
+conformance: $(STAMP)
+	$(PY) -m pytest -q tests/test_upstream_*.py
 
 demo: $(STAMP)
 	$(PY) -m lab.demo
