@@ -94,6 +94,9 @@ def test_forward_behind_a_vpn_proxyvm_needs_the_lan_routed_outside_the_tunnel(
     assert not served_from_the_lan(lab)  # replies to the LAN go into the tunnel
 
     # The walkthrough's step: sys-vpn reaches the LAN through its uplink.
-    lab.exec("sys-vpn", ["ip", "route", "add", LAN_HOST_NET, "via", SYS_FIREWALL, "dev", "eth0"],
-             check=True)
+    # As the walkthrough's "$(qubesdb-read /qubes-gateway)": sys-vpn's netvm.
+    gateway = (lab.qubesdb("sys-vpn").read("/qubes-gateway") or b"").decode()
+    assert gateway == SYS_FIREWALL
+    lab.exec("sys-vpn", ["ip", "route", "add", LAN_HOST_NET, "via", gateway, "dev", "eth0",
+                         "onlink"], check=True)
     assert served_from_the_lan(lab)
