@@ -19,6 +19,8 @@ setup(
     ]),
     install_requires=["lxml"],
     extras_require={
+        # docutils, jinja2: upstream's qubesd code imports them when tests run
+        # it (tests/test_packages.py generates upstream's default policy).
         "test": ["pytest", "hypothesis", "ruff", "docutils", "jinja2"],
         "man": ["argparse-manpage"],
     },
