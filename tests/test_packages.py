@@ -495,8 +495,8 @@ def test_policy_keeps_exposing_services_apart_from_editing_outbound_rules(
 
 # --- the Debian package in a Debian system -----------------------------------
 
-#: dpkg's own records, logs and the stand-ins' request log: not the template's content.
-BOOKKEEPING = ("var/lib/dpkg", "var/log", "dev", "var/cache")
+#: Package managers' own records, logs and the stand-ins' request log: not the template's content.
+BOOKKEEPING = ("var/lib/dpkg", "var/lib/rpm", "root/.rpmdb", "var/log", "dev", "var/cache")
 
 
 def stand_in(tmp: Path, name: str, files: dict[str, tuple[bytes, int]],
@@ -678,3 +678,49 @@ def test_debian_package_installs_and_removes_cleanly(built: Built, tmp_path: Pat
         assert template_diff(as_upstream_ships_it, changed_paths(root, upper)) == {}
         dpkg(root, "--purge", "qubes-network-server-agent")
         assert "qubes-network-server-agent" not in dpkg(root, "--get-selections")
+
+
+def test_fedora_package_installs_and_removes_cleanly(tmp_path: Path) -> None:
+    """The template rpm through a real rpm transaction, in an overlay of this system.
+
+    Built for this system's Python (so %post compiles for the Python that
+    runs here, the one its %ghost bytecode entries name); upstream's unit and
+    the directories Fedora's packages own are put in place first.
+    """
+    upstream = upstream_dir()
+    if os.geteuid() != 0:
+        cannot_run("installing into an overlay of this system needs root (CI runs as root)")
+    for tool in ("rpmbuild", "systemd-analyze", "systemctl"):
+        if shutil.which(tool) is None:
+            cannot_run(f"{tool} is missing: scripts/install-deps installs it")
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    built = [Path(line) for line in output(
+        [sys.executable, str(BUILD), "rpm", "--rpm-python", python, "--out", str(tmp_path)],
+        cwd=REPO).split()]
+    [agent] = [p for p in built if p.name.startswith("qubes-network-server-agent-")]
+    sitelib = Path(f"/usr/lib/python{python}/site-packages")
+    unit = upstream / "qubes-core-agent-linux" / "vm-systemd" / "qubes-firewall.service"
+    with overlay_root(tmp_path) as (root, upper):
+        # What python3-libs, qubes-core-agent and -networking would own.
+        for directory in (sitelib, Path("/etc/qubes/post-install.d")):
+            (root / directory.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(unit, root / UNITDIR.lstrip("/") / "qubes-firewall.service")
+        # Fedora's default: a unit no preset file names stays disabled.
+        (root / "usr/lib/systemd/system-preset/99-default-disable.preset").write_text("disable *\n")
+        as_upstream_ships_it = changed_paths(root, upper)
+
+        output(["rpm", f"--root={root}", "--install", "--nodeps", str(agent)])
+        settings = systemd_settings(root, "qubes-firewall.service")
+        assert effective_exec_start(settings["ExecStart"]) == ["/usr/bin/qubes-firewall-worker"]
+        enabled = subprocess.run(["systemctl", f"--root={root}", "is-enabled", INPUT_UNIT],
+                                 capture_output=True, text=True, check=False)
+        assert enabled.stdout.strip() == "enabled"  # by our preset file
+        cache = root / sitelib.relative_to("/") / "agent_worker" / "__pycache__"
+        assert (cache / f"firewall.cpython-{python.replace('.', '')}.pyc").is_file()
+        assert output(["rpm", f"--root={root}", "--verify", "--nodeps",
+                       "qubes-network-server-agent"]) == ""
+
+        output(["rpm", f"--root={root}", "--erase", "qubes-network-server-agent"])
+        settings = systemd_settings(root, "qubes-firewall.service")
+        assert effective_exec_start(settings["ExecStart"]) == ["/usr/bin/qubes-firewall"]
+        assert template_diff(as_upstream_ships_it, changed_paths(root, upper)) == {}
