@@ -4,9 +4,10 @@ A module fixture runs packaging/build.py once. The tests read what is
 inside each package (files, owners, modes, units, entry points, man page,
 scriptlets) and check it against what the lab runs and against upstream's
 own files; they evaluate the qrexec policy with upstream's parser, run the
-rpm scriptlets with a recording ``systemctl``, and install and remove the
-Debian package in an overlay of this Debian system, next to stand-ins for
-upstream's packages (which need Qubes' repositories).
+rpm scriptlets with a recording ``systemctl``, and install and remove both
+template packages in an overlay of this Debian system: the deb next to
+stand-ins for upstream's packages (which need Qubes' repositories), the rpm
+through a real rpm transaction.
 """
 
 from __future__ import annotations
