@@ -651,6 +651,7 @@ def test_debian_package_installs_and_removes_cleanly(built: Built, tmp_path: Pat
         assert upstream_exec == ["/usr/bin/qubes-firewall"]
 
         dpkg(root, "-i", str(built.debian))
+        dpkg(root, "-i", str(built.debian))  # the upgrade path: prerm upgrade, postinst configure
         settings = systemd_settings(root, "qubes-firewall.service")
         assert effective_exec_start(settings["ExecStart"]) == ["/usr/bin/qubes-firewall-worker"]
         assert settings["Type"][-1] == "notify-reload"  # upstream's unit type, kept
@@ -711,6 +712,8 @@ def test_fedora_package_installs_and_removes_cleanly(tmp_path: Path) -> None:
         as_upstream_ships_it = changed_paths(root, upper)
 
         output(["rpm", f"--root={root}", "--install", "--nodeps", str(agent)])
+        # The upgrade path: the new package's %post 2, the old one's %preun/%postun 1.
+        output(["rpm", f"--root={root}", "--upgrade", "--replacepkgs", "--nodeps", str(agent)])
         settings = systemd_settings(root, "qubes-firewall.service")
         assert effective_exec_start(settings["ExecStart"]) == ["/usr/bin/qubes-firewall-worker"]
         enabled = subprocess.run(["systemctl", f"--root={root}", "is-enabled", INPUT_UNIT],
