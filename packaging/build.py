@@ -55,7 +55,6 @@ class Payload:
     """What one package installs, besides its Python packages' own files."""
 
     name: str
-    summary: str
     #: Top-level Python packages of this repository, shipped whole.
     packages: tuple[str, ...]
     #: console script name in setup.py -> name installed in /usr/bin
@@ -78,7 +77,6 @@ POLICY_INCLUDE = "/etc/qubes/policy.d/include/admin-network-server-rwx"
 
 DOM0 = Payload(
     name="qubes-network-server-dom0",
-    summary="Qubes network server: forward and inbound firewall rules (dom0)",
     packages=("firewall_rules", "core_admin_patch", "admin_client_patch"),
     scripts={"qvm-firewall": CLIENT},
     groups=("qubes.ext",),
@@ -94,7 +92,6 @@ DOM0 = Payload(
 
 AGENT = Payload(
     name="qubes-network-server-agent",
-    summary="Qubes network server: forward and inbound firewall rules (template agent)",
     packages=("agent_worker",),
     scripts={
         "qubes-firewall-worker": "qubes-firewall-worker",
@@ -313,7 +310,7 @@ def build_deb(payload: Payload, wheel: Path, built: Path, out: Path) -> Path:
         template = (HERE / "template" / "debian" / "control.in").read_text()
         (control / "control").write_text(
             template.replace("@VERSION@", version).replace("@INSTALLED_SIZE@", str(size_kib))
-            .replace("@PACKAGE@", payload.name).replace("@SUMMARY@", payload.summary))
+            .replace("@PACKAGE@", payload.name))
         for script in ("postinst", "prerm", "postrm"):
             shutil.copyfile(HERE / "template" / "debian" / script, control / script)
             (control / script).chmod(0o755)
