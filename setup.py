@@ -1,10 +1,15 @@
 """Qubes network server: forward and inbound rules for Qubes OS firewalls."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+#: The one place the version is written; packaging/ reads it too.
+VERSION = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
 
 setup(
     name="qubes-network-server",
-    version="0.1.0",
+    version=VERSION,
     description="Expose services in Qubes OS qubes to the LAN and to other qubes",
     license="GPL-2.0-or-later",
     python_requires=">=3.11",
@@ -14,12 +19,18 @@ setup(
     ]),
     install_requires=["lxml"],
     extras_require={
-        # docutils, jinja2, pyinotify: what upstream's qubesd code imports, for the
-        # tests that run it (QUBES_UPSTREAM_DIR)
+        # docutils, jinja2, pyinotify: upstream's qubesd code imports them when tests
+        # run it (tests/test_packages.py generates upstream's default policy; the
+        # dom0 and conformance tests run qubesd's code).
         "test": ["pytest", "hypothesis", "ruff", "docutils", "jinja2", "pyinotify"],
         "man": ["argparse-manpage"],
-        # PyQt6 for the panel; the rest runs upstream Qube Manager in tests.
-        "gui": ["PyQt6", "pytest-qt", "qasync", "pyxdg"],
+        # PyQt6 for the GUI panel (qubes-network-server-settings, Qube Manager).
+        "gui": ["PyQt6"],
+        # The rest of the upstream code the conformance and GUI tests run
+        # (tests/test_upstream_*.py, tests/test_lab_qube_manager.py): Qube
+        # Manager's GUI toolkit and imports (qasync, pyxdg), pytest's Qt
+        # plugin, qubesadmin's YAML.
+        "conformance": ["pyyaml", "PyQt6", "pytest-qt", "qasync", "pyxdg"],
     },
     entry_points={
         "console_scripts": [

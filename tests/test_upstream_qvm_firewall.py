@@ -27,6 +27,15 @@ __all__ = ["upstream_scratch"]  # the fixture, used below
 
 MODULE = "qubesadmin.tests.tools.qvm_firewall"
 
+#: Cases where ours deliberately differs: case -> the text our refusal must
+#: contain. Upstream's tool takes dst4= and dst6= as plain synonyms of
+#: dsthost=, so ``dst6=127.0.0.1`` is stored as an IPv4 rule; ours refuses
+#: an address of the other family (the case still runs and must fail so).
+DIVERGENCES = {
+    f"{MODULE}.TC_00_RuleAction.test_006_dsthost_aliases":
+        "dst6='127.0.0.1': not an IPv6 address or network",
+}
+
 
 def all_cases() -> list[str]:
     root = upstream_dir()
@@ -49,4 +58,7 @@ def test_upstream_qvm_firewall_case_passes_with_our_client(
     outcomes: dict[str, dict[str, str]], case: str
 ) -> None:
     result = outcomes[case]
+    if case in DIVERGENCES:
+        assert result["outcome"] == "error" and DIVERGENCES[case] in result["detail"], result
+        return
     assert result["outcome"] == "pass", result["detail"]

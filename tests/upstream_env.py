@@ -97,27 +97,43 @@ def python_env(paths: Sequence[Path], **extra: str) -> dict[str, str]:
     return env
 
 
-def core_admin_paths(root: Path, scratch: Path) -> list[Path]:
-    """PYTHONPATH for qubesd code: its entry points (egg-info), stubs, qrexec, the source.
+def egg_info(project: Path, scratch: Path) -> Path:
+    """Folder holding ``project``'s metadata (entry points, version), made once.
 
-    ``setup.py egg_info --egg-base`` writes only into ``scratch``;
-    qubes.ext.get_extensions() then finds upstream's extensions as in an
-    installed dom0.
+    setuptools' ``egg_info --egg-base`` (from setup.py, or pyproject.toml
+    alone) writes only into ``scratch``; importlib.metadata then finds the
+    project as if it were installed.
     """
-    egg_base = scratch / "core-admin-egg"
-    if not (egg_base / "qubes.egg-info" / "entry_points.txt").exists():
+    egg_base = scratch / f"{project.name}-egg"
+    if not any(egg_base.glob("*.egg-info/PKG-INFO")):
         egg_base.mkdir(parents=True, exist_ok=True)
+        script = (["setup.py"] if (project / "setup.py").exists()
+                  else ["-c", "import setuptools; setuptools.setup()"])
         subprocess.run(
-            [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg_base)],
-            cwd=root / CORE_ADMIN, env=python_env([]), check=True,
+            [sys.executable, *script, "-q", "egg_info", "--egg-base", str(egg_base)],
+            cwd=project, env=python_env([]), check=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
+    return egg_base
+
+
+def core_admin_paths(root: Path, scratch: Path) -> list[Path]:
+    """PYTHONPATH for qubesd code: its metadata, its stubs, qrexec, the source.
+
+    With the metadata, qubes.ext.get_extensions() finds upstream's
+    extensions as in an installed dom0.
+    """
     return [
-        egg_base,
+        egg_info(root / CORE_ADMIN, scratch),
         root / CORE_ADMIN / "test-packages",
         root / CORE_ADMIN,
         root / CORE_QREXEC,
     ]
+
+
+def admin_client_paths(root: Path, scratch: Path) -> list[Path]:
+    """PYTHONPATH for qubesadmin (its tools read their own version from the metadata)."""
+    return [egg_info(root / ADMIN_CLIENT, scratch), root / ADMIN_CLIENT]
 
 
 def shared_scratch() -> Path:

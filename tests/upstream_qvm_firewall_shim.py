@@ -8,7 +8,10 @@ unchanged against admin_client_patch.qvm_firewall:
   test's ``app.qubesd_call`` (its table of expected calls and replies)
   instead of the qubesd socket. Stricter than upstream's cases: our main
   must return 0 and make every expected call that changes something
-  (Set, Reload); reads are up to the tool.
+  (Set, Reload); reads are up to the tool. The cases' qubes hold outbound
+  rules only, so the forward and inbound lists our tool also reads (and
+  ``reset`` also empties) are answered as such a qube's dom0 answers:
+  empty; any rule sent there fails the case.
 - ``RuleAction``: upstream's argparse action for rule words, built on our
   word parser (admin_client_patch.firewall.rule_from_words), handing back
   upstream's ``qubesadmin.firewall.Rule`` of our canonical line, so the
@@ -36,10 +39,22 @@ from firewall_rules import RuleError
 #: Calls a case expects that must be made: the ones with an effect.
 MUST_CALL = frozenset({"admin.vm.firewall.Set", "admin.vm.firewall.Reload"})
 
+#: The lists upstream has no calls for (admin.vm.firewall.Get+forward, ...).
+OTHER_LISTS = frozenset({"forward", "inbound"})
+
+
+def other_list_call(method: str, arg: str, payload: bytes) -> bytes:
+    """What dom0 answers for a qube without forward or inbound rules."""
+    if method == "admin.vm.firewall.Get" or (method == "admin.vm.firewall.Set" and not payload):
+        return b""
+    raise AssertionError(f"{method}+{arg} with {payload!r} for a qube of outbound rules")
+
 
 def main(args: Sequence[str] | None = None, app: Any = None) -> int:
     """Our qvm-firewall's main against the test's app instead of qubesd."""
     def call(dest: str, method: str, arg: str = "", payload: bytes = b"") -> bytes:
+        if arg in OTHER_LISTS and (dest, method, arg, payload or None) not in app.expected_calls:
+            return other_list_call(method, arg, payload)
         try:
             reply = app.qubesd_call(dest, method, arg or None, payload or None)
         except qubesadmin.exc.QubesException as err:
