@@ -34,30 +34,39 @@ RCC = Path("/usr/lib/qt6/libexec/rcc")
 _IMGCONVERTER_STUB = '"""Not used by the Settings window (icon tinting only)."""\n'
 
 
-def build_patched_manager(root: Path, scratch: Path) -> Path:
-    """A patched, built copy of qubes-manager under ``scratch``; its folder."""
-    copy = scratch / "qubes-manager"
-    shutil.copytree(root / MANAGER, copy)
-    for path in [copy, *copy.rglob("*")]:
+def build_manager(root: Path, dest: Path, patch: Path | None = None) -> Path:
+    """A copy of qubes-manager at ``dest``, ``patch`` applied, its modules generated.
+
+    Built as upstream's Makefile builds it (``pyuic6`` for ``ui_*.py``, Qt's
+    ``rcc`` for ``resources.py``); ``dest`` goes on sys.path or PYTHONPATH.
+    The snapshot is only read.
+    """
+    if not RCC.exists():
+        raise AssertionError(
+            "Qt's rcc is missing: scripts/install-deps installs qt6-base-dev-tools"
+        )
+    shutil.copytree(root / MANAGER, dest)
+    for path in [dest, *dest.rglob("*")]:
         path.chmod(path.stat().st_mode | 0o200)
-    subprocess.run(
-        ["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(PATCH)],
-        cwd=copy, check=True,
-    )
-    pyuic = Path(sys.executable).parent / "pyuic6"
-    for ui in sorted((copy / "ui").glob("*.ui")):
+    if patch is not None:
         subprocess.run(
-            [str(pyuic), "-o", str(copy / "qubesmanager" / f"ui_{ui.stem}.py"), str(ui)],
+            ["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(patch)],
+            cwd=dest, check=True,
+        )
+    for ui in sorted((dest / "ui").glob("*.ui")):
+        subprocess.run(
+            [sys.executable, "-m", "PyQt6.uic.pyuic",
+             "-o", str(dest / "qubesmanager" / f"ui_{ui.stem}.py"), str(ui)],
             check=True,
         )
     resources = subprocess.run(
         [str(RCC), "-g", "python", "--compress-algo", "zlib", "resources.qrc"],
-        cwd=copy, check=True, capture_output=True, text=True,
+        cwd=dest, check=True, capture_output=True, text=True,
     ).stdout
-    (copy / "qubesmanager" / "resources.py").write_text(
+    (dest / "qubesmanager" / "resources.py").write_text(
         resources.replace("PySide6", "PyQt6", 1)
     )
-    return copy
+    return dest
 
 
 def import_paths(root: Path, scratch: Path, manager: Path) -> list[Path]:

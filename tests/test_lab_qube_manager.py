@@ -18,7 +18,7 @@ from gui_lab import stored
 from gui_shots import screenshot
 from PyQt6 import QtWidgets
 from pytestqt.qtbot import QtBot
-from qube_manager_env import build_patched_manager, import_paths, lab_backed_app
+from qube_manager_env import PATCH, build_manager, import_paths, lab_backed_app
 from qube_manager_env import load_settings_module as load_settings
 from upstream_env import MANAGER, require_upstream
 
@@ -60,7 +60,7 @@ def set_list(qube: str, kind: str, lines: list[str]) -> None:
 def settings_module(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
     root = require_upstream(MANAGER, "qubes-core-admin-client")
     scratch = tmp_path_factory.mktemp("qube-manager")
-    manager = build_patched_manager(root, scratch)
+    manager = build_manager(root, scratch / "qubes-manager", PATCH)
     return load_settings(import_paths(root, scratch, manager))
 
 
