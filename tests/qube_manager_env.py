@@ -24,7 +24,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from upstream_env import ADMIN_CLIENT, MANAGER, REPO
+from upstream_env import MANAGER, REPO, admin_client_paths
 
 PATCH = REPO / "admin_client_patch" / "qube-manager.patch"
 RCC = Path("/usr/lib/qt6/libexec/rcc")
@@ -70,17 +70,11 @@ def build_manager(root: Path, dest: Path, patch: Path | None = None) -> Path:
 
 
 def import_paths(root: Path, scratch: Path, manager: Path) -> list[Path]:
-    """sys.path entries: the patched manager, qubesadmin (with metadata), the stub."""
-    extra = scratch / "site"
-    extra.mkdir()
-    version = (root / ADMIN_CLIENT / "version").read_text().strip()
-    info = extra / f"qubesadmin-{version}.dist-info"  # qubesadmin.tools reads its version
-    info.mkdir()
-    (info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: qubesadmin\nVersion: {version}\n"
-    )
-    (extra / "qubesimgconverter.py").write_text(_IMGCONVERTER_STUB)
-    return [manager, root / ADMIN_CLIENT, extra]
+    """sys.path entries: the built manager, qubesadmin with its metadata, the stub."""
+    stubs = scratch / "stubs"
+    stubs.mkdir()
+    (stubs / "qubesimgconverter.py").write_text(_IMGCONVERTER_STUB)
+    return [manager, *admin_client_paths(root, scratch), stubs]
 
 
 def load_settings_module(paths: list[Path]) -> types.ModuleType:
