@@ -181,9 +181,13 @@ def parse_paths(untrusted_reply: bytes) -> dict[int, str]:
 class QubeFirewall:
     """The firewall of one qube, as reached through the Admin API (``call``)."""
 
-    def __init__(self, qube: str, call: Call = qubesd_call) -> None:
+    def __init__(self, qube: str, call: Call | None = None) -> None:
+        """``call`` carries the Admin API calls; None: dom0's qubesd socket."""
         self.qube = qube
-        self._call = call
+        self._transport = call
+
+    def _call(self, dest: str, method: str, arg: str, payload: bytes) -> bytes:
+        return (self._transport or qubesd_call)(dest, method, arg, payload)
 
     def rules(self, kind: RuleKind) -> list[Rule]:
         """The qube's ``kind`` rules in force, in order (``admin.vm.firewall.Get[+kind]``)."""

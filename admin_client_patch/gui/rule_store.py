@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from admin_client_patch.firewall import QubeFirewall
-from admin_client_patch.qubesd_client import Call, qubesd_call
+from admin_client_patch.qubesd_client import Call
 from firewall_rules import Rule, RuleKind
 
 
@@ -26,7 +26,7 @@ class StaleViewError(Exception):
 class RuleStore:
     """The forward and inbound rules of one qube, edited on fresh reads."""
 
-    def __init__(self, qube: str, call: Call = qubesd_call) -> None:
+    def __init__(self, qube: str, call: Call | None = None) -> None:
         self.qube = qube
         self._firewall = QubeFirewall(qube, call)
 
