@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,14 +64,16 @@ log = logging.getLogger("qubes.firewall")
 
 FIREWALL_DIR = "/qubes-firewall/"
 CONNECTED_IPS = forwarding.CONNECTED_IPS
-DNS_KEYS = ("/qubes-primary-dns", "/qubes-secondary-dns")
-HANDLED_DIR = "/qubes-firewall_handled/"
+HANDLED_DIR = "/qubes-firewall-handled/"
 DNS_INFO_DIR = "/dns/"
 WATCHES = (FIREWALL_DIR, *CONNECTED_IPS)
 MAX_PATH = 64
 RESOLV_CONF = Path("/etc/resolv.conf")
-HOOK_DIRS = (Path("/etc/qubes/qubes-firewall.d"), Path("/rw/config/qubes-firewall.d"))
+SYSTEM_HOOK_DIR = Path("/etc/qubes/qubes-firewall.d")
+USER_HOOK_DIR = Path("/rw/config/qubes-firewall.d")
 USER_SCRIPT = Path("/rw/config/qubes-firewall-user-script")
+#: Qubes' custom-persist service: /rw/config is not the user's, so nothing there runs
+CUSTOM_PERSIST = Path("/var/run/qubes-service/custom-persist")
 
 Resolver = Callable[[str, Literal[4, 6]], frozenset[IPAddress]]
 
@@ -239,20 +242,17 @@ class Worker:
             log.error("%s: ignoring an entry: %s", path, problem)
 
     def _dns_servers(self) -> frozenset[IPAddress]:
-        """This hop's DNS servers: QubesDB's, and resolv.conf's as upstream uses."""
-        servers = set()
-        for path in DNS_KEYS:
-            untrusted_value = self.db.read(path)
-            if untrusted_value:
-                try:
-                    servers.add(parse_address(untrusted_value.decode("ascii")))
-                except (UnicodeDecodeError, EntryError) as err:
-                    log.error("%s: ignoring it: %s", path, err)
+        """This hop's DNS servers for ``specialtarget=dns``: resolv.conf's, as upstream.
+
+        Not QubesDB's ``/qubes-primary-dns``: that is the address clients
+        send DNS to, which Qubes' DNAT rewrites to a resolv.conf server
+        before the forward hook sees the packet.
+        """
         try:
-            servers |= parse_resolv_conf(self.resolv_conf.read_text(errors="replace"))
+            return parse_resolv_conf(self.resolv_conf.read_text(errors="replace"))
         except OSError as err:
             log.warning("cannot read %s: %s", self.resolv_conf, err)
-        return frozenset(servers)
+            return frozenset()
 
     # -- writing back -----------------------------------------------------
 
@@ -391,8 +391,19 @@ class Worker:
             log.error("could not remove the %s tables: %s", TABLE, err)
 
 
-def run_hooks(hook_dirs: Iterable[Path] = HOOK_DIRS, user_script: Path = USER_SCRIPT) -> None:
-    """Run the executables of the qubes-firewall.d directories, then the user script."""
+def run_hooks(
+    system_dir: Path = SYSTEM_HOOK_DIR,
+    user_dir: Path = USER_HOOK_DIR,
+    user_script: Path = USER_SCRIPT,
+    custom_persist: Path = CUSTOM_PERSIST,
+) -> None:
+    """Run the executables of the qubes-firewall.d directories, then the user script.
+
+    With ``custom_persist`` present only the system directory runs, as
+    upstream: the user's directory and script live in /rw/config.
+    """
+    persist = custom_persist.is_file()
+    hook_dirs = [system_dir] if persist else [system_dir, user_dir]
     scripts = [
         path
         for directory in hook_dirs
@@ -400,7 +411,7 @@ def run_hooks(hook_dirs: Iterable[Path] = HOOK_DIRS, user_script: Path = USER_SC
         for path in sorted(directory.iterdir())
         if path.is_file() and os.access(path, os.X_OK)
     ]
-    if user_script.is_file() and os.access(user_script, os.X_OK):
+    if not persist and user_script.is_file() and os.access(user_script, os.X_OK):
         scripts.append(user_script)
     for script in scripts:
         try:
@@ -413,7 +424,7 @@ def run_hooks(hook_dirs: Iterable[Path] = HOOK_DIRS, user_script: Path = USER_SC
 
 
 def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about ``state`` if it is listening."""
+    """Tell systemd (``Type=notify-reload``) about ``state`` if it is listening."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
@@ -425,6 +436,11 @@ def sd_notify(state: str) -> None:
             sock.sendall(state.encode())
     except OSError as err:
         log.warning("cannot notify systemd: %s", err)
+
+
+def reloading_state() -> str:
+    """What ``Type=notify-reload`` wants first on SIGHUP: RELOADING=1 and when, in µs."""
+    return f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
 
 
 class _Signals:
@@ -494,9 +510,11 @@ def serve(
         if signals.reload:
             signals.reload = False
             log.info("SIGHUP: reloading every client's rules")
+            sd_notify(reloading_state())
             worker.reload(force=True)
             for half in halves:
                 half.reload()
+            sd_notify("READY=1")
             continue
         if fd in ready:
             paths = _pending_events(watcher, fd)

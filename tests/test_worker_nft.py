@@ -47,8 +47,6 @@ def base_db() -> MemoryQubesDB:
     db = MemoryQubesDB({
         "/connected-ips": f"{WEB} {WORK}",
         "/connected-ips6": WEB6,
-        "/qubes-primary-dns": "10.139.1.1",
-        "/qubes-secondary-dns": "10.139.1.2",
     })
     write_rules(db, WEB, "drop", [
         "action=accept proto=tcp dst4=192.168.1.0/24 dstports=443-443",
@@ -73,7 +71,7 @@ class Captured(logging.Handler):
 
 def make_worker(db: MemoryQubesDB, tmp: Path) -> Worker:
     resolv = tmp / "resolv.conf"
-    resolv.write_text("nameserver 127.0.0.53\n")
+    resolv.write_text("nameserver 10.139.1.1\nnameserver 10.139.1.2\nnameserver 127.0.0.53\n")
     return Worker(db, Nft(), resolver=fake_resolve, resolv_conf=resolv)  # type: ignore[arg-type]
 
 
@@ -122,8 +120,8 @@ def test_initial_load_builds_upstream_layout(netns: str, tmp_path: Path) -> None
     chains = {i["chain"]["name"]: i["chain"] for i in nft_ruleset(netns) if "chain" in i}
     assert chains["forward"]["policy"] == "drop"
     assert entries["/dns/10.137.0.5/www.example.com"] == b"{'192.0.2.7/32', '192.0.2.10/32'}"
-    assert entries["/qubes-firewall_handled/10.137.0.5"] == b"1"
-    assert entries["/qubes-firewall_handled/fd09:24ef:4179::a89:5"] == b"1"
+    assert entries["/qubes-firewall-handled/10.137.0.5"] == b"1"
+    assert entries["/qubes-firewall-handled/fd09:24ef:4179::a89:5"] == b"1"
 
 
 def _handles(worker: Worker, chain: str) -> list[int]:
@@ -148,7 +146,7 @@ def test_changes_touch_only_their_chain_and_keep_user_rules(netns: str, tmp_path
         work_after = _handles(worker, "qbs-10-137-0-6")
         db.write("/connected-ips", WEB)
         worker.handle(Changes(connected=True))
-        return [work_before == work_after, db.entries["/qubes-firewall_handled/10.137.0.5"]]
+        return [work_before == work_after, db.entries["/qubes-firewall-handled/10.137.0.5"]]
 
     assert in_netns(netns, body) == [True, b"3"]
     assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5") == [

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from agent_worker.firewall import (
     Worker,
     classify,
     dns_info_value,
+    reloading_state,
     resolve,
     run_hooks,
     sd_notify,
@@ -78,7 +80,7 @@ def _worker(db: MemoryQubesDB, nft: RecordingNft, tmp_path: Path) -> Worker:
 def test_garbage_paths_and_values_are_logged_not_fatal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    db = MemoryQubesDB({"/connected-ips": "10.137.0.5 bogus", "/qubes-primary-dns": "x"})
+    db = MemoryQubesDB({"/connected-ips": "10.137.0.5 bogus"})
     db.write("/qubes-firewall/10.137.0.05/policy", "accept")
     db.write("/qubes-firewall/10.137.0.05", "")
     db.write("/qubes-firewall/10.0.0.1\nqubes-firewall: INFO: forged", "")
@@ -91,13 +93,29 @@ def test_garbage_paths_and_values_are_logged_not_fatal(
     assert "blocking all traffic from 10.137.0.5: rule 0000: repeated option 'dst4'" in messages
     assert "\n" not in "".join(messages)  # untrusted path text is quoted: no forged lines
     assert any(m.startswith("/connected-ips: ignoring an entry") for m in messages)
-    assert any(m.startswith("/qubes-primary-dns: ignoring it") for m in messages)
     (transaction,) = nft.transactions
     assert (
         "add rule ip qubes-firewall qbs-10-137-0-5 reject with icmp type admin-prohibited"
         in transaction.splitlines()
     )
-    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"1"
+    assert db.read("/qubes-firewall-handled/10.137.0.5") == b"1"
+
+
+def test_dns_servers_come_from_resolv_conf_only(tmp_path: Path) -> None:
+    """As upstream: /qubes-primary-dns is what clients ask, DNATed to resolv.conf's servers."""
+    db = MemoryQubesDB({
+        "/connected-ips": "10.137.0.5",
+        "/qubes-primary-dns": "10.139.1.1",
+        "/qubes-secondary-dns": "10.139.1.2",
+    })
+    write_rules(db, "10.137.0.5", "drop", ["action=accept specialtarget=dns"])
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\n")
+    nft = RecordingNft()
+    Worker(db, nft, resolv_conf=resolv).reload()  # type: ignore[arg-type]
+    (transaction,) = nft.transactions
+    assert "192.0.2.53" in transaction
+    assert "10.139.1" not in transaction
 
 
 def test_removed_rules_drop_the_chain_and_the_dns_record(tmp_path: Path) -> None:
@@ -112,7 +130,7 @@ def test_removed_rules_drop_the_chain_and_the_dns_record(tmp_path: Path) -> None
     assert not worker.sources
     assert db.list("/dns/") == []
     assert "jump" not in nft.transactions[-1]
-    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"2"
+    assert db.read("/qubes-firewall-handled/10.137.0.5") == b"2"
 
 
 def test_refused_update_without_a_culprit_keeps_everything(
@@ -128,7 +146,7 @@ def test_refused_update_without_a_culprit_keeps_everything(
     assert "nft refused the update, the previous ruleset stays: Error: refused prerouting" in (
         caplog.messages
     )
-    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"1"
+    assert db.read("/qubes-firewall-handled/10.137.0.5") == b"1"
 
 
 def test_hooks_run_in_upstream_order(tmp_path: Path) -> None:
@@ -147,8 +165,26 @@ def test_hooks_run_in_upstream_order(tmp_path: Path) -> None:
     script(rw / "05-c")
     user = tmp_path / "qubes-firewall-user-script"
     script(user)
-    run_hooks([etc, rw, tmp_path / "missing"], user)
+    persist = tmp_path / "custom-persist"
+    run_hooks(etc, rw, user, persist)
     assert log.read_text().split() == ["10-a", "20-b", "05-c", "qubes-firewall-user-script"]
+
+    # custom-persist: /rw/config is not the user's, only /etc's hooks run (upstream's rule)
+    log.unlink()
+    persist.touch()
+    run_hooks(etc, rw, user, persist)
+    assert log.read_text().split() == ["10-a", "20-b"]
+    run_hooks(tmp_path / "missing", rw, user, tmp_path / "missing-too")
+    assert log.read_text().split() == ["10-a", "20-b", "05-c", "qubes-firewall-user-script"]
+
+
+def test_reloading_state_names_the_monotonic_clock() -> None:
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    first, second = reloading_state().split("\n")
+    assert first == "RELOADING=1"
+    key, value = second.split("=")
+    assert key == "MONOTONIC_USEC"
+    assert before <= int(value) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
 def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
