@@ -42,6 +42,21 @@ def cannot_run(reason: str) -> None:
     pytest.skip(reason)
 
 
+def upstream_source(part: str) -> Path:
+    """``part`` of the read-only upstream snapshot, or ``cannot_run`` when it is missing.
+
+    The snapshot is ``$QUBES_UPSTREAM_DIR``, else ``../shared/upstream``
+    from the repository root, as CI has it (its README). Nothing may be
+    written into it: run its code with ``PYTHONDONTWRITEBYTECODE=1``.
+    """
+    repo = Path(__file__).resolve().parent.parent
+    root = Path(os.environ.get("QUBES_UPSTREAM_DIR") or repo.parent / "shared" / "upstream")
+    path = root / part
+    if not path.exists():
+        cannot_run(f"UPSTREAM NOT FOUND: {path} (set QUBES_UPSTREAM_DIR)")
+    return path
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("lab") is None:
         return
