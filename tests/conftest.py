@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import upstream_path
 from lab.control import Lab
 
 LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
@@ -43,17 +44,12 @@ def cannot_run(reason: str) -> None:
 
 
 def upstream_source(part: str) -> Path:
-    """``part`` of the read-only upstream snapshot, or ``cannot_run`` when it is missing.
-
-    The snapshot is ``$QUBES_UPSTREAM_DIR``, else ``../shared/upstream``
-    from the repository root, as CI has it (its README). Nothing may be
-    written into it: run its code with ``PYTHONDONTWRITEBYTECODE=1``.
-    """
-    repo = Path(__file__).resolve().parent.parent
-    root = Path(os.environ.get("QUBES_UPSTREAM_DIR") or repo.parent / "shared" / "upstream")
-    path = root / part
-    if not path.exists():
-        cannot_run(f"UPSTREAM NOT FOUND: {path} (set QUBES_UPSTREAM_DIR)")
+    """``part`` of the read-only upstream snapshot (bench.common.upstream_path), or
+    ``cannot_run`` when it is missing. Run its code with ``PYTHONDONTWRITEBYTECODE=1``."""
+    path = upstream_path(part)
+    if path is None:
+        cannot_run(f"UPSTREAM NOT FOUND: {part} (set QUBES_UPSTREAM_DIR)")
+    assert path is not None
     return path
 
 

@@ -23,10 +23,11 @@ from agent_worker.firewall import (
     run_hooks,
     sd_notify,
 )
+from agent_worker.ruleset import TableState
 
 
 class RecordingNft:
-    """Records transactions; the kernel always looks empty; refuses texts containing ``bad``."""
+    """Records transactions; refuses texts containing ``bad``."""
 
     def __init__(self, bad: str | None = None) -> None:
         self.bad = bad
@@ -38,9 +39,6 @@ class RecordingNft:
         if not check:
             self.transactions.append(commands)
         return ""
-
-    def list_table(self, family: str) -> None:
-        return None
 
 
 def test_events_wait_for_the_completion_marker() -> None:
@@ -129,7 +127,11 @@ def test_removed_rules_drop_the_chain_and_the_dns_record(tmp_path: Path) -> None
     worker.handle(classify(["/qubes-firewall/10.137.0.5/", "/qubes-firewall/10.137.0.5"]))
     assert not worker.sources
     assert db.list("/dns/") == []
-    assert "jump" not in nft.transactions[-1]
+    assert nft.transactions[-1].splitlines() == [
+        "delete element ip qubes-firewall clients { 10.137.0.5 }",
+        "flush chain ip qubes-firewall qbs-10-137-0-5",
+        "delete chain ip qubes-firewall qbs-10-137-0-5",
+    ]
     assert db.read("/qubes-firewall-handled/10.137.0.5") == b"2"
 
 
@@ -142,10 +144,9 @@ def test_refused_update_without_a_culprit_keeps_everything(
     worker = _worker(db, nft, tmp_path)
     worker.reload()
     assert nft.transactions == []
-    assert worker.applied == {"ip": {}, "ip6": {}}
-    assert "nft refused the update, the previous ruleset stays: Error: refused prerouting" in (
-        caplog.messages
-    )
+    assert worker.kernel == TableState() and not worker.synced
+    assert "nft refused the update: Error: refused prerouting" in caplog.messages
+    assert "nft refused the update again, the previous ruleset stays" in caplog.messages
     assert db.read("/qubes-firewall-handled/10.137.0.5") == b"1"
 
 
