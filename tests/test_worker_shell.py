@@ -135,6 +135,28 @@ def test_removed_rules_drop_the_chain_and_the_dns_record(tmp_path: Path) -> None
     assert db.read("/qubes-firewall-handled/10.137.0.5") == b"2"
 
 
+def test_apply_names_the_clients_whose_chains_changed(tmp_path: Path) -> None:
+    """The seam for whatever must follow a client's new rules (conntrack cleanup)."""
+    db = MemoryQubesDB({"/connected-ips": "10.137.0.5 10.137.0.6"})
+    write_rules(db, "10.137.0.5", "accept", [])
+    write_rules(db, "10.137.0.6", "drop", [])
+    nft = RecordingNft()
+    worker = _worker(db, nft, tmp_path)
+    worker.init_tables()
+    worker.reload()
+    web, work = ipaddress.ip_address("10.137.0.5"), ipaddress.ip_address("10.137.0.6")
+    assert worker.apply({web, work}) == set()
+    write_rules(db, "10.137.0.5", "drop", [])
+    worker.handle(classify(["/qubes-firewall/10.137.0.5"]))
+    assert worker.apply({web, work}) == set()  # already applied by handle()
+    db.write("/connected-ips", "10.137.0.5")
+    worker.handle(classify(["/connected-ips"]))
+    assert work not in worker.kernel.clients
+    write_rules(db, "10.137.0.5", "accept", ["action=drop proto=udp"])
+    worker._load_source(web)
+    assert worker.apply({web, work}) == {web}
+
+
 def test_refused_update_without_a_culprit_keeps_everything(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
