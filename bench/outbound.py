@@ -176,7 +176,7 @@ def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]
                 assert isinstance(nft, CountingNft)
                 nft.commands = nft.listings = 0
                 up_times, our_times = [], []
-                total = runs or (41 if count <= 10 else 21 if count <= 100 else 11)
+                total = runs or (41 if count <= 10 else 31 if count <= 100 else 21)
                 for number in range(total):
                     rules = rule_set(count, kind, number)
                     enter(up_ns)
