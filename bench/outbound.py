@@ -95,20 +95,28 @@ def populated_db(rules: list[str]) -> MemoryQubesDB:
     return db
 
 
-def upstream_worker_class() -> type:
-    """Upstream's ``NftablesWorker``, imported from the snapshot without writing to it."""
+def upstream_firewall() -> types.ModuleType:
+    """Upstream's ``qubesagent/firewall.py``, imported from the snapshot without writing to it.
+
+    Its ``import qubesdb`` gets a module of its own, filled per worker by
+    :func:`start_upstream`; the rest of this process never sees it.
+    """
     agent = upstream_path(UPSTREAM_AGENT)
     if agent is None:
         raise SystemExit(f"upstream snapshot not found ({UPSTREAM_AGENT}); set QUBES_UPSTREAM_DIR")
+    saved_module, saved_flag = sys.modules.get("qubesdb"), sys.dont_write_bytecode
+    sys.modules["qubesdb"] = types.ModuleType("qubesdb")
     sys.dont_write_bytecode = True
-    if "qubesdb" not in sys.modules:
-        sys.modules["qubesdb"] = types.ModuleType("qubesdb")  # set per worker below
     sys.path.insert(0, str(agent))
     try:
-        module = importlib.import_module("qubesagent.firewall")
+        return importlib.import_module("qubesagent.firewall")
     finally:
         sys.path.remove(str(agent))
-    return module.NftablesWorker
+        sys.dont_write_bytecode = saved_flag
+        if saved_module is None:
+            del sys.modules["qubesdb"]
+        else:
+            sys.modules["qubesdb"] = saved_module
 
 
 class CountingNft(Nft):
@@ -125,10 +133,10 @@ class CountingNft(Nft):
         return super().run(commands, check=check)
 
 
-def start_upstream(worker_class: type, db: MemoryQubesDB) -> Any:
+def start_upstream(firewall: types.ModuleType, db: MemoryQubesDB) -> Any:
     """Upstream's worker on ``db``, tables created and every client loaded, as its main()."""
-    sys.modules["qubesdb"].QubesDB = lambda: db  # type: ignore[attr-defined]
-    worker = worker_class()
+    firewall.qubesdb.QubesDB = lambda: db
+    worker = firewall.NftablesWorker()
     worker.conntrack_get_connections = lambda family, source: set()
     worker.init()
     for address in worker.list_targets():
@@ -159,7 +167,7 @@ def timed(work: Callable[[], object]) -> float:
 
 def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]:
     """One row per (N, change kind); both workers in their own namespace."""
-    worker_class = upstream_worker_class()
+    firewall = upstream_firewall()
     rows: list[list[object]] = []
     with throwaway_namespace("-up") as up_ns, throwaway_namespace("-ours") as ours_ns:
         for count in sizes:
@@ -168,7 +176,7 @@ def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]
                     continue  # one rule: an edit is a whole new set
                 enter(up_ns)
                 up_db = populated_db(rule_set(count, kind, -1))
-                upstream = start_upstream(worker_class, up_db)
+                upstream = start_upstream(firewall, up_db)
                 enter(ours_ns)
                 ours_db = populated_db(rule_set(count, kind, -1))
                 ours = start_ours(ours_db)
