@@ -72,13 +72,18 @@ def sizes_parser(description: str, default: Sequence[int]) -> argparse.ArgumentP
     return parser
 
 
-def upstream_path(part: str) -> Path | None:
-    """``part`` of the read-only upstream snapshot, or None when it is not there.
+def upstream_root() -> Path:
+    """Where the read-only upstream snapshot is: ``$QUBES_UPSTREAM_DIR``, else
+    ``../shared/upstream`` from the repository root (where CI has it)."""
+    configured = os.environ.get("QUBES_UPSTREAM_DIR")
+    return Path(configured) if configured else REPO.parent / "shared" / "upstream"
 
-    The snapshot is ``$QUBES_UPSTREAM_DIR``, else ``../shared/upstream``
-    from the repository root (where CI has it). Nothing may be written into
-    it: import its code with ``sys.dont_write_bytecode`` set.
+
+def upstream_path(part: str) -> Path | None:
+    """``part`` of the upstream snapshot, or None when it is not there.
+
+    Nothing may be written into it: import its code with
+    ``sys.dont_write_bytecode`` set.
     """
-    root = Path(os.environ.get("QUBES_UPSTREAM_DIR") or REPO.parent / "shared" / "upstream")
-    path = root / part
+    path = upstream_root() / part
     return path if path.exists() else None

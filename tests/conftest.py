@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import upstream_path
+from bench.common import upstream_root
 from lab.control import Lab
 
+REPO = Path(__file__).resolve().parent.parent
 LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
 
 
@@ -43,13 +44,14 @@ def cannot_run(reason: str) -> None:
     pytest.skip(reason)
 
 
-def upstream_source(part: str) -> Path:
-    """``part`` of the read-only upstream snapshot (bench.common.upstream_path), or
-    ``cannot_run`` when it is missing. Run its code with ``PYTHONDONTWRITEBYTECODE=1``."""
-    path = upstream_path(part)
-    if path is None:
-        cannot_run(f"UPSTREAM NOT FOUND: {part} (set QUBES_UPSTREAM_DIR)")
-    assert path is not None
+def upstream_dir() -> Path:
+    """The read-only upstream Qubes sources (bench.common.upstream_root), or ``cannot_run``.
+
+    Run their code with ``PYTHONDONTWRITEBYTECODE=1``: nothing may be written there.
+    """
+    path = upstream_root()
+    if not (path / "qubes-core-admin").is_dir():
+        cannot_run(f"upstream Qubes sources not found at {path} (set QUBES_UPSTREAM_DIR)")
     return path
 
 

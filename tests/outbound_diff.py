@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from conftest import upstream_source
+from conftest import upstream_dir
 from worker_netns import (
     REPO,
     WorkerProcess,
@@ -262,7 +262,7 @@ def _etc_files(ns: str, resolv_conf: str) -> Path:
 
 def _start_upstream(hop: Hop, qdb_dir: Path, stubs: Path, tmp: Path) -> None:
     """Upstream's worker, as its unit runs it, against the QubesDB stand-in."""
-    agent = upstream_source("qubes-core-agent-linux")
+    agent = upstream_dir() / "qubes-core-agent-linux"
     env = {
         "PATH": f"{stubs}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
         "QUBESDB_DIR": str(qdb_dir),
@@ -366,7 +366,7 @@ def hop_pair(tmp: Path, resolv_conf: str = RESOLV_CONF,
     are there, as on Qubes.
     """
     require_root()
-    upstream_source("qubes-core-agent-linux/qubesagent/firewall.py")
+    upstream_dir()
     stubs = tmp / "stubs"
     stubs.mkdir()
     conntrack = stubs / "conntrack"

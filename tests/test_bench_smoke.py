@@ -10,7 +10,7 @@ command-per-rule baseline.
 from __future__ import annotations
 
 import pytest
-from conftest import upstream_source
+from conftest import upstream_dir
 
 from bench import nft, outbound, planner, rules
 
@@ -41,7 +41,7 @@ def test_nft_benchmark_runs_in_a_throwaway_namespace() -> None:
 
 @pytest.mark.lab
 def test_outbound_benchmark_runs_both_workers_without_listing() -> None:
-    upstream_source(outbound.UPSTREAM_AGENT)
+    upstream_dir()
     rows = outbound.measure([2], runs=2)
     assert [row[:3] for row in rows] == [[2, "edit", 2], [2, "all", 2]]
     assert all(row[-1] == 0 for row in rows)  # ours never listed a table
