@@ -1,10 +1,15 @@
 """Qubes network server: forward and inbound rules for Qubes OS firewalls."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+#: The one place the version is written; packaging/ reads it too.
+VERSION = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
 
 setup(
     name="qubes-network-server",
-    version="0.1.0",
+    version=VERSION,
     description="Expose services in Qubes OS qubes to the LAN and to other qubes",
     license="GPL-2.0-or-later",
     python_requires=">=3.11",
@@ -14,8 +19,9 @@ setup(
     ]),
     install_requires=["lxml"],
     extras_require={
-        # docutils, jinja2, pyinotify: what upstream's qubesd code imports, for the
-        # tests that run it (QUBES_UPSTREAM_DIR)
+        # docutils, jinja2, pyinotify: what upstream's qubesd code imports when
+        # tests run it (QUBES_UPSTREAM_DIR: the extension inside upstream's
+        # qubesd, tests/test_packages.py generating upstream's default policy)
         "test": ["pytest", "hypothesis", "ruff", "docutils", "jinja2", "pyinotify"],
         "man": ["argparse-manpage"],
     },

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from admin_client_patch.qubesd_client import qubesd_call
+from bench.common import upstream_root
 from firewall_rules import Rule, RuleKind, RuleLists
 from lab.control import Lab
 
+REPO = Path(__file__).resolve().parent.parent
 LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
 
 
@@ -42,6 +44,17 @@ def cannot_run(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"NOT RUN UNDER CI: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def upstream_dir() -> Path:
+    """The read-only upstream Qubes sources (bench.common.upstream_root), or ``cannot_run``.
+
+    Run their code with ``PYTHONDONTWRITEBYTECODE=1``: nothing may be written there.
+    """
+    path = upstream_root()
+    if not (path / "qubes-core-admin").is_dir():
+        cannot_run(f"upstream Qubes sources not found at {path} (set QUBES_UPSTREAM_DIR)")
+    return path
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
