@@ -137,8 +137,11 @@ def admin_client_paths(root: Path, scratch: Path) -> list[Path]:
 
 
 def shared_scratch() -> Path:
-    """A temporary folder every uid may read (upstream's tests run as nobody)."""
-    path = Path(tempfile.mkdtemp(prefix="qns-upstream-"))
+    """A temporary folder every uid may read (upstream's tests run as nobody).
+
+    In /var/tmp: runs as nobody get a /tmp of their own (run_as_nobody).
+    """
+    path = Path(tempfile.mkdtemp(prefix="qns-upstream-", dir="/var/tmp"))
     path.chmod(0o755)
     return path
 
@@ -154,14 +157,22 @@ def nobody_dir(parent: Path, name: str) -> Path:
 def run_as_nobody(
     argv: Sequence[str], env: Mapping[str, str], home: Path, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` as uid/gid nobody with ``home`` as HOME, TMPDIR and cwd."""
+    """Run ``argv`` as uid/gid nobody with ``home`` as HOME, TMPDIR and cwd.
+
+    In a mount namespace of its own with an empty /tmp: upstream's tests
+    use fixed paths there (``/tmp/qubes-test-dir``), which another run on
+    the machine could be using at the same moment.
+    """
     if os.geteuid() != 0:
         cannot_run("UPSTREAM CONFORMANCE NOT RUN: switching to uid nobody needs root")
-    if shutil.which("setpriv") is None:
-        cannot_run("UPSTREAM CONFORMANCE NOT RUN: setpriv (util-linux) is missing")
+    missing = [tool for tool in ("setpriv", "unshare") if shutil.which(tool) is None]
+    if missing:
+        cannot_run(f"UPSTREAM CONFORMANCE NOT RUN: {', '.join(missing)} (util-linux) missing")
     env = {**env, "HOME": str(home), "TMPDIR": str(home)}
+    private_tmp = 'mount -t tmpfs -o mode=1777 qns-tmp /tmp && exec "$@"'
     return subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", private_tmp, "sh",
+         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
         env=env, cwd=home, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
