@@ -39,8 +39,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 
+# The page of the client as the dom0 package installs it (qvm-firewall-ns).
 man: $(STAMP)
-	$(PY) packaging/build.py man --prog qvm-firewall --out doc/man/qvm-firewall.1
+	$(PY) packaging/build.py man --out doc/man/qvm-firewall-ns.1
 
 # Qubes packages into build/packages (packaging/build.py; doc/install.md).
 rpm: $(STAMP)

@@ -13,6 +13,7 @@ upstream's plus one ``Get`` per other list.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,19 @@ from admin_client_patch.qubesd_client import QubesException, QubesVMNotFoundErro
 from firewall_rules import Rule, RuleKind, default_rules
 from firewall_rules.options import qube_name_problem
 
+#: The command's name when it is not run under a name of its own (``python -m``).
 PROG = "qvm-firewall"
+
+
+def invoked_name() -> str:
+    """The name the command was run as: ``qvm-firewall-ns`` in dom0, ``qvm-firewall`` in the lab.
+
+    Usage lines, error messages and the man page (argparse-manpage sets
+    ``sys.argv[0]`` to its ``--prog``) then name the command the user typed.
+    A module run as ``python -m`` or ``python FILE.py`` is called :data:`PROG`.
+    """
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return PROG if not name or name.endswith(".py") or name.startswith("-") else name
 
 EPILOG = """\
 A rule is a list of key=value words, in any order:
@@ -77,10 +90,13 @@ no forward and no inbound rules.
 """
 
 
-def get_parser() -> argparse.ArgumentParser:
-    """The argument parser (also read by argparse-manpage for the man page)."""
+def get_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser (also read by argparse-manpage for the man page).
+
+    ``prog`` defaults to the name the command was run as.
+    """
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog or invoked_name(),
         description="Manage a qube's firewall: outbound, forward and inbound rules.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -316,7 +332,7 @@ def run(args: argparse.Namespace, now: float, out: TextIO) -> None:
 
 
 def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
-    """Usage, then ``qvm-firewall: error: MESSAGE``, as argparse prints it; exit code 2."""
+    """Usage, then ``PROG: error: MESSAGE``, as argparse prints it; exit code 2."""
     try:
         parser.error(" ".join(message.split()))
     except SystemExit as exc:
@@ -346,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         return _usage_error(parser, str(err))
     except (QubesException, FirewallEditError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,4 +1,4 @@
-"""``make man`` builds qvm-firewall(1) from the real parser, with every option in it."""
+"""``make man`` builds qvm-firewall-ns(1), the installed client's page, from the real parser."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ def test_man_page_documents_every_option(tmp_path: Path) -> None:
     if not (REPO / ".venv" / "bin" / "argparse-manpage").exists():
         cannot_run("argparse-manpage not installed (run make deps)")
     subprocess.run(["make", "-s", "man"], cwd=REPO, check=True, capture_output=True, timeout=120)
-    page = (REPO / "doc" / "man" / "qvm-firewall.1").read_text()
-    assert page.startswith('.TH QVM\\-FIREWALL "1"')
+    page = (REPO / "doc" / "man" / "qvm-firewall-ns.1").read_text()
+    assert page.startswith('.TH QVM\\-FIREWALL\\-NS "1"')
+    assert "\\fBqvm\\-firewall\\-ns\\fR \\fI\\,add" in page
     for option in ("reload", "raw", "before", "rule\\-no"):
         assert f"\\fB\\-\\-{option}\\fR" in page, option
     for word in ("action=forward", "srchost=", "srcqube=", "forwardtype=", "expire=+SECONDS",

@@ -155,8 +155,6 @@ def test_dom0_package_holds_extension_client_man_page_and_policy(built: Built) -
     assert requires >= {"python(abi) = 3.13", "qubes-core-dom0 >= 4.2", "python3-lxml"}
 
 
-@pytest.mark.xfail(strict=True, reason="admin_client_patch.qvm_firewall sets prog='qvm-firewall' "
-                   "instead of taking the installed name from argv[0]")
 def test_client_man_page_and_usage_carry_the_installed_name(built: Built, tmp_path: Path) -> None:
     payload = rpm_payload(built.dom0)
     page = gzip.decompress(payload["/usr/share/man/man1/qvm-firewall-ns.1.gz"].data).decode()

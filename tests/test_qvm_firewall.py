@@ -447,8 +447,17 @@ def test_console_script(dom0: Dom0) -> None:
     assert (result.returncode, result.stdout) == (0, "action=accept\n")
 
 
+def test_parser_takes_the_name_the_command_was_run_as(monkeypatch: pytest.MonkeyPatch) -> None:
+    for argv0, name in (("/usr/bin/qvm-firewall-ns", "qvm-firewall-ns"),
+                        (".venv/bin/qvm-firewall", "qvm-firewall"),
+                        (str(REPO / "admin_client_patch" / "qvm_firewall.py"), "qvm-firewall"),
+                        ("-c", "qvm-firewall"), ("", "qvm-firewall")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert get_parser().prog == name, argv0
+
+
 def test_parser_shape_for_man_page() -> None:
-    parser = get_parser()
+    parser = get_parser("qvm-firewall")
     assert parser.prog == "qvm-firewall"
     args = parser.parse_args(["web", "add", "--before", "forward:2", "action=drop"])
     assert (args.vmname, args.command, args.rule) == ("web", "add", ["action=drop"])
