@@ -14,7 +14,8 @@ from admin_api_fixture import REPO, Dom0, running_dom0
 from conftest import cannot_run
 
 from admin_client_patch.firewall import parse_rule_number
-from admin_client_patch.qvm_firewall import FORWARD_HEADER, HEADER, INBOUND_HEADER, get_parser
+from admin_client_patch.qvm_firewall import get_parser
+from admin_client_patch.qvm_firewall_run import FORWARD_HEADER, HEADER, INBOUND_HEADER
 from core_admin_patch import admin_api
 from firewall_rules import Rule, RuleKind, RuleLists, save_firewall_xml
 
