@@ -126,9 +126,6 @@ class PortRange:
     def __str__(self) -> str:
         return f"{self.first}-{self.last}"
 
-    def overlaps(self, other: PortRange) -> bool:
-        return self.first <= other.last and other.first <= self.last
-
     def describe(self) -> str:
         return str(self.first) if self.first == self.last else str(self)
 
@@ -372,6 +369,45 @@ def _claims(path: ForwardPath) -> list[tuple[str, str, PortRange]]:
     return [(step.hop, step.proto, step.ports) for step in path.steps]
 
 
+class PortClaims:
+    """The port ranges forwards hold, per hop and protocol, found by bisection.
+
+    Each hop keeps its ranges sorted by first port, with the longest range's
+    length: only ranges starting at most that far below a query can overlap
+    it, so checking thousands of forwards through one hop stays n log n
+    rather than quadratic. Ranges may overlap (rules stored before the
+    topology changed under them); a query then names the one added first.
+    """
+
+    def __init__(self) -> None:
+        #: (hop, proto) -> sorted (first, last, order added, owner, rule number)
+        self._held: dict[tuple[str, str], list[tuple[int, int, int, str, int]]] = {}
+        self._longest: dict[tuple[str, str], int] = {}
+        self._added = 0
+
+    def add(self, path: ForwardPath) -> None:
+        """Every hop's ports of one forward, held by its target and rule number."""
+        for hop, proto, ports in _claims(path):
+            key = (hop, proto)
+            entry = (ports.first, ports.last, self._added, path.target, path.rule_number)
+            bisect.insort(self._held.setdefault(key, []), entry)
+            self._longest[key] = max(self._longest.get(key, 0), ports.last - ports.first)
+            self._added += 1
+
+    def holder(self, hop: str, proto: str, ports: PortRange) -> tuple[str, int] | None:
+        """(qube, forward rule number) holding a port of ``ports`` on ``hop``, if any."""
+        held = self._held.get((hop, proto))
+        if not held:
+            return None
+        low = bisect.bisect_left(held, (ports.first - self._longest[(hop, proto)],))
+        high = bisect.bisect_left(held, (ports.last + 1,))
+        overlapping = [entry for entry in held[low:high] if entry[1] >= ports.first]
+        if not overlapping:
+            return None
+        _, _, _, owner, number = min(overlapping, key=lambda entry: entry[2])
+        return owner, number
+
+
 def check_rules(snapshot: Snapshot, name: str, rules: RuleLists) -> None:
     """Refuse a rule list for ``name`` that cannot work on this topology.
 
@@ -420,7 +456,7 @@ def check_rules(snapshot: Snapshot, name: str, rules: RuleLists) -> None:
             f"{names} on the path of '{name}' does not advertise {SUPPORT_FEATURE}: "
             "install qubes-network-server-agent in its template and restart it"
         )
-    claimed: list[tuple[str, str, PortRange, str, int]] = []
+    claims = PortClaims()
     for other in sorted(proposed.qubes.values(), key=lambda q: q.name):
         if other.name == name:
             continue
@@ -429,17 +465,17 @@ def check_rules(snapshot: Snapshot, name: str, rules: RuleLists) -> None:
                 other_path = forward_path(proposed, other, number, rule, source=None)
             except NoNetVMError:
                 continue
-            claimed += [(*c, other.name, number) for c in _claims(other_path)]
+            claims.add(other_path)
     for path in paths:
         for hop, proto, ports in _claims(path):
-            for c_hop, c_proto, c_ports, c_owner, c_number in claimed:
-                if hop == c_hop and proto == c_proto and ports.overlaps(c_ports):
-                    raise PortConflictError(
-                        f"{proto} port {ports.describe()} on '{hop}' is wanted by both "
-                        f"'{c_owner}' (forward rule {c_number}) and"
-                        f" '{name}' (forward rule {path.rule_number})"
-                    )
-            claimed.append((hop, proto, ports, name, path.rule_number))
+            holder = claims.holder(hop, proto, ports)
+            if holder is not None:
+                raise PortConflictError(
+                    f"{proto} port {ports.describe()} on '{hop}' is wanted by both "
+                    f"'{holder[0]}' (forward rule {holder[1]}) and"
+                    f" '{name}' (forward rule {path.rule_number})"
+                )
+        claims.add(path)
 
 
 def _active(snapshot: Snapshot, target: QubeState) -> bool:
@@ -491,19 +527,6 @@ def netvm_conflict(
     return None
 
 
-def _overlapping(taken: list[tuple[int, int, str]], ports: PortRange) -> str | None:
-    """Owner of a taken range overlapping ``ports``, by bisection.
-
-    The taken ranges are disjoint and sorted, so only the last one starting
-    at or below ``ports.last`` can overlap; this keeps planning thousands of
-    forwards through one hop linear rather than quadratic.
-    """
-    index = bisect.bisect_right(taken, (ports.last, 65536, ""))
-    if index and taken[index - 1][1] >= ports.first:
-        return taken[index - 1][2]
-    return None
-
-
 def plan(snapshot: Snapshot) -> Plan:
     """Entries for every qube, deterministic for a given snapshot.
 
@@ -513,8 +536,7 @@ def plan(snapshot: Snapshot) -> Plan:
     """
     entries: dict[str, dict[str, dict[str, str]]] = {}
     skipped: list[str] = []
-    # (hop, proto) -> sorted, disjoint (first, last, owner) of the ports taken there
-    taken: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+    taken = PortClaims()
     for target in sorted(snapshot.qubes.values(), key=lambda q: q.name):
         input_entries = _plan_forwards(snapshot, target, entries, skipped, taken)
         input_entries += _plan_inbound(snapshot, target, entries, skipped)
@@ -599,7 +621,7 @@ def _plan_forwards(
     target: QubeState,
     entries: dict[str, dict[str, dict[str, str]]],
     skipped: list[str],
-    taken: dict[tuple[str, str], list[tuple[int, int, str]]],
+    taken: PortClaims,
 ) -> list[str]:
     """Put ``target``'s forward steps into its hops; returns its input entries."""
     forwards = _forward_rules(target, snapshot.now)
@@ -624,21 +646,18 @@ def _plan_forwards(
                 f" {SUPPORT_FEATURE}"
             )
             continue
-        claims = _claims(path)
         clash = next(
             (
-                owner
-                for hop, proto, ports in claims
-                if (owner := _overlapping(taken.get((hop, proto), []), ports)) is not None
+                holder
+                for hop, proto, ports in _claims(path)
+                if (holder := taken.holder(hop, proto, ports)) is not None
             ),
             None,
         )
         if clash is not None:
-            skipped.append(f"{target.name} forward rule {number}: port conflict with '{clash}'")
+            skipped.append(f"{target.name} forward rule {number}: port conflict with '{clash[0]}'")
             continue
-        for hop, proto, ports in claims:
-            claimed_here = taken.setdefault((hop, proto), [])
-            bisect.insort(claimed_here, (ports.first, ports.last, target.name))
+        taken.add(path)
         for family_path in paths:
             target_ip = family_path.steps[0].to
             for step in family_path.steps:

@@ -22,7 +22,7 @@ from firewall_rules.rule import (
 )
 
 #: Names of firewall_rules.storage this package gives on first use.
-_STORAGE = ("load_firewall_xml", "read_rule_lists", "save_firewall_xml")
+_STORAGE = ("RuleFiles", "load_firewall_xml", "read_rule_lists", "save_firewall_xml")
 
 
 def __getattr__(name: str) -> Any:
@@ -38,6 +38,7 @@ __all__ = [
     "FirewallFileError",
     "Rule",
     "RuleError",
+    "RuleFiles",
     "RuleKind",
     "RuleLists",
     "default_rules",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Iterable, Mapping
 
 from firewall_rules.errors import RuleError
@@ -120,22 +121,12 @@ class Rule:
         """Parse one Admin API line, ``key=value`` words separated by single spaces.
 
         As upstream, ``comment=`` takes the rest of the line, spaces included.
+        A line is parsed once: a ``Set`` re-sends every rule of the list it
+        replaces, and dom0 reads the lists again at every plan, so the rules
+        of recent lines are kept (:data:`PARSED_LINES`). Rules are values,
+        never changed once built, so sharing one is safe.
         """
-        untrusted_words, _, untrusted_comment = untrusted_line.partition("comment=")
-        untrusted_words = untrusted_words.rstrip(" ")
-        if not untrusted_words:
-            raise RuleError("empty rule: action= is required")
-        pairs = []
-        for untrusted_word in untrusted_words.split(" "):
-            untrusted_key, sep, untrusted_value = untrusted_word.partition("=")
-            if not untrusted_word:
-                raise RuleError("words must be separated by exactly one space")
-            if not sep:
-                raise RuleError(f"{shown(untrusted_word)} is not key=value")
-            pairs.append((untrusted_key, untrusted_value))
-        if untrusted_comment:
-            pairs.append(("comment", untrusted_comment))
-        return cls.from_options(pairs)
+        return _parse_line(untrusted_line)
 
     def _check(self) -> RuleKind:
         """Refuse combinations upstream refuses, and those the new kinds forbid."""
@@ -272,6 +263,30 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"Rule({self.api_rule!r})"
+
+
+#: How many recently parsed API lines keep their Rule (a few MiB at most).
+PARSED_LINES = 4096
+
+
+@functools.lru_cache(maxsize=PARSED_LINES)
+def _parse_line(untrusted_line: str) -> Rule:
+    """:meth:`Rule.from_api_string`, whose result depends on the line alone."""
+    untrusted_words, _, untrusted_comment = untrusted_line.partition("comment=")
+    untrusted_words = untrusted_words.rstrip(" ")
+    if not untrusted_words:
+        raise RuleError("empty rule: action= is required")
+    pairs = []
+    for untrusted_word in untrusted_words.split(" "):
+        untrusted_key, sep, untrusted_value = untrusted_word.partition("=")
+        if not untrusted_word:
+            raise RuleError("words must be separated by exactly one space")
+        if not sep:
+            raise RuleError(f"{shown(untrusted_word)} is not key=value")
+        pairs.append((untrusted_key, untrusted_value))
+    if untrusted_comment:
+        pairs.append(("comment", untrusted_comment))
+    return Rule.from_options(pairs)
 
 
 _OPTION_TYPES = {

@@ -214,14 +214,8 @@ def _lists_v3(root: lxml.etree._Element) -> RuleLists:
     return RuleLists.sorted_out(_rule_list(_only_child(root, "rules")))
 
 
-def load_firewall_xml(path: Path) -> RuleLists:
-    """The rules stored in ``path``; FirewallFileError (naming it) if unusable.
-
-    An unreadable, corrupt or unknown-version file is an error, never "no
-    rules": treating it as empty would open the qube to everything. So is
-    anything in it the reader would otherwise skip (stray elements, text,
-    attributes): what is loaded must be all the file says.
-    """
+def _file_bytes(path: Path) -> bytes:
+    """The file's content; FirewallFileError (naming it) if it cannot be read or is too big."""
     try:
         with open(path, "rb") as stream:
             data = stream.read(FILE_MAX + 1)
@@ -229,6 +223,11 @@ def load_firewall_xml(path: Path) -> RuleLists:
         raise FirewallFileError(f"{path}: {err.strerror}") from None
     if len(data) > FILE_MAX:
         raise FirewallFileError(f"{path}: larger than {FILE_MAX} bytes")
+    return data
+
+
+def _parse_file(path: Path, data: bytes) -> RuleLists:
+    """The rules in ``data``, the content of ``path`` (named in errors)."""
     try:
         root = lxml.etree.fromstring(data, _parser())
     except lxml.etree.XMLSyntaxError as err:
@@ -259,13 +258,63 @@ def load_firewall_xml(path: Path) -> RuleLists:
     return lists
 
 
+def load_firewall_xml(path: Path) -> RuleLists:
+    """The rules stored in ``path``; FirewallFileError (naming it) if unusable.
+
+    An unreadable, corrupt or unknown-version file is an error, never "no
+    rules": treating it as empty would open the qube to everything. So is
+    anything in it the reader would otherwise skip (stray elements, text,
+    attributes): what is loaded must be all the file says.
+    """
+    return _parse_file(path, _file_bytes(path))
+
+
 def read_rule_lists(path: Path) -> RuleLists:
     """A qube's rules: its firewall.xml, or upstream's default when it has none.
 
     No file means the rules were never set: accept-all outbound, as qubesd.
-    Every dom0 host reads a qube's rules through this.
+    Every dom0 host reads a qube's rules through this (or :class:`RuleFiles`).
     """
     return load_firewall_xml(path) if path.exists() else RuleLists.default()
+
+
+class RuleFiles:
+    """:func:`read_rule_lists` for hosts that read every qube's file at every plan.
+
+    qubesd keeps each qube's rules in memory; the lab's dom0 and the tests'
+    stand-in read the files instead, several times per Admin API call. The
+    lists parsed from a file are kept with its bytes and given again while
+    the file holds the same bytes, so a read costs a read, not a parse
+    (parsing is a pure function of the bytes; a changed file is parsed anew).
+    """
+
+    def __init__(self) -> None:
+        self._parsed: dict[Path, tuple[bytes, RuleLists]] = {}
+
+    def read(self, path: Path) -> RuleLists:
+        if not path.exists():
+            self._parsed.pop(path, None)
+            return RuleLists.default()
+        data = _file_bytes(path)
+        known = self._parsed.get(path)
+        if known is not None and known[0] == data:
+            return known[1]
+        lists = _parse_file(path, data)
+        self._parsed[path] = (data, lists)
+        return lists
+
+    def save(self, path: Path, lists: RuleLists, now: float) -> None:
+        """:func:`save_firewall_xml`; the next read finds what was saved without parsing it."""
+        data = save_firewall_xml(path, lists, now)
+        self._parsed[path] = (data, _unexpired(lists, now))
+
+
+def _unexpired(lists: RuleLists, now: float) -> RuleLists:
+    """The lists as saved at ``now``: expired rules are left out."""
+    return RuleLists(**{
+        kind.value: tuple(rule for rule in lists.of(kind) if not rule.is_expired(now))
+        for kind in RuleKind
+    })
 
 
 def firewall_xml_bytes(lists: RuleLists, now: float) -> bytes:
@@ -276,8 +325,9 @@ def firewall_xml_bytes(lists: RuleLists, now: float) -> bytes:
     writes.
     """
     root = lxml.etree.Element("firewall", version="2")
+    kept_lists = _unexpired(lists, now)
     for kind, tag in LIST_ELEMENTS.items():
-        kept = [rule for rule in lists.of(kind) if not rule.is_expired(now)]
+        kept = kept_lists.of(kind)
         if not kept and kind is not RuleKind.OUTBOUND:
             continue
         xml_list = lxml.etree.SubElement(root, tag)
@@ -290,8 +340,8 @@ def firewall_xml_bytes(lists: RuleLists, now: float) -> bytes:
     return lxml.etree.tostring(root, encoding="UTF-8", xml_declaration=False, pretty_print=True)
 
 
-def save_firewall_xml(path: Path, lists: RuleLists, now: float) -> None:
-    """Replace ``path`` atomically: a crash leaves the old file or the new one.
+def save_firewall_xml(path: Path, lists: RuleLists, now: float) -> bytes:
+    """Replace ``path`` atomically: a crash leaves the old file or the new one; returns its bytes.
 
     Written to a temporary file in the same directory, synced, given mode
     0664 as upstream's umask 002 does, then renamed over the old file.
@@ -313,3 +363,4 @@ def save_firewall_xml(path: Path, lists: RuleLists, now: float) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+    return data

@@ -48,11 +48,10 @@ from core_admin_patch.network_server import (
 )
 from firewall_rules import (
     Rule,
+    RuleFiles,
     RuleKind,
     RuleLists,
     outbound_qdb_entries,
-    read_rule_lists,
-    save_firewall_xml,
 )
 from lab import netns, procs, wiring
 from lab.pyshim import qubesdb
@@ -133,6 +132,8 @@ class Dom0:
         self._dbs: dict[str, qubesdb.QubesDB] = {}
         self._outbound_written: dict[tuple[str, str], dict[str, str]] = {}
         self._expiry: ExpiryTimer | None = None
+        #: qubesd holds the rules in memory; the lab reads the files, each parsed once.
+        self._rule_files = RuleFiles()
         self.network_server = NetworkServer(self, _EntryWriter(self))
         os.environ["QUBESDB_DIR"] = str(state_dir / "qubesdb")
 
@@ -148,12 +149,12 @@ class Dom0:
 
     def read_rules(self, domain: DomainLike) -> RuleLists:
         """The qube's rules; no firewall.xml means upstream's default (accept all)."""
-        return read_rule_lists(self.firewall_path(domain.name))
+        return self._rule_files.read(self.firewall_path(domain.name))
 
     def store_rules(self, domain: DomainLike, kind: RuleKind, rules: list[Rule]) -> None:
         """Replace one list in firewall.xml (one atomic write), then apply it."""
         lists = self.read_rules(domain).replaced(kind, rules)
-        save_firewall_xml(self.firewall_path(domain.name), lists, time.time())
+        self._rule_files.save(self.firewall_path(domain.name), lists, time.time())
         self.reload(domain)
 
     def reload(self, domain: DomainLike) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from core_admin_patch.errors import QubesValueError
 from core_admin_patch.network_server import DomainLike, NetworkServer
 from core_admin_patch.planner import SUPPORT_FEATURE
-from firewall_rules import Rule, RuleKind, RuleLists, read_rule_lists, save_firewall_xml
+from firewall_rules import Rule, RuleFiles, RuleKind, RuleLists
 from lab.qubesd_server import start_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,6 +80,7 @@ class FileHost:
     qubes: dict[str, StoppedQube] = field(default_factory=default_qubes)
     reloaded: list[str] = field(default_factory=list)
     refuse: str | None = None
+    files: RuleFiles = field(default_factory=RuleFiles)
 
     def domains(self) -> list[StoppedQube]:
         return list(self.qubes.values())
@@ -91,7 +92,7 @@ class FileHost:
         return self.root / name / "firewall.xml"
 
     def read_rules(self, domain: DomainLike) -> RuleLists:
-        return read_rule_lists(self.firewall_path(domain.name))
+        return self.files.read(self.firewall_path(domain.name))
 
     def store_rules(self, domain: DomainLike, kind: RuleKind, rules: list[Rule]) -> None:
         if self.refuse is not None:
@@ -99,7 +100,7 @@ class FileHost:
         lists = self.read_rules(domain).replaced(kind, rules)
         path = self.firewall_path(domain.name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_firewall_xml(path, lists, time.time())
+        self.files.save(path, lists, time.time())
         self.reload(domain)
 
     def reload(self, domain: DomainLike) -> None:
