@@ -2,11 +2,14 @@
 
 Measured for N rules (default 100, 1000 and 9999, the most one list of a qube may
 hold): ``parse_api_payload`` (what ``admin.vm.firewall.Set`` does with its
-payload), ``firewall_xml_bytes`` (serialising), ``save_firewall_xml``
+payload, every line new to it), ``parse_api_payload, lines known`` (the same
+payload again: a ``Set`` re-sends the rules it keeps, and parsed lines are
+remembered), ``firewall_xml_bytes`` (serialising), ``save_firewall_xml``
 (serialise, write, fsync, rename) and ``load_firewall_xml``.
 
-Baselines in the same run: the same work for N trivial ``action=accept``
-lines, and a plain ``str.split`` of the payload into ``{key: value}``
+Baselines in the same run: the same work for N trivial lines,
+``action=accept comment=N`` (numbered, so that no line is a repeat of one
+already parsed), and a plain ``str.split`` of the payload into ``{key: value}``
 dicts (the least any parser must do), so the ratios show what validation
 and the lxml round trip cost per rule.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from bench.common import best_time, print_table, ratio, sizes_parser
 from firewall_rules import RuleLists, load_firewall_xml, parse_api_payload, save_firewall_xml
+from firewall_rules.rule import forget_parsed_lines
 from firewall_rules.storage import firewall_xml_bytes
 
 DEFAULT_SIZES = (100, 1000, 9999)
@@ -73,6 +77,12 @@ def row(op: str, n: int, micro: dict[str, float], split: float | None) -> list[o
     ]
 
 
+def parse_new(data: bytes, now: float) -> object:
+    """``parse_api_payload`` of lines it has not seen: the memo of parsed lines emptied first."""
+    forget_parsed_lines()
+    return parse_api_payload(data, now)
+
+
 def per_rule(works: dict[str, Callable[[], object]], n: int) -> dict[str, float]:
     """Best microseconds per rule of each kind's work."""
     return {kind: best_time(work, max_runs=10) / n * 1e6 for kind, work in works.items()}
@@ -86,13 +96,17 @@ def measure(sizes: Sequence[int]) -> list[list[object]]:
         path = Path(tmp) / "firewall.xml"
         for n in sizes:
             mixed = payload([mixed_line(i, now) for i in range(n)])
-            runs = {"mixed": mixed, "trivial": payload(["action=accept"] * n)}
+            trivial = payload([f"action=accept comment={i}" for i in range(n)])
+            runs = {"mixed": mixed, "trivial": trivial}
             split = best_time(partial(split_only, mixed)) / n * 1e6
             parsed = {kind: parse_api_payload(data, now) for kind, data in runs.items()}
             assert len(parsed["mixed"]) == n, "every mixed rule must parse"
             stored = {kind: RuleLists.sorted_out(rules) for kind, rules in parsed.items()}
             ops: dict[str, dict[str, Callable[[], object]]] = {
                 "parse_api_payload": {
+                    kind: partial(parse_new, data, now) for kind, data in runs.items()
+                },
+                "parse_api_payload, lines known": {
                     kind: partial(parse_api_payload, data, now) for kind, data in runs.items()
                 },
                 "firewall_xml_bytes": {
@@ -104,7 +118,7 @@ def measure(sizes: Sequence[int]) -> list[list[object]]:
                 },
             }
             for op, works in ops.items():
-                is_parse = op == "parse_api_payload"
+                is_parse = op.startswith("parse_api_payload")
                 rows.append(row(op, n, per_rule(works, n), split if is_parse else None))
             load: dict[str, float] = {}
             for kind, lists in stored.items():
@@ -120,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args(argv)
     rows = measure(args.sizes)
     print_table(
-        "rules: N rules of a realistic mix vs N trivial `action=accept` (best of runs)",
+        "rules: N rules of a realistic mix vs N trivial `action=accept comment=N` (best of runs)",
         ["operation", "N", "mixed ms", "mixed us/rule", "trivial us/rule", "mixed/trivial",
          "split us/rule", "mixed/split"],
         rows,
