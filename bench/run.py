@@ -16,12 +16,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import nft, outbound, planner, rules
+from bench import dom0, nft, outbound, planner, rules
 from bench.common import upstream_path
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "rules": rules.main,
     "planner": planner.main,
+    "dom0": dom0.main,
     "nft": nft.main,
     "outbound": outbound.main,
 }

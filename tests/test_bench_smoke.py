@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from conftest import upstream_dir
 
-from bench import nft, outbound, planner, rules
+from bench import dom0, nft, outbound, planner, rules
 
 
 def test_rules_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,6 +30,14 @@ def test_planner_benchmark_runs_and_unchanged_replan_writes_nothing(
     assert row[-1] == 0  # QubesDB calls of a re-plan with nothing changed
     assert planner.main(["--sizes", "2"]) == 0
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_dom0_benchmark_adds_through_the_client_and_times_its_start_up() -> None:
+    (row,) = dom0.measure_add([3], runs=1)
+    assert row[0] == 3
+    startup = dom0.measure_startup(runs=1)
+    assert [line[0] for line in startup] == [
+        "python -c pass", "python -c 'import argparse'", "qvm-firewall --help"]
 
 
 @pytest.mark.lab
