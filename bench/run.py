@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import dom0, nft, outbound, planner, rules
+from bench import converge, dom0, nft, outbound, planner, rules
 from bench.common import upstream_path
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
@@ -25,9 +25,10 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "dom0": dom0.main,
     "nft": nft.main,
     "outbound": outbound.main,
+    "converge": converge.main,
 }
 #: benchmarks that need root and ``ip netns``
-IN_NAMESPACES = ("nft", "outbound")
+IN_NAMESPACES = ("nft", "outbound", "converge")
 
 
 def machine() -> str:
@@ -54,6 +55,8 @@ def unavailable(name: str) -> str | None:
         return f"missing {', '.join(missing)}"
     if name == "outbound" and upstream_path(outbound.UPSTREAM_AGENT) is None:
         return "no upstream snapshot (set QUBES_UPSTREAM_DIR)"
+    if name == "converge":
+        return converge.unavailable()
     return None
 
 

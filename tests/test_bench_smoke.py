@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 from conftest import upstream_dir
 
-from bench import dom0, nft, outbound, planner, rules
+from bench import converge, dom0, nft, outbound, planner, rules
+from lab.control import Lab
 
 
 def test_rules_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,3 +54,11 @@ def test_outbound_benchmark_runs_both_workers_without_listing() -> None:
     rows = outbound.measure([2], runs=2)
     assert [row[:3] for row in rows] == [[2, "edit", 2], [2, "all", 2]]
     assert all(row[-1] == 0 for row in rows)  # ours never listed a table
+
+
+@pytest.mark.lab
+def test_converge_benchmark_sets_forwards_in_a_lab_of_its_own() -> None:
+    Lab().down()  # as every lab test: the benchmark refuses to take a running lab's namespaces
+    (row,) = converge.measure([2])
+    assert row[:2] == [2, 20]
+    assert row[-1] == "20 / 18"  # steps in sys-firewall / sys-net (internal forwards: one hop)
