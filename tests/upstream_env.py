@@ -154,6 +154,11 @@ def nobody_dir(parent: Path, name: str) -> Path:
     return path
 
 
+def nobody_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` run as uid/gid nobody, without supplementary groups."""
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
 def run_as_nobody(
     argv: Sequence[str], env: Mapping[str, str], home: Path, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
@@ -172,7 +177,7 @@ def run_as_nobody(
     private_tmp = 'mount -t tmpfs -o mode=1777 qns-tmp /tmp && exec "$@"'
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", private_tmp, "sh",
-         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+         *nobody_argv(argv)],
         env=env, cwd=home, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
