@@ -316,7 +316,7 @@ class Dom0:
             db.rm(base + "/")
             for key, value in entries.items():
                 db.write(f"{base}/{key}", value)
-            before = _counter(db.read(f"/qubes-firewall_handled/{address}"))
+            before = _counter(db.read(f"/qubes-firewall-handled/{address}"))
             db.write(base, "")
             self._outbound_written[(netvm, str(address))] = entries
             try:
@@ -332,7 +332,7 @@ class Dom0:
         """Wait until the netvm's worker has taken the client's new rules into nft."""
         db = self.qdb(netvm)
         deadline = time.monotonic() + HANDLED_TIMEOUT
-        while _counter(db.read(f"/qubes-firewall_handled/{ip}")) <= before:
+        while _counter(db.read(f"/qubes-firewall-handled/{ip}")) <= before:
             if time.monotonic() > deadline:
                 raise Dom0Error(
                     f"the firewall worker in {netvm} did not apply the rules of {ip} within "

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from admin_client_patch.qubesd_client import qubesd_call
+from bench.common import upstream_root
 from firewall_rules import Rule, RuleKind, RuleLists
 from lab.control import Lab
 
@@ -46,9 +47,11 @@ def cannot_run(reason: str) -> None:
 
 
 def upstream_dir() -> Path:
-    """The read-only upstream Qubes sources: ``$QUBES_UPSTREAM_DIR``, else ../shared/upstream."""
-    configured = os.environ.get("QUBES_UPSTREAM_DIR")
-    path = Path(configured) if configured else REPO.parent / "shared" / "upstream"
+    """The read-only upstream Qubes sources (bench.common.upstream_root), or ``cannot_run``.
+
+    Run their code with ``PYTHONDONTWRITEBYTECODE=1``: nothing may be written there.
+    """
+    path = upstream_root()
     if not (path / "qubes-core-admin").is_dir():
         cannot_run(f"upstream Qubes sources not found at {path} (set QUBES_UPSTREAM_DIR)")
     return path
