@@ -19,9 +19,9 @@ setup(
     ]),
     install_requires=["lxml"],
     extras_require={
-        # docutils, jinja2, pyinotify: upstream's qubesd code imports them when tests
-        # run it (tests/test_packages.py generates upstream's default policy; the
-        # dom0 and conformance tests run qubesd's code).
+        # docutils, jinja2, pyinotify: what upstream's qubesd code imports when
+        # tests run it (QUBES_UPSTREAM_DIR: the extension inside upstream's
+        # qubesd, tests/test_packages.py generating upstream's default policy)
         "test": ["pytest", "hypothesis", "ruff", "docutils", "jinja2", "pyinotify"],
         "man": ["argparse-manpage"],
         # The rest of the upstream code the conformance tests run

@@ -50,8 +50,8 @@ from firewall_rules import (
     Rule,
     RuleKind,
     RuleLists,
-    load_firewall_xml,
     outbound_qdb_entries,
+    read_rule_lists,
     save_firewall_xml,
 )
 from lab import netns, procs, wiring
@@ -148,8 +148,7 @@ class Dom0:
 
     def read_rules(self, domain: DomainLike) -> RuleLists:
         """The qube's rules; no firewall.xml means upstream's default (accept all)."""
-        path = self.firewall_path(domain.name)
-        return load_firewall_xml(path) if path.exists() else RuleLists.default()
+        return read_rule_lists(self.firewall_path(domain.name))
 
     def store_rules(self, domain: DomainLike, kind: RuleKind, rules: list[Rule]) -> None:
         """Replace one list in firewall.xml (one atomic write), then apply it."""

@@ -22,6 +22,7 @@ from firewall_rules import (
     load_firewall_xml,
     outbound_qdb_entries,
     parse_api_payload,
+    read_rule_lists,
     save_firewall_xml,
 )
 from firewall_rules.options import DstHost
@@ -609,9 +610,13 @@ def test_dsthost_refuses_a_key_that_is_no_destination() -> None:
         DstHost("1.2.3.4", "srchost")
 
 
-def test_missing_file_is_an_error(tmp_path: Path) -> None:
+def test_missing_file_is_an_error_unless_the_rules_were_never_set(tmp_path: Path) -> None:
     with pytest.raises(FirewallFileError, match="No such file"):
         load_firewall_xml(tmp_path / "firewall.xml")
+    assert read_rule_lists(tmp_path / "firewall.xml") == RuleLists.default()
+    (tmp_path / "firewall.xml").write_text("<firewall/>")
+    with pytest.raises(FirewallFileError):
+        read_rule_lists(tmp_path / "firewall.xml")
 
 
 def test_save_is_atomic_and_mode_0664(tmp_path: Path) -> None:
