@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from conftest import cannot_run
 
+from bench.common import upstream_root
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 
@@ -41,13 +43,9 @@ NOBODY = 65534
 
 
 def upstream_dir() -> Path | None:
-    """The folder holding the snapshots, or None when there is none."""
-    configured = os.environ.get("QUBES_UPSTREAM_DIR")
-    if configured:
-        path = Path(configured)
-        return path if path.is_dir() else None
-    default = REPO.parent / "shared" / "upstream"
-    return default if default.is_dir() else None
+    """The folder holding the snapshots (bench.common.upstream_root), or None if absent."""
+    root = upstream_root()
+    return root if root.is_dir() else None
 
 
 def require_upstream(*folders: str) -> Path:
