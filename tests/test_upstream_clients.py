@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qube_manager_env import build_manager
 from upstream_env import (
     ADMIN_CLIENT,
     CORE_ADMIN,
@@ -185,24 +186,8 @@ def manager_copy(upstream_scratch: Path) -> Path:
     temporary folder: the snapshot stays untouched.
     """
     root = require_upstream(MANAGER, ADMIN_CLIENT)
-    rcc = Path("/usr/lib/qt6/libexec/rcc")
-    if not rcc.exists():
-        pytest.fail("Qt's rcc is missing: scripts/install-deps installs qt6-base-dev-tools")
     copy = upstream_scratch / "qubes-manager"
-    if not copy.exists():
-        shutil.copytree(root / MANAGER / "qubesmanager", copy / "qubesmanager")
-        for form in sorted((root / MANAGER / "ui").glob("*.ui")):
-            subprocess.run(
-                [sys.executable, "-m", "PyQt6.uic.pyuic", "-o",
-                 str(copy / "qubesmanager" / f"ui_{form.stem}.py"), str(form)],
-                check=True, env=python_env([]),
-            )
-        resources = subprocess.run(
-            [str(rcc), "-g", "python", "resources.qrc"], cwd=root / MANAGER,
-            check=True, capture_output=True, text=True,
-        ).stdout.replace("PySide6", "PyQt6", 1)
-        (copy / "qubesmanager" / "resources.py").write_text(resources)
-    return copy
+    return copy if copy.exists() else build_manager(root, copy)
 
 
 @pytest.mark.parametrize("held", ["forward and inbound", "outbound only"])
