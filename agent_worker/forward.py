@@ -12,8 +12,9 @@ in that same table's forward chain:
 
 - ``qns-dnat``: a nat prerouting base chain with one DNAT per step;
 - ``qns-forward``: jumped to from the ``forward`` chain right after the
-  user's ``custom-forward``, accepting exactly the flows our DNAT
-  translated (``ct status dnat`` plus the original destination port).
+  user's ``custom-forward``, accepting exactly the new flows our DNAT
+  translated (``ct status dnat`` plus the original destination port),
+  behind the TCP SYN guard (:data:`agent_worker.input_rules.ONLY_SYN_OPENS`).
 """
 
 from __future__ import annotations
@@ -152,16 +153,20 @@ def dnat_rule(step: Step) -> str:
 
 
 def accept_rule(step: Step) -> str:
-    """Accept exactly the flows this step translated, ahead of the vif drop."""
+    """Accept exactly the new flows this step translated, ahead of the vif drop.
+
+    Only new ones: their later packets pass Qubes' own ``established`` rule,
+    and an ``invalid`` one meets its drop as any other.
+    """
     family = step.family
     return (
-        f"{_match(step)} ct status dnat {family} daddr {step.to} "
+        f"{_match(step)} ct state new ct status dnat {family} daddr {step.to} "
         f"{step.proto} dport {_ports_text(step.toports)} "
         f"ct original proto-dst {_ports_text(step.ports)} accept"
     )
 
 
 def chain_rules(steps: list[Step], family: Literal["ip", "ip6"]) -> tuple[list[str], list[str]]:
-    """Rule bodies for ``qns-dnat`` and ``qns-forward`` of one family."""
+    """Rule bodies for ``qns-dnat`` and ``qns-forward`` of one family (no SYN guard)."""
     mine = [step for step in steps if step.family == family]
     return [dnat_rule(s) for s in mine], [accept_rule(s) for s in mine]

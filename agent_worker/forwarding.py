@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from agent_worker import nft_chains
 from agent_worker.entries import EntryError
 from agent_worker.forward import DNAT_CHAIN, FORWARD_CHAIN, Step, chain_rules, parse_target
+from agent_worker.input_rules import ONLY_SYN_OPENS
 from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
 from agent_worker.qdb_parse import IPAddress, parse_address, parse_address_list
 
@@ -157,7 +158,8 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
             more_dnat, more_accept = chain_rules(list(target), family)
             dnat += more_dnat
             accept += more_accept
-        result[family] = {DNAT_CHAIN: dnat, FORWARD_CHAIN: accept}
+        guarded = [ONLY_SYN_OPENS, *accept] if accept else []
+        result[family] = {DNAT_CHAIN: dnat, FORWARD_CHAIN: guarded}
     return result
 
 

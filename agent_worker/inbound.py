@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from agent_worker.entries import EntryError
 from agent_worker.forwarding import ChainHalf, Refused, Target, by_address
-from agent_worker.input_rules import Opening, input_rule, parse_opening
+from agent_worker.input_rules import ONLY_SYN_OPENS, Opening, input_rule, parse_opening
 from agent_worker.nft_chains import BaseChainHook, Family
 from agent_worker.qdb_parse import IPAddress
 
@@ -69,12 +69,13 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
     """``qns-inbound`` in both families: targets in address order, rules in key order."""
     result: dict[Family, dict[str, list[str]]] = {"ip": {}, "ip6": {}}
     for family, version in (("ip", 4), ("ip6", 6)):
-        result[family][INBOUND_CHAIN] = [
+        rules = [
             forward_rule(address, rule)
             for address, target in by_address(targets)
             if address.version == version and not isinstance(target, Refused)
             for rule in target
         ]
+        result[family][INBOUND_CHAIN] = [ONLY_SYN_OPENS, *rules] if rules else []
     return result
 
 

@@ -24,7 +24,7 @@ def test_edge_step_renders_fib_local_dnat_and_precise_accept() -> None:
         "dnat ip to 10.137.0.6:8443"
     )
     assert forward.accept_rule(step) == (
-        "iifgroup != 2 ip saddr 192.0.2.0/24 ct status dnat ip daddr 10.137.0.6 "
+        "iifgroup != 2 ip saddr 192.0.2.0/24 ct state new ct status dnat ip daddr 10.137.0.6 "
         "tcp dport 8443 ct original proto-dst 8443 accept"
     )
 
@@ -104,14 +104,18 @@ def test_input_openings_render_in_order() -> None:
             "0002": b"action=accept proto=icmp icmptype=8",
         }
     )
+    # Behind the SYN guard, and only from the netvm's side (never the qube's own vifs).
     assert input_rules.chain_rules(openings, "ip") == [
-        "ip saddr 192.0.2.0/24 meta l4proto tcp th dport 443 ct state new accept",
-        "ip saddr 10.137.0.21/32 ct state new drop",
-        "meta l4proto icmp icmp type 8 ct state new accept",
+        input_rules.ONLY_SYN_OPENS,
+        "iifgroup != 2 ip saddr 192.0.2.0/24 meta l4proto tcp th dport 443 ct state new accept",
+        "iifgroup != 2 ip saddr 10.137.0.21/32 ct state new drop",
+        "iifgroup != 2 meta l4proto icmp icmp type 8 ct state new accept",
     ]
     assert input_rules.chain_rules(openings, "ip6") == [
-        "meta l4proto icmpv6 icmpv6 type 8 ct state new accept"
+        input_rules.ONLY_SYN_OPENS,
+        "iifgroup != 2 meta l4proto icmpv6 icmpv6 type 8 ct state new accept",
     ]
+    assert input_rules.chain_rules([], "ip") == []
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from worker_netns import (
     HOP_UPLINK,
     QUBE,
+    SYN_GUARD_LISTED,
     USER_RULE,
     MemoryQubesDB,
     WorkerProcess,
@@ -281,9 +282,10 @@ def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str)
         "iifgroup != 2 fib daddr type local udp dport 5353 dnat to 10.137.0.5:53",
     ]
     assert chain_rules(netns, "ip", "qubes", "qns-forward") == [
-        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
+        SYN_GUARD_LISTED,
+        "iifgroup != 2 ct state new ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
         "ct original proto-dst 8080 accept",
-        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 udp dport 53 "
+        "iifgroup != 2 ct state new ct status dnat ip daddr 10.137.0.5 udp dport 53 "
         "ct original proto-dst 5353 accept",
     ]
     assert chain_rules(netns, "ip6", "qubes", "qns-dnat") == [
@@ -348,7 +350,8 @@ def test_refused_target_is_left_out_and_the_rest_applies(netns: str) -> None:
     assert any(line.startswith("nft refused the forward update") for line in lines)
     assert any(line.startswith(f"no forwards to {WORK}: nft refused its rules") for line in lines)
     assert chain_rules(netns, "ip", "qubes", "qns-forward") == [
-        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
+        SYN_GUARD_LISTED,
+        "iifgroup != 2 ct state new ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
         "ct original proto-dst 8080 accept",
     ]
 
@@ -451,7 +454,7 @@ def test_tcp_and_udp_reach_the_target_until_the_entries_go(hop: Hop) -> None:
         (dnat_tcp, dnat_udp) = _rules_with(ruleset, "qns-dnat")
         assert '"dnat": {"addr": "10.137.0.5", "port": 80' in dnat_tcp
         assert '"dnat": {"addr": "10.137.0.5", "port": 53' in dnat_udp
-        (accept_tcp, accept_udp) = _rules_with(ruleset, "qns-forward")
+        (_guard, accept_tcp, accept_udp) = _rules_with(ruleset, "qns-forward")
         assert '"accept": null' in accept_tcp and '"right": 8080' in accept_tcp
         assert '"right": 5353' in accept_udp
 

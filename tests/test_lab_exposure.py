@@ -1,0 +1,91 @@
+"""A forward or inbound rule opens exactly what it names: the holes of issue 9, in the lab.
+
+Default lab: the LAN, sys-net (10.137.0.5) with sys-firewall (10.137.0.6) and
+direct (10.137.0.8) behind it, web (10.137.0.20) and work (10.137.0.21) behind
+sys-firewall; IPv6 on everywhere. Rules go in through ``qvm-firewall`` (the
+command line, as a user types it); real TCP from the LAN and from qubes.
+
+- A rule whose target is a ProxyVM (sys-firewall) admits what arrives the
+  way the rule says (from the LAN, from its netvm's other qubes), never its
+  own client qubes, which Qubes keeps out of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import wait_for
+
+from admin_client_patch import qvm_firewall
+from lab.control import Lab
+
+pytestmark = pytest.mark.lab
+
+UPLINK, UPLINK6 = "192.0.2.2", "2001:db8::2"
+SYS_NET, SYS_NET6 = "10.137.0.5", "fd09:24ef:4179::a89:5"
+SYS_FIREWALL, SYS_FIREWALL6 = "10.137.0.6", "fd09:24ef:4179::a89:6"
+QUBES = ("sys-net", "sys-firewall", "web", "work", "direct")
+
+
+def firewall(*argv: str) -> None:
+    """``qvm-firewall ARGV...`` as a user runs it in dom0 (it must succeed)."""
+    assert qvm_firewall.main(list(argv)) == 0, f"qvm-firewall {' '.join(argv)} failed"
+
+
+def reset(lab: Lab) -> None:
+    for qube in QUBES:
+        firewall(qube, "reset")
+    for qube in QUBES:
+        wait_for(lambda q=qube: not lab.qubesdb(q).list("/qns-input"), f"{qube} closed")
+
+
+@pytest.fixture
+def api(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
+    monkeypatch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
+    reset(lab)
+    yield lab
+    reset(lab)
+
+
+def reaches(lab: Lab, client: str, host: str, port: int, server: str, served: int) -> bool:
+    """Does ``client`` connecting to ``host:port`` get the answer of a server in ``server``?"""
+    bind = "::" if ":" in host else "0.0.0.0"
+    with lab.serve(server, "tcp", served, reply=f"{server}-{served}", bind=bind):
+        return lab.connect(client, "tcp", host, port, timeout=0.5) == f"{server}-{served}"
+
+
+def test_forward_to_a_proxyvm_is_not_open_to_its_own_qubes(api: Lab) -> None:
+    firewall("sys-firewall", "add", "action=forward", "forwardtype=external", "proto=tcp",
+             "srcports=2222", "dstports=22")
+    for uplink in (UPLINK, UPLINK6):
+        wait_for(lambda u=uplink: reaches(api, "lan", u, 2222, "sys-firewall", 22),
+                 f"the LAN reaches sys-firewall:22 at {uplink}:2222")
+    for client in ("web", "work"):
+        for address in (SYS_FIREWALL, SYS_FIREWALL6):
+            assert not reaches(api, client, address, 22, "sys-firewall", 22), (client, address)
+
+
+def test_internal_forward_to_a_proxyvm_is_not_open_to_its_own_qubes(api: Lab) -> None:
+    firewall("sys-firewall", "add", "action=forward", "forwardtype=internal", "proto=tcp",
+             "srcports=2222", "dstports=22")
+    for netvm in (SYS_NET, SYS_NET6):
+        wait_for(lambda n=netvm: reaches(api, "direct", n, 2222, "sys-firewall", 22),
+                 f"direct reaches sys-firewall:22 at {netvm}:2222")
+    for client in ("web", "work"):
+        for address, port in ((SYS_FIREWALL, 22), (SYS_FIREWALL6, 22),
+                              (SYS_NET, 2222), (SYS_NET6, 2222)):
+            assert not reaches(api, client, address, port, "sys-firewall", 22), (client, address)
+
+
+def test_inbound_rule_of_a_proxyvm_is_not_open_to_its_own_qubes(api: Lab) -> None:
+    """A source network that also holds sys-firewall's clients admits only direct."""
+    for network in ("10.137.0.0/16", "fd09:24ef:4179::/64"):
+        firewall("sys-firewall", "add", "action=accept", f"srchost={network}", "proto=tcp",
+                 "dstports=22")
+    for address in (SYS_FIREWALL, SYS_FIREWALL6):
+        wait_for(lambda a=address: reaches(api, "direct", a, 22, "sys-firewall", 22),
+                 f"direct reaches sys-firewall at {address}:22")
+    for client in ("web", "work"):
+        for address in (SYS_FIREWALL, SYS_FIREWALL6):
+            assert not reaches(api, client, address, 22, "sys-firewall", 22), (client, address)
