@@ -8,6 +8,9 @@ command line, as a user types it); real TCP from the LAN and from qubes.
 - A rule whose target is a ProxyVM (sys-firewall) admits what arrives the
   way the rule says (from the LAN, from its netvm's other qubes), never its
   own client qubes, which Qubes keeps out of it.
+- ``srcqube=`` never names a qube that provides network (its address also
+  carries every qube behind it): refused at Set, and left out (and
+  reported) at the next plan when the qube starts providing network.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ QUBES = ("sys-net", "sys-firewall", "web", "work", "direct")
 def firewall(*argv: str) -> None:
     """``qvm-firewall ARGV...`` as a user runs it in dom0 (it must succeed)."""
     assert qvm_firewall.main(list(argv)) == 0, f"qvm-firewall {' '.join(argv)} failed"
+
+
+def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """``qvm-firewall ARGV...`` that must fail; its error output."""
+    capsys.readouterr()
+    assert qvm_firewall.main(list(argv)) != 0, f"qvm-firewall {' '.join(argv)} succeeded"
+    return capsys.readouterr().err
 
 
 def reset(lab: Lab) -> None:
@@ -89,3 +99,31 @@ def test_inbound_rule_of_a_proxyvm_is_not_open_to_its_own_qubes(api: Lab) -> Non
     for client in ("web", "work"):
         for address in (SYS_FIREWALL, SYS_FIREWALL6):
             assert not reaches(api, client, address, 22, "sys-firewall", 22), (client, address)
+
+
+def test_srcqube_naming_a_netvm_is_refused_at_set(api: Lab, capsys: pytest.CaptureFixture[str]
+                                                  ) -> None:
+    error = refused(capsys, "direct", "add", "action=accept", "srcqube=sys-firewall",
+                    "proto=tcp", "dstports=22")
+    assert len(error.strip().splitlines()) == 1, error
+    assert "'sys-firewall' provides network" in error and "srchost=10.137.0.6" in error
+    for address in ("10.137.0.8", "fd09:24ef:4179::a89:8"):
+        for client in ("web", "work"):  # masqueraded as sys-firewall: refused as ever
+            assert not reaches(api, client, address, 22, "direct", 22)
+    assert not api.qubesdb("direct").list("/qns-input")
+
+
+def test_a_source_that_starts_providing_network_is_dropped_and_reported(api: Lab) -> None:
+    firewall("web", "add", "action=accept", "srcqube=work", "proto=tcp", "dstports=22")
+    wait_for(lambda: reaches(api, "work", "10.137.0.20", 22, "web", 22), "work reaches web:22")
+    api.set("work", "provides_network", "true")
+    try:
+        wait_for(lambda: not reaches(api, "work", "10.137.0.20", 22, "web", 22),
+                 "work refused once it provides network")
+        assert not api.qubesdb("web").list("/qns-input")
+        assert not api.qubesdb("sys-firewall").list("/qns-inbound/")
+        log = (api.state_dir / "logs" / "dom0.log").read_text()
+        assert "rule not applied: web rule 1: srcqube 'work' provides network" in log
+    finally:
+        api.set("work", "provides_network", "false")
+    wait_for(lambda: reaches(api, "work", "10.137.0.20", 22, "web", 22), "work admitted again")
