@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 
 import nftables
 
-from agent_worker import forwarding, inbound
+from agent_worker import conntrack, forwarding, inbound, outbound_flows
 from agent_worker.entries import EntryError
 from agent_worker.nft_chains import NftError
 from agent_worker.qdb_parse import (
@@ -180,9 +180,12 @@ class Worker:
         nft: Nft,
         resolver: Resolver = resolve,
         resolv_conf: Path = RESOLV_CONF,
+        tool: conntrack.Tool = conntrack.run_tool,
     ) -> None:
         self.db = db
         self.nft = nft
+        #: runs the conntrack tool: flows the new rules no longer allow are ended
+        self.tool = tool
         self.resolver = resolver
         self.resolv_conf = resolv_conf
         self.sources: dict[IPAddress, Source] = {}
@@ -333,10 +336,23 @@ class Worker:
         return False
 
     def apply(self, handled: Iterable[IPAddress]) -> None:
-        """Commit, then write back what upstream writes for each handled client."""
+        """Commit, then write back what upstream writes for each handled client.
+
+        Once committed, the handled clients' flows that their rules no
+        longer allow are ended, as upstream's worker does.
+        """
+        handled = sorted(handled, key=lambda a: (a.version, a))
         committed = self._commit()
-        for address in sorted(handled, key=lambda a: (a.version, a)):
+        for address in handled:
             self._record(address, committed)
+        if committed and handled:
+            try:
+                flows = outbound_flows.flows_to_end(
+                    self._effective(), handled, self._dns_servers(), self.tool
+                )
+                conntrack.end(flows, "outbound rules changed", self.tool)
+            except conntrack.ConntrackError as err:
+                log.error("cannot end the flows the new rules no longer allow: %s", err)
 
     # -- entry points -----------------------------------------------------
 

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from agent_worker.conntrack import Flow
 from agent_worker.entries import EntryError, parse_network, parse_port_range, parse_words
 
 DNAT_CHAIN = "qns-dnat"
@@ -170,3 +171,22 @@ def chain_rules(steps: list[Step], family: Literal["ip", "ip6"]) -> tuple[list[s
     """Rule bodies for ``qns-dnat`` and ``qns-forward`` of one family (no SYN guard)."""
     mine = [step for step in steps if step.family == family]
     return [dnat_rule(s) for s in mine], [accept_rule(s) for s in mine]
+
+
+def step_admits(step: Step, flow: Flow) -> bool:
+    """Whether ``flow`` is one this step's DNAT made (to end it when the step goes).
+
+    Its original destination port in ``ports``, translated to ``to`` and the
+    matching port of ``toports``, from ``srchost``, sent to ``daddr`` when
+    the step names it. The interface it came in by is not tracked.
+    """
+    if flow.version != step.to.version or flow.proto != step.proto or flow.dport is None:
+        return False
+    first, last = step.ports
+    if not first <= flow.dport <= last:
+        return False
+    if flow.reply_src != step.to or flow.reply_sport != flow.dport - first + step.toports[0]:
+        return False
+    if step.daddr != "local" and flow.dst != step.daddr:
+        return False
+    return step.srchost is None or flow.src in step.srchost

@@ -23,9 +23,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
-from agent_worker import nft_chains
+from agent_worker import conntrack, nft_chains
 from agent_worker.entries import EntryError
-from agent_worker.forward import DNAT_CHAIN, FORWARD_CHAIN, Step, chain_rules, parse_target
+from agent_worker.forward import (
+    DNAT_CHAIN,
+    FORWARD_CHAIN,
+    Step,
+    chain_rules,
+    parse_target,
+    step_admits,
+)
 from agent_worker.input_rules import ONLY_SYN_OPENS
 from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
 from agent_worker.qdb_parse import IPAddress, parse_address, parse_address_list
@@ -63,6 +70,8 @@ class Refused:
 
 
 Target = tuple[Any, ...] | Refused
+#: Per target address, the items nft holds for it (targets with none left out).
+InForce = Mapping[IPAddress, tuple[Any, ...]]
 
 
 @dataclass
@@ -212,10 +221,16 @@ class ChainHalf:
     KIND: ClassVar[str]
     ITEMS: ClassVar[str]
 
-    def __init__(self, db: QubesDBConnection, runner: Runner) -> None:
+    def __init__(
+        self, db: QubesDBConnection, runner: Runner, tool: conntrack.Tool = conntrack.run_tool
+    ) -> None:
         self.db = db
         self.runner = runner
+        #: runs the conntrack tool, to end the flows a change stops admitting
+        self.tool = tool
         self.targets: dict[IPAddress, Target] = {}
+        #: what the last accepted transaction put in force, per target
+        self.in_force: dict[IPAddress, tuple[Any, ...]] = {}
         #: targets whose rules nft refused, left out until dom0 rewrites them
         self.refused: dict[IPAddress, str] = {}
         #: this hop's clients (``/connected-ips(6)``); rules point at nothing else
@@ -233,6 +248,10 @@ class ChainHalf:
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
         """Content of every chain of this half in both families."""
+        raise NotImplementedError
+
+    def flows_to_end(self, before: InForce, after: InForce) -> list[conntrack.Flow]:
+        """Tracked flows that ``before`` admitted and ``after`` no longer does."""
         raise NotImplementedError
 
     # -- watch events -----------------------------------------------------
@@ -331,6 +350,17 @@ class ChainHalf:
         if text:
             self.runner(text)
 
+    def _put_in_force(self, after: dict[IPAddress, tuple[Any, ...]]) -> None:
+        """Record what nft now holds, and end the flows it no longer admits."""
+        before, self.in_force = self.in_force, after
+        if before == after:
+            return
+        try:
+            conntrack.end(self.flows_to_end(before, after), f"{self.KIND} rules changed",
+                          self.tool)
+        except conntrack.ConntrackError as err:
+            log.error("cannot end the flows the %s rules no longer admit: %s", self.KIND, err)
+
     def commit(self) -> bool:
         """Bring our chains to the target state in one transaction; False if refused.
 
@@ -346,15 +376,20 @@ class ChainHalf:
                     continue
                 break
             else:
-                targets = self._effective().values()
-                count = sum(len(t) for t in targets if not isinstance(t, Refused))
+                effective = {
+                    a: t for a, t in self._effective().items() if not isinstance(t, Refused)
+                }
+                count = sum(len(t) for t in effective.values())
                 log.info("%s rules updated (%d %s)", self.KIND, count, self.ITEMS)
+                self._put_in_force({a: t for a, t in effective.items() if t})
                 return True
         log.error("removing every %s rule", self.KIND)
         try:
             self.remove()
         except (NftError, ValueError, KeyError) as err:
             log.error("could not remove the %s rules either: %s", self.KIND, err)
+            return False
+        self._put_in_force({})
         return False
 
     # -- entry points -----------------------------------------------------
@@ -439,3 +474,21 @@ class Forwarder(ChainHalf):
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
         return desired_chains(targets)
+
+    def flows_to_end(self, before: InForce, after: InForce) -> list[conntrack.Flow]:
+        """Flows a step that went (removed, narrowed, its target gone) had translated.
+
+        Listed per protocol and translated address of the steps that went;
+        a flow another step in force still translates the same way stays.
+        """
+        kept = {step for steps in after.values() for step in steps}
+        gone = {step for steps in before.values() for step in steps} - kept
+        ended = []
+        for version, proto, to in sorted({(s.to.version, s.proto, s.to) for s in gone}):
+            for flow in conntrack.list_flows(version, ["-p", proto, "--reply-src", str(to)],
+                                             self.tool):
+                if any(step_admits(s, flow) for s in gone) and not any(
+                    step_admits(s, flow) for s in kept
+                ):
+                    ended.append(flow)
+        return ended

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from agent_worker.conntrack import Flow
 from agent_worker.entries import EntryError, parse_network, parse_port_range, parse_words
 
 INPUT_CHAIN = "qns-input"
@@ -118,3 +120,32 @@ def chain_rules(openings: list[Opening], family: Literal["ip", "ip6"]) -> list[s
     """Rule bodies of ``qns-input`` for one family: the SYN guard, then entry order."""
     rules = [f"{FROM_NETVM} {input_rule(o, family)}" for o in openings if o.applies_to(family)]
     return [ONLY_SYN_OPENS, *rules] if rules else []
+
+
+def _matches(opening: Opening, flow: Flow) -> bool:
+    """Whether the opening's rule matches the flow's first packet."""
+    if opening.srchost is not None and flow.src not in opening.srchost:
+        return False
+    if opening.proto is None:
+        return True
+    if opening.proto != flow.proto:
+        return False
+    if opening.dstports is not None:
+        first, last = opening.dstports
+        return flow.dport is not None and first <= flow.dport <= last
+    if opening.icmptype is not None:
+        return flow.icmp is not None and flow.icmp[0] == opening.icmptype
+    return True
+
+
+def admits(openings: Iterable[Opening], flow: Flow) -> bool:
+    """What the chain decides for the flow's first packet: the first match, else refused.
+
+    For the conntrack cut; the interface it came in by is not tracked, so
+    the caller leaves out flows of the qube's own clients.
+    """
+    family: Literal["ip", "ip6"] = "ip" if flow.version == 4 else "ip6"
+    for opening in openings:
+        if opening.applies_to(family) and _matches(opening, flow):
+            return opening.action == "accept"
+    return False
