@@ -34,8 +34,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _KEY_RE = re.compile(r"[0-9]{4}")
-#: largest range mapped to other ports: one nft map element per port
-MAX_REMAPPED_PORTS = 1024
+#: most ports one step may take (dom0's limit per forward rule): a rule
+#: never takes a whole edge, and a remapped range is one nft map element per port
+MAX_FORWARD_PORTS = 1024
 _STEP_KEYS = {"proto", "ports", "iif", "daddr", "to", "toports", "srchost"}
 _REQUIRED = _STEP_KEYS - {"srchost"}
 
@@ -89,10 +90,8 @@ def parse_step(untrusted_value: str) -> Step:
     if ports[1] - ports[0] != toports[1] - toports[0]:
         raise EntryError("ports and toports differ in size")
     size = ports[1] - ports[0] + 1
-    if ports != toports and size > MAX_REMAPPED_PORTS:
-        raise EntryError(
-            f"range of {size} ports mapped to other ports: at most {MAX_REMAPPED_PORTS}"
-        )
+    if size > MAX_FORWARD_PORTS:
+        raise EntryError(f"range of {size} ports: at most {MAX_FORWARD_PORTS}")
     srchost = parse_network(untrusted_words["srchost"]) if "srchost" in untrusted_words else None
     families = {to.version} | ({daddr.version} if daddr != "local" else set())
     if srchost is not None:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
-from agent_worker import conntrack, nft_chains
-from agent_worker.entries import EntryError
+from agent_worker import conntrack, hop_ports, nft_chains
+from agent_worker.entries import MAX_VALUE, EntryError
 from agent_worker.forward import (
     DNAT_CHAIN,
     FORWARD_CHAIN,
@@ -43,6 +44,9 @@ FORWARD_DIR = "/qns-forward/"
 #: this hop's clients, per family; rules only ever point at one of them
 CONNECTED_IPS: dict[str, Literal[4, 6]] = {"/connected-ips": 4, "/connected-ips6": 6}
 HANDLED_DIR = "/qns-forward_handled/"
+#: Written by the worker: per target, the steps it refused because they
+#: would take a port this hop serves itself, one ``PROTO FIRST-LAST: why`` a line.
+REFUSED_DIR = "/qns-forward_refused/"
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 CHAINS = (DNAT_CHAIN, FORWARD_CHAIN)
 HOOKS = {
@@ -450,7 +454,12 @@ class ChainHalf:
 
 
 class Forwarder(ChainHalf):
-    """The forward half: ``/qns-forward/`` steps to chains ``qns-dnat``/``qns-forward``."""
+    """The forward half: ``/qns-forward/`` steps to chains ``qns-dnat``/``qns-forward``.
+
+    A step on a port this hop serves itself (:mod:`agent_worker.hop_ports`)
+    is left out, logged, and reported under ``/qns-forward_refused/TARGET``
+    in this hop's QubesDB, checked again at every update and SIGHUP.
+    """
 
     DIRECTORY = FORWARD_DIR
     HANDLED = HANDLED_DIR
@@ -459,6 +468,58 @@ class Forwarder(ChainHalf):
     LABEL = "forwards"
     KIND = "forward"
     ITEMS = "steps"
+
+    def __init__(
+        self,
+        db: QubesDBConnection,
+        runner: Runner,
+        tool: conntrack.Tool = conntrack.run_tool,
+        proc_net: Path = hop_ports.PROC_NET,
+    ) -> None:
+        super().__init__(db, runner, tool)
+        self.proc_net = proc_net
+        #: per target, the steps left out as taking a port this hop serves, and why
+        self.taken: dict[IPAddress, dict[Step, str]] = {}
+
+    def commit(self) -> bool:
+        self._leave_out_own_ports()
+        return super().commit()
+
+    def _leave_out_own_ports(self) -> None:
+        """Find the steps that would take a port this hop serves; report what changed."""
+        steps = [t for t in self.targets.values() if not isinstance(t, Refused) and t]
+        served = hop_ports.served(self.runner, self.proc_net) if steps else []
+        taken: dict[IPAddress, dict[Step, str]] = {}
+        for address, target in self.targets.items():
+            if isinstance(target, Refused):
+                continue
+            for step in target:
+                hit = next((s for s in served if s.overlaps(step.proto, step.ports)), None)
+                if hit is not None:
+                    first, last = step.ports
+                    taken.setdefault(address, {})[step] = (
+                        f"{step.proto} {first}-{last}: {hit.why}"
+                    )
+        for address in sorted(taken.keys() | self.taken.keys(), key=lambda a: (a.version, a)):
+            reasons = taken.get(address, {})
+            if reasons == self.taken.get(address, {}):
+                continue
+            path = f"{REFUSED_DIR}{address}"
+            if reasons:
+                for reason in reasons.values():
+                    log.error("forwards to %s: refusing the step on %s", address, reason)
+                self.db.write(path, "\n".join(reasons.values())[:MAX_VALUE])
+            else:
+                self.db.rm(path)
+        self.taken = taken
+
+    def _effective(self) -> dict[IPAddress, Target]:
+        targets = super()._effective()
+        for address, steps in self.taken.items():
+            target = targets.get(address)
+            if target is not None and not isinstance(target, Refused):
+                targets[address] = tuple(s for s in target if s not in steps)
+        return targets
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Step, ...]:
         steps = parse_target(untrusted_entries)

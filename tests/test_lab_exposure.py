@@ -11,6 +11,9 @@ command line, as a user types it); real TCP from the LAN and from qubes.
 - ``srcqube=`` never names a qube that provides network (its address also
   carries every qube behind it): refused at Set, and left out (and
   reported) at the next plan when the qube starts providing network.
+- A forward never takes a port a hop serves itself (a listening socket, or
+  a port its user opened in ``custom-input``): the hop's worker leaves the
+  step out and reports it; and one rule claims at most 1024 ports.
 """
 
 from __future__ import annotations
@@ -127,3 +130,73 @@ def test_a_source_that_starts_providing_network_is_dropped_and_reported(api: Lab
     finally:
         api.set("work", "provides_network", "false")
     wait_for(lambda: reaches(api, "work", "10.137.0.20", 22, "web", 22), "work admitted again")
+
+
+WEB = "10.137.0.20"
+SSH_FORWARD = ("action=forward", "forwardtype=external", "proto=tcp", "srcports=22",
+               "dstports=22")
+
+
+def custom_input(lab: Lab, qube: str, *rule: str) -> None:
+    """What a user puts in the qube's /rw/config/qubes-firewall-user-script."""
+    lab.exec(qube, ["nft", "add", "rule", "ip", "qubes", "custom-input", *rule], check=True)
+
+
+def refusal(lab: Lab, hop: str) -> str:
+    value = lab.qubesdb(hop).read(f"/qns-forward_refused/{WEB}")
+    return "" if value is None else value.decode()
+
+
+def test_a_forward_never_takes_a_service_of_the_edge(api: Lab) -> None:
+    """sys-net serves SSH to the LAN (opened in custom-input); web asks for port 22."""
+    custom_input(api, "sys-net", "tcp", "dport", "22", "accept")
+    try:
+        with api.serve("sys-net", "tcp", 22, reply="sys-net-ssh"), \
+                api.serve("web", "tcp", 22, reply="web-ssh"):
+            assert api.connect("lan", "tcp", UPLINK, 22, timeout=0.5) == "sys-net-ssh"
+            firewall("web", "add", *SSH_FORWARD)
+            wait_for(lambda: refusal(api, "sys-net") != "", "sys-net reports the refusal")
+            report = refusal(api, "sys-net")
+            assert report == "tcp 22-22: this qube listens on it"  # the first reason found
+            assert api.connect("lan", "tcp", UPLINK, 22, timeout=0.5) == "sys-net-ssh"
+            assert api.connect("lan", "tcp", UPLINK6, 22, timeout=0.5) is None  # v4 server
+            assert refusal(api, "sys-firewall") == ""  # it serves nothing on 22
+        firewall("web", "del", *SSH_FORWARD)
+        wait_for(lambda: refusal(api, "sys-net") == "", "the report goes with the rule")
+    finally:
+        api.exec("sys-net", ["nft", "flush", "chain", "ip", "qubes", "custom-input"], check=True)
+
+
+def test_a_port_opened_or_listened_on_alone_is_not_taken(api: Lab) -> None:
+    custom_input(api, "sys-net", "meta", "l4proto", "tcp", "th", "dport", "{", "2200-2201",
+                 "}", "accept")
+    try:
+        with api.serve("sys-firewall", "udp", 5300, reply="sys-firewall-udp"):
+            firewall("web", "add", "action=forward", "forwardtype=external", "proto=tcp",
+                     "srcports=2201", "dstports=80")
+            firewall("web", "add", "action=forward", "forwardtype=external", "proto=udp",
+                     "srcports=5300", "dstports=53")
+            firewall("web", "add", *HTTP_FORWARD)
+            wait_for(lambda: reaches(api, "lan", UPLINK, 8080, "web", 80), "the other forward")
+            wait_for(lambda: "opened it in custom-input" in refusal(api, "sys-net"),
+                     "sys-net refuses 2201")
+            wait_for(lambda: "udp 5300-5300: this qube listens" in refusal(api, "sys-firewall"),
+                     "sys-firewall refuses 5300")
+            assert not reaches(api, "lan", UPLINK, 2201, "web", 80)
+            with api.serve("web", "udp", 53, reply="web-udp"):
+                assert api.connect("lan", "udp", UPLINK, 5300, timeout=0.5) is None
+    finally:
+        api.exec("sys-net", ["nft", "flush", "chain", "ip", "qubes", "custom-input"], check=True)
+
+
+HTTP_FORWARD = ("action=forward", "forwardtype=external", "proto=tcp", "srcports=8080",
+                "dstports=80")
+
+
+def test_one_rule_claims_at_most_1024_ports(api: Lab, capsys: pytest.CaptureFixture[str]
+                                            ) -> None:
+    error = refused(capsys, "web", "add", "action=forward", "forwardtype=external",
+                    "proto=tcp", "srcports=1-65535", "dstports=1-65535")
+    assert len(error.strip().splitlines()) == 1, error
+    assert "at most 1024" in error
+    assert not api.qubesdb("sys-net").list("/qns-forward/")

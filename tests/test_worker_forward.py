@@ -96,6 +96,8 @@ class ListingOnly:
         self.sent: list[str] = []
 
     def __call__(self, commands: str, *, check: bool = False) -> str:
+        if commands.startswith("list chain"):  # the user's custom-input: empty
+            return json.dumps({"nftables": []})
         if commands.startswith("list table"):
             if not self.tables:
                 raise forwarding.NftError("Error: No such file or directory")
