@@ -16,12 +16,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import nft, planner, rules
+from bench import cutoff, nft, planner, rules
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "rules": rules.main,
     "planner": planner.main,
     "nft": nft.main,
+    "cutoff": cutoff.main,
 }
 
 
@@ -57,8 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     status = 0
     for name in names:
-        if name == "nft" and (reason := nft_unavailable()) is not None:
-            print(f"\nnft: NOT RUN ({reason}); run as root")
+        if name in ("nft", "cutoff") and (reason := nft_unavailable()) is not None:
+            print(f"\n{name}: NOT RUN ({reason}); run as root")
             status = 1
             continue
         status |= BENCHMARKS[name]([])

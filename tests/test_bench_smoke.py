@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import nft, planner, rules
+from bench import cutoff, nft, planner, rules
 
 
 def test_rules_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,3 +36,11 @@ def test_nft_benchmark_runs_in_a_throwaway_namespace() -> None:
     (row,) = nft.measure([2])
     assert row[0] == 2
     assert row[-1] == "yes"  # one transaction and the baseline leave the same ruleset
+
+
+@pytest.mark.lab
+def test_cutoff_benchmark_runs_in_its_own_lab() -> None:
+    rows = cutoff.measure(1)
+    assert [row[:2] for row in rows] == [
+        ["del", "tcp"], ["del", "udp"], ["stop", "tcp"], ["stop", "udp"]
+    ]
