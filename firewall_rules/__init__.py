@@ -9,6 +9,7 @@ from firewall_rules.errors import FirewallFileError, RuleError
 from firewall_rules.rule import (
     Rule,
     RuleKind,
+    RuleLists,
     default_rules,
     outbound_qdb_entries,
     parse_api_payload,
@@ -20,6 +21,7 @@ __all__ = [
     "Rule",
     "RuleError",
     "RuleKind",
+    "RuleLists",
     "default_rules",
     "load_firewall_xml",
     "outbound_qdb_entries",

@@ -1,5 +1,9 @@
 """The lab's qubesd: the real qubesd socket protocol in front of admin_api.
 
+Every call goes to :func:`core_admin_patch.admin_api.handle_call` with the
+lab's NetworkServer, method and argument as they came (``Get+forward`` is
+method ``admin.vm.firewall.Get``, argument ``forward``).
+
 One connection carries one call. The client sends
 ``"{method}+{arg} {source} name {dest}\\0"`` and the payload, then shuts
 down its write side; the server answers ``0\\0<data>`` on success or
@@ -23,8 +27,9 @@ import socket
 import time
 from pathlib import Path
 
-from core_admin_patch.admin_api import AdminContext, handle_call
+from core_admin_patch.admin_api import handle_call
 from core_admin_patch.errors import PermissionDenied, ProtocolError, QubesException
+from core_admin_patch.network_server import NetworkServer
 
 log = logging.getLogger("qubes-lab.qubesd")
 
@@ -79,7 +84,7 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
     return bytes(untrusted_request)
 
 
-def answer(ctx: AdminContext, untrusted_request: bytes, now: float) -> bytes:
+def answer(server: NetworkServer, untrusted_request: bytes, now: float) -> bytes:
     """The reply frame for one complete request; never raises, never empty."""
     untrusted_method = "?"
     try:
@@ -90,7 +95,7 @@ def answer(ctx: AdminContext, untrusted_request: bytes, now: float) -> bytes:
             untrusted_header
         )
         data = handle_call(
-            ctx, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
+            server, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
         )
     except (QubesException, ProtocolError, PermissionDenied) as exc:
         log.info("call %r refused: %s: %s", untrusted_method, type(exc).__name__, exc)
@@ -117,7 +122,7 @@ def _remove_stale_socket(socket_path: Path) -> None:
     raise FileExistsError(errno.EEXIST, "qubesd socket is in use", str(socket_path))
 
 
-async def start_server(socket_path: Path, ctx: AdminContext) -> asyncio.AbstractServer:
+async def start_server(socket_path: Path, network_server: NetworkServer) -> asyncio.AbstractServer:
     """Serve the Admin API on ``socket_path`` until the server is closed.
 
     Calls are handled one at a time in the event loop, so two Set calls
@@ -131,7 +136,7 @@ async def start_server(socket_path: Path, ctx: AdminContext) -> asyncio.Abstract
             except ProtocolError as exc:
                 reply = encode_error(type(exc).__name__, str(exc))
             else:
-                reply = answer(ctx, untrusted_request, time.time())
+                reply = answer(network_server, untrusted_request, time.time())
             writer.write(reply)
             await writer.drain()
             if writer.can_write_eof():
