@@ -19,7 +19,7 @@ from conftest import wait_for
 from test_lab_exposure import firewall, reset
 
 from admin_client_patch.firewall import QubeFirewall
-from firewall_rules import Rule
+from firewall_rules import Rule, RuleKind
 from lab.control import Lab, Talker
 
 pytestmark = pytest.mark.lab
@@ -115,7 +115,7 @@ def test_narrowing_a_forward_ends_what_it_no_longer_admits(api: Lab) -> None:
         flowing(lan)
         flowing(lan2)
         narrowed = Rule.from_api_string(" ".join([*HTTP, f"srchost={LAN2_HOST}"]))
-        QubeFirewall("web").save([narrowed])  # one Set: the rule never goes away
+        QubeFirewall("web").save(RuleKind.FORWARD, [narrowed])  # one Set: never without a rule
         changed = time.time()
         stopped(lan, changed)
         still_flowing(lan2)

@@ -249,7 +249,7 @@ def test_check_refuses_a_qube_providing_network_saying_why_and_what_instead() ->
     for line in ("action=accept srcqube=sys-firewall proto=tcp dstports=22",
                  INTERNAL_SSH.replace("=work", "=sys-firewall")):
         with pytest.raises(SourceProvidesNetworkError) as info:
-            check_rules(snap, "direct", [Rule.from_api_string(line)])
+            check_rules(snap, "direct", rule_lists(line))
         message = str(info.value)
         assert "\n" not in message
         assert "srcqube 'sys-firewall' in the rules of 'direct'" in message
@@ -264,8 +264,8 @@ def test_a_source_that_starts_providing_network_is_left_out_and_reported() -> No
     result = plan(Snapshot({**snap.qubes, "work": work}, NOW))
     assert result.entries == {}
     assert len(result.skipped) == 2
-    for number, reason in enumerate(sorted(result.skipped)):
-        assert reason.startswith(f"web rule {number}: srcqube 'work' provides network")
-    assert describe_forwards(Snapshot({**snap.qubes, "work": work}, NOW), "web")[1].startswith(
+    for kind, reason in zip(("forward", "inbound"), sorted(result.skipped), strict=True):
+        assert reason.startswith(f"web {kind} rule 0: srcqube 'work' provides network")
+    assert describe_forwards(Snapshot({**snap.qubes, "work": work}, NOW), "web")[0].startswith(
         "not reachable: srcqube 'work' provides network"
     )
