@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps test lint demo man clean
+.PHONY: all deps test lint demo man rpm deb clean
 
 all: test
 
@@ -35,11 +35,14 @@ bench: $(STAMP)
 	$(PY) -m bench.run
 
 man: $(STAMP)
-	mkdir -p doc/man
-	$(VENV)/bin/argparse-manpage --module admin_client_patch.qvm_firewall \
-	    --function get_parser --prog qvm-firewall --project-name qubes-network-server \
-	    --description "manage a qube's outbound, forward and inbound firewall rules" \
-	    --manual-title "Qubes network server" --output doc/man/qvm-firewall.1
+	$(PY) packaging/build.py man --prog qvm-firewall --out doc/man/qvm-firewall.1
+
+# Qubes packages into build/packages (packaging/build.py; doc/install.md).
+rpm: $(STAMP)
+	$(PY) packaging/build.py rpm
+
+deb: $(STAMP)
+	$(PY) packaging/build.py deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info doc/man

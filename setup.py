@@ -1,10 +1,15 @@
 """Qubes network server: forward and inbound rules for Qubes OS firewalls."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+#: The one place the version is written; packaging/ reads it too.
+VERSION = (Path(__file__).resolve().parent / "VERSION").read_text().strip()
 
 setup(
     name="qubes-network-server",
-    version="0.1.0",
+    version=VERSION,
     description="Expose services in Qubes OS qubes to the LAN and to other qubes",
     license="GPL-2.0-or-later",
     python_requires=">=3.11",
@@ -15,7 +20,8 @@ setup(
     install_requires=["lxml"],
     extras_require={
         # docutils, jinja2, pyinotify: what upstream's qubesd code imports, for the
-        # tests that run it (QUBES_UPSTREAM_DIR)
+        # tests that run it (QUBES_UPSTREAM_DIR; tests/test_packages.py generates
+        # upstream's default policy with it)
         "test": ["pytest", "hypothesis", "ruff", "docutils", "jinja2", "pyinotify"],
         "man": ["argparse-manpage"],
     },

@@ -22,6 +22,7 @@ import pytest
 
 from lab.control import Lab
 
+REPO = Path(__file__).resolve().parent.parent
 LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
 
 
@@ -40,6 +41,15 @@ def cannot_run(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"NOT RUN UNDER CI: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def upstream_dir() -> Path:
+    """The read-only upstream Qubes sources: ``$QUBES_UPSTREAM_DIR``, else ../shared/upstream."""
+    configured = os.environ.get("QUBES_UPSTREAM_DIR")
+    path = Path(configured) if configured else REPO.parent / "shared" / "upstream"
+    if not (path / "qubes-core-admin").is_dir():
+        cannot_run(f"upstream Qubes sources not found at {path} (set QUBES_UPSTREAM_DIR)")
+    return path
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
