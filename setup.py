@@ -19,9 +19,9 @@ setup(
     ]),
     install_requires=["lxml"],
     extras_require={
-        # docutils, jinja2, pyinotify: what upstream's qubesd code imports, for the
-        # tests that run it (QUBES_UPSTREAM_DIR; tests/test_packages.py generates
-        # upstream's default policy with it)
+        # docutils, jinja2, pyinotify: what upstream's qubesd code imports when
+        # tests run it (QUBES_UPSTREAM_DIR: the extension inside upstream's
+        # qubesd, tests/test_packages.py generating upstream's default policy)
         "test": ["pytest", "hypothesis", "ruff", "docutils", "jinja2", "pyinotify"],
         "man": ["argparse-manpage"],
     },

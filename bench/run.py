@@ -1,9 +1,9 @@
 """Run every benchmark in one process and print their tables (``make bench``).
 
 Prints the machine first (CPU count, kernel, Python, nft) so a pasted
-result says where it was made. The nft benchmark needs root and
-``ip netns``; without them it is reported as not run instead of failing
-the others.
+result says where it was made. The nft and outbound benchmarks need root
+and ``ip netns``, the outbound one also the upstream snapshot; without
+them each is reported as not run instead of failing the others.
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import cutoff, nft, planner, rules
+from bench import cutoff, nft, outbound, planner, rules
+from bench.common import upstream_path
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "rules": rules.main,
     "planner": planner.main,
     "nft": nft.main,
+    "outbound": outbound.main,
     "cutoff": cutoff.main,
 }
+#: benchmarks that need root and ``ip netns``
+IN_NAMESPACES = ("nft", "outbound", "cutoff")
 
 
 def machine() -> str:
@@ -39,12 +43,18 @@ def machine() -> str:
     )
 
 
-def nft_unavailable() -> str | None:
-    """Why the nft benchmark cannot run here, or None."""
+def unavailable(name: str) -> str | None:
+    """Why benchmark ``name`` cannot run here, or None."""
+    if name not in IN_NAMESPACES:
+        return None
     if os.geteuid() != 0:
         return "not root"
     missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
-    return f"missing {', '.join(missing)}" if missing else None
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if name == "outbound" and upstream_path(outbound.UPSTREAM_AGENT) is None:
+        return "no upstream snapshot (set QUBES_UPSTREAM_DIR)"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     status = 0
     for name in names:
-        if name in ("nft", "cutoff") and (reason := nft_unavailable()) is not None:
-            print(f"\n{name}: NOT RUN ({reason}); run as root")
+        if (reason := unavailable(name)) is not None:
+            print(f"\n{name}: NOT RUN ({reason})")
             status = 1
             continue
         status |= BENCHMARKS[name]([])

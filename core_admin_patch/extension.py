@@ -72,15 +72,15 @@ class NetworkServerFirewall(qubes.firewall.Firewall):  # type: ignore[misc]
         super().__init__(vm, load)
 
     def load(self) -> None:
-        """Every version upstream reads, and ours: version 3 and the sibling lists."""
+        """Every version upstream reads, and ours: version 3 and the sibling lists.
+
+        No file gives upstream's default (one accept rule), as upstream's
+        ``load_defaults()``.
+        """
         try:
             lists = stored_lists(self.vm)
         except FirewallFileError as err:
             raise qubes.exc.QubesVMError(self.vm, str(err)) from None
-        if lists is None:
-            self.load_defaults()
-            self.forward_rules, self.inbound_rules = [], []
-            return
         self.rules = [qubes.firewall.Rule.from_api_string(rule.api_rule) for rule in lists.outbound]
         self.forward_rules, self.inbound_rules = list(lists.forward), list(lists.inbound)
 

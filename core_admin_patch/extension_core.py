@@ -36,7 +36,7 @@ from core_admin_patch.network_server import (
     LoopLike,
     NetworkServer,
 )
-from firewall_rules import Rule, RuleKind, RuleLists, load_firewall_xml, save_firewall_xml
+from firewall_rules import Rule, RuleKind, RuleLists, read_rule_lists, save_firewall_xml
 
 log = logging.getLogger("qubes.network-server")
 
@@ -115,14 +115,13 @@ def has_firewall(vm: object) -> bool:
     return getattr(vm, "klass", None) != "AdminVM" and bool(getattr(vm, "dir_path", None))
 
 
-def stored_lists(vm: VMLike) -> RuleLists | None:
-    """The qube's firewall.xml, every version; None when there is none yet.
+def stored_lists(vm: VMLike) -> RuleLists:
+    """What ``Firewall.load()`` loads: firewall.xml (every version), else the default.
 
-    For ``Firewall.load()``: a file that cannot be read raises
-    FirewallFileError (naming it), never "no rules", as upstream's loader.
+    A file that cannot be read raises FirewallFileError (naming it), never
+    "no rules", as upstream's loader.
     """
-    path = firewall_path(vm)
-    return load_firewall_xml(path) if path.exists() else None
+    return read_rule_lists(firewall_path(vm))
 
 
 def our_rules(upstream_rules: Iterable[Any]) -> tuple[Rule, ...]:

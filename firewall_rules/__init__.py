@@ -14,7 +14,7 @@ from firewall_rules.rule import (
     outbound_qdb_entries,
     parse_api_payload,
 )
-from firewall_rules.storage import load_firewall_xml, save_firewall_xml
+from firewall_rules.storage import load_firewall_xml, read_rule_lists, save_firewall_xml
 
 __all__ = [
     "FirewallFileError",
@@ -26,5 +26,6 @@ __all__ = [
     "load_firewall_xml",
     "outbound_qdb_entries",
     "parse_api_payload",
+    "read_rule_lists",
     "save_firewall_xml",
 ]

@@ -259,6 +259,15 @@ def load_firewall_xml(path: Path) -> RuleLists:
     return lists
 
 
+def read_rule_lists(path: Path) -> RuleLists:
+    """A qube's rules: its firewall.xml, or upstream's default when it has none.
+
+    No file means the rules were never set: accept-all outbound, as qubesd.
+    Every dom0 host reads a qube's rules through this.
+    """
+    return load_firewall_xml(path) if path.exists() else RuleLists.default()
+
+
 def firewall_xml_bytes(lists: RuleLists, now: float) -> bytes:
     """The file content for ``lists``, expired rules left out.
 

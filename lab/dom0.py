@@ -50,8 +50,8 @@ from firewall_rules import (
     Rule,
     RuleKind,
     RuleLists,
-    load_firewall_xml,
     outbound_qdb_entries,
+    read_rule_lists,
     save_firewall_xml,
 )
 from lab import netns, procs, wiring
@@ -148,8 +148,7 @@ class Dom0:
 
     def read_rules(self, domain: DomainLike) -> RuleLists:
         """The qube's rules; no firewall.xml means upstream's default (accept all)."""
-        path = self.firewall_path(domain.name)
-        return load_firewall_xml(path) if path.exists() else RuleLists.default()
+        return read_rule_lists(self.firewall_path(domain.name))
 
     def store_rules(self, domain: DomainLike, kind: RuleKind, rules: list[Rule]) -> None:
         """Replace one list in firewall.xml (one atomic write), then apply it."""
@@ -316,7 +315,7 @@ class Dom0:
             db.rm(base + "/")
             for key, value in entries.items():
                 db.write(f"{base}/{key}", value)
-            before = _counter(db.read(f"/qubes-firewall_handled/{address}"))
+            before = _counter(db.read(f"/qubes-firewall-handled/{address}"))
             db.write(base, "")
             self._outbound_written[(netvm, str(address))] = entries
             try:
@@ -332,7 +331,7 @@ class Dom0:
         """Wait until the netvm's worker has taken the client's new rules into nft."""
         db = self.qdb(netvm)
         deadline = time.monotonic() + HANDLED_TIMEOUT
-        while _counter(db.read(f"/qubes-firewall_handled/{ip}")) <= before:
+        while _counter(db.read(f"/qubes-firewall-handled/{ip}")) <= before:
             if time.monotonic() > deadline:
                 raise Dom0Error(
                     f"the firewall worker in {netvm} did not apply the rules of {ip} within "

@@ -25,7 +25,7 @@ from pathlib import Path
 from core_admin_patch.errors import QubesValueError
 from core_admin_patch.network_server import DomainLike, NetworkServer
 from core_admin_patch.planner import SUPPORT_FEATURE
-from firewall_rules import Rule, RuleKind, RuleLists, load_firewall_xml, save_firewall_xml
+from firewall_rules import Rule, RuleKind, RuleLists, read_rule_lists, save_firewall_xml
 from lab.qubesd_server import start_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,8 +91,7 @@ class FileHost:
         return self.root / name / "firewall.xml"
 
     def read_rules(self, domain: DomainLike) -> RuleLists:
-        path = self.firewall_path(domain.name)
-        return load_firewall_xml(path) if path.exists() else RuleLists.default()
+        return read_rule_lists(self.firewall_path(domain.name))
 
     def store_rules(self, domain: DomainLike, kind: RuleKind, rules: list[Rule]) -> None:
         if self.refuse is not None:

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from admin_client_patch.qubesd_client import qubesd_call
+from bench.common import upstream_root
+from firewall_rules import Rule, RuleKind, RuleLists
 from lab.control import Lab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,9 +47,11 @@ def cannot_run(reason: str) -> None:
 
 
 def upstream_dir() -> Path:
-    """The read-only upstream Qubes sources: ``$QUBES_UPSTREAM_DIR``, else ../shared/upstream."""
-    configured = os.environ.get("QUBES_UPSTREAM_DIR")
-    path = Path(configured) if configured else REPO.parent / "shared" / "upstream"
+    """The read-only upstream Qubes sources (bench.common.upstream_root), or ``cannot_run``.
+
+    Run their code with ``PYTHONDONTWRITEBYTECODE=1``: nothing may be written there.
+    """
+    path = upstream_root()
     if not (path / "qubes-core-admin").is_dir():
         cannot_run(f"upstream Qubes sources not found at {path} (set QUBES_UPSTREAM_DIR)")
     return path
@@ -107,3 +112,21 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) ->
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def set_rules(qube: str, *lines: str) -> None:
+    """Replace all of ``qube``'s rules through ``$QUBESD_SOCKET``: each kind's list by its Set.
+
+    ``lines`` may mix kinds; each goes to its own list (``Set+forward``,
+    ``Set+inbound``, then ``Set``: a refused forward or inbound list leaves
+    the outbound one as it was). No outbound line means no outbound rule,
+    hence nothing leaves the qube: written ``action=drop``, as upstream's
+    Set takes no empty list.
+    """
+    lists = RuleLists.sorted_out(Rule.from_api_string(line) for line in lines)
+    for kind in (RuleKind.FORWARD, RuleKind.INBOUND, RuleKind.OUTBOUND):
+        rules = lists.of(kind) or (
+            (Rule.from_api_string("action=drop"),) if kind is RuleKind.OUTBOUND else ()
+        )
+        payload = "".join(f"{rule.api_rule}\n" for rule in rules).encode()
+        qubesd_call(qube, "admin.vm.firewall.Set", kind.api_argument, payload)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from admin_api_fixture import REPO, FileHost, file_server
+from test_rules import version_3_file
 
 from core_admin_patch.admin_api import _path_text, handle_call, validate_qube_name
 from core_admin_patch.errors import (
@@ -187,14 +188,7 @@ def test_a_version_3_file_is_served_by_kind_and_saved_as_version_2(
 ) -> None:
     path = api[1].firewall_path("web")
     path.parent.mkdir(parents=True)
-    rules = "".join(
-        "<rule><properties>" + "".join(
-            f'<property name="{name}">{value}</property>'
-            for name, value in Rule.from_api_string(line).properties()
-        ) + "</properties></rule>"
-        for line in (FORWARD, "action=drop proto=icmp", INBOUND, "action=accept")
-    )
-    path.write_text(f'<firewall version="3"><rules>{rules}</rules></firewall>')
+    path.write_text(version_3_file(FORWARD, "action=drop proto=icmp", INBOUND, "action=accept"))
     assert call(api, GET) == "action=drop proto=icmp\naction=accept\n"
     assert call(api, GET, "forward") == f"{FORWARD}\n"
     call(api, SET, payload="action=accept\n")

@@ -62,7 +62,7 @@ class FakeFirewall:
 
     def __init__(self, vm: FakeVM) -> None:
         self.vm = vm
-        lists = stored_lists(vm) or RuleLists.default()  # type: ignore[arg-type]
+        lists = stored_lists(vm)  # type: ignore[arg-type]
         self.rules: list[Any] = list(lists.outbound)
         self.forward_rules, self.inbound_rules = list(lists.forward), list(lists.inbound)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from test_extension_core import FakeQdb
+from test_rules import version_3_file
 from upstream_qubes import add_qube, call_api, offline_app, upstream_qubes
 
 from core_admin_patch.extension_core import APP_EVENTS, REPLAN_EVENTS
@@ -140,14 +141,9 @@ def test_every_save_keeps_the_other_lists_in_one_file(qubes: Any, app: Any) -> N
 
 def test_a_version_3_file_loads_and_is_saved_as_version_2(qubes: Any, app: Any) -> None:
     web = app.domains["web"]
-    rules = "".join(
-        "<rule><properties>" + "".join(
-            f'<property name="{name}">{value}</property>'
-            for name, value in Rule.from_api_string(line).properties()
-        ) + "</properties></rule>"
-        for line in (FORWARD, "action=drop proto=icmp", INBOUND, "action=accept")
+    firewall_file(web).write_text(
+        version_3_file(FORWARD, "action=drop proto=icmp", INBOUND, "action=accept")
     )
-    firewall_file(web).write_text(f'<firewall version="3"><rules>{rules}</rules></firewall>')
     web._firewall = None  # qubesd (re)started: the object is made from the file
     with pytest.raises(qubes.exc.QubesVMError):
         qubes.firewall.Firewall(web)  # upstream alone refuses version 3

@@ -22,6 +22,7 @@ from firewall_rules import (
     load_firewall_xml,
     outbound_qdb_entries,
     parse_api_payload,
+    read_rule_lists,
     save_firewall_xml,
 )
 from firewall_rules.options import DstHost
@@ -391,22 +392,25 @@ def test_an_empty_kind_writes_no_element() -> None:
     assert [child.tag for child in lxml.etree.fromstring(data)] == ["rules", "inbound-rules"]
 
 
+def version_3_file(*lines: str) -> str:
+    """firewall.xml as earlier releases wrote it: every kind in <rules>, version 3."""
+    rules = "".join(
+        "<rule><properties>" + "".join(
+            f'<property name="{name}">{value}</property>'
+            for name, value in Rule.from_api_string(line).properties()
+        ) + "</properties></rule>"
+        for line in lines
+    )
+    return f'<firewall version="3"><rules>{rules}</rules></firewall>'
+
+
 def test_version_3_file_is_read_split_by_kind_and_saved_as_version_2(tmp_path: Path) -> None:
     """Earlier releases kept every kind in <rules> and wrote version 3."""
-    mixed = [FORWARD_RULE, "action=accept proto=tcp dstports=443", INBOUND_RULE,
-             "action=drop srchost=10.137.0.0/16", "action=drop"]
     path = tmp_path / "firewall.xml"
-    path.write_bytes(
-        b'<firewall version="3"><rules>'
-        + b"".join(
-            b"<rule><properties>" + b"".join(
-                f'<property name="{name}">{value}</property>'.encode()
-                for name, value in Rule.from_api_string(line).properties()
-            ) + b"</properties></rule>"
-            for line in mixed
-        )
-        + b"</rules></firewall>"
-    )
+    path.write_text(version_3_file(
+        FORWARD_RULE, "action=accept proto=tcp dstports=443", INBOUND_RULE,
+        "action=drop srchost=10.137.0.0/16", "action=drop",
+    ))
     lists = load_firewall_xml(path)
     assert lists == RuleLists(
         _rules("action=accept proto=tcp dstports=443", "action=drop"),
@@ -606,9 +610,13 @@ def test_dsthost_refuses_a_key_that_is_no_destination() -> None:
         DstHost("1.2.3.4", "srchost")
 
 
-def test_missing_file_is_an_error(tmp_path: Path) -> None:
+def test_missing_file_is_an_error_unless_the_rules_were_never_set(tmp_path: Path) -> None:
     with pytest.raises(FirewallFileError, match="No such file"):
         load_firewall_xml(tmp_path / "firewall.xml")
+    assert read_rule_lists(tmp_path / "firewall.xml") == RuleLists.default()
+    (tmp_path / "firewall.xml").write_text("<firewall/>")
+    with pytest.raises(FirewallFileError):
+        read_rule_lists(tmp_path / "firewall.xml")
 
 
 def test_save_is_atomic_and_mode_0664(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The real upstream qubesd code (qubes-core-admin snapshot) in this test process.
 
-Found through ``QUBES_UPSTREAM_DIR`` (CI sets it), else ``../shared/upstream``
-from the repository root, as CI lays it out. Nothing is written into the
+Found through ``conftest.upstream_dir`` (``QUBES_UPSTREAM_DIR``, else
+``../shared/upstream`` from the repository root). Nothing is written into the
 snapshot: its entry points (``qubes.ext``, ``qubes.storage``) come from an
 ``egg_info`` run into a temporary folder, bytecode is not written, and the
 app's files live in a temporary base directory.
@@ -25,19 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from conftest import cannot_run
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import upstream_dir
 
 #: Modules of the snapshot (and its test stand-ins) that a test process drops afterwards.
 _SNAPSHOT_MODULES = ("qubes", "qrexec", "libvirt", "libvirtaio", "qubesdb", "dbus", "pydbus")
-
-
-def upstream_dir() -> Path | None:
-    """The folder holding the upstream snapshots, or None."""
-    configured = os.environ.get("QUBES_UPSTREAM_DIR")
-    candidate = Path(configured) if configured else REPO.parent / "shared" / "upstream"
-    return candidate if (candidate / "qubes-core-admin" / "qubes").is_dir() else None
 
 
 @contextlib.contextmanager
@@ -48,8 +39,6 @@ def upstream_qubes(scratch: Path) -> Iterator[types.ModuleType]:
     module, which imports them) are restored afterwards.
     """
     upstream = upstream_dir()
-    if upstream is None:
-        cannot_run("upstream snapshots not found: set QUBES_UPSTREAM_DIR")
     core_admin = upstream / "qubes-core-admin"
     egg = scratch / "egg"
     egg.mkdir()
