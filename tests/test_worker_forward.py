@@ -87,6 +87,11 @@ def test_events_wait_for_the_completion_path() -> None:
     assert forwarding.ours("/qns-forward") and not forwarding.ours("/")
 
 
+def host_forwarder(db: MemoryQubesDB, runner: Any) -> Forwarder:
+    """A Forwarder for tests in this process's namespace: no conntrack, no sockets of the host."""
+    return Forwarder(db, runner, tool=lambda args: "", proc_net=Path("/nonexistent"))
+
+
 class ListingOnly:
     """A runner for a kernel whose ``qubes`` tables hold only a forward chain; records the rest."""
 
@@ -117,7 +122,7 @@ def test_bad_entry_fails_its_target_only_and_logs_it(caplog: pytest.LogCaptureFi
     db.write("/qns-forward/10.0.0.1\nqubes-firewall: INFO: forged", "")
     runner = ListingOnly()
     with caplog.at_level(logging.INFO, logger="qubes.firewall"):
-        Forwarder(db, runner).reload()
+        host_forwarder(db, runner).reload()
     (text,) = runner.sent
     assert f"to {WEB}:80" in text
     assert WORK not in text
@@ -134,7 +139,7 @@ def test_steps_of_another_family_than_the_target_are_refused(
     write_forwards(db, "fd09:24ef:4179::a89:5", [_GOOD[2], WEB_TCP])
     runner = ListingOnly()
     with caplog.at_level(logging.INFO, logger="qubes.firewall"):
-        Forwarder(db, runner).reload()
+        host_forwarder(db, runner).reload()
     assert runner.sent == []
     assert (
         "no forwards to fd09:24ef:4179::a89:5: entry 0001: to of another family than the target"
@@ -148,7 +153,7 @@ def test_steps_go_to_connected_clients_only(caplog: pytest.LogCaptureFixture) ->
     write_forwards(db, WEB, [WEB_TCP, WEB_UDP])
     write_forwards(db, WORK, [WORK_TCP])
     runner = ListingOnly()
-    forwarder = Forwarder(db, runner)
+    forwarder = host_forwarder(db, runner)
     forwarder.reload()
     assert f"to {WEB}:80" in runner.sent[-1] and f"to {WORK}:22" in runner.sent[-1]
 
@@ -174,15 +179,15 @@ def test_steps_go_to_connected_clients_only(caplog: pytest.LogCaptureFixture) ->
 
 def test_nothing_to_forward_leaves_table_qubes_alone() -> None:
     runner = ListingOnly()
-    Forwarder(MemoryQubesDB(CONNECTED), runner).reload()
+    host_forwarder(MemoryQubesDB(CONNECTED), runner).reload()
     assert runner.sent == []
     missing = ListingOnly(tables=False)
     db = MemoryQubesDB(CONNECTED)
     write_forwards(db, WEB, [WEB_TCP])
-    Forwarder(db, missing).reload()
+    host_forwarder(db, missing).reload()
     assert missing.sent == []
     no_forward_chain = ListingOnly(parent="prerouting")  # upstream's ip6 qubes, IPv6 off
-    Forwarder(db, no_forward_chain).reload()
+    host_forwarder(db, no_forward_chain).reload()
     assert no_forward_chain.sent == []
 
 

@@ -158,7 +158,7 @@ def test_rules_protect_connected_clients_only() -> None:
     db = MemoryQubesDB(CONNECTED)
     write_inbound(db, WEB, [SSH])
     runner = Recorder()
-    half = Inbound(db, runner)
+    half = Inbound(db, runner, tool=lambda args: "")  # host namespace: no conntrack
     half.reload()
     assert f"ip daddr {WEB}" in runner.sent[-1]
     db.write("/connected-ips", WORK)
