@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps test lint demo man rpm deb clean
+.PHONY: all deps test lint demo man rpm deb clean conformance screenshots
 
 all: test
 
@@ -15,7 +15,7 @@ $(STAMP): setup.py scripts/install-deps
 	./scripts/install-deps
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,man]'
+	$(PY) -m pip install -q -e '.[test,man,gui,conformance]'
 	touch $@
 
 deps: $(STAMP)
@@ -25,6 +25,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+# The real upstream Qubes code beside ours (doc/conformance.md); the snapshots
+# come from QUBES_UPSTREAM_DIR, else ../shared/upstream.
+conformance: $(STAMP)
+	$(PY) -m pytest -q tests/test_upstream_*.py
 
 demo: $(STAMP)
 	$(PY) -m lab.demo
@@ -43,6 +48,11 @@ rpm: $(STAMP)
 
 deb: $(STAMP)
 	$(PY) packaging/build.py deb
+
+# The GUI screenshots in doc/gui/, taken by the GUI tests (needs root: the lab).
+screenshots: $(STAMP)
+	QNS_SCREENSHOT_DIR=doc/gui $(PY) -m pytest -q tests/test_gui_dialogs.py \
+	    tests/test_lab_gui.py tests/test_lab_qube_manager.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info doc/man

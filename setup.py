@@ -24,6 +24,13 @@ setup(
         # qubesd, tests/test_packages.py generating upstream's default policy)
         "test": ["pytest", "hypothesis", "ruff", "docutils", "jinja2", "pyinotify"],
         "man": ["argparse-manpage"],
+        # PyQt6 for the GUI panel (qubes-network-server-settings, Qube Manager).
+        "gui": ["PyQt6"],
+        # The rest of the upstream code the conformance and GUI tests run
+        # (tests/test_upstream_*.py, tests/test_lab_qube_manager.py): Qube
+        # Manager's GUI toolkit and imports (qasync, pyxdg), pytest's Qt
+        # plugin, qubesadmin's YAML.
+        "conformance": ["pyyaml", "PyQt6", "pytest-qt", "qasync", "pyxdg"],
     },
     entry_points={
         "console_scripts": [
@@ -31,6 +38,7 @@ setup(
             "qubes-lab = lab.cli:main",
             "qubes-firewall-worker = agent_worker.firewall:main",
             "qubes-network-server-input = agent_worker.input_hook:main",
+            "qubes-network-server-settings = admin_client_patch.gui.standalone:main",
         ],
         "qubes.ext": [
             "qubes_network_server = core_admin_patch.extension:NetworkServerExtension",

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from admin_client_patch.qubesd_client import QubesDaemonCommunicationError, qubesd_call
+from admin_client_patch.qubesd_client import Call, QubesDaemonCommunicationError, qubesd_call
 from firewall_rules import Rule, RuleError, RuleKind
 
 
@@ -179,14 +179,19 @@ def parse_paths(untrusted_reply: bytes) -> dict[int, str]:
 
 
 class QubeFirewall:
-    """The firewall of one qube, as reached through the Admin API."""
+    """The firewall of one qube, as reached through the Admin API (``call``)."""
 
-    def __init__(self, qube: str) -> None:
+    def __init__(self, qube: str, call: Call | None = None) -> None:
+        """``call`` carries the Admin API calls; None: dom0's qubesd socket."""
         self.qube = qube
+        self._transport = call
+
+    def _call(self, dest: str, method: str, arg: str, payload: bytes) -> bytes:
+        return (self._transport or qubesd_call)(dest, method, arg, payload)
 
     def rules(self, kind: RuleKind) -> list[Rule]:
         """The qube's ``kind`` rules in force, in order (``admin.vm.firewall.Get[+kind]``)."""
-        reply = qubesd_call(self.qube, "admin.vm.firewall.Get", kind.api_argument)
+        reply = self._call(self.qube, "admin.vm.firewall.Get", kind.api_argument, b"")
         rules = []
         for line in reply.decode("ascii", "replace").splitlines():
             try:
@@ -214,7 +219,7 @@ class QubeFirewall:
                 " traffic, or reset to accept it all"
             )
         payload = "".join(rule.api_rule + "\n" for rule in rules).encode("ascii")
-        qubesd_call(self.qube, "admin.vm.firewall.Set", kind.api_argument, payload)
+        self._call(self.qube, "admin.vm.firewall.Set", kind.api_argument, payload)
 
     def paths(self) -> dict[int, str]:
         """Where each forward rule is reachable (``admin.vm.firewall.GetPaths``).
@@ -222,8 +227,8 @@ class QubeFirewall:
         Numbered as :meth:`rules` lists the forward rules. A dom0 without
         this method refuses the call; the caller decides how to show that.
         """
-        return parse_paths(qubesd_call(self.qube, "admin.vm.firewall.GetPaths"))
+        return parse_paths(self._call(self.qube, "admin.vm.firewall.GetPaths", "", b""))
 
     def reload(self) -> None:
         """Have dom0 apply the stored rules again (``admin.vm.firewall.Reload``)."""
-        qubesd_call(self.qube, "admin.vm.firewall.Reload")
+        self._call(self.qube, "admin.vm.firewall.Reload", "", b"")

@@ -58,6 +58,8 @@ when its IP changes.
 
 Any rule may end with expire=EPOCH or expire=+SECONDS (e.g. +300 for five
 minutes from now) and comment=TEXT; the comment takes all words after it.
+Forward and inbound rules also take expire=shutdown: the rule lasts until
+the qube stops (dom0 then deletes it); the qube must be running.
 dst4= and dst6= are accepted for dsthost=, so --raw output can be reused.
 Upstream's shorthand still works for outbound rules: bare words stand for
 action, dsthost, proto and dstports/icmptype in that order, e.g.
@@ -179,7 +181,9 @@ def _options(rule: Rule) -> dict[str, str]:
 
 
 def _expire_cell(value: str, now: float) -> str:
-    """Seconds left, as upstream shows them (``+299s``)."""
+    """Seconds left, as upstream shows them (``+299s``); ``shutdown`` as it is."""
+    if not value.isdigit():
+        return value
     return f"{int(value) - now:+.0f}s"
 
 

@@ -274,6 +274,8 @@ class ExtensionCore:
         event. ``call_soon`` on a loop not yet running runs when it starts.
         """
         self.start_timer(loop)
+        if not vm.is_running():  # dom0 went down without stopping it
+            self._drop_shutdown_rules(vm)
         if not self._startup_scheduled:
             self._startup_scheduled = True
             loop.call_soon(self.refresh)
@@ -294,7 +296,9 @@ class ExtensionCore:
             except Exception:
                 continue  # logged at every re-plan already
             if any(
-                rule.expire is not None and since <= rule.expire.timestamp < now
+                rule.expire is not None
+                and rule.expire.timestamp is not None  # expire=shutdown: not outbound
+                and since <= rule.expire.timestamp < now
                 for rule in outbound
             ):
                 vm.fire_event("firewall-changed")
@@ -307,7 +311,18 @@ class ExtensionCore:
         if event in QDB_RESET_EVENTS:
             self.server.qube_reset(vm.name)
             self.writer.failed.discard(vm.name)
+        if event == "domain-shutdown":
+            self._drop_shutdown_rules(vm)
         self.refresh()
+
+    def _drop_shutdown_rules(self, vm: VMLike) -> None:
+        """Delete the stopped qube's ``expire=shutdown`` rules; never raises into qubesd."""
+        if not has_firewall(vm):
+            return
+        try:
+            self.server.drop_shutdown_rules(vm.name)
+        except Exception:
+            log.exception("%s: cannot delete its rules that lasted until it stopped", vm.name)
 
     def on_app_event(self, event: str) -> None:
         if event in APP_EVENTS:

@@ -246,6 +246,26 @@ class NetworkServer:
         self._applier.apply(planner.plan(snapshot), running)
         return planner.next_expiry(snapshot)
 
+    def drop_shutdown_rules(self, name: str) -> bool:
+        """Delete ``name``'s ``expire=shutdown`` rules, as it stopped; True if there were any.
+
+        Called when the qube shuts down, and for every stopped qube when
+        dom0 starts (it may have gone down without stopping them). Such a
+        rule is only ever stored while its qube runs (the planner refuses
+        it otherwise), so after this it can never come back with a start.
+        """
+        domain = self._host.domain(name)
+        lists = self._host.read_rules(domain)
+        dropped = False
+        for kind in (RuleKind.FORWARD, RuleKind.INBOUND):
+            kept = [rule for rule in lists.of(kind) if not rule.expires_at_shutdown]
+            if len(kept) != len(lists.of(kind)):
+                log.info("%s stopped: deleting its %s rules that lasted until then",
+                         name, kind.value)
+                self._host.store_rules(domain, kind, kept)
+                dropped = True
+        return dropped
+
     def qube_reset(self, name: str) -> None:
         """``name``'s QubesDB was created anew (start) or is gone (stop)."""
         self._applier.forget(name)

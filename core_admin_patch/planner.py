@@ -98,6 +98,10 @@ def provides_network_reason(source: QubeState) -> str:
     )
 
 
+class NotRunningError(PlanError):
+    """An ``expire=shutdown`` rule for a qube that is not running."""
+
+
 @dataclass(frozen=True)
 class QubeState:
     """What the planner needs to know of one qube."""
@@ -400,6 +404,13 @@ def check_rules(snapshot: Snapshot, name: str, rules: RuleLists) -> None:
     """
     proposed = snapshot.with_rules(name, rules)
     target = proposed.qubes[name]
+    if not target.running and any(rule.expires_at_shutdown for rule in target.rules.all()):
+        # dom0 deletes such rules when the qube stops; one set while it is
+        # stopped would wait for a stop that already happened.
+        raise NotRunningError(
+            f"expire=shutdown: '{name}' is not running (such a rule lasts until the"
+            " qube stops; start it first)"
+        )
     for rule in target.rules.all():
         # A stopped qube or one without netvm is fine (resolved when it has
         # an address); a name that matches nothing is a typo.
@@ -678,7 +689,9 @@ def next_expiry(snapshot: Snapshot) -> float | None:
         rule.expire.timestamp
         for qube in snapshot.qubes.values()
         for rule in qube.rules.all()
-        if rule.expire is not None and not rule.is_expired(snapshot.now)
+        if rule.expire is not None
+        and rule.expire.timestamp is not None
+        and not rule.is_expired(snapshot.now)
     ]
     return min(times, default=None)
 

@@ -352,20 +352,35 @@ class IcmpType:
 
 
 class Expire:
-    """When the rule stops applying, in seconds since the epoch (UTC)."""
+    """When the rule stops applying: seconds since the epoch (UTC), or ``shutdown``.
+
+    ``expire=shutdown`` (forward and inbound rules only) lasts until the qube
+    stops: dom0 deletes the rule when the qube shuts down, so it never comes
+    back with the next start. It has no time, so :attr:`timestamp` is None.
+    """
+
+    AT_SHUTDOWN = "shutdown"
 
     def __init__(self, untrusted_value: str) -> None:
+        self.timestamp: int | None = None
+        if untrusted_value == self.AT_SHUTDOWN:
+            return
         if not _EPOCH_RE.match(untrusted_value):
             raise RuleError(
                 f"expire={shown(untrusted_value)}: must be seconds since the epoch"
+                f" or {self.AT_SHUTDOWN}"
             )
         self.timestamp = int(untrusted_value)
 
+    @property
+    def at_shutdown(self) -> bool:
+        return self.timestamp is None
+
     def __str__(self) -> str:
-        return str(self.timestamp)
+        return self.AT_SHUTDOWN if self.timestamp is None else str(self.timestamp)
 
     def is_expired(self, now: float) -> bool:
-        return self.timestamp < now
+        return self.timestamp is not None and self.timestamp < now
 
 
 class Comment:

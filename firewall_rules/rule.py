@@ -159,6 +159,11 @@ class Rule:
         else:
             kind = RuleKind.OUTBOUND
             self._refuse(_FORWARD_ONLY, "an outbound rule (they need action=forward)")
+            if self.expire is not None and self.expire.at_shutdown:
+                raise RuleError(
+                    "expire=shutdown is for forward and inbound rules only (outbound"
+                    " rules are read by upstream tools, which know only EPOCH)"
+                )
         qdb_rule = self._qdb_words()
         if len(qdb_rule) > QDB_VALUE_MAX:
             raise RuleError(f"rule longer than {QDB_VALUE_MAX} characters")
@@ -252,6 +257,11 @@ class Rule:
 
     def is_expired(self, now: float) -> bool:
         return self.expire is not None and self.expire.is_expired(now)
+
+    @property
+    def expires_at_shutdown(self) -> bool:
+        """Whether dom0 deletes this rule when its qube stops (``expire=shutdown``)."""
+        return self.expire is not None and self.expire.at_shutdown
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Rule):

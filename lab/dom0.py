@@ -463,8 +463,16 @@ class Dom0:
         self._reset_qdb(name)
         self._dbs.pop(name, None)
         self.network_server.qube_reset(name)
+        self._drop_shutdown_rules(name)
         self._refresh()
         self.save_state()
+
+    def _drop_shutdown_rules(self, name: str) -> None:
+        """The qube is not running: its ``expire=shutdown`` rules go (as qubesd's extension)."""
+        try:
+            self.network_server.drop_shutdown_rules(name)
+        except Exception as err:  # a broken firewall.xml: the stop itself must go on
+            log.error("%s: cannot delete its rules that lasted until it stopped: %s", name, err)
 
     def restart(self, name: str) -> None:
         """Stop and start; a netvm's running clients are re-attached to it."""

@@ -25,6 +25,10 @@ from bench.common import upstream_root
 from firewall_rules import Rule, RuleKind, RuleLists
 from lab.control import Lab
 
+# Qt widgets in tests (pytest-qt) draw offscreen: no display needed, and
+# grabbed screenshots still hold real pixels.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
 REPO = Path(__file__).resolve().parent.parent
 LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
 

@@ -72,10 +72,15 @@ def set_rules(app: Any, dest: str, text: str, arg: str = "") -> Any:
     return call_api(app, "admin.vm.firewall.Set", dest, arg, text.encode())
 
 
-def core_of(app: Any) -> Any:
+def extension() -> Any:
+    """Ours as qubesd loaded it (``qubes`` is importable only once the fixture ran)."""
     from core_admin_patch.extension import NetworkServerExtension
 
-    return NetworkServerExtension().core(app)
+    return NetworkServerExtension()
+
+
+def core_of(app: Any) -> Any:
+    return extension().core(app)
 
 
 # --- wiring ---------------------------------------------------------------------
@@ -322,5 +327,56 @@ def test_qubesd_start_replans_once_its_loop_runs(qubes: Any, app: Any) -> None:
         assert core.timer is not None and core.timer.expiry is None  # nothing ran yet
         asyncio.get_event_loop().run_until_complete(asyncio.sleep(0))
         assert core.timer.expiry == expire  # the startup re-plan armed the expiry timer
+    finally:
+        loaded.close()
+
+
+# --- expire=shutdown ------------------------------------------------------------
+
+SHUTDOWN_FORWARD = (
+    "action=forward expire=shutdown forwardtype=external proto=tcp srcports=8080-8080"
+    " dstports=80-80"
+)
+SHUTDOWN_INBOUND = "action=accept expire=shutdown srcqube=work"
+
+
+def test_domain_shutdown_deletes_the_rules_that_lasted_until_then(qubes: Any, app: Any) -> None:
+    web = app.domains["web"]
+    save_firewall_xml(firewall_file(web), RuleLists(
+        outbound=(Rule.from_api_string("action=accept"),),
+        forward=(Rule.from_api_string(FORWARD), Rule.from_api_string(SHUTDOWN_FORWARD)),
+        inbound=(Rule.from_api_string(SHUTDOWN_INBOUND), Rule.from_api_string(INBOUND)),
+    ), time.time())  # stored while web ran (Set of a running qube needs libvirt here)
+    web._firewall = None
+    # Our handler as qubesd calls it; the event's other (upstream) handlers need libvirt.
+    extension().on_domain_event(web, "domain-shutdown")
+    assert get(app, "web", "forward") == f"{FORWARD}\n"
+    assert get(app, "web", "inbound") == f"{INBOUND}\n"
+    assert get(app, "web") == "action=accept\n"
+    stored = load_firewall_xml(firewall_file(web))
+    assert not any(rule.expires_at_shutdown for rule in stored.all())
+
+
+def test_expire_shutdown_is_refused_for_a_qube_that_is_not_running(qubes: Any, app: Any) -> None:
+    with pytest.raises(qubes.exc.QubesValueError, match="'web' is not running"):
+        set_rules(app, "web", f"{SHUTDOWN_FORWARD}\n", "forward")
+    assert get(app, "web", "forward") == ""
+
+
+def test_qubesd_start_deletes_them_for_qubes_that_are_not_running(qubes: Any, app: Any) -> None:
+    """dom0 went down without stopping the qube: at qubesd's start it is not running."""
+    web = app.domains["web"]
+    save_firewall_xml(
+        firewall_file(web),
+        RuleLists(forward=(Rule.from_api_string(FORWARD),
+                           Rule.from_api_string(SHUTDOWN_FORWARD))), time.time(),
+    )
+    web._firewall = None
+    app.save()
+    loaded = qubes.Qubes(app._store, offline_mode=True)  # fires domain-load on each qube
+    try:
+        assert get(loaded, "web", "forward") == f"{FORWARD}\n"
+        forward = load_firewall_xml(firewall_file(web)).forward
+        assert [rule.api_rule for rule in forward] == [FORWARD]
     finally:
         loaded.close()

@@ -16,7 +16,7 @@ from conftest import cannot_run
 from admin_client_patch.firewall import parse_rule_number
 from admin_client_patch.qvm_firewall import FORWARD_HEADER, HEADER, INBOUND_HEADER, get_parser
 from core_admin_patch import admin_api
-from firewall_rules import Rule, RuleKind
+from firewall_rules import Rule, RuleKind, RuleLists, save_firewall_xml
 
 
 @pytest.fixture
@@ -178,6 +178,25 @@ def test_expire_relative_becomes_epoch(dom0: Dom0) -> None:
     row = table(dom0)[1]
     assert row["EXPIRE"].startswith("+") and row["EXPIRE"].endswith("s")
     assert 250 <= int(row["EXPIRE"][1:-1]) <= 300
+
+
+def test_expire_shutdown_is_listed_as_such_and_refused_for_a_stopped_qube(dom0: Dom0) -> None:
+    """Every qube of this stand-in is stopped: the rule is written as if web ran."""
+    rule = "action=accept expire=shutdown srchost=10.137.0.6/32"
+    message = fails(dom0, "web", "add", "action=accept", "srchost=10.137.0.6", "expire=shutdown")
+    assert message == (
+        "expire=shutdown: 'web' is not running (such a rule lasts until the qube stops;"
+        " start it first)"
+    )
+    path = dom0.host.firewall_path("web")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_firewall_xml(path, RuleLists(
+        outbound=(Rule.from_api_string("action=accept"),),
+        inbound=(Rule.from_api_string(rule),),
+    ), time.time())
+    assert rule in raw(dom0)
+    (inbound,) = rows(sections(dom0)["Inbound rules:"], INBOUND_HEADER)
+    assert inbound["EXPIRE"] == "shutdown"
 
 
 def test_comment_with_spaces(dom0: Dom0) -> None:
