@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import converge, dom0, nft, outbound, planner, rules
+from bench import converge, cutoff, dom0, nft, outbound, planner, rules
 from bench.common import upstream_path
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
@@ -25,10 +25,11 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "dom0": dom0.main,
     "nft": nft.main,
     "outbound": outbound.main,
+    "cutoff": cutoff.main,
     "converge": converge.main,
 }
 #: benchmarks that need root and ``ip netns``
-IN_NAMESPACES = ("nft", "outbound", "converge")
+IN_NAMESPACES = ("nft", "outbound", "cutoff", "converge")
 
 
 def machine() -> str:

@@ -481,9 +481,17 @@ class Dom0:
         self.start(name)
 
     def set_property(self, name: str, prop: str, untrusted_value: str) -> None:
-        """``qvm-prefs NAME netvm|ip VALUE``, re-wiring a running qube live."""
+        """``qvm-prefs NAME netvm|ip|provides_network VALUE``, re-wiring a running qube live.
+
+        ``provides_network`` changes what dom0 plans at once; as on Qubes, a
+        running qube starts (or stops) serving as a netvm at its next start.
+        """
         qube = self._qube(name)
-        if prop == "netvm":
+        if prop == "provides_network":
+            if untrusted_value not in ("true", "false"):
+                raise Dom0Error(f"{name}: provides_network is true or false")
+            self._change(qube, "provides_network", untrusted_value == "true")
+        elif prop == "netvm":
             new_netvm = None if untrusted_value in ("none", "") else untrusted_value
             self._change(qube, "netvm", new_netvm)
         elif prop == "ip":
@@ -493,7 +501,9 @@ class Dom0:
                 raise Dom0Error(f"{name}: invalid ip: {err}") from None
             self._change(qube, "ip", address)
         else:
-            raise Dom0Error(f"cannot set {prop!r}: only netvm and ip can be changed")
+            raise Dom0Error(
+                f"cannot set {prop!r}: only netvm, ip and provides_network can be changed"
+            )
 
     def set_feature(self, name: str, feature: str, value: str | None = None) -> None:
         """``qvm-features NAME FEATURE [VALUE]`` (no value: unset it).
@@ -552,7 +562,7 @@ class Dom0:
             setattr(qube, prop, old)
             raise Dom0Error(f"cannot attach {qube.name} to {value}: {value} is not running")
         log.info("%s: %s %s -> %s", qube.name, prop, old, value)
-        if self.runtime[qube.name].running:
+        if self.runtime[qube.name].running and prop != "provides_network":
             self._rewire(qube)
             # Clients see a new gateway after an ip change; qubes further
             # down may gain or lose IPv6 after a netvm change.

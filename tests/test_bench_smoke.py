@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from conftest import upstream_dir
 
-from bench import converge, dom0, nft, outbound, planner, rules
+from bench import converge, cutoff, dom0, nft, outbound, planner, rules
 from lab.control import Lab
 
 
@@ -62,3 +62,11 @@ def test_converge_benchmark_sets_forwards_in_a_lab_of_its_own() -> None:
     (row,) = converge.measure([2])
     assert row[:2] == [2, 20]
     assert row[-1] == "20 / 18"  # steps in sys-firewall / sys-net (internal forwards: one hop)
+
+
+@pytest.mark.lab
+def test_cutoff_benchmark_runs_in_its_own_lab() -> None:
+    rows = cutoff.measure(1)
+    assert [row[:2] for row in rows] == [
+        ["del", "tcp"], ["del", "udp"], ["stop", "tcp"], ["stop", "udp"]
+    ]
