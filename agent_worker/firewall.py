@@ -554,7 +554,7 @@ def serve(
             sd_notify(reloading_state())
             worker.reload(force=True)
             for half in halves:
-                half.reload()
+                half.reload(force=True)
             sd_notify("READY=1")
             continue
         if fd in ready:

@@ -1,31 +1,51 @@
-"""Forward steps: from untrusted ``/qns-forward/`` entries to nft rules.
+"""Forward steps: from untrusted ``/qns-forward/`` entries to nft map elements.
 
-Pure: parsing and rule text only; the worker loop reads QubesDB and
+Pure: parsing and nft text only; the worker loop reads QubesDB and
 applies the text in one nft transaction. Every value is validated into a
 typed object before it can reach nft, and a target with any entry that does
 not parse gets no rules at all (its forwarded traffic stays blocked) and a
 reason for the log.
 
-Rules go into chains of table ``qubes`` (``ip``/``ip6``), because an accept
-verdict only counts if it is reached before the Qubes ``oifgroup 2`` drop
-in that same table's forward chain:
+Steps are elements of maps, looked up by a fixed handful of rules, so
+neither a new connection nor an established packet walks a list as long
+as the steps (doc/agent.md):
 
-- ``qns-dnat``: a nat prerouting base chain with one DNAT per step;
-- ``qns-forward``: jumped to from the ``forward`` chain right after the
-  user's ``custom-forward``, accepting exactly the new flows our DNAT
-  translated (``ct status dnat`` plus the original destination port),
-  behind the TCP SYN guard (:data:`agent_worker.input_rules.ONLY_SYN_OPENS`).
+- table ``qubes-network-server`` (``ip``/``ip6``, ours): the DNAT maps and
+  chain ``qns-dnat`` (nat prerouting). One element per port a step takes,
+  giving the address and port it goes to, in a map per side the traffic
+  arrives from (``iif``) and per shape of key: any local address
+  (protocol, port), one address of this hop (address, protocol, port), or
+  from ``srchost`` (source, address, protocol, port). The first two are
+  hash maps: adding or deleting an element costs the same however many
+  there are; only ``srchost`` needs prefixes, hence an interval map, whose
+  elements nft reads back before deleting one. Per map, a rule labels a
+  connection its key finds (conntrack label :data:`FORWARDED_LABEL`) and the
+  next translates it. Only packets to a local address (``fib daddr type
+  local``) are looked up: a step never catches transit traffic. Kept apart
+  from Qubes' tables so that listing those (the jumps, the user's
+  ``custom-input``) never reads thousands of elements;
+- table ``qubes``: chain ``qns-forward``, jumped to from the ``forward``
+  chain right after the user's ``custom-forward`` (an accept verdict only
+  counts if it is reached before the Qubes ``oifgroup 2`` drop in that same
+  table's chain). A packet of a flow already admitted returns at its first
+  rule; then the TCP SYN guard (:data:`agent_worker.input_rules.ONLY_SYN_OPENS`);
+  then new connections carrying the label, i.e. exactly those a step of
+  this hop translated, are accepted.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from agent_worker.conntrack import Flow
 from agent_worker.entries import EntryError, parse_network, parse_port_range, parse_words
+from agent_worker.input_rules import ONLY_NEW_WALK, ONLY_SYN_OPENS
 
 DNAT_CHAIN = "qns-dnat"
 FORWARD_CHAIN = "qns-forward"
@@ -118,58 +138,165 @@ def parse_target(untrusted_entries: dict[str, bytes]) -> list[Step]:
     return steps
 
 
-def _ports_text(ports: tuple[int, int]) -> str:
-    return str(ports[0]) if ports[0] == ports[1] else f"{ports[0]}-{ports[1]}"
+Iif = Literal["upstream", "downstream"]
+IIF_MATCH: dict[Iif, str] = {"upstream": "iifgroup != 2", "downstream": "iifgroup 2"}
+#: Our table, beside Qubes' ``qubes`` (both families): the DNAT maps and their chain.
+NAT_TABLE = "qubes-network-server"
+Shape = Literal["local", "addressed", "source"]
+#: (side the traffic arrives from, shape of key) -> DNAT map
+DNAT_MAPS: dict[tuple[Iif, Shape], str] = {
+    (iif, shape): f"qns-dnat-{iif}-{shape}"
+    for iif in ("upstream", "downstream")
+    for shape in ("local", "addressed", "source")
+}
+#: every map of the forward steps, in the order they are declared and looked up
+OBJECTS = tuple(DNAT_MAPS.values())
+#: Conntrack label bit of the connections a step translated, the one thing
+#: ``qns-forward`` accepts (Qubes sets no label; a user's own rules may, on
+#: other bits).
+FORWARDED_LABEL = 127
+#: Family -> its maps' elements: name -> element texts
+Elements = dict[str, frozenset[str]]
 
 
-def _match(step: Step) -> str:
-    """Where the packet came from and what it was sent to, before translation."""
-    family = step.family
-    parts = ["iifgroup != 2" if step.iif == "upstream" else "iifgroup 2"]
+def _shape(step: Step) -> Shape:
     if step.srchost is not None:
-        parts.append(f"{family} saddr {step.srchost}")
-    return " ".join(parts)
+        return "source"
+    return "local" if step.daddr == "local" else "addressed"
 
 
-def dnat_rule(step: Step) -> str:
-    """The prerouting DNAT of one step; ranges map 1:1 through an nft map."""
-    family = step.family
-    # always a local destination: a wrong or stale daddr must never catch transit traffic
-    where = "fib daddr type local"
-    if step.daddr != "local":
-        where += f" {family} daddr {step.daddr}"
-    head = f"{_match(step)} {where} {step.proto} dport {_ports_text(step.ports)}"
-    to = f"[{step.to}]" if step.to.version == 6 else str(step.to)
-    if step.ports == step.toports:
-        target = f"{to}:{_ports_text(step.toports)}" if step.ports[0] == step.ports[1] else to
-        return f"{head} dnat {family} to {target}"
-    if step.ports[0] == step.ports[1]:
-        return f"{head} dnat {family} to {to}:{step.toports[0]}"
-    pairs = ", ".join(
-        f"{port} : {port - step.ports[0] + step.toports[0]}"
+def _key_parts(family: Literal["ip", "ip6"], shape: Shape) -> tuple[str, str]:
+    """(type, lookup expression) of a map's key of that shape."""
+    addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
+    port = ("inet_proto . inet_service", "meta l4proto . th dport")
+    if shape == "local":
+        return port
+    if shape == "addressed":
+        return f"{addr} . {port[0]}", f"{family} daddr . {port[1]}"
+    return f"{addr} . {addr} . {port[0]}", f"{family} saddr . {family} daddr . {port[1]}"
+
+
+def declarations(family: Literal["ip", "ip6"]) -> dict[str, str]:
+    """``map`` declaration (as after ``add``) of each DNAT map, by name."""
+    addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
+    declared = {}
+    for (_iif, shape), name in DNAT_MAPS.items():
+        key, _lookup = _key_parts(family, shape)
+        flags = " flags interval;" if shape == "source" else ""
+        declared[name] = (
+            f"map {family} {NAT_TABLE} {name} {{ type {key} : {addr} . inet_service;{flags} }}"
+        )
+    return declared
+
+
+def dnat_rules(family: Literal["ip", "ip6"]) -> list[str]:
+    """``qns-dnat``: local TCP and UDP only; per map, label what it finds, then translate it."""
+    rules = ["fib daddr type != local return", "meta l4proto != { tcp, udp } return"]
+    for (iif, shape), name in DNAT_MAPS.items():
+        _key, lookup = _key_parts(family, shape)
+        rules.append(f"{IIF_MATCH[iif]} {lookup} @{name} ct label set {FORWARDED_LABEL}")
+        rules.append(
+            f"{IIF_MATCH[iif]} meta l4proto {{ tcp, udp }} dnat {family} to {lookup} map @{name}"
+        )
+    return rules
+
+
+def accept_rules() -> list[str]:
+    """``qns-forward``: established packets out, the SYN guard, then what a step translated."""
+    return [ONLY_NEW_WALK, ONLY_SYN_OPENS, f"ct label {FORWARDED_LABEL} accept"]
+
+
+@functools.lru_cache(maxsize=4096)
+def dnat_elements(step: Step) -> tuple[tuple[str, str], ...]:
+    """(map, element) of one step: one per port, giving the address and port it goes to.
+
+    Remembered per step (steps are values): an update renders every step
+    in force, and most of them are the same as at the last one.
+    """
+    shape = _shape(step)
+    daddr = str(step.daddr)
+    if shape == "source" and step.daddr == "local":
+        daddr = "0.0.0.0/0" if step.to.version == 4 else "::/0"
+    parts = {"local": [], "addressed": [daddr], "source": [str(step.srchost), daddr]}[shape]
+    key = " . ".join([*parts, step.proto])
+    shift = step.toports[0] - step.ports[0]
+    return tuple(
+        (DNAT_MAPS[(step.iif, shape)], f"{key} . {port} : {step.to} . {port + shift}")
         for port in range(step.ports[0], step.ports[1] + 1)
     )
-    return f"{head} dnat {family} to {step.to} : {step.proto} dport map {{ {pairs} }}"
 
 
-def accept_rule(step: Step) -> str:
-    """Accept exactly the new flows this step translated, ahead of the vif drop.
+def family_elements(steps: Iterable[Step]) -> dict[Literal["ip", "ip6"], Elements]:
+    """Every map's elements in each family for ``steps`` (empty maps included)."""
+    found: dict[Literal["ip", "ip6"], dict[str, set[str]]] = {
+        family: {name: set() for name in OBJECTS} for family in ("ip", "ip6")
+    }
+    for step in steps:
+        maps = found[step.family]
+        for name, element in dnat_elements(step):
+            maps[name].add(element)
+    return {
+        family: {name: frozenset(elements) for name, elements in maps.items()}
+        for family, maps in found.items()
+    }
 
-    Only new ones: their later packets pass Qubes' own ``established`` rule,
-    and an ``invalid`` one meets its drop as any other.
+
+def element_key(element: str) -> str:
+    """What deletes a map element: its key, without ``: value``."""
+    return element.partition(" : ")[0]
+
+
+class TakenPorts:
+    """The ports of the steps kept so far, per DNAT map and protocol, found by bisection.
+
+    Keys of an nft interval map must not overlap (nft would either refuse
+    the transaction or pick one of them); dom0 never plans two steps on one
+    port of a hop, so a step meeting another only comes from entries it did
+    not write. Kept ranges are disjoint: only the last one starting at or
+    below a step's last port can meet it.
     """
-    family = step.family
-    return (
-        f"{_match(step)} ct state new ct status dnat {family} daddr {step.to} "
-        f"{step.proto} dport {_ports_text(step.toports)} "
-        f"ct original proto-dst {_ports_text(step.ports)} accept"
-    )
 
+    def __init__(self) -> None:
+        self._starts: dict[tuple[str, str, str], list[int]] = {}
+        self._held: dict[tuple[str, str, str], list[tuple[int, Step]]] = {}
 
-def chain_rules(steps: list[Step], family: Literal["ip", "ip6"]) -> tuple[list[str], list[str]]:
-    """Rule bodies for ``qns-dnat`` and ``qns-forward`` of one family (no SYN guard)."""
-    mine = [step for step in steps if step.family == family]
-    return [dnat_rule(s) for s in mine], [accept_rule(s) for s in mine]
+    def holder(self, step: Step) -> Step | None:
+        """The kept step sharing a port and a map with ``step``, if any."""
+        key = (step.family, step.iif, step.proto)
+        starts = self._starts.get(key, [])
+        index = bisect.bisect_right(starts, step.ports[1])
+        if index and self._held[key][index - 1][0] >= step.ports[0]:
+            return self._held[key][index - 1][1]
+        return None
+
+    def add(self, step: Step) -> None:
+        key = (step.family, step.iif, step.proto)
+        starts = self._starts.setdefault(key, [])
+        index = bisect.bisect_right(starts, step.ports[0])
+        starts.insert(index, step.ports[0])
+        self._held.setdefault(key, []).insert(index, (step.ports[1], step))
+
+    def meets(self, steps: tuple[Step, ...]) -> tuple[Step, Step] | None:
+        """(step, kept step) where one of ``steps`` meets a kept one or an earlier of them.
+
+        None: all of them are kept.
+        """
+        if len(steps) == 1:
+            (step,) = steps
+            other = self.holder(step)
+            if other is not None:
+                return step, other
+            self.add(step)
+            return None
+        own = TakenPorts()
+        for step in steps:
+            other = self.holder(step) or own.holder(step)
+            if other is not None:
+                return step, other
+            own.add(step)
+        for step in steps:
+            self.add(step)
+        return None
 
 
 def step_admits(step: Step, flow: Flow) -> bool:

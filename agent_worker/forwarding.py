@@ -1,27 +1,31 @@
-"""The forward half of the firewall worker: ``/qns-forward/`` to chains of table ``qubes``.
+"""The forward half of the firewall worker: ``/qns-forward/`` to maps and chains of ``qubes``.
 
-Thin shell around :mod:`agent_worker.forward` (parsing, rule text) and
-:mod:`agent_worker.nft_chains` (atomic chain updates). The outbound half
-(:class:`agent_worker.firewall.Worker`) owns the ``qubes-firewall`` tables;
-this one owns chains ``qns-dnat`` (nat prerouting) and ``qns-forward``
-(jumped to from the ``forward`` chain right after ``custom-forward``, so
-ahead of the ``oifgroup 2`` drop) in ``ip qubes`` and ``ip6 qubes``.
+Thin shell around :mod:`agent_worker.forward` (parsing, elements, rule
+text) and :mod:`agent_worker.nft_chains` (chains and jumps). The outbound
+half (:class:`agent_worker.firewall.Worker`) owns the ``qubes-firewall``
+tables; this one owns, in ``ip qubes`` and ``ip6 qubes``, the maps and sets
+holding the steps and the chains looking them up: ``qns-dnat`` (nat
+prerouting) and ``qns-forward`` (jumped to from the ``forward`` chain right
+after ``custom-forward``, so ahead of the ``oifgroup 2`` drop).
 
 Each change is its own nft transaction, separate from the outbound one: a
 forward nft refuses then never holds back an outbound update, and the
-reverse. Within it, both chains of both families change together or not
-at all. A target whose entries do not all parse gets no rules at all.
+reverse. Within it, both families change together or not at all. A target
+whose entries do not all parse gets no rules at all.
 
 :class:`ChainHalf` is that machinery for any per-target directory; the
-inbound half (:mod:`agent_worker.inbound`) is the other one.
+inbound half (:mod:`agent_worker.inbound`) is the other one. It remembers
+what nft holds of its own (the state of its last transaction), so a change
+sends only the difference (a step is an element added or deleted) and a
+change that changes nothing sends nothing; it lists the table's chains only
+to create, rewrite or remove its chains and jumps.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 from agent_worker import conntrack, hop_ports, nft_chains
@@ -29,12 +33,19 @@ from agent_worker.entries import MAX_VALUE, EntryError
 from agent_worker.forward import (
     DNAT_CHAIN,
     FORWARD_CHAIN,
+    NAT_TABLE,
+    OBJECTS,
+    Elements,
     Step,
-    chain_rules,
+    TakenPorts,
+    accept_rules,
+    declarations,
+    dnat_rules,
+    element_key,
+    family_elements,
     parse_target,
     step_admits,
 )
-from agent_worker.input_rules import ONLY_SYN_OPENS
 from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
 from agent_worker.qdb_parse import IPAddress, parse_address, parse_address_list
 
@@ -48,13 +59,11 @@ HANDLED_DIR = "/qns-forward_handled/"
 #: would take a port this hop serves itself, one ``PROTO FIRST-LAST: why`` a line.
 REFUSED_DIR = "/qns-forward_refused/"
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
-CHAINS = (DNAT_CHAIN, FORWARD_CHAIN)
-HOOKS = {
-    DNAT_CHAIN: BaseChainHook(
-        parent=None, declaration="type nat hook prerouting priority dstnat; policy accept;"
-    ),
-    FORWARD_CHAIN: BaseChainHook(parent="forward"),
-}
+#: our chains in Qubes' table ``qubes``
+CHAINS = (FORWARD_CHAIN,)
+HOOKS = {FORWARD_CHAIN: BaseChainHook(parent="forward")}
+#: our table's chain, holding the DNAT lookups
+DNAT_DECLARATION = "type nat hook prerouting priority dstnat; policy accept;"
 
 
 class QubesDBConnection(Protocol):
@@ -156,55 +165,75 @@ def classify(paths: Iterable[str], directory: str = FORWARD_DIR) -> ForwardChang
 
 def by_address(targets: Mapping[IPAddress, Target]) -> list[tuple[IPAddress, Target]]:
     """Targets in address order (IPv4 first), so the chains are deterministic."""
-    return sorted(targets.items(), key=lambda item: (item[0].version, item[0]))
+    return sorted(targets.items(), key=lambda item: (item[0].version, int(item[0])))
 
 
-def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
-    """Content of both chains in both families, targets in address order."""
-    result: dict[Family, dict[str, list[str]]] = {}
-    for family in FAMILIES:
-        dnat: list[str] = []
-        accept: list[str] = []
-        for _address, target in by_address(targets):
-            if isinstance(target, Refused):
-                continue
-            more_dnat, more_accept = chain_rules(list(target), family)
-            dnat += more_dnat
-            accept += more_accept
-        guarded = [ONLY_SYN_OPENS, *accept] if accept else []
-        result[family] = {DNAT_CHAIN: dnat, FORWARD_CHAIN: guarded}
-    return result
+def _any_element(elements: Elements) -> bool:
+    return any(elements.values())
 
 
-def transaction(
-    chains: Mapping[Family, Mapping[str, list[str]]],
-    runner: Runner,
-    names: tuple[str, ...] = CHAINS,
-    hooks: Mapping[str, BaseChainHook] = HOOKS,
-) -> str:
-    """nft text taking both families to ``chains``; empty families lose our chains.
+def element_commands(family: Family, held: Elements, wanted: Elements) -> str:
+    """Elements to delete then to add, per map, from ``held`` to ``wanted``."""
+    lines = []
+    for name in OBJECTS:
+        gone = held.get(name, frozenset()) - wanted[name]
+        new = wanted[name] - held.get(name, frozenset())
+        where = f"{family} {NAT_TABLE} {name}"
+        if gone:
+            keys = ", ".join(sorted(element_key(element) for element in gone))
+            lines.append(f"delete element {where} {{ {keys} }}")
+        if new:
+            lines.append(f"add element {where} {{ {', '.join(sorted(new))} }}")
+    return "".join(line + "\n" for line in lines)
 
-    A family without any rule gets neither chain nor jump, so a hop that
-    forwards nothing keeps table ``qubes`` exactly as Qubes made it. A
-    family without table ``qubes``, or without the chain our jump goes
-    in, is left alone.
+
+def nat_table_commands(family: Family, wanted: Elements) -> str:
+    """Our table written whole: the maps with ``wanted``, then the chain looking them up.
+
+    ``add`` then ``flush``: the same text whether the table, a map or the
+    chain exists already or not.
     """
-    text = ""
-    for family in FAMILIES:
-        items = nft_chains.list_table(family, runner)
-        if items is None:
-            continue
-        wanted = chains.get(family, {})
-        missing = nft_chains.missing_parents(names, hooks, items)
-        if any(wanted.values()) and missing:
+    lines = [f"add table {family} {NAT_TABLE}"]
+    for name, declared in declarations(family).items():
+        lines += [f"add {declared}", f"flush map {family} {NAT_TABLE} {name}"]
+    chain = f"{family} {NAT_TABLE} {DNAT_CHAIN}"
+    lines += [f"add chain {chain} {{ {DNAT_DECLARATION} }}", f"flush chain {chain}"]
+    lines += [f"add rule {chain} {rule}" for rule in dnat_rules(family)]
+    empty = {name: frozenset[str]() for name in OBJECTS}
+    return "".join(line + "\n" for line in lines) + element_commands(family, empty, wanted)
+
+
+def chain_commands(
+    family: Family,
+    wanted: Mapping[str, list[str]],
+    runner: Runner,
+    names: tuple[str, ...],
+    hooks: Mapping[str, BaseChainHook],
+) -> str | None:
+    """nft text giving the family's chains ``names`` exactly ``wanted``, whatever they hold now.
+
+    Chains with no rule at all lose their jumps and go, so a hop that
+    forwards nothing keeps table ``qubes`` exactly as Qubes made it. None:
+    the family cannot take them (no table ``qubes``, or no chain our jump
+    goes in; upstream's ``ip6 qubes`` holds only ``prerouting`` while IPv6
+    is off). Lists the table's chain names and the parents' rules only.
+    """
+    present = nft_chains.chain_names(family, runner)
+    if present is None:
+        return None
+    if any(wanted.values()):
+        missing = sorted({p for c in names if (p := hooks[c].parent) and p not in present})
+        if missing:
             log.debug("skipping %s qubes: no chain %s", family, ", ".join(missing))
-        elif any(wanted.values()):
-            text += nft_chains.build_transaction(
-                family, {c: list(wanted.get(c, [])) for c in names}, hooks, runner, items
-            )
-        else:
-            text += nft_chains.removal_commands(family, names, hooks, items)
-    return text
+            return None
+        items = nft_chains.parent_items(family, names, hooks, runner)
+        return nft_chains.build_transaction(
+            family, {c: list(wanted.get(c, [])) for c in names}, hooks, runner, items
+        )
+    if not present & set(names):
+        return ""
+    items = nft_chains.parent_items(family, names, hooks, runner)
+    return nft_chains.removal_commands(family, names, hooks, items, present)
 
 
 class ChainHalf:
@@ -241,6 +270,9 @@ class ChainHalf:
         self.connected: frozenset[IPAddress] = frozenset()
         #: (target, address) left out as not connected, logged once
         self.skipped: set[tuple[IPAddress, IPAddress]] = set()
+        #: per family, what nft holds of this half, as :meth:`desired` gives it;
+        #: a family missing is unknown, and written whole at the next commit
+        self.held: dict[Family, Any] = {}
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Any, ...]:
         """A target's entries, validated; EntryError if any does not parse."""
@@ -250,8 +282,9 @@ class ChainHalf:
         """The address an item of target ``address`` sends traffic to (must be connected)."""
         raise NotImplementedError
 
-    def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
-        """Content of every chain of this half in both families."""
+    def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, Any]:
+        """What every family must hold of this half for ``targets`` (for
+        :meth:`family_commands`; equal values: nothing to send)."""
         raise NotImplementedError
 
     def flows_to_end(self, before: InForce, after: InForce) -> list[conntrack.Flow]:
@@ -299,8 +332,31 @@ class ChainHalf:
 
     # -- applying ---------------------------------------------------------
 
-    def _transaction(self, targets: Mapping[IPAddress, Target]) -> str:
-        return transaction(self.desired(targets), self.runner, self.CHAINS, self.HOOKS)
+    def family_commands(self, family: Family, wanted: Any, held: Any | None) -> str | None:
+        """nft text taking the family's objects of this half from ``held`` to ``wanted``.
+
+        ``held`` is what the family holds of ours, None when unknown (the
+        worker just started, a SIGHUP, a refused transaction): then the
+        objects are written whole. None: the family cannot take them now
+        (it stays unknown). This default rewrites the chains when they
+        differ; the forward half sends element differences instead.
+        """
+        if held is not None and held == wanted:
+            return ""
+        return chain_commands(family, wanted, self.runner, self.CHAINS, self.HOOKS)
+
+    def _commands(
+        self, targets: Mapping[IPAddress, Target], held: Mapping[Family, Any]
+    ) -> tuple[str, dict[Family, Any]]:
+        """The text for ``targets``, and what each family holds once nft accepted it."""
+        wanted = self.desired(targets)
+        text, holds = "", {}
+        for family in FAMILIES:
+            part = self.family_commands(family, wanted[family], held.get(family))
+            if part is not None:
+                text += part
+                holds[family] = wanted[family]
+        return text, holds
 
     def _load_connected(self) -> None:
         """Re-read the connected clients (the outbound worker logs garbage in them)."""
@@ -313,6 +369,11 @@ class ChainHalf:
         that reuses the address, so only clients of this hop count.
         """
         if isinstance(target, Refused):
+            return target
+        destinations = [self.destination(address, item) for item in target]
+        if all(to in self.connected for to in destinations):  # as dom0 writes them
+            if self.skipped:
+                self.skipped.difference_update((address, to) for to in destinations)
             return target
         kept = []
         for item in target:
@@ -332,14 +393,14 @@ class ChainHalf:
             targets[address] = Refused(reason)
         return targets
 
-    def _find_refused(self) -> bool:
+    def _find_refused(self, effective: Mapping[IPAddress, Target]) -> bool:
         """Check each target's rules alone in nft's check mode; leave out the refused."""
         found = False
-        for address, target in by_address(self._effective()):
+        for address, target in by_address(effective):
             if isinstance(target, Refused):
                 continue
             try:
-                text = self._transaction({address: target})
+                text, _holds = self._commands({address: target}, {})
                 if text:
                     self.runner(text, check=True)
             except (NftError, ValueError, KeyError) as err:
@@ -348,11 +409,6 @@ class ChainHalf:
                 self.refused[address] = reason
                 found = True
         return found
-
-    def _send(self) -> None:
-        text = self._transaction(self._effective())
-        if text:
-            self.runner(text)
 
     def _put_in_force(self, after: dict[IPAddress, tuple[Any, ...]]) -> None:
         """Record what nft now holds, and end the flows it no longer admits."""
@@ -366,26 +422,32 @@ class ChainHalf:
             log.error("cannot end the flows the %s rules no longer admit: %s", self.KIND, err)
 
     def commit(self) -> bool:
-        """Bring our chains to the target state in one transaction; False if refused.
+        """Bring our objects to the target state in one transaction; False if refused.
 
-        If nft refuses, targets it refuses alone are left out and the rest
-        retried; if that fails too, every rule of this half is removed (fail closed).
+        Only what differs from what nft holds is sent; nothing when nothing
+        differs. If nft refuses, targets it refuses alone are left out and
+        the rest retried; if that fails too, every rule of this half is
+        removed (fail closed).
         """
         for attempt in range(2):
+            effective = self._effective()
             try:
-                self._send()
+                text, holds = self._commands(effective, self.held)
+                if text:
+                    self.runner(text)
             except (NftError, ValueError, KeyError) as err:
                 log.error("nft refused the %s update: %s", self.KIND, err)
-                if attempt == 0 and self._find_refused():
+                self.held = {}
+                if attempt == 0 and self._find_refused(effective):
                     continue
                 break
             else:
-                effective = {
-                    a: t for a, t in self._effective().items() if not isinstance(t, Refused)
-                }
-                count = sum(len(t) for t in effective.values())
-                log.info("%s rules updated (%d %s)", self.KIND, count, self.ITEMS)
-                self._put_in_force({a: t for a, t in effective.items() if t})
+                self.held = holds
+                kept = {a: t for a, t in effective.items() if not isinstance(t, Refused) and t}
+                if text:
+                    count = sum(len(t) for t in kept.values())
+                    log.info("%s rules updated (%d %s)", self.KIND, count, self.ITEMS)
+                self._put_in_force(kept)
                 return True
         log.error("removing every %s rule", self.KIND)
         try:
@@ -398,9 +460,11 @@ class ChainHalf:
 
     # -- entry points -----------------------------------------------------
 
-    def reload(self) -> None:
-        """Re-read every target and rewrite our chains."""
+    def reload(self, *, force: bool = False) -> None:
+        """Re-read every target and apply what changed; ``force``: write our objects whole."""
         self.refused.clear()
+        if force:
+            self.held = {}
         untrusted_names = {
             path[len(self.DIRECTORY) :].split("/", 1)[0]
             for path in self.db.list(self.DIRECTORY)
@@ -425,11 +489,8 @@ class ChainHalf:
         if changes.full:
             self.reload()
             return
-        changed = False
         if changes.connected:
-            before = self.desired(self._effective())
             self._load_connected()
-            changed = self.desired(self._effective()) != before
         handled = []
         for untrusted_name in sorted(changes.targets):
             address = self._target_address(untrusted_name)
@@ -443,22 +504,28 @@ class ChainHalf:
             else:
                 self.targets[address] = target
             handled.append(address)
-        if handled or changed:
+        if handled or changes.connected:
             self.commit()
             for address in handled:
                 self._record(address)
 
     def remove(self) -> None:
-        """Delete our chains and jumps in both families (clean stop, fail closed)."""
-        nft_chains.remove({family: self.CHAINS for family in FAMILIES}, self.HOOKS, self.runner)
+        """Delete our objects and jumps in both families (clean stop, fail closed)."""
+        self.held = {}
+        text, holds = self._commands({}, {})
+        if text:
+            self.runner(text)
+        self.held = holds
 
 
 class Forwarder(ChainHalf):
-    """The forward half: ``/qns-forward/`` steps to chains ``qns-dnat``/``qns-forward``.
+    """The forward half: ``/qns-forward/`` steps to the maps and sets ``qns-*`` chains look up.
 
     A step on a port this hop serves itself (:mod:`agent_worker.hop_ports`)
     is left out, logged, and reported under ``/qns-forward_refused/TARGET``
-    in this hop's QubesDB, checked again at every update and SIGHUP.
+    in this hop's QubesDB, checked again at every update and SIGHUP. A
+    target with a step on a port another target's step already holds (in
+    address order) gets no step at all, and is logged.
     """
 
     DIRECTORY = FORWARD_DIR
@@ -474,12 +541,15 @@ class Forwarder(ChainHalf):
         db: QubesDBConnection,
         runner: Runner,
         tool: conntrack.Tool = conntrack.run_tool,
-        proc_net: Path = hop_ports.PROC_NET,
+        own_sockets: Callable[[], list[hop_ports.Served]] = hop_ports.sockets,
     ) -> None:
         super().__init__(db, runner, tool)
-        self.proc_net = proc_net
+        #: what this hop's own sockets serve (:func:`agent_worker.hop_ports.sockets`)
+        self.own_sockets = own_sockets
         #: per target, the steps left out as taking a port this hop serves, and why
         self.taken: dict[IPAddress, dict[Step, str]] = {}
+        #: targets left out for a step meeting another target's, and why (logged once)
+        self.overlapping: dict[IPAddress, str] = {}
 
     def commit(self) -> bool:
         self._leave_out_own_ports()
@@ -488,7 +558,7 @@ class Forwarder(ChainHalf):
     def _leave_out_own_ports(self) -> None:
         """Find the steps that would take a port this hop serves; report what changed."""
         steps = [t for t in self.targets.values() if not isinstance(t, Refused) and t]
-        served = hop_ports.served(self.runner, self.proc_net) if steps else []
+        served = hop_ports.served(self.runner, self.own_sockets) if steps else []
         taken: dict[IPAddress, dict[Step, str]] = {}
         for address, target in self.targets.items():
             if isinstance(target, Refused):
@@ -519,6 +589,27 @@ class Forwarder(ChainHalf):
             target = targets.get(address)
             if target is not None and not isinstance(target, Refused):
                 targets[address] = tuple(s for s in target if s not in steps)
+        return self._without_overlaps(targets)
+
+    def _without_overlaps(self, targets: dict[IPAddress, Target]) -> dict[IPAddress, Target]:
+        """Targets with a step on another's ports left out (fail closed), in address order."""
+        held = TakenPorts()
+        overlapping = {}
+        for address, target in by_address(targets):
+            if isinstance(target, Refused):
+                continue
+            meeting = held.meets(target)
+            if meeting is not None:
+                step, other = meeting
+                reason = (
+                    f"{step.proto} ports {step.ports[0]}-{step.ports[1]} meet those of the"
+                    f" step to {other.to} ({other.ports[0]}-{other.ports[1]})"
+                )
+                overlapping[address] = reason
+                targets[address] = Refused(reason)
+                if self.overlapping.get(address) != reason:
+                    log.error("no %s to %s: %s", self.LABEL, address, reason)
+        self.overlapping = overlapping
         return targets
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Step, ...]:
@@ -533,8 +624,32 @@ class Forwarder(ChainHalf):
         # the next hop (a ProxyVM, client of this hop) or, at the last hop, the target
         return item.to
 
-    def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
-        return desired_chains(targets)
+    def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, Elements]:
+        return family_elements(s for t in targets.values() if not isinstance(t, Refused) for s in t)
+
+
+    def family_commands(
+        self, family: Family, wanted: Elements, held: Elements | None
+    ) -> str | None:
+        """Element differences while the family holds our objects; else write or remove them.
+
+        Written whole: ``qns-forward`` in table ``qubes`` (or nothing, if
+        that table cannot take it) and our table. Removed: both.
+        """
+        if held is not None and held == wanted:
+            return ""
+        if held is not None and _any_element(held) and _any_element(wanted):
+            return element_commands(family, held, wanted)
+        if _any_element(wanted):
+            chains = chain_commands(family, {FORWARD_CHAIN: accept_rules()}, self.runner,
+                                    self.CHAINS, self.HOOKS)
+            return None if chains is None else chains + nat_table_commands(family, wanted)
+        chains = chain_commands(family, {FORWARD_CHAIN: []}, self.runner, self.CHAINS,
+                                self.HOOKS)
+        if nft_chains.table_exists(family, NAT_TABLE, self.runner):
+            # the jump and chain first: nothing may point into the table
+            return (chains or "") + f"delete table {family} {NAT_TABLE}\n"
+        return chains
 
     def flows_to_end(self, before: InForce, after: InForce) -> list[conntrack.Flow]:
         """Flows a step that went (removed, narrowed, its target gone) had translated.
@@ -542,8 +657,11 @@ class Forwarder(ChainHalf):
         Listed per protocol and translated address of the steps that went;
         a flow another step in force still translates the same way stays.
         """
-        kept = {step for steps in after.values() for step in steps}
-        gone = {step for steps in before.values() for step in steps} - kept
+        changed = [a for a in before if after.get(a) != before[a]]
+        gone = {s for a in changed for s in before[a]}
+        gone -= {s for a in changed for s in after.get(a, ())}
+        places = {(s.proto, s.to) for s in gone}
+        kept = [s for steps in after.values() for s in steps if (s.proto, s.to) in places]
         ended = []
         for version, proto, to in sorted({(s.to.version, s.proto, s.to) for s in gone}):
             for flow in conntrack.list_flows(version, ["-p", proto, "--reply-src", str(to)],

@@ -30,7 +30,14 @@ from collections.abc import Mapping
 from agent_worker import conntrack
 from agent_worker.entries import EntryError
 from agent_worker.forwarding import ChainHalf, InForce, Refused, Target, by_address
-from agent_worker.input_rules import ONLY_SYN_OPENS, Opening, admits, input_rule, parse_opening
+from agent_worker.input_rules import (
+    ONLY_NEW_WALK,
+    ONLY_SYN_OPENS,
+    Opening,
+    admits,
+    input_rule,
+    parse_opening,
+)
 from agent_worker.nft_chains import BaseChainHook, Family
 from agent_worker.qdb_parse import IPAddress
 
@@ -76,7 +83,7 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
             if address.version == version and not isinstance(target, Refused)
             for rule in target
         ]
-        result[family][INBOUND_CHAIN] = [ONLY_SYN_OPENS, *rules] if rules else []
+        result[family][INBOUND_CHAIN] = [ONLY_NEW_WALK, ONLY_SYN_OPENS, *rules] if rules else []
     return result
 
 

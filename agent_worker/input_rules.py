@@ -33,6 +33,12 @@ INPUT_CHAIN = "qns-input"
 #: its next packet counts as new; without this, a rule that still admits
 #: the port would take the cut flow up again mid-stream.
 ONLY_SYN_OPENS = "meta l4proto tcp ct state new tcp flags & (fin | syn | rst | ack) != syn return"
+#: First rule of each of our chains on the forward path (``qns-forward``,
+#: ``qns-inbound``): a packet of a flow already admitted (or invalid, or
+#: related) leaves at once, to Qubes' own rules right after our jump. Every
+#: rule of ours decides new flows only, so established traffic never walks
+#: them, however many there are.
+ONLY_NEW_WALK = "ct state != new return"
 #: The target's side of every opening: from its netvm, not from its own qubes.
 FROM_NETVM = "iifgroup != 2"
 

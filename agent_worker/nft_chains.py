@@ -72,6 +72,58 @@ def list_table(family: Family, runner: Runner = run) -> list[dict[str, Any]] | N
     return [item for item in items if isinstance(item, dict)]
 
 
+def chain_names(family: Family, runner: Runner = run) -> set[str] | None:
+    """Names of the chains of the family's ``qubes`` table; None if it has no such table.
+
+    ``list chains`` prints no rules and no set elements: it stays cheap
+    however many forwards the table's maps hold.
+    """
+    try:
+        output = runner(f"list chains {family}")
+    except NftError:
+        return None
+    names = {
+        str(chain.get("name"))
+        for item in json.loads(output or "{}").get("nftables", [])
+        if isinstance(item, dict) and isinstance(chain := item.get("chain"), dict)
+        and chain.get("table") == TABLE
+    }
+    return names or None
+
+
+def table_exists(family: Family, table: str, runner: Runner = run) -> bool:
+    """Whether the family has a table of that name (``list tables``: names only)."""
+    try:
+        output = runner(f"list tables {family}")
+    except NftError:
+        return False
+    return any(
+        isinstance(item, dict) and isinstance(found := item.get("table"), dict)
+        and found.get("name") == table
+        for item in json.loads(output or "{}").get("nftables", [])
+    )
+
+
+def parent_items(
+    family: Family, chains: Iterable[str], hooks: Mapping[str, BaseChainHook],
+    runner: Runner = run,
+) -> list[dict[str, Any]]:
+    """The rules (with handles) of the chains our ``chains`` are jumped to from.
+
+    What :func:`build_transaction` and :func:`removal_commands` need to
+    place or find the jumps, without listing the rest of the table.
+    """
+    items: list[dict[str, Any]] = []
+    for parent in sorted({hooks[c].parent for c in chains if hooks[c].parent is not None}):
+        assert parent is not None
+        output = runner(f"list chain {family} {TABLE} {parent}")
+        items += [
+            item for item in json.loads(output or "{}").get("nftables", [])
+            if isinstance(item, dict)
+        ]
+    return items
+
+
 def _jumps(items: list[dict[str, Any]], parent: str) -> list[tuple[int, str]]:
     """``(handle, target)`` of every jump in chain ``parent``, in order."""
     found = []
@@ -158,16 +210,19 @@ def removal_commands(
     chains: Iterable[str],
     hooks: Mapping[str, BaseChainHook],
     items: list[dict[str, Any]],
+    present: Iterable[str] | None = None,
 ) -> str:
     """Commands deleting the jumps to ``chains`` and the chains themselves, if present.
 
     Jumps go first in the same transaction: a chain still jumped to cannot
-    be deleted.
+    be deleted. ``present`` names the table's chains (default: the chains
+    ``items`` hold, a listing of the whole table).
     """
     wanted = set(chains)
-    present = {
-        item["chain"]["name"] for item in items if "chain" in item and "name" in item["chain"]
-    }
+    if present is None:
+        present = {
+            item["chain"]["name"] for item in items if "chain" in item and "name" in item["chain"]
+        }
     lines = []
     for parent in sorted({hooks[c].parent for c in wanted if hooks[c].parent is not None}):
         assert parent is not None
@@ -176,7 +231,7 @@ def removal_commands(
             for handle, target in _jumps(items, parent)
             if target in wanted
         ]
-    for chain in sorted(wanted & present):
+    for chain in sorted(wanted & set(present)):
         lines += [f"flush chain {family} {TABLE} {chain}", f"delete chain {family} {TABLE} {chain}"]
     return "".join(line + "\n" for line in lines)
 
