@@ -15,26 +15,24 @@ from agent_worker.entries import EntryError
 EDGE = "proto=tcp ports=8443-8443 iif=upstream daddr=local to=10.137.0.6 toports=8443-8443"
 
 
-def test_edge_step_renders_fib_local_dnat_and_precise_accept() -> None:
+def test_edge_step_with_a_source_is_an_element_of_the_source_map() -> None:
     (step,) = forward.parse_target({"0000": (EDGE + " srchost=192.0.2.0/24").encode()})
     assert step.daddr == "local"
     assert step.srchost == ipaddress.ip_network("192.0.2.0/24")
-    assert forward.dnat_rule(step) == (
-        "iifgroup != 2 ip saddr 192.0.2.0/24 fib daddr type local tcp dport 8443 "
-        "dnat ip to 10.137.0.6:8443"
-    )
-    assert forward.accept_rule(step) == (
-        "iifgroup != 2 ip saddr 192.0.2.0/24 ct state new ct status dnat ip daddr 10.137.0.6 "
-        "tcp dport 8443 ct original proto-dst 8443 accept"
+    # any local address (fib daddr type local, checked by the chain) from 192.0.2.0/24
+    assert forward.dnat_elements(step) == (
+        ("qns-dnat-upstream-source",
+         "192.0.2.0/24 . 0.0.0.0/0 . tcp . 8443 : 10.137.0.6 . 8443"),
     )
 
 
-def test_range_maps_one_to_one() -> None:
+def test_range_maps_one_to_one_one_element_per_port() -> None:
     step = forward.parse_step(
         "proto=udp ports=5000-5002 iif=upstream daddr=10.137.0.6 to=10.137.0.20 toports=6000-6002"
     )
-    assert forward.dnat_rule(step).endswith(
-        "dnat ip to 10.137.0.20 : udp dport map { 5000 : 6000, 5001 : 6001, 5002 : 6002 }"
+    assert forward.dnat_elements(step) == tuple(
+        ("qns-dnat-upstream-addressed", f"10.137.0.6 . udp . {port} : 10.137.0.20 . {port + 1000}")
+        for port in (5000, 5001, 5002)
     )
 
 
@@ -42,8 +40,9 @@ def test_same_range_keeps_ports_and_internal_matches_downstream() -> None:
     step = forward.parse_step(
         "proto=tcp ports=80-81 iif=downstream daddr=10.137.0.6 to=10.137.0.20 toports=80-81"
     )
-    assert forward.dnat_rule(step) == (
-        "iifgroup 2 fib daddr type local ip daddr 10.137.0.6 tcp dport 80-81 dnat ip to 10.137.0.20"
+    assert forward.dnat_elements(step) == (
+        ("qns-dnat-downstream-addressed", "10.137.0.6 . tcp . 80 : 10.137.0.20 . 80"),
+        ("qns-dnat-downstream-addressed", "10.137.0.6 . tcp . 81 : 10.137.0.20 . 81"),
     )
 
 
@@ -51,11 +50,39 @@ def test_ipv6_step_goes_to_ip6_family() -> None:
     step = forward.parse_step(
         "proto=tcp ports=443-443 iif=upstream daddr=local to=fd09:24ef:4179::a89:14 toports=443-443"
     )
-    dnat, _accept = forward.chain_rules([step], "ip6")
-    assert dnat == [
-        "iifgroup != 2 fib daddr type local tcp dport 443 dnat ip6 to [fd09:24ef:4179::a89:14]:443"
-    ]
-    assert forward.chain_rules([step], "ip") == ([], [])
+    elements = forward.family_elements([step])
+    assert elements["ip6"]["qns-dnat-upstream-local"] == {
+        "tcp . 443 : fd09:24ef:4179::a89:14 . 443"
+    }
+    assert not any(elements["ip"].values())
+    assert set(elements["ip6"]) == set(forward.OBJECTS)
+
+
+def test_every_map_has_its_lookup_and_translation_after_the_local_check() -> None:
+    rules = forward.dnat_rules("ip6")
+    assert rules[:2] == ["fib daddr type != local return", "meta l4proto != { tcp, udp } return"]
+    for name in forward.OBJECTS:
+        label, translate = (rule for rule in rules if rule.endswith(f"@{name}")
+                            or f"@{name} " in rule)
+        assert label.endswith(f"@{name} ct label set {forward.FORWARDED_LABEL}")
+        assert translate.endswith(f"map @{name}") and " dnat ip6 to " in translate
+        assert label.split(" @")[0].split(" ")[-1] == "dport"  # same key, same lookup
+    assert set(forward.declarations("ip")) == set(forward.OBJECTS)
+
+
+def test_steps_meeting_on_a_port_are_found_by_map_and_protocol() -> None:
+    up = forward.parse_step(EDGE)
+    wide = forward.parse_step(EDGE.replace("ports=8443-8443", "ports=8440-8449", 1)
+                              .replace("toports=8443-8443", "toports=8440-8449"))
+    udp = forward.parse_step(EDGE.replace("proto=tcp", "proto=udp"))
+    down = forward.parse_step(EDGE.replace("iif=upstream", "iif=downstream"))
+    held = forward.TakenPorts()
+    assert held.meets((up, udp, down)) is None  # other protocol, other side: other keys
+    assert held.meets((wide,)) == (wide, up)
+    assert held.meets((forward.parse_step(EDGE.replace("8443-8443", "8444-8444")),
+                       wide)) == (wide, up)
+    own = forward.TakenPorts()
+    assert own.meets((up, wide)) == (wide, up)  # a target meeting itself
 
 
 @pytest.mark.parametrize(
@@ -144,8 +171,7 @@ def test_fuzzed_forward_entries_raise_only_entry_errors(untrusted: dict[str, byt
     except EntryError:
         return
     for step in steps:
-        forward.dnat_rule(step)
-        forward.accept_rule(step)
+        assert forward.dnat_elements(step)
 
 
 @given(st.lists(st.sampled_from([*EDGE.split(" "), "srchost=10.0.0.0/8", "x=y", "ports=1-1"])))
@@ -175,7 +201,7 @@ def test_ranges_are_bounded() -> None:
     """A step takes at most 1024 ports (each remapped one is an nft map element)."""
     base = "proto=tcp iif=upstream daddr=local to=10.137.0.6"
     step = forward.parse_step(f"{base} ports=1000-2023 toports=3000-4023")
-    assert forward.dnat_rule(step).count(" : ") == 1024 + 1
+    assert len(forward.dnat_elements(step)) == 1024
     assert forward.parse_step(f"{base} ports=1000-2023 toports=1000-2023").ports == (1000, 2023)
     with pytest.raises(EntryError, match="range of 1025 ports: at most 1024"):
         forward.parse_step(f"{base} ports=1000-2024 toports=3000-4024")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from agent_worker import hop_ports
@@ -27,7 +30,7 @@ def test_sockets_serving_others_count_loopback_and_clients_do_not(tmp_path: Path
     assert hop_ports.listening("udp", UDP6) == {5353}
     (tmp_path / "tcp").write_text(TCP)
     (tmp_path / "udp6").write_text(UDP6)
-    assert hop_ports.sockets(tmp_path) == [
+    assert hop_ports.proc_sockets(tmp_path) == [
         hop_ports.Served("tcp", 22, 22, "this qube listens on it"),
         hop_ports.Served("udp", 5353, 5353, "this qube listens on it"),
     ]
@@ -68,3 +71,38 @@ def test_accept_rules_naming_ports_open_them() -> None:
     ]
     assert hop_ports.Served("tcp", 8000, 8010, why).overlaps("tcp", (8010, 8020))
     assert not hop_ports.Served("tcp", 8000, 8010, why).overlaps("udp", (8005, 8005))
+
+
+@contextmanager
+def listening_on(*addresses: tuple[socket.AddressFamily, str]) -> Iterator[list[int]]:
+    """TCP listeners on kernel-chosen ports of ``addresses``; their ports."""
+    with ExitStack() as stack:
+        ports = []
+        for family, address in addresses:
+            sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            sock.bind((address, 0))
+            sock.listen()
+            ports.append(sock.getsockname()[1])
+        yield ports
+
+
+def test_tcp_listeners_are_asked_of_the_kernel_loopback_left_out() -> None:
+    """sock_diag, not /proc/net/tcp (which walks every connection bucket at each update)."""
+    with listening_on((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"),
+                      (socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")) as ports:
+        any4, any6, loop4, loop6 = ports
+        found = hop_ports.tcp_listeners()
+        assert found >= {any4, any6} and not found & {loop4, loop6}
+        assert hop_ports.proc_ports("tcp") >= {any4, any6}  # the kernel's own listing agrees
+        with socket.create_connection(("127.0.0.1", any4)) as client:
+            assert client.getsockname()[1] not in hop_ports.tcp_listeners()
+
+
+def test_sockets_fall_back_to_proc_when_sock_diag_fails() -> None:
+    def refused() -> set[int]:
+        raise OSError("no sock_diag here")
+
+    with listening_on((socket.AF_INET, "0.0.0.0")) as (port,):
+        assert hop_ports.Served("tcp", port, port, "this qube listens on it") in (
+            hop_ports.sockets(refused)
+        )

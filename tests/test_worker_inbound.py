@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from worker_netns import (
-    SYN_GUARD_LISTED,
+    GUARDS_LISTED,
     MemoryQubesDB,
     chain_rules,
     in_netns,
@@ -67,6 +67,7 @@ def test_rules_render_in_order_for_the_target_only() -> None:
     assert inbound.desired_chains({WEB_IP: tuple(rules)}) == {
         "ip": {
             "qns-inbound": [
+                inbound.ONLY_NEW_WALK,
                 inbound.ONLY_SYN_OPENS,
                 "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21/32 meta l4proto tcp "
                 "th dport 23 ct state new drop",
@@ -124,8 +125,10 @@ class Recorder:
         self.sent: list[str] = []
 
     def __call__(self, commands: str, *, check: bool = False) -> str:
-        if commands.startswith("list table"):
-            return '{"nftables": [{"chain": {"name": "forward"}}]}'
+        if commands.startswith("list chains"):
+            return '{"nftables": [{"chain": {"table": "qubes", "name": "forward"}}]}'
+        if commands.startswith("list "):
+            return '{"nftables": []}'
         self.sent.append(commands)
         return ""
 
@@ -228,7 +231,7 @@ def test_inbound_jump_follows_custom_and_forward_jumps(netns: str, inbound_first
     vif_drop = "oifgroup 2 counter packets 0 bytes 0 drop"
     assert forward.index("jump qns-inbound") < forward.index(vif_drop)
     assert chain_rules(netns, "ip", "qubes", "qns-inbound") == [
-        SYN_GUARD_LISTED,
+        *GUARDS_LISTED,
         "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21 tcp dport 22 ct state new accept",
     ]
     assert chain_rules(netns, "ip", "qubes", "custom-forward") == [
@@ -287,7 +290,7 @@ def test_a_target_nft_refuses_is_left_out(netns: str) -> None:
 
     in_netns(netns, body)
     assert chain_rules(netns, "ip", "qubes", "qns-inbound") == [
-        SYN_GUARD_LISTED,
+        *GUARDS_LISTED,
         "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21 tcp dport 22 ct state new accept",
     ]
 
@@ -310,7 +313,7 @@ def _every_parsed_rule_is_accepted_by_nft() -> None:
         except EntryError:
             return
         half = Inbound(MemoryQubesDB(CONNECTED), nft.run)
-        text = half._transaction({WEB_IP: tuple(rules)})
+        text, _held = half._commands({WEB_IP: tuple(rules)}, {})
         try:
             nft.run(text, check=True)
         except NftError as err:

@@ -155,8 +155,27 @@ def nft_ruleset(name: str) -> list[dict[str, Any]]:
     return items
 
 
-#: agent_worker.input_rules.ONLY_SYN_OPENS as nft lists it back (first rule of our chains)
+#: agent_worker.input_rules.ONLY_SYN_OPENS as nft lists it back
 SYN_GUARD_LISTED = "ct state new tcp flags != syn / fin,syn,rst,ack return"
+#: the first rules of qns-forward and qns-inbound, as nft lists them back
+GUARDS_LISTED = ["ct state != new return", SYN_GUARD_LISTED]
+
+
+def dnat_elements(name: str, family: str = "ip") -> set[str]:
+    """Every element of the forward worker's DNAT maps in namespace ``name``, as nft prints them.
+
+    Empty when there is no table ``qubes-network-server`` (nothing to forward).
+    """
+    done = subprocess.run(
+        ["ip", "netns", "exec", name, "nft", "list", "table", family, "qubes-network-server"],
+        capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        return set()
+    found: set[str] = set()
+    for block in done.stdout.split("elements = {")[1:]:
+        found |= {" ".join(e.split()) for e in block.split("}")[0].split(",")}
+    return found
 
 
 def chain_rules(name: str, family: str, table: str, chain: str) -> list[str]:
