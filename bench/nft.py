@@ -1,23 +1,30 @@
-"""The forward worker's nft path: K DNAT steps in one transaction vs one per command.
+"""The forward worker's nft path: K steps as map elements, and what one more step costs.
 
 In a throwaway network namespace (``qns-bench-<pid>``, always deleted)
 holding the Qubes base tables (lab/base_ruleset.py), for K steps (default
-10, 100 and 1000; each step is a DNAT rule in ``qns-dnat`` and an accept in
-``qns-forward``):
+10, 100 and 1000; one step per target, a mix of tcp and udp, single ports
+and 3-port ranges mapped to other ports, some limited to a ``srchost``),
+all through the worker's own code (``agent_worker.forwarding.Forwarder``)
+and its one libnftables context (``agent_worker.firewall.Nft``):
 
-- project: ``Forwarder.reload()`` from an in-memory QubesDB holding K
-  ``/qns-forward/<ip>/`` targets: parse every entry, list table ``qubes``,
-  build the text, run it as ONE libnftables transaction (what the worker
-  does when dom0 writes);
-- unchanged: the same ``reload()`` again with nothing changed (the worker
-  flushes and refills its chains in one transaction);
-- scripted (baseline): the very same commands, one ``nft`` process each,
-  the way a hand-written ``qubes-firewall-user-script`` adds rules;
-- per-command libnftables: the same commands as separate transactions in
-  this process, which separates nft's per-transaction cost from the cost
-  of starting a process.
-
-Both ways must leave the same ruleset; the table says so.
+- ``first apply``: ``commit()`` of the K parsed steps into a table without
+  our objects: render the elements, create our table, maps and chain,
+  ``qns-forward`` and its jump, all as ONE transaction;
+- ``reload``: the same from nothing through ``reload()``: read every
+  ``/qns-forward/`` entry, parse it, then the same commit;
+- ``unchanged``: ``reload()`` again with nothing changed, and how many
+  transactions it sent (it must send none);
+- ``add one``/``remove one``: dom0 writes (or removes) one more target's
+  step and the worker handles the event: the median of several, and the
+  transactions each sent. A removal ends the flows the step admitted
+  afterwards (the ``conntrack`` tool lists them: a process); ``removed in
+  nft`` is the time until the transaction taking the step out returned;
+- ``as rules`` (the baseline): the same K steps as one DNAT rule and one
+  accept rule each, the layout before maps (a chain of per-step rules
+  every new connection, and every packet of the accept chain, walks),
+  built by this benchmark and run as one transaction;
+- ``elements``: the map elements in the kernel after the first apply,
+  listed back (the same count as rendered, or the table says so).
 """
 
 from __future__ import annotations
@@ -27,16 +34,15 @@ import ctypes
 import ipaddress
 import json
 import os
+import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
 
-import nftables
-
-from agent_worker import forwarding, nft_chains
+from agent_worker import forward, forwarding
+from agent_worker.firewall import Nft
 from bench.common import print_table, ratio, sizes_parser
 from lab.base_ruleset import base_ruleset
 
@@ -134,123 +140,211 @@ def enter(name: str) -> None:
 
 
 @contextmanager
+def inside(name: str) -> Iterator[None]:
+    """This thread in namespace ``name`` for the block, back home afterwards."""
+    with open("/proc/self/ns/net") as home:
+        enter(name)
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
+
+
+@contextmanager
 def throwaway_namespace(tag: str = "") -> Iterator[str]:
     """Create ``qns-bench-<pid><tag>``, move this thread into it, and always undo both."""
     name = f"qns-bench-{os.getpid()}{tag}"
     sh("ip", "netns", "add", name)
     try:
-        with open("/proc/self/ns/net") as home:
-            enter(name)
-            try:
-                yield name
-            finally:
-                _setns(home.fileno())
+        with inside(name):
+            yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
-def ruleset() -> list[Any]:
-    """The namespace's ruleset as JSON, without handles, to compare two ways of loading it."""
-    items = json.loads(sh("nft", "-j", "list", "ruleset"))["nftables"]
-    for item in items:
-        for body in item.values():
-            if isinstance(body, dict):
-                body.pop("handle", None)
-    return [item for item in items if "metainfo" not in item]
+class CountingNft:
+    """The worker's libnftables context, counting the transactions (everything but listings)."""
+
+    def __init__(self) -> None:
+        self.nft = Nft()
+        self.transactions = 0
+        #: perf_counter() when the last transaction returned
+        self.sent_at = 0.0
+
+    def run(self, commands: str, *, check: bool = False) -> str:
+        output = self.nft.run(commands, check=check)
+        if not check and not commands.startswith("list "):
+            self.transactions += 1
+            self.sent_at = time.perf_counter()
+        return output
 
 
-def reset(forwarder: forwarding.Forwarder) -> None:
-    """Take table ``qubes`` back to how Qubes made it (our chains and jumps gone)."""
-    forwarder.remove()
-    forwarder.targets = {}
+def forwarder(count: int, nft: CountingNft) -> forwarding.Forwarder:
+    """A Forwarder on ``count`` one-step targets, as the worker makes it."""
+    return forwarding.Forwarder(MemoryQubesDB(forward_entries(count)), nft.run)
 
 
-def first_reload(forwarder: forwarding.Forwarder) -> float:
-    """The project's path from a table without our chains (one transaction); seconds."""
-    reset(forwarder)
+def bare(half: forwarding.Forwarder) -> None:
+    """Table ``qubes`` as Qubes made it: our objects gone, and the half knows it."""
+    half.remove()
+    half.in_force = {}
+    forward.dnat_elements.cache_clear()
+
+
+def first_apply(half: forwarding.Forwarder) -> float:
+    """``commit()`` of the parsed steps into a bare table; seconds."""
+    bare(half)
     start = time.perf_counter()
-    forwarder.reload()
+    half.commit()
     return time.perf_counter() - start
 
 
-def unchanged_reload(forwarder: forwarding.Forwarder) -> float:
-    """The project's path when nothing changed; seconds."""
+def first_reload(half: forwarding.Forwarder) -> float:
+    """``reload()`` from nothing: read, parse, apply; seconds."""
+    bare(half)
+    half.targets = {}
     start = time.perf_counter()
-    forwarder.reload()
+    half.reload()
     return time.perf_counter() - start
 
 
-def commands(forwarder: forwarding.Forwarder) -> list[str]:
-    """The worker's transaction for its targets from a bare table, one command per line.
-
-    Built after removing our chains, so it holds the jump into
-    ``qns-forward`` too, exactly as a first apply does.
-    """
-    forwarder.remove()
-    chains = forwarding.desired_chains(forwarder.targets)
-    return forwarding.transaction(chains, nft_chains.run).splitlines()
+def timed_transactions(work: Callable[[], object], nft: CountingNft) -> tuple[float, int]:
+    """Seconds ``work`` took and the transactions it sent."""
+    took, _in_nft, sent = timed_change(work, nft)
+    return took, sent
 
 
-def scripted(forwarder: forwarding.Forwarder, lines: list[str]) -> float:
-    """Baseline: every command in its own ``nft`` process; seconds spent."""
-    reset(forwarder)
+def timed_change(work: Callable[[], object], nft: CountingNft) -> tuple[float, float, int]:
+    """Seconds ``work`` took, seconds until its last transaction returned, transactions sent."""
+    before = nft.transactions
     start = time.perf_counter()
-    for line in lines:
-        sh("nft", line)
-    return time.perf_counter() - start
+    work()
+    end = time.perf_counter()
+    sent = nft.transactions - before
+    return end - start, (nft.sent_at - start) if sent else 0.0, sent
 
 
-def per_command(forwarder: forwarding.Forwarder, lines: list[str]) -> float:
-    """Every command its own libnftables transaction in this process; seconds spent."""
-    reset(forwarder)
-    nft = nftables.Nftables()
+EXTRA = ipaddress.IPv4Address("10.137.200.1")
+EXTRA_STEP = f"proto=tcp ports=60000-60000 iif=upstream daddr=local to={EXTRA} toports=80-80"
+
+
+def add_one(half: forwarding.Forwarder) -> None:
+    """dom0 writes one more target's step (a connected client); the worker handles it."""
+    base = f"{forwarding.FORWARD_DIR}{EXTRA}"
+    half.db.write(f"{base}/0000", EXTRA_STEP)
+    half.db.write(base, "")
+    half.handle(half.classify([base]))
+
+
+def remove_one(half: forwarding.Forwarder) -> None:
+    """dom0 removes that target's entries; the worker handles it."""
+    base = f"{forwarding.FORWARD_DIR}{EXTRA}"
+    half.db.rm(base + "/")
+    half.db.rm(base)
+    half.handle(half.classify([base]))
+
+
+def one_step_changes(half: forwarding.Forwarder, nft: CountingNft,
+                     runs: int) -> tuple[float, float, float, int]:
+    """Median seconds: adding one step, removing it, until its removal was in nft; transactions."""
+    connected = half.db.read("/connected-ips") or b""
+    half.db.write("/connected-ips", connected.decode() + f" {EXTRA}")
+    half.handle(half.classify(["/connected-ips"]))
+    added, removed, in_nft, sent = [], [], [], set()
+    for _ in range(runs):
+        took, _at, transactions = timed_change(partial(add_one, half), nft)
+        added.append(took)
+        sent.add(transactions)
+        took, at, transactions = timed_change(partial(remove_one, half), nft)
+        removed.append(took)
+        in_nft.append(at)
+        sent.add(transactions)
+    return (statistics.median(added), statistics.median(removed), statistics.median(in_nft),
+            max(sent))
+
+
+#: The baseline's DNAT chain lives in a scratch table; its accepts in a chain of
+#: table ``qubes`` the user's ``custom-forward`` jumps to (ahead of the vif drop).
+RULES_TABLE, RULES_CHAIN = "ip qns-bench-rules", "qns-bench-accept"
+
+
+def steps_as_rules(steps: Iterable[forward.Step]) -> str:
+    """The baseline: every step as a DNAT rule and an accept rule, as the previous release."""
+    lines = [f"add table {RULES_TABLE}",
+             f"add chain {RULES_TABLE} dnat {{ type nat hook prerouting priority dstnat; }}",
+             f"add chain ip qubes {RULES_CHAIN}",
+             f"add rule ip qubes custom-forward jump {RULES_CHAIN}"]
+    for step in steps:
+        source = "" if step.srchost is None else f" ip saddr {step.srchost}"
+        first, last = step.ports
+        ports = f"{first}" if first == last else f"{first}-{last}"
+        if first == last:
+            to = f"{step.to}:{step.toports[0]}"
+        else:
+            shift = step.toports[0] - first
+            pairs = ", ".join(f"{p} : {p + shift}" for p in range(first, last + 1))
+            to = f"{step.to} : {step.proto} dport map {{ {pairs} }}"
+        lines.append(f"add rule {RULES_TABLE} dnat iifgroup != 2{source} fib daddr type local"
+                     f" {step.proto} dport {ports} dnat ip to {to}")
+        lines.append(f"add rule ip qubes {RULES_CHAIN} iifgroup != 2{source} ct state new"
+                     f" ct status dnat ip daddr {step.to} {step.proto} dport"
+                     f" {step.toports[0]}-{step.toports[1]} ct original proto-dst {ports} accept")
+    return "\n".join(lines) + "\n"
+
+
+#: Takes the baseline away again (the bench's own namespace: custom-forward is empty there).
+RULES_REMOVAL = (f"flush chain ip qubes custom-forward\ndelete chain ip qubes {RULES_CHAIN}\n"
+                 f"delete table {RULES_TABLE}\n")
+
+
+def as_rules(nft: CountingNft, text: str) -> float:
+    """The baseline's one transaction; seconds (taken away afterwards)."""
     start = time.perf_counter()
-    for line in lines:
-        rc, _, error = nft.cmd(line)
-        if rc != 0:
-            raise RuntimeError(f"{line}: {error.strip()}")
-    return time.perf_counter() - start
+    nft.run(text)
+    took = time.perf_counter() - start
+    nft.run(RULES_REMOVAL)
+    return took
 
 
-def timed_best(work: Callable[[], float], runs: int) -> float:
-    """Best of ``runs`` calls of a function that times itself (its set-up is not counted)."""
-    return min(work() for _ in range(runs))
+def kernel_elements() -> int:
+    """Map elements of our table as ``nft`` lists them back."""
+    listing = json.loads(sh("nft", "-j", "list", "table", "ip", forward.NAT_TABLE))["nftables"]
+    return sum(len(item["map"].get("elem", [])) for item in listing if "map" in item)
 
 
-def measure(sizes: Sequence[int]) -> list[list[object]]:
+def measure(sizes: Sequence[int], runs: int = 5) -> list[list[object]]:
     """One row per K, all inside one throwaway namespace."""
     rows: list[list[object]] = []
     with throwaway_namespace():
         sh("nft", "-f", "-", stdin=base_ruleset())
         for count in sizes:
-            forwarder = forwarding.Forwarder(MemoryQubesDB(forward_entries(count)), nft_chains.run)
-            forwarder.reload()
-            lines = commands(forwarder)
-            rules = sum(1 for line in lines if line.startswith("add rule"))
-            runs = 5 if count <= 100 else 3
-            project = timed_best(partial(first_reload, forwarder), runs)
-            project_ruleset = ruleset()
-            unchanged = timed_best(partial(unchanged_reload, forwarder), runs)
-            same = ruleset() == project_ruleset
-            runs = 3 if count <= 100 else 1
-            library = timed_best(partial(per_command, forwarder, lines), runs)
-            same = same and ruleset() == project_ruleset
-            script = timed_best(partial(scripted, forwarder, lines), runs)
-            same = same and ruleset() == project_ruleset
+            nft = CountingNft()
+            half = forwarder(count, nft)
+            half.reload()
+            rendered = sum(len(e) for f in half.desired(half._effective()).values()
+                           for e in f.values())
+            apply = min(first_apply(half) for _ in range(runs))
+            listed = kernel_elements()
+            reload = min(first_reload(half) for _ in range(runs))
+            unchanged, sent = min(timed_transactions(half.reload, nft) for _ in range(runs))
+            added, removed, in_nft, changes = one_step_changes(half, nft, max(runs, 7))
+            rules = steps_as_rules(s for t in half.targets.values() for s in t)
+            baseline = min(as_rules(nft, rules) for _ in range(max(1, runs // 2)))
             rows.append([
                 count,
-                rules,
-                len(lines),
-                f"{project * 1000:.1f}",
+                rendered if listed == rendered else f"{rendered} (kernel: {listed})",
+                f"{apply * 1000:.1f}",
+                f"{reload * 1000:.1f}",
+                f"{baseline * 1000:.1f}",
+                ratio(baseline, apply),
                 f"{unchanged * 1000:.1f}",
-                ratio(unchanged, project),
-                f"{library * 1000:.1f}",
-                ratio(library, project),
-                f"{script * 1000:.0f}",
-                ratio(script, project),
-                "yes" if same else "NO",
+                sent,
+                f"{added * 1000:.2f}",
+                f"{in_nft * 1000:.2f}",
+                f"{removed * 1000:.2f}",
+                changes,
             ])
-            reset(forwarder)
+            bare(half)
     return rows
 
 
@@ -259,11 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args(argv)
     rows = measure(args.sizes)
     print_table(
-        "nft: milliseconds for K forward steps (project best of runs; ratios against it)",
-        ["K steps", "rules added", "commands", "project 1 tx ms", "unchanged re-apply ms",
-         "unchanged/project", "per-command libnft ms", "libnft/project", "scripted nft ms",
-         "scripted/project",
-         "same ruleset"],
+        "nft: K forward steps as map elements; ms (apply, reload, baseline: best of runs;"
+        " one step: median)",
+        ["K steps", "elements", "first apply ms", "reload ms", "as rules ms",
+         "rules/apply", "unchanged ms", "unchanged tx", "add one ms", "removed in nft ms",
+         "remove one ms", "tx per change"],
         rows,
     )
     return 0

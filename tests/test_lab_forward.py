@@ -47,12 +47,21 @@ def answers(
 
 
 def qns_rules(lab: Lab, qube: str, prefix: str = "qns") -> list[str]:
-    """Our rules in ``qube`` (chains named qns-*, or ``prefix``*), as JSON text."""
+    """Our rules and map elements in ``qube`` (chains and maps named qns-*, or ``prefix``*).
+
+    As JSON text; a forward step is one element per port it takes.
+    """
     ruleset = lab.nft_json(qube)["nftables"]
-    return [
+    rules = [
         json.dumps({k: v for k, v in item["rule"].items() if k != "handle"})
         for item in ruleset
         if "rule" in item and item["rule"]["chain"].startswith(prefix)
+    ]
+    return rules + [
+        json.dumps({"family": item["map"]["family"], "map": item["map"]["name"], "elem": elem})
+        for item in ruleset
+        if "map" in item and item["map"]["name"].startswith(prefix)
+        for elem in item["map"].get("elem", [])
     ]
 
 
@@ -69,11 +78,13 @@ def assert_nothing_points_at(lab: Lab, address: str) -> None:
 
 
 def forward_rules_in(lab: Lab, qube: str) -> int:
-    """IPv4 DNAT rules of ours in ``qube``, one per forward step.
+    """IPv4 DNAT map elements of ours in ``qube``: one per port of a forward step.
 
     The default lab has IPv6 on, so each step also has an ip6 twin.
     """
-    return sum('"family": "ip"' in rule for rule in qns_rules(lab, qube, "qns-dnat"))
+    return sum(
+        '"family": "ip"' in item and '"elem"' in item for item in qns_rules(lab, qube, "qns-dnat")
+    )
 
 
 @pytest.fixture

@@ -33,7 +33,9 @@ def answers6(
 
 
 def ipv6_dnat_rules(lab: Lab, qube: str) -> list[str]:
-    return [rule for rule in qns_rules(lab, qube, "qns-dnat") if '"ip6"' in rule]
+    """Our IPv6 DNAT map elements in ``qube`` (one per port of a step)."""
+    return [item for item in qns_rules(lab, qube, "qns-dnat")
+            if '"ip6"' in item and '"elem"' in item]
 
 
 @pytest.fixture
