@@ -36,7 +36,6 @@ as the steps (doc/agent.md):
 from __future__ import annotations
 
 import bisect
-import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -206,13 +205,8 @@ def accept_rules() -> list[str]:
     return [ONLY_NEW_WALK, ONLY_SYN_OPENS, f"ct label {FORWARDED_LABEL} accept"]
 
 
-@functools.lru_cache(maxsize=4096)
 def dnat_elements(step: Step) -> tuple[tuple[str, str], ...]:
-    """(map, element) of one step: one per port, giving the address and port it goes to.
-
-    Remembered per step (steps are values): an update renders every step
-    in force, and most of them are the same as at the last one.
-    """
+    """(map, element) of one step: one per port, giving the address and port it goes to."""
     shape = _shape(step)
     daddr = str(step.daddr)
     if shape == "source" and step.daddr == "local":

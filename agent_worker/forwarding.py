@@ -23,6 +23,7 @@ to create, rewrite or remove its chains and jumps.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ class Refused:
 
 
 Target = tuple[Any, ...] | Refused
+#: (family, iif, protocol, first port, last port) a step holds in a DNAT map
+Claim = tuple[str, str, str, int, int]
 #: Per target address, the items nft holds for it (targets with none left out).
 InForce = Mapping[IPAddress, tuple[Any, ...]]
 
@@ -166,6 +169,16 @@ def classify(paths: Iterable[str], directory: str = FORWARD_DIR) -> ForwardChang
 def by_address(targets: Mapping[IPAddress, Target]) -> list[tuple[IPAddress, Target]]:
     """Targets in address order (IPv4 first), so the chains are deterministic."""
     return sorted(targets.items(), key=lambda item: (item[0].version, int(item[0])))
+
+
+def _taking(steps: Target, served: list[hop_ports.Served]) -> dict[Step, str]:
+    """The steps that would take a port the hop serves, each with why."""
+    taking = {}
+    for step in steps if served and not isinstance(steps, Refused) else ():
+        hit = next((s for s in served if s.overlaps(step.proto, step.ports)), None)
+        if hit is not None:
+            taking[step] = f"{step.proto} {step.ports[0]}-{step.ports[1]}: {hit.why}"
+    return taking
 
 
 def _any_element(elements: Elements) -> bool:
@@ -273,6 +286,9 @@ class ChainHalf:
         #: per family, what nft holds of this half, as :meth:`desired` gives it;
         #: a family missing is unknown, and written whole at the next commit
         self.held: dict[Family, Any] = {}
+        #: per target: (its items, the connected clients, what of them is kept), so
+        #: an update filters only the targets it changed
+        self._kept: dict[IPAddress, tuple[Target, frozenset[IPAddress], Target]] = {}
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Any, ...]:
         """A target's entries, validated; EntryError if any does not parse."""
@@ -388,7 +404,14 @@ class ChainHalf:
         return tuple(kept)
 
     def _effective(self) -> dict[IPAddress, Target]:
-        targets = {a: self._connected_only(a, t) for a, t in self.targets.items()}
+        targets, kept = {}, {}
+        for address, target in self.targets.items():
+            known = self._kept.get(address)
+            if known is None or known[0] is not target or known[1] is not self.connected:
+                known = (target, self.connected, self._connected_only(address, target))
+            kept[address] = known
+            targets[address] = known[2]
+        self._kept = kept
         for address, reason in self.refused.items():
             targets[address] = Refused(reason)
         return targets
@@ -550,6 +573,13 @@ class Forwarder(ChainHalf):
         self.taken: dict[IPAddress, dict[Step, str]] = {}
         #: targets left out for a step meeting another target's, and why (logged once)
         self.overlapping: dict[IPAddress, str] = {}
+        #: per target, computed from its steps alone and kept while they are the same
+        #: object: the steps taking a port served (as :attr:`served` was), its port
+        #: claims, its map elements
+        self.served: list[hop_ports.Served] = []
+        self._on_served: dict[IPAddress, tuple[Target, dict[Step, str]]] = {}
+        self._claims: dict[IPAddress, tuple[Target, list[Claim]]] = {}
+        self._elements: dict[IPAddress, tuple[Target, tuple[tuple[Family, str, str], ...]]] = {}
 
     def commit(self) -> bool:
         self._leave_out_own_ports()
@@ -559,17 +589,20 @@ class Forwarder(ChainHalf):
         """Find the steps that would take a port this hop serves; report what changed."""
         steps = [t for t in self.targets.values() if not isinstance(t, Refused) and t]
         served = hop_ports.served(self.runner, self.own_sockets) if steps else []
+        if served != self.served:
+            self._on_served, self.served = {}, served
         taken: dict[IPAddress, dict[Step, str]] = {}
+        memo = {}
         for address, target in self.targets.items():
             if isinstance(target, Refused):
                 continue
-            for step in target:
-                hit = next((s for s in served if s.overlaps(step.proto, step.ports)), None)
-                if hit is not None:
-                    first, last = step.ports
-                    taken.setdefault(address, {})[step] = (
-                        f"{step.proto} {first}-{last}: {hit.why}"
-                    )
+            known = self._on_served.get(address)
+            if known is None or known[0] is not target:
+                known = (target, _taking(target, served))
+            memo[address] = known
+            if known[1]:
+                taken[address] = known[1]
+        self._on_served = memo
         for address in sorted(taken.keys() | self.taken.keys(), key=lambda a: (a.version, a)):
             reasons = taken.get(address, {})
             if reasons == self.taken.get(address, {}):
@@ -592,7 +625,25 @@ class Forwarder(ChainHalf):
         return self._without_overlaps(targets)
 
     def _without_overlaps(self, targets: dict[IPAddress, Target]) -> dict[IPAddress, Target]:
-        """Targets with a step on another's ports left out (fail closed), in address order."""
+        """Targets with a step on another's ports left out (fail closed), in address order.
+
+        The claims of all steps are sorted once: when no two meet (the usual
+        case: dom0 plans none), nothing more is needed.
+        """
+        claims, memo = [], {}
+        for address, target in targets.items():
+            if isinstance(target, Refused):
+                continue
+            known = self._claims.get(address)
+            if known is None or known[0] is not target:
+                known = (target, [(s.family, s.iif, s.proto, *s.ports) for s in target])
+            memo[address] = known
+            claims += known[1]
+        self._claims = memo
+        claims.sort()
+        if all(a[:3] != b[:3] or a[4] < b[3] for a, b in itertools.pairwise(claims)):
+            self.overlapping = {}
+            return targets
         held = TakenPorts()
         overlapping = {}
         for address, target in by_address(targets):
@@ -625,7 +676,29 @@ class Forwarder(ChainHalf):
         return item.to
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, Elements]:
-        return family_elements(s for t in targets.values() if not isinstance(t, Refused) for s in t)
+        """:func:`agent_worker.forward.family_elements` of the targets, each rendered once."""
+        found: dict[Family, dict[str, set[str]]] = {
+            family: {name: set() for name in OBJECTS} for family in FAMILIES
+        }
+        memo = {}
+        for address, target in targets.items():
+            if isinstance(target, Refused):
+                continue
+            known = self._elements.get(address)
+            if known is None or known[0] is not target:
+                known = (target, tuple(
+                    (family, name, element)
+                    for family, maps in family_elements(target).items()
+                    for name, elements in maps.items() for element in elements
+                ))
+            memo[address] = known
+            for family, name, element in known[1]:
+                found[family][name].add(element)
+        self._elements = memo
+        return {
+            family: {name: frozenset(elements) for name, elements in maps.items()}
+            for family, maps in found.items()
+        }
 
 
     def family_commands(

@@ -37,10 +37,14 @@ rules of that block and the jumps, not the whole list.
 from __future__ import annotations
 
 import functools
-import hashlib
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+
+try:  # CPython's own BLAKE2: hashlib would load OpenSSL, 3.7 MiB resident, for one hash
+    from _blake2 import blake2b
+except ImportError:  # an interpreter built without it
+    from hashlib import blake2b
 
 from agent_worker.nft_chains import Family
 from agent_worker.qdb_parse import (
@@ -209,7 +213,7 @@ def client_chains(address: IPAddress, source: Source) -> dict[str, tuple[str, ..
     chains: dict[str, tuple[str, ...]] = {}
     jumps = []
     for block in _blocks(rules):
-        digest = hashlib.blake2b("\n".join(block).encode(), digest_size=6).hexdigest()
+        digest = blake2b("\n".join(block).encode(), digest_size=6).hexdigest()
         chains[f"{name}-{digest}"] = block
         jumps.append(f"jump {name}-{digest}")
     chains[name] = (*jumps, policy)

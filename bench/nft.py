@@ -88,32 +88,36 @@ class MemoryQubesDB:
         return {key: self.entries[key] for key in self.list(path)}
 
 
-def forward_entries(count: int) -> dict[str, str]:
-    """``/qns-forward/`` and ``/connected-ips`` as dom0 writes them, ``count`` one-step targets.
+def forward_entries(count: int, per_target: int = 1) -> dict[str, str]:
+    """``/qns-forward/`` and ``/connected-ips`` as dom0 writes them: ``count`` steps.
 
-    A mix of tcp and udp, single ports and 3-port ranges mapped to other
-    ports (an nft map), some limited to a ``srchost`` network.
+    ``per_target`` steps per target (``/qns-forward/<ip>/NNNN``). A mix of
+    tcp and udp, single ports and 3-port ranges mapped to other ports, some
+    limited to a ``srchost`` network.
     """
     entries = {}
+    targets = []
     for number in range(count):
-        target = ipaddress.IPv4Address("10.137.1.0") + number
+        target = ipaddress.IPv4Address("10.137.1.0") + number // per_target
         port = 1024 + 4 * number
         proto = "udp" if number % 3 == 2 else "tcp"
         if number % 7 == 6:
             ports, toports = f"{port}-{port + 2}", "8000-8002"
         else:
-            ports, toports = f"{port}-{port}", "443-443"
+            served = 443 + number % per_target
+            ports, toports = f"{port}-{port}", f"{served}-{served}"
         value = (
             f"proto={proto} ports={ports} iif=upstream daddr=local to={target} toports={toports}"
         )
         if number % 5 == 4:
             value += f" srchost=192.168.{number % 256}.0/24"
         base = f"{forwarding.FORWARD_DIR}{target}"
-        entries[f"{base}/0000"] = value
+        entries[f"{base}/{number % per_target:04}"] = value
         entries[base] = ""
+        if not targets or targets[-1] != target:
+            targets.append(target)
     # Every target is a client of this hop, as dom0 writes it: the worker
     # renders steps only towards connected clients.
-    targets = (ipaddress.IPv4Address("10.137.1.0") + number for number in range(count))
     entries["/connected-ips"] = " ".join(str(target) for target in targets)
     return entries
 
@@ -185,26 +189,27 @@ def forwarder(count: int, nft: CountingNft) -> forwarding.Forwarder:
 
 
 def bare(half: forwarding.Forwarder) -> None:
-    """Table ``qubes`` as Qubes made it: our objects gone, and the half knows it."""
+    """Table ``qubes`` as Qubes made it: our objects gone."""
     half.remove()
-    half.in_force = {}
-    forward.dnat_elements.cache_clear()
 
 
-def first_apply(half: forwarding.Forwarder) -> float:
-    """``commit()`` of the parsed steps into a bare table; seconds."""
+def first_apply(half: forwarding.Forwarder, nft: CountingNft) -> float:
+    """``commit()`` of the parsed steps, by a worker that just started, into a bare table."""
     bare(half)
+    fresh = forwarder(0, nft)
+    fresh.targets, fresh.connected = dict(half.targets), half.connected
     start = time.perf_counter()
-    half.commit()
+    fresh.commit()
     return time.perf_counter() - start
 
 
-def first_reload(half: forwarding.Forwarder) -> float:
-    """``reload()`` from nothing: read, parse, apply; seconds."""
+def first_reload(half: forwarding.Forwarder, nft: CountingNft) -> float:
+    """``reload()`` by a worker that just started: read, parse, apply into a bare table."""
     bare(half)
-    half.targets = {}
+    fresh = forwarder(0, nft)
+    fresh.db = half.db
     start = time.perf_counter()
-    half.reload()
+    fresh.reload()
     return time.perf_counter() - start
 
 
@@ -266,12 +271,13 @@ def one_step_changes(half: forwarding.Forwarder, nft: CountingNft,
 #: The baseline's DNAT chain lives in a scratch table; its accepts in a chain of
 #: table ``qubes`` the user's ``custom-forward`` jumps to (ahead of the vif drop).
 RULES_TABLE, RULES_CHAIN = "ip qns-bench-rules", "qns-bench-accept"
+RULES_DNAT = f"{RULES_TABLE} qns-bench-dnat"
 
 
 def steps_as_rules(steps: Iterable[forward.Step]) -> str:
     """The baseline: every step as a DNAT rule and an accept rule, as the previous release."""
     lines = [f"add table {RULES_TABLE}",
-             f"add chain {RULES_TABLE} dnat {{ type nat hook prerouting priority dstnat; }}",
+             f"add chain {RULES_DNAT} {{ type nat hook prerouting priority dstnat; }}",
              f"add chain ip qubes {RULES_CHAIN}",
              f"add rule ip qubes custom-forward jump {RULES_CHAIN}"]
     for step in steps:
@@ -284,7 +290,7 @@ def steps_as_rules(steps: Iterable[forward.Step]) -> str:
             shift = step.toports[0] - first
             pairs = ", ".join(f"{p} : {p + shift}" for p in range(first, last + 1))
             to = f"{step.to} : {step.proto} dport map {{ {pairs} }}"
-        lines.append(f"add rule {RULES_TABLE} dnat iifgroup != 2{source} fib daddr type local"
+        lines.append(f"add rule {RULES_DNAT} iifgroup != 2{source} fib daddr type local"
                      f" {step.proto} dport {ports} dnat ip to {to}")
         lines.append(f"add rule ip qubes {RULES_CHAIN} iifgroup != 2{source} ct state new"
                      f" ct status dnat ip daddr {step.to} {step.proto} dport"
@@ -323,9 +329,9 @@ def measure(sizes: Sequence[int], runs: int = 5) -> list[list[object]]:
             half.reload()
             rendered = sum(len(e) for f in half.desired(half._effective()).values()
                            for e in f.values())
-            apply = min(first_apply(half) for _ in range(runs))
+            apply = min(first_apply(half, nft) for _ in range(runs))
             listed = kernel_elements()
-            reload = min(first_reload(half) for _ in range(runs))
+            reload = min(first_reload(half, nft) for _ in range(runs))
             unchanged, sent = min(timed_transactions(half.reload, nft) for _ in range(runs))
             added, removed, in_nft, changes = one_step_changes(half, nft, max(runs, 7))
             rules = steps_as_rules(s for t in half.targets.values() for s in t)
