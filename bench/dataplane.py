@@ -90,6 +90,10 @@ class Network:
         wiring.qube_up(Qube(self.hop, None, HOP_ADDRESS, provides_network=True))
         wiring.qube_up(Qube(self.qube, self.hop, QUBE_ADDRESS))
         wiring.vif_online(self.hop, self.qube, 1, QUBE_ADDRESS, HOP_ADDRESS)
+        # what the qube's input hook opens for its forwards (Qubes' input drops the rest)
+        ports = ", ".join(str(port) for port in FORWARDED.values())
+        netns.nft(netns.namespace(self.qube),
+                  f"add rule ip qubes custom-input tcp dport {{ {ports} }} accept\n")
         netns.create(client)
         netns.run(["ip", "link", "add", "eth0", "netns", hop, "type", "veth",
                    "peer", "name", "eth0", "netns", client])
@@ -108,7 +112,8 @@ class Network:
 
     def output(self, where: str, argv: Sequence[str]) -> str:
         return subprocess.run(["ip", "netns", "exec", netns.namespace(where), *argv],
-                              capture_output=True, text=True, check=True, cwd=REPO).stdout
+                              capture_output=True, text=True, check=True, cwd=REPO,
+                              timeout=SECONDS + 30).stdout
 
 
 @contextmanager
@@ -132,7 +137,8 @@ def servers(network: Network) -> Iterator[None]:
 def throughput(network: Network) -> float:
     """Bits per second of one TCP stream from the client through the hop."""
     report = json.loads(network.output(network.client, [
-        "iperf3", "-c", UPLINK, "-p", "8080", "-t", str(SECONDS), "-J"]))
+        "iperf3", "-c", UPLINK, "-p", "8080", "-t", str(SECONDS), "-J",
+        "--connect-timeout", "3000"]))
     return float(report["end"]["sum_received"]["bits_per_second"])
 
 
@@ -145,9 +151,13 @@ def connection_rate(network: Network) -> float:
 
 @contextmanager
 def maps(network: Network, count: int) -> Iterator[None]:
-    """The worker's layout, put in place by its own code inside the hop."""
-    half = forwarding.Forwarder(MemoryQubesDB(step_entries(count)), Nft().run)
+    """The worker's layout, put in place by its own code inside the hop.
+
+    The libnftables context is made inside: its netlink socket belongs to
+    the namespace it was opened in.
+    """
     with inside(netns.namespace(network.hop)):
+        half = forwarding.Forwarder(MemoryQubesDB(step_entries(count)), Nft().run)
         half.reload()
     try:
         yield
@@ -161,8 +171,8 @@ def rules(network: Network, count: int) -> Iterator[None]:
     """The baseline: one DNAT and one accept rule per step."""
     steps = [forward.parse_step(value) for path, value in sorted(step_entries(count).items())
              if path.count("/") == 3]
-    nft = Nft()
     with inside(netns.namespace(network.hop)):
+        nft = Nft()  # in the hop's namespace, as above
         nft.run(steps_as_rules(steps))
     try:
         yield
@@ -194,8 +204,8 @@ def measure(sizes: Sequence[int], rounds: int = 3) -> list[list[object]]:
     }
     base = medians.get(("maps", 10)) or next(iter(medians.values()))
     return [
-        [layout, count, f"{bits / 1e9:.2f}", ratio(bits, base[0]), f"{rate:.0f}",
-         ratio(rate, base[1])]
+        [layout, count, f"{bits / 1e9:.2f}", ratio(bits, base[0], 2), f"{rate:.0f}",
+         ratio(rate, base[1], 2)]
         for (layout, count), (bits, rate) in medians.items()
     ]
 
