@@ -36,6 +36,7 @@ as the steps (doc/agent.md):
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -88,8 +89,17 @@ def _address(untrusted_text: str) -> IPAddress:
     return address
 
 
+#: Step texts whose parse is remembered: dom0 changes a target's directory
+#: key by key, and the worker reads it whole again.
+PARSED_STEPS = 4096
+
+
+@functools.lru_cache(maxsize=PARSED_STEPS)
 def parse_step(untrusted_value: str) -> Step:
-    """Validate one ``/qns-forward/<ip>/NNNN`` value (doc/qubesdb.md)."""
+    """Validate one ``/qns-forward/<ip>/NNNN`` value (doc/qubesdb.md).
+
+    A pure function of the text (a refusal is raised again each time).
+    """
     untrusted_words = parse_words(untrusted_value, _STEP_KEYS)
     missing = _REQUIRED - untrusted_words.keys()
     if missing:

@@ -2,10 +2,19 @@
 
 dom0 remembers what it last wrote into each qube's QubesDB, so a re-plan
 after an event rewrites only the directories whose content differs. Each
-directory is rewritten with the upstream completion convention (remove it,
-write every key, then an empty write on the directory path), which is the
-moment a worker acts on it; a directory no longer planned is removed with
-the same signal path, so the worker drops its rules.
+directory is written with the upstream completion convention (its keys,
+then an empty write on the directory path), which is the moment a worker
+acts on it; a directory no longer planned is removed with the same signal
+path, so the worker drops its rules.
+
+How a changed directory is written depends on whether its order matters.
+The ordered lists (``/qns-inbound/``, ``/qns-input``: first match wins) are
+removed and written whole, so a worker reading one mid-way sees a part of
+the new list, never old and new rules mixed out of order. A forward
+directory is a set of steps: only the keys that changed are written,
+removed ones first, so a qube holding hundreds of forwards costs a write
+per step that changed, not per step it holds; mid-way a worker sees old
+and new steps, never a step of neither.
 """
 
 from __future__ import annotations
@@ -74,7 +83,7 @@ class Applier:
                 for directory in sorted(set(new) | set(old)):
                     if new.get(directory) == old.get(directory):
                         continue
-                    self._rewrite(qube, directory, new.get(directory))
+                    self._rewrite(qube, directory, new.get(directory), old.get(directory))
                     changed.append(f"{qube}:{directory}")
             except Exception:
                 self.forget(qube)
@@ -112,11 +121,20 @@ class Applier:
             found[INPUT_DIR] = UNKNOWN
         return found
 
-    def _rewrite(self, qube: str, directory: str, keys: Mapping[str, str] | None) -> None:
-        self._writer.rm(qube, directory + "/")
-        if keys is None:
-            self._writer.rm(qube, directory)
-            return
+    def _rewrite(
+        self, qube: str, directory: str, keys: Mapping[str, str] | None,
+        old: Mapping[str, str] | None,
+    ) -> None:
+        """Bring one directory from ``old`` (None: absent, UNKNOWN) to ``keys`` (None: gone)."""
+        if keys is None or old is None or old is UNKNOWN or not directory.startswith(FORWARD_DIR):
+            self._writer.rm(qube, directory + "/")
+            if keys is None:
+                self._writer.rm(qube, directory)
+                return
+            old = {}
+        for key in sorted(old.keys() - keys.keys()):
+            self._writer.rm(qube, f"{directory}/{key}")
         for key, value in sorted(keys.items()):
-            self._writer.write(qube, f"{directory}/{key}", value)
+            if old.get(key) != value:
+                self._writer.write(qube, f"{directory}/{key}", value)
         self._writer.write(qube, directory, "")

@@ -118,26 +118,58 @@ def test_reapply_of_the_same_plan_writes_nothing() -> None:
     assert writer.take() == []
 
 
-def test_a_changed_directory_is_removed_then_rewritten_alone() -> None:
+def test_a_changed_forward_directory_changes_key_by_key_alone() -> None:
+    """Forward steps are a set: the keys that changed, removed ones first, then the marker."""
     writer = RecordingWriter()
     applier = Applier(writer)
     applier.apply(BASE)
     writer.take()
     changed_plan = make_plan(
         {
-            "sys-net": {WEB_DIR: {"0000": STEP_A}, WORK_DIR: {"0000": STEP_C}},
+            "sys-net": {WEB_DIR: {"0000": STEP_A}, WORK_DIR: {"0000": STEP_C, "0001": STEP_B}},
             "web": {"/qns-input": {"0000": INPUT}},
         }
     )
-    assert applier.apply(changed_plan) == [f"sys-net:{WEB_DIR}"]
+    assert applier.apply(changed_plan) == [f"sys-net:{WEB_DIR}", f"sys-net:{WORK_DIR}"]
     assert writer.take() == [
-        ("rm", "sys-net", WEB_DIR + "/"),
-        ("write", "sys-net", WEB_DIR + "/0000", STEP_A),
+        ("rm", "sys-net", WEB_DIR + "/0001"),
         ("write", "sys-net", WEB_DIR, ""),
+        ("write", "sys-net", WORK_DIR + "/0001", STEP_B),
+        ("write", "sys-net", WORK_DIR, ""),
     ]
     # The key no longer planned is gone, not left behind.
     assert WEB_DIR + "/0001" not in writer.db["sys-net"]
     assert applier.written("sys-net")[WEB_DIR] == {"0000": STEP_A}
+    assert applier.written("sys-net")[WORK_DIR] == {"0000": STEP_C, "0001": STEP_B}
+
+
+def test_one_more_forward_costs_one_write_whatever_the_directory_holds() -> None:
+    writer = RecordingWriter()
+    applier = Applier(writer)
+    steps = {f"{n:04}": STEP_A.replace("443-443", f"{2000 + n}-{2000 + n}") for n in range(700)}
+    applier.apply(make_plan({"sys-net": {WEB_DIR: steps}}))
+    writer.take()
+    applier.apply(make_plan({"sys-net": {WEB_DIR: {**steps, "0700": STEP_C}}}))
+    assert writer.take() == [
+        ("write", "sys-net", WEB_DIR + "/0700", STEP_C),
+        ("write", "sys-net", WEB_DIR, ""),
+    ]
+
+
+def test_ordered_lists_are_rewritten_whole() -> None:
+    """First match wins in /qns-inbound/ and /qns-input: never a mix of old and new in between."""
+    writer = RecordingWriter()
+    applier = Applier(writer)
+    inbound = "/qns-inbound/10.137.0.10"
+    drop, accept = "action=drop srchost=10.137.0.11/32", "action=accept srchost=10.137.0.0/24"
+    applier.apply(make_plan({"sys-net": {inbound: {"0000": drop, "0001": accept}}}))
+    writer.take()
+    applier.apply(make_plan({"sys-net": {inbound: {"0000": accept}}}))
+    assert writer.take() == [
+        ("rm", "sys-net", inbound + "/"),
+        ("write", "sys-net", inbound + "/0000", accept),
+        ("write", "sys-net", inbound, ""),
+    ]
 
 
 def test_a_changed_value_under_the_same_key_is_rewritten() -> None:

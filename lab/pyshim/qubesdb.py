@@ -23,15 +23,22 @@ class Error(Exception):
 
 
 class _Channel:
-    """One line-oriented JSON connection to the daemon."""
+    """One line-oriented JSON connection to the daemon.
 
-    def __init__(self, path: str) -> None:
+    ``buffered``: read replies through a buffer, for a channel that only
+    ever carries the reply to the request just sent (commands). A watch
+    channel must not (its events are waited for with ``select`` on the
+    socket: an event read ahead into a buffer would never wake it).
+    """
+
+    def __init__(self, path: str, buffered: bool = False) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(path)
         except OSError as err:
             self.sock.close()
             raise Error(f"cannot connect to QubesDB at {path}: {err}") from err
+        self._reader = self.sock.makefile("rb") if buffered else None
 
     def send(self, request: dict) -> None:
         try:
@@ -40,7 +47,15 @@ class _Channel:
             raise Error(f"QubesDB connection lost: {err}") from err
 
     def receive(self) -> dict:
-        """Read one line, byte by byte, so nothing past it leaves the kernel buffer."""
+        """Read one line: buffered, or byte by byte so nothing past it leaves the kernel."""
+        if self._reader is not None:
+            try:
+                whole = self._reader.readline()
+            except OSError as err:
+                raise Error(f"QubesDB connection lost: {err}") from err
+            if not whole.endswith(b"\n"):
+                raise Error("QubesDB connection closed")
+            return json.loads(whole)
         line = bytearray()
         while not line.endswith(b"\n"):
             try:
@@ -60,6 +75,8 @@ class _Channel:
         return reply.get("result")
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self.sock.close()
 
 
@@ -72,7 +89,7 @@ class QubesDB:
             raise Error("no qube name: set QUBESDB_QUBE or pass one")
         directory = os.environ.get("QUBESDB_DIR", "/run/qubes-lab/qubesdb")
         self._socket_path = os.path.join(directory, f"{name}.sock")
-        self._commands = _Channel(self._socket_path)
+        self._commands = _Channel(self._socket_path, buffered=True)
         self._watches: _Channel | None = None
         self._watch_channel_id = 0
 
