@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import converge, cutoff, dom0, nft, outbound, planner, rules
+from bench import converge, cutoff, dataplane, dom0, nft, outbound, planner, rules, worker
 from bench.common import upstream_path
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
@@ -24,12 +24,14 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "planner": planner.main,
     "dom0": dom0.main,
     "nft": nft.main,
+    "worker": worker.main,
+    "dataplane": dataplane.main,
     "outbound": outbound.main,
     "cutoff": cutoff.main,
     "converge": converge.main,
 }
 #: benchmarks that need root and ``ip netns``
-IN_NAMESPACES = ("nft", "outbound", "cutoff", "converge")
+IN_NAMESPACES = ("nft", "worker", "dataplane", "outbound", "cutoff", "converge")
 
 
 def machine() -> str:
@@ -51,7 +53,8 @@ def unavailable(name: str) -> str | None:
         return None
     if os.geteuid() != 0:
         return "not root"
-    missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
+    tools = ("ip", "nft", "iperf3") if name == "dataplane" else ("ip", "nft")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         return f"missing {', '.join(missing)}"
     if name == "outbound" and upstream_path(outbound.UPSTREAM_AGENT) is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from conftest import upstream_dir
 
-from bench import converge, cutoff, dom0, nft, outbound, planner, rules
+from bench import converge, cutoff, dataplane, dom0, nft, outbound, planner, rules, worker
 from lab.control import Lab
 
 
@@ -43,9 +43,23 @@ def test_dom0_benchmark_adds_through_the_client_and_times_its_start_up() -> None
 
 @pytest.mark.lab
 def test_nft_benchmark_runs_in_a_throwaway_namespace() -> None:
-    (row,) = nft.measure([2])
-    assert row[0] == 2
-    assert row[-1] == "yes"  # one transaction and the baseline leave the same ruleset
+    (row,) = nft.measure([2], runs=1)
+    assert row[:2] == [2, 2]  # two map elements, listed back from the kernel as rendered
+    unchanged_transactions, per_change = row[7], row[-1]
+    assert (unchanged_transactions, per_change) == (0, 1)
+
+
+@pytest.mark.lab
+def test_dataplane_benchmark_sends_traffic_through_both_layouts() -> None:
+    rows = dataplane.measure([3], rounds=1)
+    assert [row[:2] for row in rows] == [["maps", 3], ["rules", 3]]
+    assert all(float(row[2]) > 0 and float(row[4]) > 0 for row in rows)
+
+
+@pytest.mark.lab
+def test_worker_benchmark_reads_the_memory_of_a_running_worker() -> None:
+    rows = worker.measure([10])
+    assert [row[:2] for row in rows] == [["python + libnftables", "-"], ["worker", 10]]
 
 
 @pytest.mark.lab
