@@ -108,14 +108,13 @@ def ipv6_enabled(features_up_the_chain: Iterable[Mapping[str, str]]) -> bool:
     return False
 
 
-def derived_ip6(ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
-    """A qube's default IPv6 address: Qubes' prefix, then the IPv4 address as the last 32 bits.
+def derived_ip6(qid: int) -> ipaddress.IPv6Address:
+    """A qube's default IPv6 address, as qubesd's ``get_ip6_for_vm``: ``<prefix>::a89:<hex qid>``.
 
-    qubesd builds ``<prefix>::a89:<qid in hex>`` from the qid it also builds
-    ``10.137.<qid>`` from, so 10.137.0.20 gives ``fd09:24ef:4179::a89:14``
-    either way (and 10.138.x.y of a disposable gives ``::a8a:...``, as there).
+    It comes from the qid, not from the IPv4 address, so it stays when the
+    qube's ``ip`` is changed (qid 20 gives ``fd09:24ef:4179::a89:14``).
     """
-    return ipaddress.IPv6Address(int(QUBES_IPV6_PREFIX.network_address) | int(ip))
+    return ipaddress.IPv6Address(f"{QUBES_IPV6_PREFIX.network_address}a89:{qid:x}")
 
 
 def planning_features(features: Mapping[str, str]) -> dict[str, str]:

@@ -206,7 +206,7 @@ class Dom0:
             return None
         if not ipv6_enabled(q.features for q in self.topology.netvm_chain(name)):
             return None
-        return qube.ip6 or derived_ip6(qube.ip)
+        return qube.ip6 or derived_ip6(qube.qid)
 
     def _gateway6_of(self, client: Qube) -> ipaddress.IPv6Address | None:
         """``/qubes-gateway6``: the netvm's IPv6 address, when IPv6 is on for both."""

@@ -7,8 +7,11 @@ trust names (they become namespace and interface names) and addresses.
 
 IPv6 is optional: ``[lan] network6``/``gateway6``, IPv6 addresses and
 routes of LAN hosts, ``uplink6`` of the edge netvm. Qubes get IPv6 the Qubes
-way, from the ``ipv6`` feature (dom0 derives their addresses); ``ip6`` only
-overrides the derived address.
+way, from the ``ipv6`` feature (dom0 derives their addresses from their
+qids); ``ip6`` only overrides the derived address.
+
+Every qube has a qid, fixed at load: ``qid`` if given, else the one
+qubesd would have given a qube whose default IPv4 address is its ``ip``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ _NAME_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_-]{0,30}\Z")
 RESERVED_NAMES = frozenset({"dom0", "lan-switch", "none", "default"})
 
 DEFAULT_TOPOLOGY = Path(__file__).with_name("topologies") / "default.toml"
+
+#: qubesd's highest qid (qubes.config.max_qid); 0 is dom0's.
+MAX_QID = 10000
+#: Where qubesd puts a qube's default IPv4 address (its ``vmid_to_ipv4`` prefix).
+QUBES_IPV4_NETWORK = ipaddress.IPv4Network("10.137.0.0/16")
 
 
 class TopologyError(Exception):
@@ -66,11 +74,12 @@ class Lan:
 
 @dataclass
 class Qube:
-    """One qube; ``netvm`` and ``ip`` change at run time like qvm-prefs does."""
+    """One qube; ``netvm`` and ``ip`` change at run time like qvm-prefs does, ``qid`` never."""
 
     name: str
     netvm: str | None
     ip: ipaddress.IPv4Address
+    qid: int
     provides_network: bool = False
     autostart: bool = True
     features: dict[str, str] = field(default_factory=dict)
@@ -137,6 +146,7 @@ def _qube_dict(qube: Qube) -> dict[str, Any]:
         "name": qube.name,
         "netvm": qube.netvm or "none",
         "ip": str(qube.ip),
+        "qid": qube.qid,
         "provides_network": qube.provides_network,
         "autostart": qube.autostart,
         "features": dict(qube.features),
@@ -181,7 +191,7 @@ def parse_topology(data: dict[str, Any]) -> Topology:
 
 
 def validate(topology: Topology) -> None:
-    """Cross-checks: references, roles, loops, address clashes.
+    """Cross-checks: references, roles, loops, qid and address clashes.
 
     Also run by dom0 before a live change (netvm, ip) is accepted.
     """
@@ -191,6 +201,13 @@ def validate(topology: Topology) -> None:
     for name in names:
         if names.count(name) > 1:
             raise TopologyError(f"name {name!r} is used by more than one qube or LAN host")
+    qids: dict[int, str] = {}
+    for qube in topology.qubes.values():
+        if qube.qid in qids:
+            raise TopologyError(
+                f"qid {qube.qid} is given to both {qids[qube.qid]!r} and {qube.name!r}"
+            )
+        qids[qube.qid] = qube.name
     for qube in topology.qubes.values():
         _check_qube_links(topology, qube)
     seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
@@ -385,8 +402,40 @@ def _parse_host(
 
 
 _QUBE_KEYS = (
-    "netvm", "provides_network", "autostart", "features", "uplink", "ip6", "uplink6",
+    "netvm", "provides_network", "autostart", "features", "uplink", "ip6", "uplink6", "qid",
 )
+
+
+def default_qid(ip: ipaddress.IPv4Address) -> int | None:
+    """The qid whose qubesd default IPv4 address is ``ip``; None if no qid has it.
+
+    qubesd gives qid N ``10.137.0.N`` below 255, and from 255 on skips the
+    .0 and .255 host bytes (qid 255 is ``10.137.1.1``); this is that rule
+    backwards.
+    """
+    if ip not in QUBES_IPV4_NETWORK:
+        return None
+    high, low = divmod(int(ip) & 0xFFFF, 256)
+    qid = high * 254 + low
+    return qid if 1 <= low <= 254 and qid <= MAX_QID else None
+
+
+def _qid(where: str, untrusted_qid: object, ip: ipaddress.IPv4Address) -> int:
+    """The qube's ``qid``, or the one qubesd gives its ``ip``; a clear error when neither."""
+    if untrusted_qid is None:
+        qid = default_qid(ip)
+        if qid is None:
+            raise TopologyError(
+                f"{where}: ip {ip} is no qid's default address (10.137.x.y); give it a qid"
+            )
+        return qid
+    if (
+        not isinstance(untrusted_qid, int)
+        or isinstance(untrusted_qid, bool)
+        or not 1 <= untrusted_qid <= MAX_QID
+    ):
+        raise TopologyError(f"{where}: qid must be an integer from 1 to {MAX_QID}")
+    return untrusted_qid
 
 
 def _parse_qube(data: object) -> Qube:
@@ -401,10 +450,12 @@ def _parse_qube(data: object) -> Qube:
         isinstance(v, str) for v in untrusted_features.values()
     ):
         raise TopologyError(f"{where}: features must be a table of strings")
+    ip = _parse(f"{where} ip", ipaddress.IPv4Address, data["ip"])
     qube = Qube(
         name=name,
         netvm=netvm,
-        ip=_parse(f"{where} ip", ipaddress.IPv4Address, data["ip"]),
+        ip=ip,
+        qid=_qid(where, data.get("qid"), ip),
         provides_network=_bool(f"{where} provides_network", data.get("provides_network", False)),
         autostart=_bool(f"{where} autostart", data.get("autostart", True)),
         features=dict(untrusted_features),

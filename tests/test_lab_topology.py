@@ -29,6 +29,8 @@ def test_default_topology_is_the_documented_one() -> None:
     assert topology.qubes["sys-firewall"].netvm == "sys-net"
     assert {q.name for q in topology.clients("sys-firewall")} == {"web", "work"}
     assert str(topology.qubes["web"].ip) == "10.137.0.20"
+    # the qids qubesd gives these addresses, hence its IPv6 addresses
+    assert [q.qid for q in topology.qubes.values()] == [5, 6, 20, 21, 8]
     assert topology.qubes["web"].vm_type == "AppVM"
     assert topology.qubes["sys-firewall"].vm_type == "NetVM"
     assert topology.lan is not None
@@ -61,6 +63,13 @@ def _qube(data: dict[str, Any], name: str) -> dict[str, Any]:
         (lambda d: _qube(d, "work").update(ip="10.137.0.20"), "given to both 'web' and 'work'"),
         (lambda d: _qube(d, "web").update(ip="10.137.0.300"), "qube 'web' ip"),
         (lambda d: _qube(d, "web").update(ip="192.0.2.50"), "inside the LAN network"),
+        (lambda d: _qube(d, "work").update(qid=20), "qid 20 is given to both 'web' and 'work'"),
+        (lambda d: _qube(d, "web").update(qid=0), "qid must be an integer from 1 to 10000"),
+        (lambda d: _qube(d, "web").update(qid=10001), "qid must be an integer from 1 to 10000"),
+        (lambda d: _qube(d, "web").update(qid="20"), "qid must be an integer"),
+        (lambda d: _qube(d, "web").update(qid=True), "qid must be an integer"),
+        (lambda d: (_qube(d, "web").pop("qid"), _qube(d, "web").update(ip="10.0.0.5")),
+         "ip 10.0.0.5 is no qid's default address (10.137.x.y); give it a qid"),
         (lambda d: _qube(d, "web").update(uplink="192.0.2.3/24"), "can have an uplink"),
         (lambda d: _qube(d, "sys-net").update(uplink="198.51.100.2/24"), "not in the LAN"),
         (lambda d: _qube(d, "web").update(name="dom0"), "reserved"),
@@ -103,3 +112,10 @@ def test_minimal_topology_without_lan(tmp_path: Path) -> None:
     assert topology.lan is None
     assert topology.qubes["app"].autostart is False
     assert str(topology.qubes["app"].ip6) == "fd09:24ef:4179::a89:3"
+
+
+def test_an_explicit_qid_wins_over_the_ip(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text('[[qubes]]\nname = "net"\nip = "192.168.7.1"\nqid = 300\n'
+                    'provides_network = true\n')
+    assert load_topology(path).qubes["net"].qid == 300
