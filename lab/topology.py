@@ -11,7 +11,8 @@ way, from the ``ipv6`` feature (dom0 derives their addresses from their
 qids); ``ip6`` only overrides the derived address.
 
 Every qube has a qid, fixed at load: ``qid`` if given, else the one
-qubesd would have given a qube whose default IPv4 address is its ``ip``.
+qubesd would have given a qube whose default IPv4 address is its ``ip``,
+else the lowest unused one (as qubesd numbers a new qube).
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def parse_topology(data: dict[str, Any]) -> Topology:
         if qube.name in qubes:
             raise TopologyError(f"qube {qube.name!r} is defined twice")
         qubes[qube.name] = qube
+    _number(list(qubes.values()))
     topology = Topology(lan, qubes)
     validate(topology)
     return topology
@@ -420,15 +422,17 @@ def default_qid(ip: ipaddress.IPv4Address) -> int | None:
     return qid if 1 <= low <= 254 and qid <= MAX_QID else None
 
 
-def _qid(where: str, untrusted_qid: object, ip: ipaddress.IPv4Address) -> int:
-    """The qube's ``qid``, or the one qubesd gives its ``ip``; a clear error when neither."""
-    if untrusted_qid is None:
-        qid = default_qid(ip)
-        if qid is None:
-            raise TopologyError(
-                f"{where}: ip {ip} is no qid's default address (10.137.x.y); give it a qid"
-            )
-        return qid
+def _number(qubes: list[Qube]) -> None:
+    """Qubes without a qid get the lowest unused ones, in order, as qubesd's new qubes do."""
+    taken = {qube.qid for qube in qubes}
+    free = (qid for qid in range(1, MAX_QID + 1) if qid not in taken)
+    for qube in qubes:
+        if qube.qid == 0:
+            qube.qid = next(free)
+
+
+def _qid(where: str, untrusted_qid: object) -> int:
+    """A qid given in the file: an integer a qube can have in qubesd (not dom0's 0)."""
     if (
         not isinstance(untrusted_qid, int)
         or isinstance(untrusted_qid, bool)
@@ -455,7 +459,8 @@ def _parse_qube(data: object) -> Qube:
         name=name,
         netvm=netvm,
         ip=ip,
-        qid=_qid(where, data.get("qid"), ip),
+        # 0 (dom0's, never a qube's): none yet, _number gives one
+        qid=_qid(where, data["qid"]) if "qid" in data else default_qid(ip) or 0,
         provides_network=_bool(f"{where} provides_network", data.get("provides_network", False)),
         autostart=_bool(f"{where} autostart", data.get("autostart", True)),
         features=dict(untrusted_features),

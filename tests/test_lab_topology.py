@@ -68,8 +68,6 @@ def _qube(data: dict[str, Any], name: str) -> dict[str, Any]:
         (lambda d: _qube(d, "web").update(qid=10001), "qid must be an integer from 1 to 10000"),
         (lambda d: _qube(d, "web").update(qid="20"), "qid must be an integer"),
         (lambda d: _qube(d, "web").update(qid=True), "qid must be an integer"),
-        (lambda d: (_qube(d, "web").pop("qid"), _qube(d, "web").update(ip="10.0.0.5")),
-         "ip 10.0.0.5 is no qid's default address (10.137.x.y); give it a qid"),
         (lambda d: _qube(d, "web").update(uplink="192.0.2.3/24"), "can have an uplink"),
         (lambda d: _qube(d, "sys-net").update(uplink="198.51.100.2/24"), "not in the LAN"),
         (lambda d: _qube(d, "web").update(name="dom0"), "reserved"),
@@ -116,6 +114,17 @@ def test_minimal_topology_without_lan(tmp_path: Path) -> None:
 
 def test_an_explicit_qid_wins_over_the_ip(tmp_path: Path) -> None:
     path = tmp_path / "t.toml"
-    path.write_text('[[qubes]]\nname = "net"\nip = "192.168.7.1"\nqid = 300\n'
+    path.write_text('[[qubes]]\nname = "net"\nip = "10.137.0.7"\nqid = 300\n'
                     'provides_network = true\n')
     assert load_topology(path).qubes["net"].qid == 300
+
+
+def test_a_qube_off_qubesd_addresses_gets_the_lowest_unused_qid(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text(
+        '[[qubes]]\nname = "net"\nip = "10.200.0.5"\nprovides_network = true\n'
+        '[[qubes]]\nname = "app"\nnetvm = "net"\nip = "10.137.0.1"\n'
+        '[[qubes]]\nname = "other"\nnetvm = "net"\nip = "10.200.0.6"\nqid = 2\n'
+    )
+    qubes = load_topology(path).qubes
+    assert (qubes["net"].qid, qubes["app"].qid, qubes["other"].qid) == (3, 1, 2)
