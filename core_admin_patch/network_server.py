@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
-from core_admin_patch import planner
+from core_admin_patch import planner, routing
 from core_admin_patch.applier import Applier, EntryWriter
 from core_admin_patch.errors import QubesValueError
 from firewall_rules import Rule
@@ -78,20 +78,26 @@ def derived_ip6(ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(int(QUBES_IPV6_PREFIX.network_address) | int(ip))
 
 
+#: Features read as qubesd's consumers read them, with ``check_with_template``.
+TEMPLATE_FEATURES = (planner.SUPPORT_FEATURE, routing.ROUTING_FEATURE)
+
+
 def planning_features(features: Mapping[str, str]) -> dict[str, str]:
-    """The qube's features, with the support feature as qubesd's consumers see it.
+    """The qube's features, with those of :data:`TEMPLATE_FEATURES` as qubesd sees them.
 
     qubesd keeps the ``supported-feature.*`` requests of a template-based
-    qube on its template and reads them with ``check_with_template``; a
-    plain mapping (the lab) holds the qube's own value.
+    qube on its template and reads them with ``check_with_template``, and
+    ``routing-method`` set on a template counts for its qubes (as in
+    Rudd-O's extension); a plain mapping (the lab) holds the qube's own value.
     """
     planned = dict(features)
     check_with_template = getattr(features, "check_with_template", None)
     if callable(check_with_template):
-        value = check_with_template(planner.SUPPORT_FEATURE, None)
-        planned.pop(planner.SUPPORT_FEATURE, None)
-        if value is not None:
-            planned[planner.SUPPORT_FEATURE] = str(value)
+        for feature in TEMPLATE_FEATURES:
+            value = check_with_template(feature, None)
+            planned.pop(feature, None)
+            if value is not None:
+                planned[feature] = str(value)
     return planned
 
 
@@ -123,6 +129,7 @@ class NetworkServer:
     ) -> None:
         self._domains = domains
         self._read_rules = read_rules
+        self._writer = writer
         self._applier = Applier(writer)
 
     def snapshot(self, now: float) -> planner.Snapshot:
@@ -158,7 +165,7 @@ class NetworkServer:
         """Re-plan everything and write the differences; returns the next expiry."""
         snapshot = self.snapshot(now)
         running = [q.name for q in snapshot.qubes.values() if q.running]
-        self._applier.apply(planner.plan(snapshot), running)
+        self._applier.apply(routing.plan(snapshot), running)
         return planner.next_expiry(snapshot)
 
     def qube_reset(self, name: str) -> None:
@@ -168,3 +175,7 @@ class NetworkServer:
     def describe(self, name: str, now: float) -> dict[int, str]:
         """Path of each forward rule of ``name``, for qvm-firewall."""
         return planner.describe_forwards(self.snapshot(now), name)
+
+    def describe_routing(self, name: str, now: float) -> list[str]:
+        """The routing exposure of ``name`` and each hop's report, for qvm-firewall."""
+        return routing.describe_routing(self.snapshot(now), name, self._writer.read)

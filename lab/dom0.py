@@ -712,6 +712,11 @@ class _EntryWriter:
             return []
         return list(self._dom0.qdb(qube).list(prefix))
 
+    def read(self, qube: str, path: str) -> bytes | None:
+        if not self._dom0.runtime[qube].running:
+            return None
+        return self._dom0.qdb(qube).read(path)
+
 
 async def _serve_control(
     dom0: Dom0, stop: asyncio.Event, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

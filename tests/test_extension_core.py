@@ -498,3 +498,19 @@ def test_clone_of_an_unreadable_firewall_refuses_instead_of_accepting_all(
         firewall_for(disp).clone(firewall_for(system.vms["web"]))
     Path(disp.dir_path).mkdir()
     assert not (Path(disp.dir_path) / "firewall.xml").exists()
+
+
+def test_routing_method_set_on_the_template_counts(system: System) -> None:
+    # As Rudd-O's extension reads it: check_with_template, the qube's own value first.
+    template = FakeVM("fedora", "", klass="TemplateVM",
+                      features=TemplateFeatures(**{"routing-method": "forward"}))
+    web = system.vms["web"]
+    web.features = TemplateFeatures(template, **{SUPPORT_FEATURE: "1"})
+    web.ip = ipaddress.IPv4Address("192.0.2.25")
+    system.core.refresh()
+    assert "/qns-routing/192.0.2.25" in system.vms["sys-net"].untrusted_qdb.data
+    web.features = TemplateFeatures(template, **{SUPPORT_FEATURE: "1", "routing-method": ""})
+    system.core.refresh()
+    assert "/qns-routing/192.0.2.25" not in system.vms["sys-net"].untrusted_qdb.data
+    assert "domain-feature-set:routing-method" in REPLAN_EVENTS
+    assert "domain-feature-delete:routing-method" in REPLAN_EVENTS
