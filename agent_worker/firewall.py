@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol
 
 import nftables
 
-from agent_worker import forwarding, inbound
+from agent_worker import forwarding, inbound, routing
 from agent_worker.entries import EntryError
 from agent_worker.nft_chains import NftError
 from agent_worker.qdb_parse import (
@@ -191,6 +191,8 @@ class Worker:
         self.refused: dict[IPAddress, str] = {}
         #: chain contents of the last transaction nft accepted
         self.applied: dict[Family, dict[str, tuple[str, ...]]] = {f: {} for f in FAMILIES}
+        #: addresses routed through this hop from a client (agent_worker.routing)
+        self.routed: dict[IPAddress, Source] = {}
 
     # -- reading QubesDB --------------------------------------------------
 
@@ -202,6 +204,10 @@ class Worker:
         untrusted_entries = {
             path[len(base) + 1 :]: value for path, value in self.db.multiread(base + "/").items()
         }
+        return self._resolve_source(address, untrusted_entries)
+
+    def _resolve_source(self, address: IPAddress, untrusted_entries: Mapping[str, bytes]) -> Source:
+        """A source's entries parsed and its names resolved, or Blocked and why (logged)."""
         parsed = parse_source(untrusted_entries, address.version)
         if isinstance(parsed, Blocked):
             log.error("blocking all traffic from %s: %s", address, parsed.reason)
@@ -273,7 +279,7 @@ class Worker:
     # -- applying ---------------------------------------------------------
 
     def _effective(self) -> Mapping[IPAddress, Source]:
-        sources = dict(self.sources)
+        sources = {**self.routed, **self.sources}
         for address, reason in self.refused.items():
             sources[address] = Blocked(reason)
         return sources
@@ -303,7 +309,9 @@ class Worker:
         for _attempt in range(2):
             sources = self._effective()
             desired = {
-                family: desired_table(family, sources, self.connected, dns_servers)
+                family: desired_table(
+                    family, sources, self.connected | frozenset(self.routed), dns_servers
+                )
                 for family in FAMILIES
             }
             try:
@@ -337,6 +345,22 @@ class Worker:
         committed = self._commit()
         for address in sorted(handled, key=lambda a: (a.version, a)):
             self._record(address, committed)
+
+    def set_routed(self, untrusted_routed: Mapping[IPAddress, Mapping[str, bytes]]) -> None:
+        """Filter traffic from addresses routed through a client, with their own outbound rules.
+
+        A routed qube's address reaches this hop from the vif of a ProxyVM
+        (agent_worker.routing): it counts as a client here, under the
+        rules dom0 sent along (``/qns-routing/<address>/out/``). Commits
+        only when that changes what is filtered.
+        """
+        routed = {
+            address: self._resolve_source(address, untrusted_entries)
+            for address, untrusted_entries in untrusted_routed.items()
+        }
+        if routed != self.routed:
+            self.routed = routed
+            self._commit()
 
     # -- entry points -----------------------------------------------------
 
@@ -506,14 +530,15 @@ def serve(
             for half in halves:
                 if any(half.concerns(p) for p in paths):
                     half.handle(half.classify(paths))
-    log.info("stopping, removing the %s tables", TABLE)
-    worker.cleanup()
+    # What the halves opened closes while the outbound filter still stands.
     for half in halves:
         log.info("stopping, removing the %s chains", half.KIND)
         try:
             half.remove()
         except (NftError, ValueError, KeyError) as err:
             log.error("could not remove the %s chains: %s", half.KIND, err)
+    log.info("stopping, removing the %s tables", TABLE)
+    worker.cleanup()
 
 
 def main() -> int:
@@ -528,7 +553,11 @@ def main() -> int:
     try:
         db, nft = qubesdb.QubesDB(), Nft()
         worker = Worker(db, nft)
-        halves = (forwarding.Forwarder(db, nft.run), inbound.Inbound(db, nft.run))
+        halves = (
+            forwarding.Forwarder(db, nft.run),
+            inbound.Inbound(db, nft.run),
+            routing.Router(db, nft.run, worker.set_routed),
+        )
         serve(worker, qubesdb.QubesDB(), signals, halves)
     except qubesdb.Error as err:
         log.error("QubesDB failed, leaving the ruleset as it is: %s", err)

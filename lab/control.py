@@ -244,7 +244,7 @@ class Lab:
         self._call("restart-service", name=qube, service=service)
 
     def set(self, qube: str, prop: str, value: str) -> None:
-        """``qvm-prefs``-like: ``netvm`` (a name or ``none``) or ``ip``."""
+        """``qvm-prefs``-like: ``netvm`` (a name or ``none``), ``ip`` or ``ip6``."""
         self._call("set", name=qube, prop=prop, untrusted_value=value)
 
     def set_netvm(self, qube: str, netvm: str | None) -> None:

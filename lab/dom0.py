@@ -477,19 +477,27 @@ class Dom0:
         self.start(name)
 
     def set_property(self, name: str, prop: str, untrusted_value: str) -> None:
-        """``qvm-prefs NAME netvm|ip VALUE``, re-wiring a running qube live."""
+        """``qvm-prefs NAME netvm|ip|ip6 VALUE``, re-wiring a running qube live.
+
+        ``ip6`` replaces the derived IPv6 address (used while IPv6 is on for
+        the qube); ``none`` or ``''`` goes back to the derived one.
+        """
         qube = self._qube(name)
         if prop == "netvm":
             new_netvm = None if untrusted_value in ("none", "") else untrusted_value
             self._change(qube, "netvm", new_netvm)
-        elif prop == "ip":
+        elif prop in ("ip", "ip6"):
+            kind = ipaddress.IPv4Address if prop == "ip" else ipaddress.IPv6Address
+            if prop == "ip6" and untrusted_value in ("none", ""):
+                self._change(qube, prop, None)
+                return
             try:
-                address = ipaddress.IPv4Address(untrusted_value)
+                address = kind(untrusted_value)
             except ValueError as err:
-                raise Dom0Error(f"{name}: invalid ip: {err}") from None
-            self._change(qube, "ip", address)
+                raise Dom0Error(f"{name}: invalid {prop}: {err}") from None
+            self._change(qube, prop, address)
         else:
-            raise Dom0Error(f"cannot set {prop!r}: only netvm and ip can be changed")
+            raise Dom0Error(f"cannot set {prop!r}: only netvm, ip and ip6 can be changed")
 
     def set_feature(self, name: str, feature: str, value: str | None = None) -> None:
         """``qvm-features NAME FEATURE [VALUE]`` (no value: unset it).

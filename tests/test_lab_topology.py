@@ -60,7 +60,6 @@ def _qube(data: dict[str, Any], name: str) -> dict[str, Any]:
         (lambda d: _qube(d, "sys-net").update(netvm="sys-firewall"), "netvm loop"),
         (lambda d: _qube(d, "work").update(ip="10.137.0.20"), "given to both 'web' and 'work'"),
         (lambda d: _qube(d, "web").update(ip="10.137.0.300"), "qube 'web' ip"),
-        (lambda d: _qube(d, "web").update(ip="192.0.2.50"), "inside the LAN network"),
         (lambda d: _qube(d, "web").update(uplink="192.0.2.3/24"), "can have an uplink"),
         (lambda d: _qube(d, "sys-net").update(uplink="198.51.100.2/24"), "not in the LAN"),
         (lambda d: _qube(d, "web").update(name="dom0"), "reserved"),
@@ -80,6 +79,13 @@ def test_broken_topologies_are_refused(change: Any, message: str) -> None:
     with pytest.raises(TopologyError) as info:
         parse_topology(_mutate(change))
     assert message in str(info.value)
+
+
+def test_a_qube_may_take_a_lan_address() -> None:
+    # as on Qubes: that is routing exposure's address, or a conflict its edge reports
+    for ip in ("192.0.2.50", "192.0.2.11"):
+        assert str(parse_topology(_mutate(lambda d, ip=ip: _qube(d, "web").update(ip=ip)))
+                   .qubes["web"].ip) == ip
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:

@@ -1,0 +1,300 @@
+"""The worker's routing half: /qns-routing/ entries to chains, antispoof pairs, routes, proxies.
+
+Pure tests first (strict parsing, rule text, set element diffs), then the
+half against the kernel in throwaway namespaces wired as an edge NetVM
+(uplink eth0 on a LAN client, a ProxyVM behind vif1.0): what it installs,
+in which order, what it reports, and that removal, refusal and a restart
+leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from worker_netns import (
+    MemoryQubesDB,
+    chain_rules,
+    in_netns,
+    make_netns,
+    ns_run,
+    remove_directory,
+    wire_hop,
+)
+
+from agent_worker import net_state, routing
+from agent_worker.entries import EntryError
+from agent_worker.firewall import Nft
+from agent_worker.forwarding import ForwardChanges
+from agent_worker.routing import Entry, Router, Wanted, parse_entry
+from core_admin_patch.routing import status_text
+
+A = "192.0.2.25"
+A_IP = ipaddress.IPv4Address(A)
+PROXYVM = "10.137.0.6"
+SSH = "action=accept srchost=192.0.2.0/24 proto=tcp dstports=22-22"
+EDGE = {
+    "route": b"role=edge via=10.137.0.6",
+    "in/0003": SSH.encode(),
+    "out/policy": b"drop",
+    "out/0000": b"action=accept proto=tcp dstports=80-80",
+}
+
+
+# -- pure -------------------------------------------------------------------
+
+
+def test_an_edge_entry_parses() -> None:
+    entry = parse_entry(A_IP, EDGE)
+    assert entry.edge and entry.via == ipaddress.IPv4Address(PROXYVM)
+    assert [rule.srchost for rule in entry.rules] == [ipaddress.IPv4Network("192.0.2.0/24")]
+    assert dict(entry.outbound) == {
+        "policy": b"drop", "0000": b"action=accept proto=tcp dstports=80-80",
+    }
+
+
+def test_the_qubes_own_netvm_needs_no_via() -> None:
+    entry = parse_entry(A_IP, {"route": b"role=inner", "in/0000": SSH.encode()})
+    assert entry == Entry(False, None, entry.rules, ())
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"route": None}, "missing route"),
+        ({"route": b"role=middle via=10.137.0.6"}, "role must be edge or inner"),
+        ({"route": b"role=edge via=fd09::6"}, "same family"),
+        ({"route": b"role=edge via=192.0.2.25"}, "another address"),
+        ({"route": b"role=edge via=10.137.000.6"}, "not an address"),
+        ({"route": b"role=edge  via=10.137.0.6"}, "malformed word"),
+        ({"route": b"role=edge via=10.137.0.6 extra=1"}, "unknown key"),
+        ({"route": b"role=edge\xff"}, "not ASCII"),
+        ({"route": b"role=inner"}, "unexpected key 'out/0000'"),  # out/ without via
+        ({"out/policy": None, "out/0000": None}, "out/ rules missing"),
+        ({"in/03": SSH.encode()}, "unexpected key 'in/03'"),
+        ({"extra": b""}, "unexpected key 'extra'"),
+        ({"in/0003": b"action=accept proto=tcp dstports=22-22"}, "missing srchost"),
+        ({"in/0003": b"action=accept srchost=2001:db8::/64"}, "another family"),
+    ],
+)
+def test_bad_entries_are_refused(change: dict[str, bytes | None], reason: str) -> None:
+    entries = {**EDGE, **change}
+    with pytest.raises(EntryError, match=reason):
+        parse_entry(A_IP, {k: v for k, v in entries.items() if v is not None})
+
+
+def test_chains_and_pairs_for_an_address_behind_a_client() -> None:
+    entry = parse_entry(A_IP, EDGE)
+    six = ipaddress.IPv6Address("2001:db8::25")
+    entry6 = parse_entry(six, {"route": b"role=edge via=fd09::6", "out/policy": b"drop"})
+    wanted = {A_IP: Wanted(entry, "vif1.0", "eth0"), six: Wanted(entry6, "vif1.0", "eth0")}
+    assert routing.chain_rules(wanted) == {
+        "ip": {
+            "qns-routing": [
+                "ip daddr 192.0.2.25 ip saddr 192.0.2.0/24 meta l4proto tcp th dport 22"
+                " ct state new accept",
+            ],
+            "qns-routing-nonat": ["ip saddr 192.0.2.25 accept"],
+            "qns-routing-nd": [],
+        },
+        "ip6": {
+            "qns-routing": [],
+            "qns-routing-nonat": ["ip6 saddr 2001:db8::25 accept"],
+            "qns-routing-nd": [
+                'iifname "vif1.0" ip6 saddr fe80::/64 icmpv6 type'
+                " { nd-neighbor-solicit, nd-neighbor-advert } accept",
+            ],
+        },
+    }
+    assert routing.antispoof_elements(wanted) == {
+        ("ip", "allowed", '"vif1.0" . 192.0.2.25'), ("ip", "downstream", "192.0.2.25"),
+        ("ip6", "allowed", '"vif1.0" . 2001:db8::25'), ("ip6", "downstream", "2001:db8::25"),
+    }
+
+
+def test_element_commands_touch_only_what_is_ours() -> None:
+    theirs = ("ip", "allowed", f'"vif1.0" . {PROXYVM}')
+    old = ("ip", "downstream", "192.0.2.26")
+    new = ("ip", "downstream", A)
+    assert routing.element_commands({new}, {old, new}, {theirs, old}) == [
+        "delete element ip qubes downstream { 192.0.2.26 }",
+        "add element ip qubes downstream { 192.0.2.25 }",
+    ]
+
+
+def test_present_elements_read_nft_json() -> None:
+    items = [
+        {"set": {"name": "allowed", "elem": [{"concat": ["vif1.0", A]}]}},
+        {"set": {"name": "downstream", "elem": [A]}},
+        {"set": {"name": "other", "elem": ["10.0.0.1"]}},
+        {"chain": {"name": "forward"}},
+    ]
+    assert routing.present_elements("ip", items) == {
+        ("ip", "allowed", '"vif1.0" . 192.0.2.25'), ("ip", "downstream", A),
+    }
+
+
+@pytest.mark.parametrize("state", sorted(routing.STATES))
+def test_every_report_reads_in_dom0(state: str) -> None:
+    value = routing.status_value(state, iface="eth0", mac="02:00:00:00:00:0b")
+    assert status_text(value.encode()) not in ("unreadable report", "no report yet")
+    with pytest.raises(ValueError, match="unknown state"):
+        routing.status_value("maybe")
+
+
+# -- in a namespace ---------------------------------------------------------
+
+
+@pytest.fixture
+def edge() -> Iterator[str]:
+    """An edge NetVM: eth0 on a LAN client (192.0.2.1/24), a ProxyVM (10.137.0.6) on vif1.0."""
+    names = []
+    for _ in range(3):
+        generator = make_netns()
+        names.append((generator, next(generator)))
+    lan, hop, proxyvm = (name for _, name in names)
+    wire_hop(lan, hop, {proxyvm: PROXYVM})
+    try:
+        yield hop
+    finally:
+        for generator, _ in names:
+            with pytest.raises(StopIteration):
+                next(generator)
+
+
+def _db(extra: dict[str, bytes] | None = None) -> MemoryQubesDB:
+    db = MemoryQubesDB({"/connected-ips": PROXYVM})
+    for key, value in {**EDGE, **(extra or {})}.items():
+        db.write(f"/qns-routing/{A}/{key}", value)
+    db.write(f"/qns-routing/{A}", "")
+    return db
+
+
+def _kernel(outbound: dict[Any, Any]) -> dict[str, Any]:
+    """What the kernel of the current namespace holds of routing, as plain data."""
+    nft = json.loads(Nft().run("list ruleset"))["nftables"]
+    return {
+        "routes": sorted(str(a) for a in net_state.our_routes()),
+        "proxies": sorted(f"{a} {i}" for a, i in net_state.proxies()),
+        "proxy_delay": (net_state.PROC_NET / "ipv4/neigh/eth0/proxy_delay").read_text().strip(),
+        "chains": sorted(i["chain"]["name"] for i in nft
+                         if "chain" in i and i["chain"]["name"].startswith("qns-routing")),
+        "elements": sorted(
+            json.dumps(e) for i in nft if "set" in i and i["set"]["family"] == "ip"
+            for e in i["set"].get("elem", []) if A in json.dumps(e)
+        ),
+        "outbound": {str(a): dict(v) for a, v in outbound.items()},
+    }
+
+
+def _expose_then_remove() -> tuple[list[str], dict[str, Any], list[str], dict[str, Any], dict]:
+    db = _db()
+    calls: list[str] = []
+    published: dict[Any, Any] = {}
+    nft = Nft()
+
+    def runner(commands: str, *, check: bool = False) -> str:
+        if not check and not commands.startswith("list"):
+            calls.append("nft")
+        return nft.run(commands, check=check)
+
+    def publish(routed: Any) -> None:
+        if dict(routed) != published:
+            calls.append(f"outbound {sorted(str(a) for a in routed)}")
+        published.clear()
+        published.update(routed)
+
+    for name in ("add_route", "add_proxy", "del_route", "del_proxy"):
+        real = getattr(net_state, name)
+
+        def recorder(*args: Any, _real: Any = real, _name: str = name) -> None:
+            calls.append(_name)
+            _real(*args)
+
+        setattr(net_state, name, recorder)
+    router = Router(db, runner, publish)
+    router.reload()
+    exposed = _kernel(published)
+    reports = [db.read(f"/qns-routing_status/{A}").decode()]
+    added, calls[:] = list(calls), []
+    remove_directory(db, f"/qns-routing/{A}")
+    router.handle(ForwardChanges(targets={A}))
+    reports.append(str(db.read(f"/qns-routing_status/{A}")))
+    return added, exposed, list(calls), _kernel(published), {"reports": reports}
+
+
+def test_exposure_is_installed_firewall_first_and_removed_in_reverse(edge: str) -> None:
+    added, exposed, removed, after, rest = in_netns(edge, _expose_then_remove)
+    assert added == ["outbound ['192.0.2.25']", "nft", "add_route", "add_proxy"]
+    assert exposed == {
+        "routes": [A],
+        "proxies": [f"{A} eth0"],
+        "proxy_delay": "0",
+        "chains": ["qns-routing", "qns-routing-nd", "qns-routing-nonat"],  # IPv4 only
+        "elements": ['"192.0.2.25"', '{"concat": ["vif1.0", "192.0.2.25"]}'],
+        "outbound": {A: {"policy": b"drop", "0000": b"action=accept proto=tcp dstports=80-80"}},
+    }
+    assert removed == ["del_proxy", "del_route", "nft", "outbound []"]
+    assert after == {"routes": [], "proxies": [], "proxy_delay": "0", "chains": [],
+                     "elements": [], "outbound": {}}
+    assert rest["reports"] == ["state=exposed iface=eth0", "None"]
+    assert chain_rules(edge, "ip", "qubes", "postrouting")[-1] == "masquerade"
+
+
+def _decide(extra: dict[str, bytes], connected: str = PROXYVM) -> tuple[str, dict[str, Any]]:
+    db = _db(extra)
+    db.write("/connected-ips", connected)
+    router = Router(db, Nft().run, lambda routed: None)
+    router.reload()
+    return db.read(f"/qns-routing_status/{A}").decode(), _kernel({})
+
+
+@pytest.mark.parametrize(
+    ("extra", "connected", "report"),
+    [
+        ({}, "10.137.0.7", "state=waiting"),  # its ProxyVM is no client here (yet)
+        ({"route": b"role=edge via=10.137.0.7"}, "10.137.0.7", "state=waiting"),  # no vif
+        ({"in/0003": b"action=accept"}, PROXYVM, "state=failed"),  # bad entry
+    ],
+)
+def test_what_cannot_be_carried_installs_nothing(
+    edge: str, extra: dict[str, bytes], connected: str, report: str,
+) -> None:
+    got, kernel = in_netns(edge, _decide, extra, connected)
+    assert got == report
+    assert kernel == {"routes": [], "proxies": [], "proxy_delay": "80", "chains": [],
+                      "elements": [], "outbound": {}}
+
+
+def test_an_address_outside_every_uplink_network_is_not_answered(edge: str) -> None:
+    def outside() -> tuple[str, dict[str, Any]]:
+        subprocess.run(["ip", "address", "flush", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "address", "add", "198.51.100.2/24", "dev", "eth0"], check=True)
+        return _decide({})
+
+    report, kernel = in_netns(edge, outside)
+    assert report == "state=outside"
+    assert kernel["proxies"] == [] and kernel["routes"] == []
+
+
+def _restart_after_crash() -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    db = _db()
+    Router(db, Nft().run, lambda routed: None).reload()  # then "killed": nothing withdrawn
+    left = _kernel({})
+    remove_directory(db, f"/qns-routing/{A}")  # dom0 removed it meanwhile
+    Router(db, Nft().run, lambda routed: None).reload()
+    status = db.read(f"/qns-routing_status/{A}")
+    return left, _kernel({}), None if status is None else status.decode()
+
+
+def test_a_restarted_worker_withdraws_what_an_earlier_one_left(edge: str) -> None:
+    left, after, status = in_netns(edge, _restart_after_crash)
+    assert left["proxies"] == [f"{A} eth0"] and left["routes"] == [A]
+    assert after["routes"] == [] and after["proxies"] == [] and after["elements"] == []
+    assert status is None
+    # the ProxyVM's own antispoof pair is not ours: it stays
+    assert f'"vif1.0" . {PROXYVM}' in ns_run(edge, "nft", "list", "set", "ip", "qubes", "allowed")
