@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -511,7 +512,10 @@ def serve(
         half.reload()
     log.info("started")
     while not signals.stop:
-        ready = select.select([fd, signals.wake_fd], [], [])[0]
+        deadlines = [when for half in halves if (when := half.next_wake()) is not None]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        sockets = [sock for half in halves for sock in half.fds()]
+        ready = select.select([fd, signals.wake_fd, *sockets], [], [], timeout)[0]
         signals.drain()
         if signals.stop:
             break
@@ -530,6 +534,8 @@ def serve(
             for half in halves:
                 if any(half.concerns(p) for p in paths):
                     half.handle(half.classify(paths))
+        for half in halves:
+            half.wake(ready, time.monotonic())
     # What the halves opened closes while the outbound filter still stands.
     for half in halves:
         log.info("stopping, removing the %s chains", half.KIND)

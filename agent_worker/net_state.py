@@ -83,6 +83,17 @@ def uplinks() -> list[Uplink]:
     return found
 
 
+def link_local(iface: str) -> ipaddress.IPv6Address | None:
+    """The interface's IPv6 link-local address (the source of the NDP messages we send)."""
+    for link in _ip_json("-6", "addr", "show", "dev", iface, "scope", "link"):
+        for info in link.get("addr_info", []):
+            try:
+                return ipaddress.IPv6Address(str(info.get("local")))
+            except ValueError:
+                continue
+    return None
+
+
 def uplink_for(address: IPAddress) -> str | None:
     """The uplink whose network holds ``address`` as a host another machine could have.
 

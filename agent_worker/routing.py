@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from agent_worker.entries import EntryError, parse_words
 from agent_worker.forwarding import ChainHalf, ForwardChanges, Refused, Target, by_address
 from agent_worker.inbound import parse_target as parse_rules
 from agent_worker.input_rules import Opening, input_rule
+from agent_worker.neighbours import Guard, Link, frame_for, mac_text
 from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
 from agent_worker.qdb_parse import IPAddress, parse_address
 
@@ -229,6 +231,9 @@ class Router(ChainHalf):
         #: last report written per address
         self.reported: dict[IPAddress, str] = {}
         self.started = False
+        #: duplicate address detection and conflict watch at the edge
+        self.guard = Guard()
+        self.links: dict[str, Link] = {}
 
     # -- ChainHalf --------------------------------------------------------
 
@@ -282,16 +287,90 @@ class Router(ChainHalf):
                 reports[address] = status_value("waiting")
             elif entry.edge and uplink is None:
                 reports[address] = status_value("outside")
+            elif uplink is None:
+                wanted[address] = Wanted(entry, vif, None)
+                reports[address] = status_value("applied")
             else:
-                wanted[address] = Wanted(entry, vif, uplink)
-                exposed = status_value("exposed", iface=uplink) if uplink else None
-                reports[address] = exposed or status_value("applied")
+                # the edge answers only once no other machine on the uplink has the address
+                state, mac = self.guard.state(address) or ("probing", None)
+                reports[address] = status_value(state, iface=uplink, mac=mac)
+                if state in ("exposed", "squatter"):
+                    wanted[address] = Wanted(entry, vif, uplink)
         return wanted, reports
+
+    def _edge_candidates(self, targets: Mapping[IPAddress, Target]) -> dict[IPAddress, str]:
+        """Addresses this edge may answer for once probed, with their uplink."""
+        candidates = {}
+        for address, target in targets.items():
+            if isinstance(target, Refused) or not target or not target[0].edge:
+                continue
+            entry = target[0]
+            try:
+                if entry.via is not None and net_state.vif_of(entry.via) is None:
+                    continue
+                uplink = net_state.uplink_for(address)
+            except net_state.NetError:
+                continue  # reported by _decide
+            if uplink is not None:
+                candidates[address] = uplink
+        return candidates
+
+    def _watch(self, targets: Mapping[IPAddress, Target]) -> None:
+        """Probe new edge addresses, stop watching gone ones; a raw socket pair per uplink."""
+        self.guard.sync(self._edge_candidates(targets), time.monotonic())
+        ifaces = {watch.iface for watch in self.guard.watches.values()}
+        for iface in set(self.links) - ifaces:
+            self.links.pop(iface).close()
+        for iface in sorted(ifaces):
+            try:
+                link = self.links.get(iface) or Link(iface)
+                self.links[iface] = link
+                link.listen_for(a for a, w in self.guard.watches.items()
+                                if w.iface == iface and a.version == 6)
+            except OSError as err:
+                log.error("routing: cannot watch %s for address conflicts: %s", iface, err)
+
+    def fds(self) -> tuple[int, ...]:
+        return tuple(fd for link in self.links.values() for fd in link.fds())
+
+    def next_wake(self) -> float | None:
+        return self.guard.next_deadline()
+
+    def wake(self, ready: Collection[int], now: float) -> None:
+        """Claims heard on an uplink, probes and announcements due: decide, then send."""
+        sends, changed = [], False
+        for iface, link in list(self.links.items()):
+            if not set(link.fds()) & set(ready):
+                continue
+            try:
+                claims = link.receive()
+            except OSError as err:
+                log.error("routing: reading %s: %s", iface, err)
+                continue
+            more, moved = self.guard.seen(iface, claims, mac_text(link.mac), now)
+            sends += more
+            changed |= moved
+        more, moved = self.guard.tick(now)
+        if changed or moved:
+            self.commit()
+        for send in sends + more:
+            link = self.links.get(send.iface)
+            if link is None or send.address not in self.guard.watches:
+                continue
+            try:
+                local = net_state.link_local(send.iface) if send.address.version == 6 else None
+                frame = frame_for(send, link.mac, local)
+                if frame is not None:
+                    link.send(frame)
+            except (OSError, net_state.NetError) as err:
+                log.error("routing: sending a %s for %s on %s: %s",
+                          send.kind, send.address, send.iface, err)
 
     # -- applying ---------------------------------------------------------
 
     def commit(self) -> bool:
         """Take the kernel to what the entries ask, in the fail-closed order."""
+        self._watch(self._effective())
         wanted, reports = self._decide(self._effective())
         before = dict(self.installed)
         gone = [
@@ -390,6 +469,8 @@ class Router(ChainHalf):
             if self.reported.get(address) != value:
                 self.db.write(f"{STATUS_DIR}{address}", value)
                 self.reported[address] = value
+                if value.split()[0] in ("state=conflict", "state=squatter", "state=outside"):
+                    log.warning("routing to %s: %s", address, value)
 
     # -- entry points -----------------------------------------------------
 
@@ -404,6 +485,10 @@ class Router(ChainHalf):
         """Withdraw everything (clean stop, or nft refused twice): proxies, routes, chains."""
         for address in list(self.installed):
             self._withdraw(address)
+        self.guard.sync({}, time.monotonic())
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
         self._publish({})
         try:
             super().remove()

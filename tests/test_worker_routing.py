@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import select
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from worker_netns import (
+    CLIENT_ADDRESS,
+    HOP_UPLINK,
+    REPO,
     MemoryQubesDB,
     chain_rules,
     in_netns,
@@ -150,8 +156,11 @@ def test_every_report_reads_in_dom0(state: str) -> None:
 
 
 @pytest.fixture
-def edge() -> Iterator[str]:
-    """An edge NetVM: eth0 on a LAN client (192.0.2.1/24), a ProxyVM (10.137.0.6) on vif1.0."""
+def namespaces() -> Iterator[tuple[str, str]]:
+    """An edge NetVM: eth0 on a LAN host (192.0.2.10), a ProxyVM (10.137.0.6) on vif1.0.
+
+    Yields the LAN host's namespace and the edge's.
+    """
     names = []
     for _ in range(3):
         generator = make_netns()
@@ -159,11 +168,32 @@ def edge() -> Iterator[str]:
     lan, hop, proxyvm = (name for _, name in names)
     wire_hop(lan, hop, {proxyvm: PROXYVM})
     try:
-        yield hop
+        yield lan, hop
     finally:
         for generator, _ in names:
             with pytest.raises(StopIteration):
                 next(generator)
+
+
+@pytest.fixture
+def edge(namespaces: tuple[str, str]) -> str:
+    return namespaces[1]
+
+
+def run_until(router: Router, done: Callable[[], bool], timeout: float = 5.0) -> None:
+    """The worker's select loop for this half alone, until ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        now = time.monotonic()
+        assert now < deadline, "timed out"
+        wake = router.next_wake()
+        wait = 0.05 if wake is None else min(max(0.0, wake - now), 0.05)
+        ready = select.select(list(router.fds()), [], [], wait)[0]
+        router.wake(ready, time.monotonic())
+
+
+def reported(db: MemoryQubesDB, state: str) -> Callable[[], bool]:
+    return lambda: (db.read(f"/qns-routing_status/{A}") or b"").startswith(state.encode())
 
 
 def _db(extra: dict[str, bytes] | None = None) -> MemoryQubesDB:
@@ -218,8 +248,10 @@ def _expose_then_remove() -> tuple[list[str], dict[str, Any], list[str], dict[st
         setattr(net_state, name, recorder)
     router = Router(db, runner, publish)
     router.reload()
+    probing = [db.read(f"/qns-routing_status/{A}").decode(), *calls]
+    run_until(router, reported(db, "state=exposed"))
     exposed = _kernel(published)
-    reports = [db.read(f"/qns-routing_status/{A}").decode()]
+    reports = [*probing, db.read(f"/qns-routing_status/{A}").decode()]
     added, calls[:] = list(calls), []
     remove_directory(db, f"/qns-routing/{A}")
     router.handle(ForwardChanges(targets={A}))
@@ -241,7 +273,8 @@ def test_exposure_is_installed_firewall_first_and_removed_in_reverse(edge: str) 
     assert removed == ["del_proxy", "del_route", "nft", "outbound []"]
     assert after == {"routes": [], "proxies": [], "proxy_delay": "0", "chains": [],
                      "elements": [], "outbound": {}}
-    assert rest["reports"] == ["state=exposed iface=eth0", "None"]
+    # nothing at all while the edge probes the LAN for the address
+    assert rest["reports"] == ["state=probing iface=eth0", "state=exposed iface=eth0", "None"]
     assert chain_rules(edge, "ip", "qubes", "postrouting")[-1] == "masquerade"
 
 
@@ -283,7 +316,9 @@ def test_an_address_outside_every_uplink_network_is_not_answered(edge: str) -> N
 
 def _restart_after_crash() -> tuple[dict[str, Any], dict[str, Any], str | None]:
     db = _db()
-    Router(db, Nft().run, lambda routed: None).reload()  # then "killed": nothing withdrawn
+    first = Router(db, Nft().run, lambda routed: None)
+    first.reload()
+    run_until(first, reported(db, "state=exposed"))  # then "killed": nothing withdrawn
     left = _kernel({})
     remove_directory(db, f"/qns-routing/{A}")  # dom0 removed it meanwhile
     Router(db, Nft().run, lambda routed: None).reload()
@@ -298,3 +333,52 @@ def test_a_restarted_worker_withdraws_what_an_earlier_one_left(edge: str) -> Non
     assert status is None
     # the ProxyVM's own antispoof pair is not ours: it stays
     assert f'"vif1.0" . {PROXYVM}' in ns_run(edge, "nft", "list", "set", "ip", "qubes", "allowed")
+
+
+def _conflict() -> tuple[str, dict[str, Any]]:
+    db = MemoryQubesDB({"/connected-ips": PROXYVM})
+    base = f"/qns-routing/{CLIENT_ADDRESS}"
+    for key, value in EDGE.items():
+        db.write(f"{base}/{key}", value)
+    db.write(base, "")
+    router = Router(db, Nft().run, lambda routed: None)
+    router.reload()
+    path = f"/qns-routing_status/{CLIENT_ADDRESS}"
+    run_until(router, lambda: (db.read(path) or b"").startswith(b"state=conflict"))
+    return db.read(path).decode(), _kernel({})
+
+
+def test_an_address_a_lan_host_has_is_refused_and_reported(
+    namespaces: tuple[str, str],
+) -> None:
+    lan, edge = namespaces
+    report, kernel = in_netns(edge, _conflict)
+    assert report == f"state=conflict iface=eth0 mac={mac_of(lan)}"
+    assert kernel == {"routes": [], "proxies": [], "proxy_delay": "80", "chains": [],
+                      "elements": [], "outbound": {}}
+
+
+def _squatter(lan: str) -> tuple[str, dict[str, Any]]:
+    db = _db()
+    router = Router(db, Nft().run, lambda routed: None)
+    router.reload()
+    run_until(router, reported(db, "state=exposed"))
+    # a LAN host takes the address and talks from it: its ARP request gives it away
+    subprocess.run(["ip", "netns", "exec", lan, "ip", "address", "add", f"{A}/32",
+                    "dev", "eth0"], check=True)
+    subprocess.run(["ip", "netns", "exec", lan, sys.executable, "-m", "lab.probe", "connect",
+                    "udp", HOP_UPLINK, "9", "--source", A, "--timeout", "0.2"],
+                   capture_output=True, check=False, cwd=REPO)
+    run_until(router, reported(db, "state=squatter"))
+    return db.read(f"/qns-routing_status/{A}").decode(), _kernel({})
+
+
+def test_a_squatter_is_reported_and_the_exposure_stays(namespaces: tuple[str, str]) -> None:
+    lan, edge = namespaces
+    report, kernel = in_netns(edge, _squatter, lan)
+    assert report == f"state=squatter iface=eth0 mac={mac_of(lan)}"
+    assert kernel["proxies"] == [f"{A} eth0"] and kernel["routes"] == [A]
+
+
+def mac_of(ns: str) -> str:
+    return json.loads(ns_run(ns, "ip", "-j", "link", "show", "eth0"))[0]["address"]
