@@ -12,10 +12,10 @@ carry ``A`` with no NAT either way:
 - chain ``qns-routing-nonat`` (postrouting, ahead of ``masquerade``):
   traffic from ``A`` leaves with ``A`` as its source;
 - with ``via``: the pair (``V``'s vif, ``A``) in the antispoof set
-  ``allowed`` and ``A`` in ``downstream`` (only that vif may send from
-  ``A``), ``A``'s outbound rules in the outbound worker's table (it counts
-  ``A`` as a client here), link-local neighbour discovery from that vif
-  (chain ``qns-routing-nd``, IPv6) and a host route to ``A`` via ``V``;
+  ``allowed`` (only that vif may send from ``A``), ``A``'s outbound rules
+  in the outbound worker's table (it counts ``A`` as a client here),
+  link-local neighbour discovery from that vif (chain ``qns-routing-nd``,
+  IPv6) and a host route to ``A`` via ``V``;
 - at the edge: a proxy neighbour entry for ``A`` on the uplink whose
   network holds ``A`` (ARP or NDP for exactly that address; ``proxy_arp``
   stays off), answered at once (``proxy_delay`` 0).
@@ -156,30 +156,31 @@ def chain_rules(wanted: Mapping[IPAddress, Wanted]) -> dict[Family, dict[str, li
 
 
 def antispoof_elements(wanted: Mapping[IPAddress, Wanted]) -> set[tuple[Family, str, str]]:
-    """``(family, set, element)`` of Qubes' antispoof sets for the addresses behind a client."""
-    elements = set()
-    for address, item in wanted.items():
-        if item.vif is not None:
-            family = _family(address)
-            elements.add((family, "allowed", f'"{item.vif}" . {address}'))
-            elements.add((family, "downstream", str(address)))
-    return elements
+    """``(family, set, element)`` of Qubes' antispoof set ``allowed`` for addresses behind a client.
+
+    Only the pair (vif, address): it lets that vif, and no other, send from
+    the address. Set ``downstream`` is left to vif-route-qubes: an address
+    in it may also be a client's own (after a netvm change) and is not ours
+    to delete; the outbound worker's prerouting chain, which counts a
+    routed address as a client, already drops it arriving from the uplink.
+    """
+    return {
+        (_family(address), "allowed", f'"{item.vif}" . {address}')
+        for address, item in wanted.items() if item.vif is not None
+    }
 
 
 def present_elements(family: Family, items: list[dict[str, Any]]) -> set[tuple[Family, str, str]]:
-    """The elements of sets ``allowed`` and ``downstream`` in a ``list table`` listing."""
+    """The elements of the antispoof set ``allowed`` in a ``list table`` listing."""
     found = set()
     for item in items:
         nft_set = item.get("set")
-        if not isinstance(nft_set, dict) or nft_set.get("name") not in ("allowed", "downstream"):
+        if not isinstance(nft_set, dict) or nft_set.get("name") != "allowed":
             continue
         for element in nft_set.get("elem", []):
-            if isinstance(element, dict) and "concat" in element:
+            if isinstance(element, dict) and len(element.get("concat", [])) == 2:
                 vif, address = element["concat"]
-                text = f'"{vif}" . {address}'
-            else:
-                text = str(element)
-            found.add((family, str(nft_set["name"]), text))
+                found.add((family, "allowed", f'"{vif}" . {address}'))
     return found
 
 
@@ -535,10 +536,15 @@ class Router(ChainHalf):
         leftovers: set[tuple[Family, str, str]] = set()
         for family in ("ip", "ip6"):
             items = nft_chains.list_table(family, self.runner) or []
-            leftovers |= {
-                element for element in present_elements(family, items)
-                if self._element_address(element) in recorded - self.connected
-            }
+            for element in present_elements(family, items):
+                vif, _, text = element[2].partition(" . ")
+                try:
+                    address = parse_address(text)
+                    # the address's own vif, if it became a client here, is vif-route-qubes' pair
+                    if address in recorded and vif.strip('"') != net_state.vif_of(address):
+                        leftovers.add(element)
+                except (EntryError, net_state.NetError):
+                    continue
         try:
             self._delete_elements(leftovers)
         except NftError as err:
@@ -546,11 +552,3 @@ class Router(ChainHalf):
         for address in recorded:
             self.db.rm(f"{STATUS_DIR}{address}")
             self._end_flows(address)
-
-    @staticmethod
-    def _element_address(element: tuple[Family, str, str]) -> IPAddress | None:
-        try:
-            return parse_address(element[2].rpartition(" ")[2])
-        except EntryError:
-            return None
-

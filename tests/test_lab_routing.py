@@ -9,6 +9,7 @@ TCP from the LAN hosts and from the qubes.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -143,3 +144,187 @@ def test_lan_reaches_a_qube_one_hop_away(direct: Lab, address: str, lan: str, la
     assert reaches(direct, "lan", address, qube="direct", source=lan) == [lan]
     assert reaches(direct, "lan2", address, qube="direct", source=lan2, timeout=1) is None
     assert seen_from(direct, "direct", lan) == [address]
+
+
+# -- what the edge answers ------------------------------------------------------
+
+
+def answering(lab: Lab, address: str, host: str = "lan") -> list[str]:
+    """MACs answering ARP/NDP for ``address`` on the LAN, asked by a LAN host."""
+    source = LAN6 if ":" in address else LAN
+    if host == "lan2":
+        source = LAN2_6 if ":" in address else LAN2
+    result = lab.exec(host, [*probe_argv(), "neigh", "eth0", address, "--source", source],
+                      check=True)
+    return result.stdout.split()
+
+
+def probe_argv() -> list[str]:
+    return ["python3", "-m", "lab.probe"]
+
+
+def mac(lab: Lab, qube: str) -> str:
+    return str(json.loads(lab.exec(qube, ["ip", "-j", "link", "show", "eth0"], check=True)
+                          .stdout)[0]["address"])
+
+
+INTERNAL = ("10.137.0.20", "10.137.0.21", "10.137.0.6", "10.137.0.8",
+            "fd09:24ef:4179::a89:14", "fd09:24ef:4179::a89:6")
+
+
+def test_sys_net_answers_for_web_and_nothing_else(web: Lab) -> None:
+    sys_net = mac(web, "sys-net")
+    assert answering(web, WEB) == [sys_net]
+    assert answering(web, WEB6) == [sys_net]
+    for other in ("192.0.2.99", "2001:db8::99", *INTERNAL):
+        assert answering(web, other) == [], other
+    # LAN hosts still answer for themselves, and only they do
+    assert answering(web, LAN2) == [mac(web, "lan2")]
+    assert answering(web, LAN2_6) == [mac(web, "lan2")]
+    proxy_arp = web.exec("sys-net", ["sysctl", "-n", "net.ipv4.conf.eth0.proxy_arp"], check=True)
+    assert proxy_arp.stdout.strip() == "0"  # no interface-wide switch
+
+
+# -- life cycle: nothing answered, nothing left ---------------------------------
+
+
+def left_for(lab: Lab, address: str) -> list[str]:
+    """What any running hop still holds for ``address``: proxy entries, routes, rules, entries."""
+    found = []
+    for hop in ("sys-net", "sys-firewall"):
+        if not lab.qube_info(hop)["running"]:
+            continue
+        family = "-6" if ":" in address else "-4"
+        proxies = lab.exec(hop, ["ip", family, "neigh", "show", "proxy"], check=True).stdout
+        routes = lab.exec(hop, ["ip", family, "route", "show", "proto", "145"], check=True).stdout
+        ruleset = lab.exec(hop, ["nft", "list", "table", "ip6" if ":" in address else "ip",
+                                 "qubes"], check=True).stdout
+        db = lab.qubesdb(hop)
+        found += [f"{hop}: proxy {line}" for line in proxies.splitlines() if address in line]
+        found += [f"{hop}: route {line}" for line in routes.splitlines() if address in line]
+        found += [f"{hop}: nft {line.strip()}" for line in ruleset.splitlines()
+                  if address in line]
+        found += [f"{hop}: qubesdb {path}" for path in db.list(f"/qns-routing/{address}")]
+        found += [f"{hop}: report {path}" for path in db.list(f"/qns-routing_status/{address}")]
+    return found
+
+
+def withdrawn(lab: Lab, *addresses: str) -> bool:
+    return all(not left_for(lab, a) and not answering(lab, a) for a in addresses)
+
+
+def exposed(lab: Lab, address: str) -> bool:
+    status = lab.qubesdb("sys-net").read(f"/qns-routing_status/{address}") or b""
+    return status.startswith(b"state=exposed") and answering(lab, address) == [
+        mac(lab, "sys-net")
+    ]
+
+
+def test_nothing_is_answered_or_left_once_web_stops(web: Lab) -> None:
+    web.stop("web")
+    try:
+        wait_for(lambda: withdrawn(web, WEB, WEB6), "sys-net withdraws web's addresses")
+    finally:
+        web.start("web")
+    wait_for(lambda: exposed(web, WEB) and exposed(web, WEB6), "web exposed again")
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]
+
+
+def test_an_ip_change_moves_the_exposure(web: Lab) -> None:
+    web.set_ip("web", "192.0.2.27")
+    web.set("web", "ip6", "2001:db8::27")
+    wait_for(lambda: withdrawn(web, WEB, WEB6), "the old addresses are withdrawn")
+    wait_for(lambda: exposed(web, "192.0.2.27") and exposed(web, "2001:db8::27"),
+             "the new addresses are exposed")
+    set_rules("web", f"action=accept srchost={LAN} proto=tcp dstports=22", "action=accept")
+    wait_for(lambda: reaches(web, "lan", "192.0.2.27", source=LAN) == [LAN], "lan reaches web")
+
+
+def test_a_netvm_change_moves_the_exposure(web: Lab) -> None:
+    web.set_netvm("web", "sys-net")  # one hop now: sys-firewall carries nothing any more
+    wait_for(lambda: exposed(web, WEB) and exposed(web, WEB6), "web exposed one hop away")
+    assert not web.qubesdb("sys-firewall").list("/qns-routing/")
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]
+    web.set_netvm("web", None)
+    try:
+        wait_for(lambda: withdrawn(web, WEB, WEB6), "nothing answered without a netvm")
+    finally:
+        web.set_netvm("web", "sys-firewall")
+
+
+def test_nothing_is_answered_while_sys_firewall_is_stopped(web: Lab) -> None:
+    web.stop("sys-firewall", force=True)
+    try:
+        wait_for(lambda: withdrawn(web, WEB, WEB6), "sys-net withdraws web's addresses")
+    finally:
+        web.start("sys-firewall")
+    wait_for(lambda: exposed(web, WEB) and exposed(web, WEB6), "web exposed again")
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]
+
+
+def conntrack(lab: Lab, qube: str, address: str) -> str:
+    family = "ipv6" if ":" in address else "ipv4"
+    listed = lab.exec(qube, ["conntrack", "-L", "-f", family, "-d", address])
+    return listed.stdout
+
+
+def test_unexposing_ends_the_lan_flows_and_keeps_the_siblings(web: Lab) -> None:
+    set_rules("web", *SSH_FROM_LAN, "action=accept srcqube=work proto=tcp dstports=22",
+              "action=accept")
+    wait_for(lambda: reaches(web, "work", WEB) == ["10.137.0.21"], "work reaches web")
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]
+    assert "src=192.0.2.10" in conntrack(web, "sys-net", WEB)
+    web.set_feature("web", FEATURE, None)
+    wait_for(lambda: "src=192.0.2.10" not in conntrack(web, "sys-firewall", WEB),
+             "sys-firewall ends the LAN's flows to web")
+    assert WEB not in conntrack(web, "sys-net", WEB)
+    assert "src=10.137.0.21" in conntrack(web, "sys-firewall", WEB)  # a sibling's: kept
+    assert reaches(web, "lan", WEB, source=LAN, timeout=1) is None
+    web.set_feature("web", FEATURE, "forward")  # for the fixture's teardown
+
+
+# -- conflicts on the LAN ---------------------------------------------------------
+
+
+def report(lab: Lab, address: str) -> str:
+    return (lab.qubesdb("sys-net").read(f"/qns-routing_status/{address}") or b"").decode()
+
+
+def test_an_address_a_lan_host_already_has_is_refused_and_reported(api: Lab) -> None:
+    expose(api, "web", LAN2, LAN2_6, *SSH_FROM_LAN)  # lan2's own addresses
+    try:
+        owner = mac(api, "lan2")
+        for address in (LAN2, LAN2_6):
+            wait_for(lambda a=address: report(api, a).startswith("state=conflict"),
+                     f"sys-net reports the conflict on {address}")
+            assert report(api, address) == f"state=conflict iface=eth0 mac={owner}"
+            # lan2 keeps its address: sys-net never answers for it, nor routes it inwards
+            assert answering(api, address) == [owner]
+            held = [line for line in left_for(api, address)
+                    if line.startswith("sys-net") and "qubesdb" not in line]
+            assert held == [f"sys-net: report /qns-routing_status/{address}"]
+    finally:
+        unexpose(api, "web", "10.137.0.20")
+    wait_for(lambda: not reports(api, "sys-net"), "sys-net reports nothing")
+
+
+def test_a_later_squatter_is_reported(web: Lab) -> None:
+    lan2 = mac(web, "lan2")
+    web.exec("lan2", ["ip", "address", "add", f"{WEB}/32", "dev", "eth0"], check=True)
+    web.exec("lan2", ["ip", "address", "add", f"{WEB6}/128", "dev", "eth0"], check=True)
+    try:
+        # IPv4 has no DAD: it shows when lan2 talks from the address (an ARP
+        # request for a neighbour it has not cached)
+        web.connect("lan2", "udp", "192.0.2.98", 9, timeout=0.2, source=WEB)
+        for address in (WEB, WEB6):  # lan2's own DAD probe gives the IPv6 one away
+            wait_for(lambda a=address: report(web, a).startswith("state=squatter"),
+                     f"sys-net reports lan2 on {address}")
+            assert report(web, address) == f"state=squatter iface=eth0 mac={lan2}"
+        # sys-net answered lan2's probe: the kernel gave up the IPv6 address
+        wait_for(lambda: "dadfailed" in web.exec("lan2", ["ip", "-6", "address", "show",
+                                                          "to", WEB6]).stdout,
+                 "lan2's duplicate address detection fails")
+        assert reaches(web, "lan", WEB, source=LAN) == [LAN]  # web stays exposed
+    finally:
+        web.exec("lan2", ["ip", "address", "del", f"{WEB}/32", "dev", "eth0"])
+        web.exec("lan2", ["ip", "address", "del", f"{WEB6}/128", "dev", "eth0"])

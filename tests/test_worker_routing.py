@@ -117,18 +117,17 @@ def test_chains_and_pairs_for_an_address_behind_a_client() -> None:
         },
     }
     assert routing.antispoof_elements(wanted) == {
-        ("ip", "allowed", '"vif1.0" . 192.0.2.25'), ("ip", "downstream", "192.0.2.25"),
-        ("ip6", "allowed", '"vif1.0" . 2001:db8::25'), ("ip6", "downstream", "2001:db8::25"),
+        ("ip", "allowed", '"vif1.0" . 192.0.2.25'), ("ip6", "allowed", '"vif1.0" . 2001:db8::25'),
     }
 
 
 def test_element_commands_touch_only_what_is_ours() -> None:
     theirs = ("ip", "allowed", f'"vif1.0" . {PROXYVM}')
-    old = ("ip", "downstream", "192.0.2.26")
-    new = ("ip", "downstream", A)
+    old = ("ip", "allowed", '"vif1.0" . 192.0.2.26')
+    new = ("ip", "allowed", f'"vif1.0" . {A}')
     assert routing.element_commands({new}, {old, new}, {theirs, old}) == [
-        "delete element ip qubes downstream { 192.0.2.26 }",
-        "add element ip qubes downstream { 192.0.2.25 }",
+        'delete element ip qubes allowed { "vif1.0" . 192.0.2.26 }',
+        'add element ip qubes allowed { "vif1.0" . 192.0.2.25 }',
     ]
 
 
@@ -139,9 +138,7 @@ def test_present_elements_read_nft_json() -> None:
         {"set": {"name": "other", "elem": ["10.0.0.1"]}},
         {"chain": {"name": "forward"}},
     ]
-    assert routing.present_elements("ip", items) == {
-        ("ip", "allowed", '"vif1.0" . 192.0.2.25'), ("ip", "downstream", A),
-    }
+    assert routing.present_elements("ip", items) == {("ip", "allowed", '"vif1.0" . 192.0.2.25')}
 
 
 @pytest.mark.parametrize("state", sorted(routing.STATES))
@@ -267,7 +264,7 @@ def test_exposure_is_installed_firewall_first_and_removed_in_reverse(edge: str) 
         "proxies": [f"{A} eth0"],
         "proxy_delay": "0",
         "chains": ["qns-routing", "qns-routing-nd", "qns-routing-nonat"],  # IPv4 only
-        "elements": ['"192.0.2.25"', '{"concat": ["vif1.0", "192.0.2.25"]}'],
+        "elements": ['{"concat": ["vif1.0", "192.0.2.25"]}'],
         "outbound": {A: {"policy": b"drop", "0000": b"action=accept proto=tcp dstports=80-80"}},
     }
     assert removed == ["del_proxy", "del_route", "nft", "outbound []"]
