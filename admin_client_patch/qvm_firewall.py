@@ -178,19 +178,37 @@ def print_paths(
         out.write(f"  rule {number}: {paths.get(number, 'path unknown')}\n")
 
 
+def print_routing(rules: Sequence[Rule], routing: Sequence[str], out: TextIO) -> None:
+    """Under the table, a routed qube's exposure: addresses, way in, each hop's state.
+
+    dom0 sends nothing for a qube that is not routed (``routing-method``).
+    """
+    if not routing:
+        return
+    out.write("\nRouting exposure (routing-method forward: reached at its own address):\n")
+    out.writelines(f"  {line}\n" for line in routing)
+    inbound = [str(n) for n, rule in enumerate(rules) if rule.kind is RuleKind.INBOUND]
+    if inbound:
+        out.write(f"  admitted as inbound rules {', '.join(inbound)} say, nothing else\n")
+    else:
+        out.write("  no inbound rule: nothing may connect to it\n")
+
+
 def list_rules(
     rules: Sequence[Rule],
     raw: bool,
     now: float,
     out: TextIO,
     paths: Mapping[int, str] | str = "",
+    routing: Sequence[str] = (),
 ) -> None:
-    """Print the rules, as a table (with forward paths) or as API lines."""
+    """Print the rules, as a table (with forward paths and exposure) or as API lines."""
     if raw:
         out.writelines(rule.api_rule + "\n" for rule in rules)
         return
     print_table([HEADER, *(rule_row(n, rule, now) for n, rule in enumerate(rules))], out)
     print_paths(rules, paths, out)
+    print_routing(rules, routing, out)
 
 
 def forward_paths(firewall: QubeFirewall, rules: Sequence[Rule]) -> Mapping[int, str] | str:
@@ -201,6 +219,14 @@ def forward_paths(firewall: QubeFirewall, rules: Sequence[Rule]) -> Mapping[int,
         return firewall.paths()
     except QubesException as err:
         return f"dom0 did not describe them ({' '.join(str(err).split())})"
+
+
+def routing_exposure(firewall: QubeFirewall) -> list[str]:
+    """dom0's description of the qube's exposure; none from a dom0 without routing."""
+    try:
+        return firewall.routing()
+    except QubesException:
+        return []
 
 
 def run(args: argparse.Namespace, now: float, out: TextIO) -> None:
@@ -223,7 +249,8 @@ def run(args: argparse.Namespace, now: float, out: TextIO) -> None:
     else:
         rules = firewall.rules()
         paths = "" if args.raw else forward_paths(firewall, rules)
-        list_rules(rules, args.raw, now, out, paths)
+        routing = [] if args.raw else routing_exposure(firewall)
+        list_rules(rules, args.raw, now, out, paths, routing)
     if args.reload:
         firewall.reload()
 

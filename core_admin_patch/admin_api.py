@@ -1,4 +1,4 @@
-"""Admin API methods ``admin.vm.firewall.Get``, ``.Set``, ``.Reload`` and ``.GetPaths``.
+"""Admin API ``admin.vm.firewall.Get``, ``.Set``, ``.Reload``, ``.GetPaths`` and ``.GetRouting``.
 
 One function, :func:`handle_call`, takes a request exactly as it comes off
 the qubesd socket (method, argument, destination, payload, all untrusted)
@@ -60,6 +60,10 @@ class AdminContext(Protocol):
         Keys are positions in the stored list (firewall.xml, expired rules
         included), as the planner numbers them; GetPaths renumbers them.
         """
+        ...
+
+    def describe_routing(self, qube: QubeRef, now: float) -> list[str]:
+        """The qube's routing exposure, one line each (none when it is not routed)."""
         ...
 
 
@@ -181,6 +185,21 @@ def firewall_get_paths(
     return "".join(lines).encode("ascii")
 
 
+def firewall_get_routing(
+    ctx: AdminContext, qube: QubeRef, untrusted_payload: bytes, now: float
+) -> bytes:
+    """The qube's exposure on the LAN (``routing-method forward``), one line each.
+
+    Its addresses and the way in, then (indented by two spaces) what each
+    hop reported; empty when the qube is not routed.
+    """
+    lines = []
+    for line in ctx.describe_routing(qube, now):
+        indent = "  " if line.startswith("  ") else ""
+        lines.append(f"{indent}{_path_text(line)}\n")
+    return "".join(lines).encode("ascii")
+
+
 Handler = Callable[[AdminContext, QubeRef, bytes, float], bytes]
 
 #: method -> (handler, takes a payload)
@@ -189,6 +208,7 @@ METHODS: dict[str, tuple[Handler, bool]] = {
     "admin.vm.firewall.Set": (firewall_set, True),
     "admin.vm.firewall.Reload": (firewall_reload, False),
     "admin.vm.firewall.GetPaths": (firewall_get_paths, False),
+    "admin.vm.firewall.GetRouting": (firewall_get_routing, False),
 }
 
 

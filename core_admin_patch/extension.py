@@ -8,7 +8,7 @@ only connects it to qubesd:
   app's ``domain-add``/``domain-delete`` re-plan the forward entries;
 - the Admin API: ``admin.vm.firewall.Get``/``Set``/``Reload`` are replaced
   (upstream's parser refuses forward and inbound rules) and ``GetPaths``
-  is added, all answered by :func:`core_admin_patch.admin_api.handle_call`;
+  and ``GetRouting`` are added, all answered by :func:`core_admin_patch.admin_api.handle_call`;
 - ``vm.firewall``: replaced by one OutboundFirewall per qube (every
   firewall.xml version, ``clone``/``save``), so upstream's outbound path
   and DispVM creation keep working for a version 3 file.
@@ -53,6 +53,7 @@ _API_ATTRIBUTES: dict[str, tuple[str, dict[str, Any]]] = {
     "admin.vm.firewall.Set": ("vm_firewall_set", {"scope": "local", "write": True}),
     "admin.vm.firewall.Reload": ("vm_firewall_reload", {"scope": "local", "execute": True}),
     "admin.vm.firewall.GetPaths": ("vm_firewall_getpaths", {"scope": "local", "read": True}),
+    "admin.vm.firewall.GetRouting": ("vm_firewall_getrouting", {"scope": "local", "read": True}),
 }
 
 

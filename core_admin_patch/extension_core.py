@@ -373,6 +373,10 @@ class ExtensionCore:
         with _not_planned(qube):
             return self.server.describe(qube.name, now)
 
+    def describe_routing(self, qube: QubeRef, now: float) -> list[str]:
+        with _not_planned(qube):
+            return self.server.describe_routing(qube.name, now)
+
 
 @contextlib.contextmanager
 def _not_planned(qube: QubeRef) -> Iterator[None]:

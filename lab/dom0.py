@@ -151,6 +151,10 @@ class Dom0:
         """Where each forward rule of the qube is reachable (admin.vm.firewall.GetPaths)."""
         return self.network_server.describe(qube.name, now)
 
+    def describe_routing(self, qube: QubeRef, now: float) -> list[str]:
+        """The qube's exposure and each hop's report (admin.vm.firewall.GetRouting)."""
+        return self.network_server.describe_routing(qube.name, now)
+
     # --- paths and helpers ----------------------------------------------
 
     def firewall_path(self, name: str) -> Path:

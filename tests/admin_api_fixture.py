@@ -44,6 +44,8 @@ class FileAdminContext:
     #: What describe_forwards answers, per qube (keys: stored rule positions);
     #: there is no topology here, so a test sets the paths it wants shown.
     paths: dict[str, dict[int, str]] = field(default_factory=dict)
+    #: What describe_routing answers, per qube.
+    routing: dict[str, list[str]] = field(default_factory=dict)
 
     def find_qube(self, untrusted_name: str) -> FileQube:
         if untrusted_name not in self.names:
@@ -62,6 +64,9 @@ class FileAdminContext:
 
     def describe_forwards(self, qube: FileQube, now: float) -> dict[int, str]:
         return dict(self.paths.get(qube.name, {}))
+
+    def describe_routing(self, qube: FileQube, now: float) -> list[str]:
+        return list(self.routing.get(qube.name, []))
 
     def firewall_path(self, name: str) -> Path:
         return self.root / name / "firewall.xml"

@@ -287,6 +287,18 @@ def test_get_paths_success_frame_exact(dom0: Dom0) -> None:
     assert call(dom0, "admin.vm.firewall.GetPaths", "web") == b"0\0"
 
 
+def test_get_routing_frames_printable_lines(dom0: Dom0) -> None:
+    dom0.ctx.routing["web"] = ["192.0.2.25: LAN -> sys-net -> web",
+                               "  sys-net: exposed\x1b[2J  on eth0", "  \t"]
+    assert call(dom0, "admin.vm.firewall.GetRouting", "web") == (
+        b"0\000192.0.2.25: LAN -> sys-net -> web\n  path unknown\n  path unknown\n"
+    )
+    assert call(dom0, "admin.vm.firewall.GetRouting", "work") == b"0\0"
+    assert call(dom0, "admin.vm.firewall.GetRouting", "web", b"x").startswith(
+        b"2\0ProtocolError\0"
+    )
+
+
 def test_get_paths_refuses_payload_with_a_framed_error(dom0: Dom0) -> None:
     reply = call(dom0, "admin.vm.firewall.GetPaths", "web", b"x")
     assert reply.startswith(b"2\0ProtocolError\0\0")

@@ -148,6 +148,7 @@ def test_api_methods_replaced_and_added(shell: Any, tmp_path: Path) -> None:
         "vm_firewall_set": "admin.vm.firewall.Set",
         "vm_firewall_reload": "admin.vm.firewall.Reload",
         "vm_firewall_getpaths": "admin.vm.firewall.GetPaths",
+        "vm_firewall_getrouting": "admin.vm.firewall.GetRouting",
     }
     app = FakeApp(tmp_path)
     app_ns = types.SimpleNamespace(domains=_Domains(app))

@@ -10,7 +10,9 @@ TCP from the LAN hosts and from the qubes.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import wait_for
@@ -303,6 +305,8 @@ def test_an_address_a_lan_host_already_has_is_refused_and_reported(api: Lab) -> 
             held = [line for line in left_for(api, address)
                     if line.startswith("sys-net") and "qubesdb" not in line]
             assert held == [f"sys-net: report /qns-routing_status/{address}"]
+        listing = qvm_firewall(api, "web", "list")
+        assert f"    sys-net: NOT exposed: {owner} on eth0 already has the address" in listing
     finally:
         unexpose(api, "web", "10.137.0.20")
     wait_for(lambda: not reports(api, "sys-net"), "sys-net reports nothing")
@@ -328,3 +332,30 @@ def test_a_later_squatter_is_reported(web: Lab) -> None:
     finally:
         web.exec("lan2", ["ip", "address", "del", f"{WEB}/32", "dev", "eth0"])
         web.exec("lan2", ["ip", "address", "del", f"{WEB6}/128", "dev", "eth0"])
+
+
+def qvm_firewall(lab: Lab, *argv: str) -> str:
+    """The real command line, as a user runs it in dom0 (the venv's console script)."""
+    result = lab.exec("dom0", [str(Path(sys.executable).parent / "qvm-firewall"), *argv])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_qvm_firewall_shows_the_exposure_and_each_hop(web: Lab) -> None:
+    below = qvm_firewall(web, "web", "list").partition("\n\n")[2].splitlines()
+    assert below == [
+        "Routing exposure (routing-method forward: reached at its own address):",
+        f"  {WEB}: LAN -> sys-net -> sys-firewall -> web",
+        "    sys-net: exposed on eth0, answering for the address",
+        "    sys-firewall: applied",
+        f"  {WEB6}: LAN -> sys-net -> sys-firewall -> web",
+        "    sys-net: exposed on eth0, answering for the address",
+        "    sys-firewall: applied",
+        "  admitted as inbound rules 0, 1 say, nothing else",
+    ]
+    web.stop("web")
+    try:
+        listing = qvm_firewall(web, "web", "list")
+        assert "  not exposed: 'web' is not running" in listing
+    finally:
+        web.start("web")

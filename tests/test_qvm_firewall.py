@@ -13,6 +13,8 @@ import pytest
 from admin_api_fixture import REPO, Dom0, running_dom0
 from conftest import cannot_run
 
+from admin_client_patch import qubesd_client
+from admin_client_patch.firewall import parse_routing
 from admin_client_patch.qvm_firewall import HEADER, get_parser
 from core_admin_patch import admin_api
 from firewall_rules import Rule
@@ -370,3 +372,43 @@ def test_port_ranges_in_the_table(dom0: Dom0) -> None:
     row = dict(zip(HEADER, table(dom0)[1], strict=True))
     assert row["PORT(S)"] == "8000-8100"
     assert raw(dom0)[0].endswith("dstports=8000-8100")
+
+
+EXPOSURE = [
+    "192.0.2.25: LAN -> sys-net -> sys-firewall -> web",
+    "  sys-net: exposed on eth0, answering for the address",
+    "  sys-firewall: applied",
+]
+
+
+def test_routing_exposure_shown_under_the_table(dom0: Dom0) -> None:
+    ok(dom0, "web", "add", "--before", "0", "action=accept", "srchost=192.0.2.0/24",
+       "proto=tcp", "dstports=22")
+    dom0.ctx.routing["web"] = EXPOSURE
+    assert paths_section(dom0, "web") == [
+        "Routing exposure (routing-method forward: reached at its own address):",
+        "  192.0.2.25: LAN -> sys-net -> sys-firewall -> web",
+        "    sys-net: exposed on eth0, answering for the address",
+        "    sys-firewall: applied",
+        "  admitted as inbound rules 0 say, nothing else",
+    ]
+    ok(dom0, "web", "reset")
+    assert paths_section(dom0, "web")[-1] == "  no inbound rule: nothing may connect to it"
+    assert raw(dom0) == ["action=accept"]  # --raw: the rules only
+
+
+def test_no_routing_section_for_a_qube_not_routed_or_an_older_dom0(
+    dom0: Dom0, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert paths_section(dom0, "web") == []
+    dom0.ctx.routing["web"] = EXPOSURE
+    monkeypatch.delitem(admin_api.METHODS, "admin.vm.firewall.GetRouting")
+    assert paths_section(dom0, "web") == []
+
+
+@pytest.mark.parametrize("reply", [b"a", b"a\x1b[2J\n", b" a\n", b"   a\n", b"caf\xc3\xa9\n",
+                                   b"\n"])
+def test_client_refuses_a_malformed_exposure(reply: bytes) -> None:
+    with pytest.raises(qubesd_client.QubesDaemonCommunicationError):
+        parse_routing(reply)
+    assert parse_routing(b"a: b\n  c: d\n") == ["a: b", "  c: d"]
