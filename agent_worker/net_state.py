@@ -193,30 +193,68 @@ def prepare_uplink(iface: str, version: int) -> None:
         set_sysctl(f"ipv6/conf/{iface}/proxy_ndp", "1")
 
 
+@dataclass(frozen=True)
+class Flow:
+    """One conntrack entry, by its original direction."""
+
+    family: str  # conntrack's -f: ipv4 or ipv6
+    proto: str  # tcp, udp, icmp, icmpv6, ...
+    source: IPAddress
+    destination: IPAddress
+    sport: int | None = None
+    dport: int | None = None
+    icmp_type: int | None = None
+
+
+def flows(address: IPAddress) -> list[Flow]:
+    """The conntrack entries from or to ``address``."""
+    family = "ipv6" if address.version == 6 else "ipv4"
+    found: list[Flow] = []
+    for flag in ("-s", "-d"):
+        for line in _conntrack("-L", "-f", family, flag, str(address)).splitlines():
+            flow = parse_flow(family, line)
+            if flow is not None and flow not in found:
+                found.append(flow)
+    return found
+
+
+def parse_flow(family: str, line: str) -> Flow | None:
+    words = line.split()
+    fields: dict[str, str] = {}
+    for word in words[1:]:  # the original direction's key=value words come first
+        key, sep, value = word.partition("=")
+        if sep:
+            fields.setdefault(key, value)
+    try:
+        def number(key: str) -> int | None:
+            return int(fields[key]) if key in fields else None
+
+        return Flow(family, words[0], ipaddress.ip_address(fields["src"]),
+                    ipaddress.ip_address(fields["dst"]), number("sport"), number("dport"),
+                    number("type"))
+    except (IndexError, KeyError, ValueError):
+        return None
+
+
+def end_flow(flow: Flow) -> None:
+    """Delete one conntrack entry (and only it: ports too where it has them)."""
+    argv = ["-D", "-f", flow.family, "-p", flow.proto, "-s", str(flow.source),
+            "-d", str(flow.destination)]
+    if flow.sport is not None and flow.dport is not None:
+        argv += ["--sport", str(flow.sport), "--dport", str(flow.dport)]
+    _conntrack(*argv)
+
+
 def end_flows(address: IPAddress, keep: frozenset[IPAddress] = frozenset()) -> None:
     """Delete the conntrack entries between ``address`` and any peer not in ``keep``.
 
     ``keep`` holds this hop's own clients, whose flows with the address
     (its siblings' inbound rules) are not routing's to end.
     """
-    family = "ipv6" if address.version == 6 else "ipv4"
-    peers: set[IPAddress] = set()
-    for flag in ("-s", "-d"):
-        listing = _conntrack("-L", "-f", family, flag, str(address))
-        for line in listing.splitlines():
-            words: dict[str, str] = {}
-            for word in line.split():  # the original direction's src= and dst= come first
-                key, _, value = word.partition("=")
-                words.setdefault(key, value)
-            try:
-                source = ipaddress.ip_address(words.get("src", ""))
-                destination = ipaddress.ip_address(words.get("dst", ""))
-            except ValueError:
-                continue
-            peers.add(destination if source == address else source)
-    for peer in sorted(peers - keep, key=str):
-        _conntrack("-D", "-f", family, "-s", str(address), "-d", str(peer))
-        _conntrack("-D", "-f", family, "-s", str(peer), "-d", str(address))
+    for flow in flows(address):
+        peer = flow.destination if flow.source == address else flow.source
+        if peer not in keep:
+            end_flow(flow)
 
 
 def _conntrack(*args: str) -> str:

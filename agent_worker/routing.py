@@ -201,6 +201,24 @@ def element_commands(
     return lines
 
 
+def admits(rules: tuple[Opening, ...], flow: net_state.Flow) -> bool:
+    """Whether the rules, first match wins, let ``flow`` open to its destination."""
+    proto = {"icmpv6": "icmp", "ipv6-icmp": "icmp"}.get(flow.proto, flow.proto)
+    for rule in rules:
+        if rule.srchost is not None and flow.source not in rule.srchost:
+            continue
+        if rule.proto is not None and rule.proto != proto:
+            continue
+        if rule.dstports is not None and not (
+            flow.dport is not None and rule.dstports[0] <= flow.dport <= rule.dstports[1]
+        ):
+            continue
+        if rule.icmptype is not None and rule.icmptype != flow.icmp_type:
+            continue
+        return rule.action == "accept"
+    return False
+
+
 def status_value(state: str, iface: str | None = None, mac: str | None = None) -> str:
     """A report for ``/qns-routing_status/<A>`` (grammar in doc/qubesdb.md)."""
     if state not in STATES:
@@ -391,6 +409,9 @@ class Router(ChainHalf):
             committed = self._commit_nft() and committed
         for address in gone:
             self._end_flows(address)
+        for address, item in carried.items():
+            if address in before and before[address].entry.rules != item.entry.rules:
+                self._end_refused_flows(address, item.entry.rules)
         reports.update({a: status_value("failed") for a in wanted if a not in carried})
         self._report(reports)
         return committed
@@ -460,6 +481,20 @@ class Router(ChainHalf):
             net_state.end_flows(address, self.connected)
         except net_state.NetError as err:
             log.error("routing to %s: ending its flows: %s", address, err)
+
+    def _end_refused_flows(self, address: IPAddress, rules: tuple[Opening, ...]) -> None:
+        """After the rules changed: end the flows to the address they no longer admit.
+
+        Flows the address opened itself, and those of this hop's own
+        clients (decided by its inbound half), are not the rules' to end.
+        """
+        try:
+            for flow in net_state.flows(address):
+                inbound = flow.destination == address and flow.source not in self.connected
+                if inbound and not admits(rules, flow):
+                    net_state.end_flow(flow)
+        except net_state.NetError as err:
+            log.error("routing to %s: ending flows its rules no longer admit: %s", address, err)
 
     def _report(self, reports: Mapping[IPAddress, str]) -> None:
         """Write what changed to ``/qns-routing_status/``; drop reports of targets gone."""

@@ -359,3 +359,24 @@ def test_qvm_firewall_shows_the_exposure_and_each_hop(web: Lab) -> None:
         assert "  not exposed: 'web' is not running" in listing
     finally:
         web.start("web")
+
+
+def test_narrowing_the_rules_ends_only_the_flows_no_longer_admitted(web: Lab) -> None:
+    set_rules("web", f"action=accept srchost={LAN} proto=tcp dstports=22-23", "action=accept")
+    wait_for(lambda: reaches(web, "lan", WEB, port=23, source=LAN) == [LAN], "lan reaches :23")
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]
+    set_rules("web", f"action=accept srchost={LAN} proto=tcp dstports=23", "action=accept")
+    for hop in ("sys-net", "sys-firewall"):
+        wait_for(lambda h=hop: "dport=22 " not in conntrack(web, h, WEB),
+                 f"{hop} ends the flow to port 22")
+        assert "dport=23 " in conntrack(web, hop, WEB)  # still admitted: kept
+
+
+def test_an_agent_restart_withdraws_then_exposes_again(web: Lab) -> None:
+    web.restart_service("sys-net", "firewall")
+    wait_for(lambda: exposed(web, WEB) and exposed(web, WEB6), "web exposed again")
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]
+    proxies = web.exec("sys-net", ["ip", "neigh", "show", "proxy"], check=True).stdout
+    assert sorted(proxies.split("\n")[:-1]) == [f"{WEB} dev eth0 proxy ", f"{WEB6} dev eth0 proxy "]
+    web.restart_service("sys-firewall", "firewall")
+    wait_for(lambda: reaches(web, "lan", WEB, source=LAN) == [LAN], "lan reaches web again")

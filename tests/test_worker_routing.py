@@ -379,3 +379,46 @@ def test_a_squatter_is_reported_and_the_exposure_stays(namespaces: tuple[str, st
 
 def mac_of(ns: str) -> str:
     return json.loads(ns_run(ns, "ip", "-j", "link", "show", "eth0"))[0]["address"]
+
+
+# -- flows ------------------------------------------------------------------------
+
+
+def flow(source: str, proto: str = "tcp", dport: int | None = 22,
+         icmp_type: int | None = None) -> net_state.Flow:
+    return net_state.Flow("ipv4", proto, ipaddress.ip_address(source), A_IP, 40000, dport,
+                          icmp_type)
+
+
+def test_admits_is_first_match_wins_and_default_deny() -> None:
+    rules = parse_entry(A_IP, {
+        "route": b"role=inner",
+        "in/0000": b"action=drop srchost=192.0.2.66/32 proto=tcp dstports=22-22",
+        "in/0001": b"action=accept srchost=192.0.2.0/24 proto=tcp dstports=20-23",
+        "in/0002": b"action=accept srchost=198.51.100.0/24 proto=icmp icmptype=8",
+    }).rules
+    assert routing.admits(rules, flow("192.0.2.10"))
+    assert not routing.admits(rules, flow("192.0.2.66"))  # dropped before the accept
+    assert not routing.admits(rules, flow("192.0.2.10", dport=24))
+    assert not routing.admits(rules, flow("192.0.2.10", proto="udp"))
+    assert not routing.admits(rules, flow("203.0.113.1"))  # nothing matches: refused
+    assert routing.admits(rules, flow("198.51.100.7", "icmp", None, icmp_type=8))
+    assert not routing.admits(rules, flow("198.51.100.7", "icmp", None, icmp_type=0))
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("tcp      6 117 TIME_WAIT src=192.0.2.10 dst=192.0.2.25 sport=41234 dport=22"
+         " src=192.0.2.25 dst=192.0.2.10 sport=22 dport=41234 [ASSURED] mark=0 use=1",
+         net_state.Flow("ipv4", "tcp", ipaddress.ip_address("192.0.2.10"), A_IP, 41234, 22)),
+        ("icmp     1 29 src=192.0.2.10 dst=192.0.2.25 type=8 code=0 id=7 src=192.0.2.25"
+         " dst=192.0.2.10 type=0 code=0 id=7 mark=0 use=1",
+         net_state.Flow("ipv4", "icmp", ipaddress.ip_address("192.0.2.10"), A_IP,
+                        icmp_type=8)),
+        ("garbage", None),
+        ("tcp 6 1 src=nope dst=192.0.2.25", None),
+    ],
+)
+def test_conntrack_lines_parse(line: str, expected: net_state.Flow | None) -> None:
+    assert net_state.parse_flow("ipv4", line) == expected
