@@ -1,9 +1,9 @@
 """Run every benchmark in one process and print their tables (``make bench``).
 
 Prints the machine first (CPU count, kernel, Python, nft) so a pasted
-result says where it was made. The nft benchmark needs root and
-``ip netns``; without them it is reported as not run instead of failing
-the others.
+result says where it was made. The nft and routing benchmarks need root
+and ``ip netns``; without them they are reported as not run instead of
+failing the others.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import nft, planner, rules
+from bench import nft, planner, routing, rules
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "rules": rules.main,
     "planner": planner.main,
     "nft": nft.main,
+    "routing": routing.main,
 }
+#: Benchmarks that need root and network namespaces.
+NEEDS_ROOT = ("nft", "routing")
 
 
 def machine() -> str:
@@ -57,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     status = 0
     for name in names:
-        if name == "nft" and (reason := nft_unavailable()) is not None:
-            print(f"\nnft: NOT RUN ({reason}); run as root")
+        if name in NEEDS_ROOT and (reason := nft_unavailable()) is not None:
+            print(f"\n{name}: NOT RUN ({reason}); run as root")
             status = 1
             continue
         status |= BENCHMARKS[name]([])

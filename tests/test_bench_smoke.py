@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import nft, planner, rules
+from bench import nft, planner, routing, rules
 
 
 def test_rules_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,3 +36,10 @@ def test_nft_benchmark_runs_in_a_throwaway_namespace() -> None:
     (row,) = nft.measure([2])
     assert row[0] == 2
     assert row[-1] == "yes"  # one transaction and the baseline leave the same ruleset
+
+
+@pytest.mark.lab
+def test_routing_benchmark_runs_its_own_lab(capfd: pytest.CaptureFixture[str]) -> None:
+    assert routing.main(["--seconds", "0.1", "--runs", "1"]) == 0
+    rows = [line for line in capfd.readouterr().out.splitlines() if line.startswith("|")]
+    assert [row.split("|")[1].strip() for row in rows[2:]] == [p[0] for p in routing.PATHS]
