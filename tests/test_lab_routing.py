@@ -380,3 +380,13 @@ def test_an_agent_restart_withdraws_then_exposes_again(web: Lab) -> None:
     assert sorted(proxies.split("\n")[:-1]) == [f"{WEB} dev eth0 proxy ", f"{WEB6} dev eth0 proxy "]
     web.restart_service("sys-firewall", "firewall")
     wait_for(lambda: reaches(web, "lan", WEB, source=LAN) == [LAN], "lan reaches web again")
+
+
+def test_a_routed_qubes_own_forward_keeps_working(web: Lab) -> None:
+    set_rules("web", *SSH_FROM_LAN,
+              "action=forward forwardtype=external proto=tcp srcports=8080 dstports=80",
+              "action=accept")
+    with web.serve("web", "tcp", 80, reply="web-80"):
+        wait_for(lambda: web.connect("lan", "tcp", UPLINK, 8080, timeout=1) == "web-80",
+                 "lan reaches web's forward at sys-net's address")
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]  # and its own address still
