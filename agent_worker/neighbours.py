@@ -4,7 +4,8 @@ Before an edge NetVM answers for a routed address it probes the LAN for it
 (duplicate address detection: RFC 5227 ARP probes, RFC 4862 neighbour
 solicitations from ``::``), then announces it (gratuitous ARP, unsolicited
 neighbour advertisement) and keeps watching: any other machine that claims
-the address is reported, and one that probes for it is answered, so a
+the address is reported and the address announced again (at most every
+:data:`DEFEND_INTERVAL`), and one that probes for it is answered, so a
 well-behaved host backs off.
 
 Three layers: frames (build and parse, pure), :class:`Guard` (the per-
@@ -43,6 +44,10 @@ PROBE_WAIT = 0.5
 RETRY_AFTER = 30.0
 ANNOUNCEMENTS = 2
 ANNOUNCE_INTERVAL = 1.0
+#: Against a machine that claims an exposed address, announce it again at
+#: most this often (RFC 5227's DEFEND_INTERVAL): caches it turned point
+#: back to the edge, and two defenders cannot flood the LAN.
+DEFEND_INTERVAL = 10.0
 
 
 def mac_text(mac: bytes) -> str:
@@ -184,6 +189,7 @@ class Watch:
     probes: int = 0
     announcements: int = 0
     next_at: float = 0.0
+    defended_at: float = float("-inf")
 
 
 @dataclass
@@ -252,6 +258,9 @@ class Guard:
                 continue
             if claim.probe:
                 sends.append(Send("defend", claim.address, iface, claim.mac))
+            elif now - watch.defended_at >= DEFEND_INTERVAL:
+                watch.defended_at = now
+                sends.append(Send("announce", claim.address, iface))
             changed |= watch.state != "squatter" or watch.mac != claim.mac
             watch.state, watch.mac = "squatter", claim.mac
         return sends, changed

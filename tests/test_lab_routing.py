@@ -10,7 +10,9 @@ TCP from the LAN hosts and from the qubes.
 from __future__ import annotations
 
 import json
+import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +51,10 @@ def reaches(lab: Lab, client: str, host: str, port: int = 22, qube: str = "web",
     bind = "::" if ":" in host else None
     with lab.serve(qube, "tcp", port, reply=f"{qube}-{port}", bind=bind) as server:
         reply = lab.connect(client, "tcp", host, port, timeout=timeout, source=source)
-        return server.peers if reply == f"{qube}-{port}" else None
+        if reply != f"{qube}-{port}":
+            return None
+        wait_for(lambda: bool(server.peers), "the server's report of its peer")
+        return server.peers
 
 
 def seen_from(lab: Lab, qube: str, host: str) -> list[str] | None:
@@ -58,7 +63,10 @@ def seen_from(lab: Lab, qube: str, host: str) -> list[str] | None:
     bind = "::" if ":" in host else None
     with lab.serve(lan_host, "tcp", 80, reply="lan-80", bind=bind) as server:
         reply = lab.connect(qube, "tcp", host, 80, timeout=3)
-        return server.peers if reply == "lan-80" else None
+        if reply != "lan-80":
+            return None
+        wait_for(lambda: bool(server.peers), "the server's report of its peer")
+        return server.peers
 
 
 def expose(lab: Lab, qube: str, ip: str, ip6: str, *rules: str) -> None:
@@ -89,8 +97,7 @@ def api(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Lab:
 def web(api: Lab) -> Iterator[Lab]:
     """web exposed at 192.0.2.25 and 2001:db8::25, two hops away, ssh from "lan" only."""
     expose(api, "web", WEB, WEB6, *SSH_FROM_LAN)
-    wait_for(lambda: reports(api, "sys-net").get(f"/qns-routing_status/{WEB6}", b"")
-             .startswith(b"state=exposed"), "sys-net answers for web")
+    wait_for(lambda: exposed(api, WEB) and exposed(api, WEB6), "sys-net answers for web")
     yield api
     unexpose(api, "web", "10.137.0.20")
     wait_for(lambda: not reports(api, "sys-net"), "sys-net reports nothing")
@@ -133,8 +140,7 @@ def test_forwards_of_other_qubes_keep_working(web: Lab) -> None:
 def direct(api: Lab) -> Iterator[Lab]:
     """direct, right behind sys-net, exposed at 192.0.2.26 and 2001:db8::26."""
     expose(api, "direct", DIRECT, DIRECT6, *SSH_FROM_LAN)
-    wait_for(lambda: reports(api, "sys-net").get(f"/qns-routing_status/{DIRECT6}", b"")
-             .startswith(b"state=exposed"), "sys-net answers for direct")
+    wait_for(lambda: exposed(api, DIRECT) and exposed(api, DIRECT6), "sys-net answers for direct")
     yield api
     unexpose(api, "direct", "10.137.0.8")
     wait_for(lambda: not reports(api, "sys-net"), "sys-net reports nothing")
@@ -279,7 +285,7 @@ def test_unexposing_ends_the_lan_flows_and_keeps_the_siblings(web: Lab) -> None:
     web.set_feature("web", FEATURE, None)
     wait_for(lambda: "src=192.0.2.10" not in conntrack(web, "sys-firewall", WEB),
              "sys-firewall ends the LAN's flows to web")
-    assert WEB not in conntrack(web, "sys-net", WEB)
+    wait_for(lambda: WEB not in conntrack(web, "sys-net", WEB), "sys-net ends web's flows")
     assert "src=10.137.0.21" in conntrack(web, "sys-firewall", WEB)  # a sibling's: kept
     assert reaches(web, "lan", WEB, source=LAN, timeout=1) is None
     web.set_feature("web", FEATURE, "forward")  # for the fixture's teardown
@@ -312,25 +318,31 @@ def test_an_address_a_lan_host_already_has_is_refused_and_reported(api: Lab) -> 
     wait_for(lambda: not reports(api, "sys-net"), "sys-net reports nothing")
 
 
-def test_a_later_squatter_is_reported(web: Lab) -> None:
-    lan2 = mac(web, "lan2")
-    web.exec("lan2", ["ip", "address", "add", f"{WEB}/32", "dev", "eth0"], check=True)
+def test_a_later_squatter_is_reported_and_answered(web: Lab) -> None:
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]  # lan caches sys-net's MAC
+    sys_net, lan2 = mac(web, "sys-net"), mac(web, "lan2")
+    time.sleep(1.1)  # past the kernel's ARP locktime: a claim now does turn lan's cache
+    # lan2 claims the IPv4 address once (an ARP request from it), and takes the
+    # IPv6 one (its duplicate address detection probes for it)
+    web.exec("lan2", [*probe_argv(), "neigh", "eth0", "192.0.2.98", "--source", WEB],
+             check=True)
     web.exec("lan2", ["ip", "address", "add", f"{WEB6}/128", "dev", "eth0"], check=True)
     try:
-        # IPv4 has no DAD: it shows when lan2 talks from the address (an ARP
-        # request for a neighbour it has not cached)
-        web.connect("lan2", "udp", "192.0.2.98", 9, timeout=0.2, source=WEB)
-        for address in (WEB, WEB6):  # lan2's own DAD probe gives the IPv6 one away
+        for address in (WEB, WEB6):
             wait_for(lambda a=address: report(web, a).startswith("state=squatter"),
                      f"sys-net reports lan2 on {address}")
             assert report(web, address) == f"state=squatter iface=eth0 mac={lan2}"
-        # sys-net answered lan2's probe: the kernel gave up the IPv6 address
+        # sys-net answered: an announcement turned lan's cache back, an
+        # advertisement made lan2's kernel give the IPv6 address up
+        wait_for(lambda: sys_net in web.exec("lan", ["ip", "neigh", "show", WEB],
+                                             check=True).stdout, "lan's cache turned back")
         wait_for(lambda: "dadfailed" in web.exec("lan2", ["ip", "-6", "address", "show",
                                                           "to", WEB6]).stdout,
                  "lan2's duplicate address detection fails")
-        assert reaches(web, "lan", WEB, source=LAN) == [LAN]  # web stays exposed
+        for address in (WEB, WEB6):  # and web stays exposed
+            assert answering(web, address) == [sys_net]
+        assert reaches(web, "lan", WEB, source=LAN) == [LAN]
     finally:
-        web.exec("lan2", ["ip", "address", "del", f"{WEB}/32", "dev", "eth0"])
         web.exec("lan2", ["ip", "address", "del", f"{WEB6}/128", "dev", "eth0"])
 
 
@@ -366,10 +378,14 @@ def test_narrowing_the_rules_ends_only_the_flows_no_longer_admitted(web: Lab) ->
     wait_for(lambda: reaches(web, "lan", WEB, port=23, source=LAN) == [LAN], "lan reaches :23")
     assert reaches(web, "lan", WEB, source=LAN) == [LAN]
     set_rules("web", f"action=accept srchost={LAN} proto=tcp dstports=23", "action=accept")
+
+    def lan_flows(hop: str, port: int) -> list[str]:
+        pattern = rf"src={LAN} dst={WEB} sport=\d+ dport={port} "
+        return re.findall(pattern, conntrack(web, hop, WEB))
+
     for hop in ("sys-net", "sys-firewall"):
-        wait_for(lambda h=hop: "dport=22 " not in conntrack(web, h, WEB),
-                 f"{hop} ends the flow to port 22")
-        assert "dport=23 " in conntrack(web, hop, WEB)  # still admitted: kept
+        wait_for(lambda h=hop: not lan_flows(h, 22), f"{hop} ends the flow to port 22")
+        assert lan_flows(hop, 23)  # still admitted: kept
 
 
 def test_an_agent_restart_withdraws_then_exposes_again(web: Lab) -> None:
@@ -390,3 +406,27 @@ def test_a_routed_qubes_own_forward_keeps_working(web: Lab) -> None:
         wait_for(lambda: web.connect("lan", "tcp", UPLINK, 8080, timeout=1) == "web-80",
                  "lan reaches web's forward at sys-net's address")
     assert reaches(web, "lan", WEB, source=LAN) == [LAN]  # and its own address still
+
+
+def test_exposing_announces_the_address_to_the_lan(api: Lab) -> None:
+    # lan believes another machine had these addresses: the announcement corrects it
+    for address in (WEB, WEB6):
+        api.exec("lan", ["ip", "neigh", "replace", address, "lladdr", "02:00:00:00:00:99",
+                         "dev", "eth0", "nud", "stale"], check=True)
+    expose(api, "web", WEB, WEB6, *SSH_FROM_LAN)
+    try:
+        sys_net = mac(api, "sys-net")
+        for address in (WEB, WEB6):
+            wait_for(lambda a=address: sys_net in api.exec(
+                "lan", ["ip", "neigh", "show", a], check=True).stdout,
+                f"lan learns sys-net's MAC for {address} without asking")
+    finally:
+        unexpose(api, "web", "10.137.0.20")
+    wait_for(lambda: not reports(api, "sys-net"), "sys-net reports nothing")
+
+
+def test_web_with_outbound_policy_drop_still_serves_the_lan(web: Lab) -> None:
+    set_rules("web", *SSH_FROM_LAN, "action=drop")
+    wait_for(lambda: seen_from(web, "web", LAN) is None, "web's own connections refused")
+    assert reaches(web, "lan", WEB, source=LAN) == [LAN]
+    assert reaches(web, "lan", WEB6, source=LAN6) == [LAN6]

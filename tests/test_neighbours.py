@@ -176,7 +176,18 @@ def test_once_exposed_a_claimant_is_a_squatter_and_a_prober_is_answered() -> Non
     sends, changed = guard.seen("eth0", [Claim(OTHER, A4, probe=True)], "own", 1.1)
     assert changed and sends == [Send("defend", A4, "eth0", OTHER)]
     assert guard.state(A4) == ("squatter", OTHER)
-    assert guard.seen("eth0", [Claim(OTHER, A4)], "own", 1.2) == ([], False)
+
+
+def test_a_claimant_is_answered_by_an_announcement_at_most_every_defend_interval() -> None:
+    guard = Guard()
+    guard.sync({A4: "eth0"}, 0.0)
+    drive(guard, 0.0, 3.0)
+    announce = Send("announce", A4, "eth0")
+    assert guard.seen("eth0", [Claim(OTHER, A4)], "own", 3.1) == ([announce], True)
+    assert guard.seen("eth0", [Claim(OTHER, A4)], "own", 3.2) == ([], False)
+    assert guard.state(A4) == ("squatter", OTHER)
+    later = 3.1 + neighbours.DEFEND_INTERVAL
+    assert guard.seen("eth0", [Claim(OTHER, A4)], "own", later) == ([announce], False)
 
 
 def test_sync_forgets_and_restarts() -> None:

@@ -422,3 +422,21 @@ def test_admits_is_first_match_wins_and_default_deny() -> None:
 )
 def test_conntrack_lines_parse(line: str, expected: net_state.Flow | None) -> None:
     assert net_state.parse_flow("ipv4", line) == expected
+
+
+def _outbound_worker() -> tuple[str, str]:
+    from agent_worker.firewall import Worker
+
+    worker = Worker(MemoryQubesDB({"/connected-ips": PROXYVM}), Nft())
+    worker.init_tables()
+    worker.reload()
+    worker.set_routed({A_IP: {"policy": b"drop", "0000": b"action=accept proto=tcp"}})
+    routed = Nft().run("list table ip qubes-firewall")  # nft JSON
+    worker.set_routed({})
+    return routed, Nft().run("list table ip qubes-firewall")
+
+
+def test_the_outbound_worker_filters_a_routed_address_with_its_own_rules(edge: str) -> None:
+    routed, after = in_netns(edge, _outbound_worker)
+    assert '"qbs-192-0-2-25"' in routed and f'"{A}"' in routed
+    assert "qbs-192-0-2-25" not in after and A not in after
