@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 DEFAULT_SOCKET = "/var/run/qubesd.sock"
+
+#: An Admin API transport: ``call(dest, method, arg, payload) -> reply data``,
+#: raising QubesException. :func:`qubesd_call` is dom0's; the GUI also runs
+#: over qubesadmin (admin_client_patch/gui/transport.py).
+Call = Callable[[str, str, str, bytes], bytes]
 
 
 class QubesException(Exception):

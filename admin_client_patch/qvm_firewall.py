@@ -1,10 +1,13 @@
 """qvm-firewall: manage a qube's outbound, forward and inbound rules.
 
 Upstream's command line (``VMNAME [add|del|list|reset]``, ``--raw``,
-``--reload``) with the new rule kinds. Every change is a whole-list
-``admin.vm.firewall.Set``: dom0 validates all of it and either stores it
-or refuses it with a one-line reason, which is printed as
-``qvm-firewall: error: ...``.
+``--reload``) with the new rule kinds. A qube has one list per kind; a
+rule goes to the list of its kind, and every change replaces that one list
+(``admin.vm.firewall.Set``, ``Set+forward`` or ``Set+inbound``): dom0
+validates all of it and either stores it or refuses it with a one-line
+reason, printed as ``qvm-firewall: error: ...``. For a qube with outbound
+rules only, ``list`` prints upstream's table, and the calls made are
+upstream's plus one ``Get`` per other list.
 """
 
 from __future__ import annotations
@@ -18,14 +21,18 @@ from typing import TextIO
 from admin_client_patch.firewall import (
     FirewallEditError,
     QubeFirewall,
+    RuleNumber,
+    UsageError,
     delete_rule,
     delete_rule_no,
     insert_rule,
-    kind_label,
+    parse_rule_number,
     rule_from_words,
+    rule_label,
 )
-from admin_client_patch.qubesd_client import QubesException
+from admin_client_patch.qubesd_client import QubesException, QubesVMNotFoundError
 from firewall_rules import Rule, RuleKind, default_rules
+from firewall_rules.options import qube_name_problem
 
 PROG = "qvm-firewall"
 
@@ -34,10 +41,16 @@ A rule is a list of key=value words, in any order:
 
   outbound  action=accept|drop [dsthost=HOST] [proto=tcp|udp|icmp]
             [dstports=N[-M] | icmptype=N] [specialtarget=dns]
-  forward   action=forward forwardtype=external|internal proto=tcp|udp
-            srcports=N[-M] dstports=N[-M] [srchost=IP[/N] | srcqube=QUBE]
+  forward   action=forward proto=tcp|udp dstports=N[-M]
+            [forwardtype=external|internal] [srcports=N[-M]]
+            [srchost=IP[/N] | srcqube=QUBE]
   inbound   action=accept|drop srchost=IP[/N]|srcqube=QUBE [proto=tcp|udp|icmp]
             [dstports=N[-M] | icmptype=N]
+
+A forward rule is reachable from outside the qube's netvm (forwardtype=external,
+the default) or from the qubes connected to that netvm (internal), on srcports
+(default: dstports) mapped to dstports in the qube, e.g.
+"qvm-firewall web add action=forward proto=tcp dstports=443".
 
 srcqube= names the source qube instead of its address (inbound rules and
 internal forwards): dom0 uses that qube's current IP, so the rule follows it
@@ -45,12 +58,22 @@ when its IP changes.
 
 Any rule may end with expire=EPOCH or expire=+SECONDS (e.g. +300 for five
 minutes from now) and comment=TEXT; the comment takes all words after it.
+Forward and inbound rules also take expire=shutdown: the rule lasts until
+the qube stops (dom0 then deletes it); the qube must be running.
 dst4= and dst6= are accepted for dsthost=, so --raw output can be reused.
 Upstream's shorthand still works for outbound rules: bare words stand for
 action, dsthost, proto and dstports/icmptype in that order, e.g.
 "accept 10.0.0.0/8 tcp 22".
 
-Rules are numbered from 0, in the order they are matched.
+Each kind has its own list, matched in order and numbered from 0 as list
+shows it: outbound rules 0, 1, ... (as in upstream's qvm-firewall), forward
+rules forward:0, forward:1, ..., inbound rules inbound:0, ... A rule number
+is given the same way to --rule-no (del --rule-no 2, del --rule-no forward:0)
+and to --before, which places the added rule in the list of its own kind
+(add --before 1 ..., add --before forward:0 action=forward ...).
+
+reset restores upstream's default: a single outbound action=accept rule,
+no forward and no inbound rules.
 """
 
 
@@ -68,23 +91,25 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--raw", action="store_true",
-        help="list rules in Admin API syntax instead of a table",
+        help="list rules in Admin API syntax instead of tables",
     )
     parser.add_argument("vmname", metavar="VMNAME", help="the qube whose firewall to manage")
     actions = parser.add_subparsers(
         dest="command", metavar="ACTION", help="what to do (default: list)"
     )
 
-    add = actions.add_parser("add", help="add a rule (at the end, or before another)")
+    add = actions.add_parser("add", help="add a rule (at the end of its list, or before another)")
     add.add_argument(
-        "--before", type=int, metavar="N",
-        help="insert the rule before rule number N instead of at the end",
+        "--before", type=rule_number, metavar="N",
+        help="insert the rule before rule number N (N, forward:N or inbound:N, as list"
+        " shows them) instead of at the end of its list",
     )
     add.add_argument("rule", nargs="+", metavar="RULE", help="the rule's words")
 
     remove = actions.add_parser("del", help="remove a rule, by number or by its words")
     remove.add_argument(
-        "--rule-no", dest="rule_no", type=int, metavar="N", help="remove rule number N"
+        "--rule-no", dest="rule_no", type=rule_number, metavar="N",
+        help="remove rule number N (N, forward:N or inbound:N, as list shows them)",
     )
     remove.add_argument(
         "rule", nargs="*", metavar="RULE", help="remove the rule with exactly these words"
@@ -93,25 +118,57 @@ def get_parser() -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="list the rules")
     listing.add_argument(
         "--raw", action="store_true", default=argparse.SUPPRESS,
-        help="list rules in Admin API syntax instead of a table",
+        help="list rules in Admin API syntax instead of tables",
     )
 
-    actions.add_parser("reset", help="remove all rules, leaving the default action=accept")
+    actions.add_parser(
+        "reset", help="remove all rules, leaving the default: one outbound action=accept"
+    )
     return parser
 
 
+def rule_number(text: str) -> RuleNumber:
+    """argparse type of --before and --rule-no."""
+    try:
+        return parse_rule_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid rule number {text!r}: use N, forward:N or inbound:N"
+        ) from None
+
+
+#: Upstream's table of outbound rules, column for column.
 HEADER = (
-    "NO", "KIND", "ACTION", "HOST", "SOURCE", "PROTOCOL", "SRC PORT(S)", "PORT(S)",
-    "FORWARD TYPE", "SPECIAL TARGET", "ICMP TYPE", "EXPIRE", "COMMENT",
+    "NO", "ACTION", "HOST", "PROTOCOL", "PORT(S)", "SPECIAL TARGET", "ICMP TYPE", "EXPIRE",
+    "COMMENT",
+)
+FORWARD_HEADER = (
+    "NO", "TYPE", "PROTOCOL", "SRC PORT(S)", "PORT(S)", "SOURCE", "EXPIRE", "COMMENT",
+)
+INBOUND_HEADER = (
+    "NO", "ACTION", "SOURCE", "PROTOCOL", "PORT(S)", "ICMP TYPE", "EXPIRE", "COMMENT",
 )
 
-#: API keys shown in each column after NO and KIND.
-_COLUMN_KEYS = (
-    ("action",), ("dsthost", "dst4", "dst6"), ("srchost", "srcqube"), ("proto",),
-    ("srcports",),
-    ("dstports",), ("forwardtype",), ("specialtarget",), ("icmptype",), ("expire",),
-    ("comment",),
-)
+#: API keys shown in each column after NO, per kind.
+_COLUMN_KEYS: dict[RuleKind, tuple[tuple[str, ...], ...]] = {
+    RuleKind.OUTBOUND: (
+        ("action",), ("dst4", "dst6", "dsthost"), ("proto",), ("dstports",),
+        ("specialtarget",), ("icmptype",), ("expire",), ("comment",),
+    ),
+    RuleKind.FORWARD: (
+        ("forwardtype",), ("proto",), ("srcports",), ("dstports",), ("srchost", "srcqube"),
+        ("expire",), ("comment",),
+    ),
+    RuleKind.INBOUND: (
+        ("action",), ("srchost", "srcqube"), ("proto",), ("dstports",), ("icmptype",),
+        ("expire",), ("comment",),
+    ),
+}
+_HEADERS = {
+    RuleKind.OUTBOUND: HEADER, RuleKind.FORWARD: FORWARD_HEADER,
+    RuleKind.INBOUND: INBOUND_HEADER,
+}
+_TITLES = {RuleKind.FORWARD: "Forward rules:", RuleKind.INBOUND: "Inbound rules:"}
 
 
 def _options(rule: Rule) -> dict[str, str]:
@@ -124,15 +181,23 @@ def _options(rule: Rule) -> dict[str, str]:
 
 
 def _expire_cell(value: str, now: float) -> str:
-    """Seconds left, as upstream shows them (``+299s``)."""
+    """Seconds left, as upstream shows them (``+299s``); ``shutdown`` as it is."""
+    if not value.isdigit():
+        return value
     return f"{int(value) - now:+.0f}s"
 
 
-def rule_row(number: int, rule: Rule, now: float) -> list[str]:
+def _ports_cell(value: str) -> str:
+    """``443`` for the canonical ``443-443``, as upstream's table shows a single port."""
+    first, _, last = value.partition("-")
+    return first if first == last else value
+
+
+def rule_row(kind: RuleKind, number: int, rule: Rule, now: float) -> list[str]:
     """One table row; '-' where the rule has no such option."""
     options = _options(rule)
-    cells = [str(number), kind_label(rule)]
-    for keys in _COLUMN_KEYS:
+    cells = [rule_label(kind, number)]
+    for keys in _COLUMN_KEYS[kind]:
         value = next((options[key] for key in keys if key in options), None)
         if value is None:
             cells.append("-")
@@ -145,41 +210,31 @@ def rule_row(number: int, rule: Rule, now: float) -> list[str]:
     return cells
 
 
-def _ports_cell(value: str) -> str:
-    """``443`` for the canonical ``443-443``, as upstream's table shows a single port."""
-    first, _, last = value.partition("-")
-    return first if first == last else value
-
-
 def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    """Columns aligned with two spaces between them, like ``column -t``."""
+    """Columns aligned with two spaces between them, as upstream's ``column -t``."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         out.write("  ".join(cells).rstrip() + "\n")
 
 
-def print_paths(
-    rules: Sequence[Rule], paths: Mapping[int, str] | str, out: TextIO
-) -> None:
-    """Under the table, one line per forward rule: where it is reachable.
+def print_paths(forwards: int, paths: Mapping[int, str] | str, out: TextIO) -> None:
+    """Under the forward table, one line per forward rule: where it is reachable.
 
     ``paths`` is dom0's answer, or why there is none (an older dom0); the
     lines are too long for a table column and read better on their own.
     """
-    forwards = [n for n, rule in enumerate(rules) if rule.kind is RuleKind.FORWARD]
-    if not forwards:
-        return
     out.write("\nForward paths (entry point -> each hop -> the qube):\n")
     if isinstance(paths, str):
         out.write(f"  not available: {paths}\n")
         return
-    for number in forwards:
-        out.write(f"  rule {number}: {paths.get(number, 'path unknown')}\n")
+    for number in range(forwards):
+        label = rule_label(RuleKind.FORWARD, number)
+        out.write(f"  {label}: {paths.get(number, 'path unknown')}\n")
 
 
-def print_routing(rules: Sequence[Rule], routing: Sequence[str], out: TextIO) -> None:
-    """Under the table, a routed qube's exposure: addresses, way in, each hop's state.
+def print_routing(inbound: Sequence[Rule] | str, routing: Sequence[str], out: TextIO) -> None:
+    """Last, a routed qube's exposure: addresses, way in, each hop's state.
 
     dom0 sends nothing for a qube that is not routed (``routing-method``).
     """
@@ -187,34 +242,53 @@ def print_routing(rules: Sequence[Rule], routing: Sequence[str], out: TextIO) ->
         return
     out.write("\nRouting exposure (routing-method forward: reached at its own address):\n")
     out.writelines(f"  {line}\n" for line in routing)
-    inbound = [str(n) for n, rule in enumerate(rules) if rule.kind is RuleKind.INBOUND]
+    if isinstance(inbound, str):
+        return  # its section above says why it is not listed
     if inbound:
-        out.write(f"  admitted as inbound rules {', '.join(inbound)} say, nothing else\n")
+        labels = ", ".join(rule_label(RuleKind.INBOUND, n) for n in range(len(inbound)))
+        out.write(f"  admitted as inbound rules {labels} say, nothing else\n")
     else:
         out.write("  no inbound rule: nothing may connect to it\n")
 
 
 def list_rules(
-    rules: Sequence[Rule],
-    raw: bool,
+    lists: Mapping[RuleKind, Sequence[Rule] | str],
     now: float,
     out: TextIO,
     paths: Mapping[int, str] | str = "",
     routing: Sequence[str] = (),
 ) -> None:
-    """Print the rules, as a table (with forward paths and exposure) or as API lines."""
-    if raw:
-        out.writelines(rule.api_rule + "\n" for rule in rules)
-        return
-    print_table([HEADER, *(rule_row(n, rule, now) for n, rule in enumerate(rules))], out)
-    print_paths(rules, paths, out)
-    print_routing(rules, routing, out)
+    """Upstream's outbound table, a section per other kind in use, then a routed exposure.
+
+    A list given as text could not be read (an older dom0): its section
+    says so instead of failing the listing.
+    """
+    for kind in RuleKind:
+        rules = lists[kind]
+        if kind is not RuleKind.OUTBOUND:
+            if not rules:
+                continue
+            out.write(f"\n{_TITLES[kind]}\n")
+        if isinstance(rules, str):
+            out.write(f"  not available: {rules}\n")
+            continue
+        rows = [rule_row(kind, n, rule, now) for n, rule in enumerate(rules)]
+        print_table([_HEADERS[kind], *rows], out)
+        if kind is RuleKind.FORWARD:
+            print_paths(len(rules), paths, out)
+    print_routing(lists[RuleKind.INBOUND], routing, out)
 
 
-def forward_paths(firewall: QubeFirewall, rules: Sequence[Rule]) -> Mapping[int, str] | str:
+def _readable(firewall: QubeFirewall, kind: RuleKind) -> list[Rule] | str:
+    """The list, or why dom0 did not give it (an older dom0 knows no argument)."""
+    try:
+        return firewall.rules(kind)
+    except QubesException as err:
+        return f"dom0 did not list them ({' '.join(str(err).split())})"
+
+
+def forward_paths(firewall: QubeFirewall) -> Mapping[int, str] | str:
     """dom0's paths, or a one-line reason; never fails the listing itself."""
-    if not any(rule.kind is RuleKind.FORWARD for rule in rules):
-        return {}
     try:
         return firewall.paths()
     except QubesException as err:
@@ -234,36 +308,71 @@ def run(args: argparse.Namespace, now: float, out: TextIO) -> None:
     firewall = QubeFirewall(args.vmname)
     if args.command == "add":
         rule = rule_from_words(args.rule, now)
-        firewall.save(insert_rule(firewall.rules(), rule, args.before))
+        rules = firewall.rules(rule.kind)
+        firewall.save(rule.kind, insert_rule(rules, rule, args.before))
     elif args.command == "del":
         if args.rule_no is not None and args.rule:
-            raise FirewallEditError("give either --rule-no or a rule to delete, not both")
+            raise UsageError("give either --rule-no or a rule to delete, not both")
         if args.rule_no is not None:
-            firewall.save(delete_rule_no(firewall.rules(), args.rule_no))
+            kind = args.rule_no.kind or RuleKind.OUTBOUND
+            rules = firewall.rules(kind)
+            firewall.save(kind, delete_rule_no(kind, rules, args.rule_no.number))
         elif args.rule:
-            firewall.save(delete_rule(firewall.rules(), rule_from_words(args.rule, now)))
+            rule = rule_from_words(args.rule, now)
+            firewall.save(rule.kind, delete_rule(firewall.rules(rule.kind), rule))
         else:
-            raise FirewallEditError("del needs --rule-no N or the rule to delete")
+            raise UsageError("del needs --rule-no N or the rule to delete")
     elif args.command == "reset":
-        firewall.save(default_rules())
+        emptied = [kind for kind in (RuleKind.FORWARD, RuleKind.INBOUND) if firewall.rules(kind)]
+        firewall.save(RuleKind.OUTBOUND, default_rules())
+        for kind in emptied:
+            firewall.save(kind, [])
+    elif args.raw:  # for scripts: every list, each line says its kind; all or an error
+        for kind in RuleKind:
+            out.writelines(rule.api_rule + "\n" for rule in firewall.rules(kind))
     else:
-        rules = firewall.rules()
-        paths = "" if args.raw else forward_paths(firewall, rules)
-        routing = [] if args.raw else routing_exposure(firewall)
-        list_rules(rules, args.raw, now, out, paths, routing)
+        lists: dict[RuleKind, Sequence[Rule] | str] = {
+            RuleKind.OUTBOUND: firewall.rules(RuleKind.OUTBOUND)
+        }
+        for kind in (RuleKind.FORWARD, RuleKind.INBOUND):
+            lists[kind] = _readable(firewall, kind)
+        forwards = lists[RuleKind.FORWARD]
+        paths = forward_paths(firewall) if forwards and not isinstance(forwards, str) else ""
+        list_rules(lists, now, out, paths, routing_exposure(firewall))
     if args.reload:
         firewall.reload()
 
 
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    """Usage, then ``qvm-firewall: error: MESSAGE``, as argparse prints it; exit code 2."""
+    try:
+        parser.error(" ".join(message.split()))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the qvm-firewall command; returns the exit code."""
+    """Entry point of the qvm-firewall command; returns the exit code.
+
+    As upstream's: 2 for a usage error or a qube that does not exist
+    (``no such domain``), 1 for what dom0 refused or the qube's rules do
+    not allow (no such rule), 0 otherwise.
+    """
     parser = get_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage error or --help, already printed
         return exc.code if isinstance(exc.code, int) else 2
+    no_such_domain = f"no such domain: {args.vmname!r}"
+    if qube_name_problem(args.vmname) is not None:
+        return _usage_error(parser, no_such_domain)
     try:
         run(args, time.time(), sys.stdout)
+    except QubesVMNotFoundError:
+        return _usage_error(parser, no_such_domain)
+    except UsageError as err:
+        return _usage_error(parser, str(err))
     except (QubesException, FirewallEditError) as err:
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

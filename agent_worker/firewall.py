@@ -2,22 +2,23 @@
 
 Thin shell around :mod:`agent_worker.qdb_parse` and
 :mod:`agent_worker.ruleset`: it reads this qube's QubesDB, resolves
-``dsthost`` names, lists the kernel's ``qubes-firewall`` tables and applies
-each change as one libnftables transaction. What it reads and writes, the
-chains it owns and how it fails are in doc/agent.md.
+``dsthost`` names and applies each change as one libnftables transaction
+to the ``qubes-firewall`` tables. What it reads and writes, the chains it
+owns and how it fails are in doc/agent.md.
 
-Every change (a client's rule set completed by dom0, ``/connected-ips``
-updated, SIGHUP) recomputes the full target state from what is cached,
-re-reading and re-resolving only the client that changed, and sends the
-difference to the kernel in a single ``nft`` call for both families. A
-transaction applies entirely or not at all, so a client never runs on
-half of its new rules.
+The worker keeps what it last committed (:class:`ruleset.TableState`).
+A change (a client's rule set completed by dom0, ``/connected-ips``
+updated) re-reads and re-resolves only the clients it names, renders only
+their chains and sends the difference to the kernel in a single ``nft``
+call for both families, without listing the tables. A transaction applies
+entirely or not at all, so a client never runs on half of its new rules.
+The clients whose chains a transaction changed are what :meth:`Worker.apply`
+returns: the one place that knows "the rules of this client changed".
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import select
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import nftables
 
@@ -47,15 +48,17 @@ from agent_worker.qdb_parse import (
 from agent_worker.ruleset import (
     FAMILIES,
     TABLE,
-    Desired,
-    Family,
+    Chains,
     Resolved,
     Source,
+    TableState,
     chain_check_commands,
     cleanup_commands,
-    desired_table,
+    client_chains,
+    in_order,
     names_to_resolve,
-    parse_listing,
+    rebuild_commands,
+    rewrite_commands,
     table_definition,
     update_commands,
 )
@@ -64,14 +67,18 @@ log = logging.getLogger("qubes.firewall")
 
 FIREWALL_DIR = "/qubes-firewall/"
 CONNECTED_IPS = forwarding.CONNECTED_IPS
-DNS_KEYS = ("/qubes-primary-dns", "/qubes-secondary-dns")
-HANDLED_DIR = "/qubes-firewall_handled/"
+HANDLED_DIR = "/qubes-firewall-handled/"
 DNS_INFO_DIR = "/dns/"
 WATCHES = (FIREWALL_DIR, *CONNECTED_IPS)
 MAX_PATH = 64
 RESOLV_CONF = Path("/etc/resolv.conf")
-HOOK_DIRS = (Path("/etc/qubes/qubes-firewall.d"), Path("/rw/config/qubes-firewall.d"))
+SYSTEM_HOOK_DIR = Path("/etc/qubes/qubes-firewall.d")
+USER_HOOK_DIR = Path("/rw/config/qubes-firewall.d")
 USER_SCRIPT = Path("/rw/config/qubes-firewall-user-script")
+#: Qubes' custom-persist service: /rw/config is not the user's, so nothing there runs
+CUSTOM_PERSIST = Path("/var/run/qubes-service/custom-persist")
+#: transactions one change may take: a refused client found, then the tables rebuilt
+MAX_ATTEMPTS = 4
 
 Resolver = Callable[[str, Literal[4, 6]], frozenset[IPAddress]]
 
@@ -95,7 +102,11 @@ class QubesDBWatcher(Protocol):
 
 
 class Nft:
-    """The one libnftables context of the worker."""
+    """The one libnftables context of the worker, reused for every transaction.
+
+    JSON output with handles: the forward and inbound halves list table
+    ``qubes`` through this context (:mod:`agent_worker.nft_chains`).
+    """
 
     def __init__(self) -> None:
         self._ctx = nftables.Nftables()
@@ -112,15 +123,6 @@ class Nft:
         if rc != 0:
             raise NftError(" ".join(error.split()) or f"nft returned {rc}")
         return output
-
-    def list_table(self, family: Family) -> dict[str, Any] | None:
-        """The table as nft JSON, or None when it does not exist."""
-        try:
-            return json.loads(self.run(f"list table {family} {TABLE}"))
-        except NftError as err:
-            if "No such file or directory" in str(err):
-                return None
-            raise
 
 
 def resolve(name: str, version: Literal[4, 6]) -> frozenset[IPAddress]:
@@ -190,9 +192,13 @@ class Worker:
         self.connected: frozenset[IPAddress] = frozenset()
         #: sources whose rules nft refused, blocked until dom0 rewrites them
         self.refused: dict[IPAddress, str] = {}
-        #: chain contents of the last transaction nft accepted
-        self.applied: dict[Family, dict[str, tuple[str, ...]]] = {f: {} for f in FAMILIES}
-        #: addresses routed through this hop from a client (agent_worker.routing)
+        #: what the tables hold of ours: the last transaction nft accepted
+        self.kernel = TableState()
+        #: False once a transaction failed for no client's fault: the kernel's
+        #: tables are not what ``kernel`` says, the next change rebuilds them
+        self.synced = False
+        #: addresses routed through this hop from a client (agent_worker.routing),
+        #: filtered with their own rules as clients are
         self.routed: dict[IPAddress, Source] = {}
 
     # -- reading QubesDB --------------------------------------------------
@@ -246,20 +252,17 @@ class Worker:
             log.error("%s: ignoring an entry: %s", path, problem)
 
     def _dns_servers(self) -> frozenset[IPAddress]:
-        """This hop's DNS servers: QubesDB's, and resolv.conf's as upstream uses."""
-        servers = set()
-        for path in DNS_KEYS:
-            untrusted_value = self.db.read(path)
-            if untrusted_value:
-                try:
-                    servers.add(parse_address(untrusted_value.decode("ascii")))
-                except (UnicodeDecodeError, EntryError) as err:
-                    log.error("%s: ignoring it: %s", path, err)
+        """This hop's DNS servers for ``specialtarget=dns``: resolv.conf's, as upstream.
+
+        Not QubesDB's ``/qubes-primary-dns``: that is the address clients
+        send DNS to, which Qubes' DNAT rewrites to a resolv.conf server
+        before the forward hook sees the packet.
+        """
         try:
-            servers |= parse_resolv_conf(self.resolv_conf.read_text(errors="replace"))
+            return parse_resolv_conf(self.resolv_conf.read_text(errors="replace"))
         except OSError as err:
             log.warning("cannot read %s: %s", self.resolv_conf, err)
-        return frozenset(servers)
+            return frozenset()
 
     # -- writing back -----------------------------------------------------
 
@@ -279,72 +282,94 @@ class Worker:
 
     # -- applying ---------------------------------------------------------
 
-    def _effective(self) -> Mapping[IPAddress, Source]:
-        sources = {**self.routed, **self.sources}
-        for address, reason in self.refused.items():
-            sources[address] = Blocked(reason)
-        return sources
+    def _filtered(self) -> frozenset[IPAddress]:
+        """The addresses this hop filters: its connected clients and routed addresses."""
+        return self.connected | frozenset(self.routed)
 
-    def _find_refused(self, desired: Mapping[Family, Desired], error: str) -> bool:
-        """Check each client chain nft was asked to change on its own; block the refused."""
+    def _wanted(self, address: IPAddress) -> Chains | None:
+        """A client's chains: only while it is connected (or routed) and has rules."""
+        if address not in self._filtered():
+            return None
+        reason = self.refused.get(address)
+        source = self.sources.get(address, self.routed.get(address))
+        if reason is not None:
+            source = Blocked(reason)
+        return None if source is None else client_chains(address, source)
+
+    def _clients(self) -> set[IPAddress]:
+        """Every client that has, or should have, chains."""
+        return (
+            (self.connected & self.sources.keys()) | self.routed.keys() | self.kernel.clients.keys()
+        )
+
+    def _find_refused(self, changes: Mapping[IPAddress, Chains | None]) -> bool:
+        """Check each changed client's chains on their own; block those nft refuses."""
         found = False
-        for family in FAMILIES:
-            for address, chain in desired[family].jumps:
-                rules = desired[family].chains[chain]
-                if self.applied[family].get(chain) == rules or address in self.refused:
-                    continue
-                try:
-                    self.nft.run(chain_check_commands(family, chain, rules), check=True)
-                except NftError as err:
-                    reason = f"nft refused its rules: {err}"
-                    log.error("blocking all traffic from %s: %s", address, reason)
-                    self.refused[address] = reason
-                    found = True
-        if not found:
-            log.error("no single client's rules explain the refusal: %s", error)
+        for address, chains in changes.items():
+            if chains is None or chains == self.kernel.clients.get(address):
+                continue
+            if address in self.refused:
+                continue
+            try:
+                self.nft.run(chain_check_commands(address, chains), check=True)
+            except NftError as err:
+                reason = f"nft refused its rules: {err}"
+                log.error("blocking all traffic from %s: %s", address, reason)
+                self.refused[address] = reason
+                found = True
         return found
 
-    def _commit(self) -> bool:
-        """Bring the kernel to the target state in one transaction; False if refused."""
-        dns_servers = self._dns_servers()
-        for _attempt in range(2):
-            sources = self._effective()
-            desired = {
-                family: desired_table(
-                    family, sources, self.connected | frozenset(self.routed), dns_servers
-                )
-                for family in FAMILIES
-            }
+    def apply(self, dirty: Iterable[IPAddress], *, rewrite: bool = False) -> set[IPAddress] | None:
+        """Bring the clients in ``dirty`` and the sets to the kernel in one transaction.
+
+        ``rewrite``: write every chain and set of ours again, whatever the
+        kernel is believed to hold (SIGHUP). Returns the clients whose
+        chains changed (the point where a change of a client's rules is
+        known), or None when nft refused and the previous ruleset stays.
+        """
+        dns = self._dns_servers()
+        dirty = set(dirty)
+        for _attempt in range(MAX_ATTEMPTS):
+            rebuild = not self.synced
+            addresses = self._clients() if rebuild or rewrite else dirty
+            changes = {address: self._wanted(address) for address in addresses}
+            target = self.kernel.with_clients(dns, self._filtered(), changes)
+            if rebuild:
+                target = TableState(dns, self._filtered(), target.clients)
+                commands = rebuild_commands(target)
+            elif rewrite:
+                commands = rewrite_commands(self.kernel, target)
+            else:
+                commands = update_commands(self.kernel, target, addresses)
             try:
-                kernel = {
-                    family: parse_listing(family, self.nft.list_table(family))
-                    for family in FAMILIES
-                }
-                commands = [
-                    command
-                    for family in FAMILIES
-                    for command in update_commands(
-                        family, desired[family], kernel[family], self.applied[family]
-                    )
-                ]
                 if commands:
                     self.nft.run("\n".join(commands) + "\n")
             except NftError as err:
-                log.error("nft refused the update, the previous ruleset stays: %s", err)
-                if not self._find_refused(desired, str(err)):
-                    return False
+                log.error("nft refused the update: %s", err)
+                if self._find_refused(changes):
+                    continue
+                if rebuild:
+                    break
+                log.error("no client's rules explain it: rebuilding the %s tables", TABLE)
+                self.synced = False
                 continue
-            self.applied = {family: dict(desired[family].chains) for family in FAMILIES}
+            changed = {
+                address
+                for address in addresses
+                if rebuild or self.kernel.clients.get(address) != target.clients.get(address)
+            }
+            self.kernel, self.synced = target, True
             if commands:
                 log.info("ruleset updated (%d commands)", len(commands))
-            return True
+            return changed
         log.error("nft refused the update again, the previous ruleset stays")
-        return False
+        return None
 
-    def apply(self, handled: Iterable[IPAddress]) -> None:
-        """Commit, then write back what upstream writes for each handled client."""
-        committed = self._commit()
-        for address in sorted(handled, key=lambda a: (a.version, a)):
+    def _apply_and_record(self, dirty: Iterable[IPAddress], handled: Iterable[IPAddress],
+                          *, rewrite: bool = False) -> None:
+        """Apply, then write back what upstream writes for each handled client."""
+        committed = self.apply(dirty, rewrite=rewrite) is not None
+        for address in in_order(handled):
             self._record(address, committed)
 
     def set_routed(self, untrusted_routed: Mapping[IPAddress, Mapping[str, bytes]]) -> None:
@@ -352,28 +377,30 @@ class Worker:
 
         A routed qube's address reaches this hop from the vif of a ProxyVM
         (agent_worker.routing): it counts as a client here, under the
-        rules dom0 sent along (``/qns-routing/<address>/out/``). Commits
-        only when that changes what is filtered.
+        rules dom0 sent along (``/qns-routing/<address>/out/``). Applies
+        only what changed.
         """
         routed = {
             address: self._resolve_source(address, untrusted_entries)
             for address, untrusted_entries in untrusted_routed.items()
         }
-        if routed != self.routed:
+        dirty = {
+            address for address in routed.keys() | self.routed.keys()
+            if routed.get(address) != self.routed.get(address)
+        }
+        if dirty:
             self.routed = routed
-            self._commit()
+            self.apply(dirty)
 
     # -- entry points -----------------------------------------------------
 
     def init_tables(self) -> None:
         """Fresh, empty tables for both families (forward policy drop) in one transaction."""
         self.nft.run("\n".join(c for f in FAMILIES for c in table_definition(f)) + "\n")
-        self.applied = {family: {} for family in FAMILIES}
+        self.kernel, self.synced = TableState(), True
 
     def reload(self, *, force: bool = False) -> None:
-        """Re-read everything; ``force`` also rewrites chains that look unchanged."""
-        if force:
-            self.applied = {family: {} for family in FAMILIES}
+        """Re-read and re-resolve everything; ``force`` also rewrites what looks unchanged."""
         self.refused.clear()
         untrusted_names = {
             path[len(FIREWALL_DIR) :].split("/", 1)[0] for path in self.db.list(FIREWALL_DIR)
@@ -390,7 +417,7 @@ class Worker:
             self.db.rm(f"{DNS_INFO_DIR}{gone}/")
         self.sources = sources
         self._load_connected()
-        self.apply(sources)
+        self._apply_and_record(self._clients(), sources, rewrite=force)
 
     def handle(self, changes: Changes) -> None:
         """React to one batch of watch events."""
@@ -403,10 +430,13 @@ class Worker:
             if address is not None:
                 self._load_source(address)
                 handled.append(address)
+        dirty = set(handled)
         if changes.connected:
+            before = self.connected
             self._load_connected()
+            dirty |= before ^ self.connected
         if handled or changes.connected:
-            self.apply(handled)
+            self._apply_and_record(dirty, handled)
 
     def cleanup(self) -> None:
         """Remove both tables, as upstream does on a clean stop."""
@@ -416,8 +446,19 @@ class Worker:
             log.error("could not remove the %s tables: %s", TABLE, err)
 
 
-def run_hooks(hook_dirs: Iterable[Path] = HOOK_DIRS, user_script: Path = USER_SCRIPT) -> None:
-    """Run the executables of the qubes-firewall.d directories, then the user script."""
+def run_hooks(
+    system_dir: Path = SYSTEM_HOOK_DIR,
+    user_dir: Path = USER_HOOK_DIR,
+    user_script: Path = USER_SCRIPT,
+    custom_persist: Path = CUSTOM_PERSIST,
+) -> None:
+    """Run the executables of the qubes-firewall.d directories, then the user script.
+
+    With ``custom_persist`` present only the system directory runs, as
+    upstream: the user's directory and script live in /rw/config.
+    """
+    persist = custom_persist.is_file()
+    hook_dirs = [system_dir] if persist else [system_dir, user_dir]
     scripts = [
         path
         for directory in hook_dirs
@@ -425,7 +466,7 @@ def run_hooks(hook_dirs: Iterable[Path] = HOOK_DIRS, user_script: Path = USER_SC
         for path in sorted(directory.iterdir())
         if path.is_file() and os.access(path, os.X_OK)
     ]
-    if user_script.is_file() and os.access(user_script, os.X_OK):
+    if not persist and user_script.is_file() and os.access(user_script, os.X_OK):
         scripts.append(user_script)
     for script in scripts:
         try:
@@ -438,7 +479,7 @@ def run_hooks(hook_dirs: Iterable[Path] = HOOK_DIRS, user_script: Path = USER_SC
 
 
 def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about ``state`` if it is listening."""
+    """Tell systemd (``Type=notify-reload``) about ``state`` if it is listening."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
@@ -450,6 +491,11 @@ def sd_notify(state: str) -> None:
             sock.sendall(state.encode())
     except OSError as err:
         log.warning("cannot notify systemd: %s", err)
+
+
+def reloading_state() -> str:
+    """What ``Type=notify-reload`` wants first on SIGHUP: RELOADING=1 and when, in µs."""
+    return f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
 
 
 class _Signals:
@@ -497,8 +543,9 @@ def serve(
 
     ``watcher`` is a connection used for nothing but watches, so every event
     waits in its socket and ``select`` on it never misses one. Each of
-    ``halves`` (``/qns-forward/``, ``/qns-inbound/``) gets the events under
-    its directory, the same SIGHUP and the same clean stop; its
+    ``halves`` (``/qns-forward/``, ``/qns-inbound/``, ``/qns-routing/``)
+    gets the events under its directory, the same SIGHUP and the same
+    clean stop, and the sockets and deadline it asks to be woken for; its
     transactions are its own.
     """
     worker.init_tables()
@@ -522,9 +569,11 @@ def serve(
         if signals.reload:
             signals.reload = False
             log.info("SIGHUP: reloading every client's rules")
+            sd_notify(reloading_state())
             worker.reload(force=True)
             for half in halves:
                 half.reload()
+            sd_notify("READY=1")
             continue
         if fd in ready:
             paths = _pending_events(watcher, fd)

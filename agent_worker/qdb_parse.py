@@ -14,6 +14,7 @@ open more than the user asked for.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -146,8 +147,16 @@ def _split_words(untrusted_value: str) -> dict[str, str]:
     return words
 
 
+#: rules remembered by parse_rule: a long list edited in one place parses only that rule
+PARSED_RULES_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=PARSED_RULES_KEPT)
 def parse_rule(untrusted_value: str, version: Literal[4, 6]) -> OutboundRule:
-    """Validate one ``/qubes-firewall/IP/NNNN`` value for a source of ``version``."""
+    """Validate one ``/qubes-firewall/IP/NNNN`` value for a source of ``version``.
+
+    Pure, so its results are kept (a value that fails raises each time).
+    """
     if len(untrusted_value) > MAX_VALUE:
         raise EntryError("value too long")
     words = _split_words(untrusted_value)

@@ -1,51 +1,72 @@
-"""nft commands for the ``ip``/``ip6`` ``qubes-firewall`` tables, as upstream lays them out.
+"""nft commands for the ``ip``/``ip6`` ``qubes-firewall`` tables, one change at a time.
 
-Pure: the parsed state comes in, command text goes out; the worker
-(:mod:`agent_worker.firewall`) reads QubesDB, resolves names, lists the
-kernel's table and runs the commands in a single libnftables call.
+Pure: parsed clients come in, command text goes out; the worker
+(:mod:`agent_worker.firewall`) reads QubesDB, resolves names, keeps the
+:class:`TableState` it last committed and runs the commands in a single
+libnftables call. It never lists the table to find out what to change.
 
-Layout (per family, same names and meaning as upstream's worker)::
+Layout (per family; ``ip6`` alike with ``ip6``/``icmpv6``)::
 
     table ip qubes-firewall {
+      set dns-addr { type ipv4_addr; }           # resolv.conf's servers (upstream's set)
+      set connected { type ipv4_addr; }          # /connected-ips
+      map clients { type ipv4_addr : verdict; }  # a connected client with rules: its chain
       chain forward {        # base chain, forward hook, policy drop
         ct state established,related accept
         iifname != "vif*" accept
-        ip saddr 10.137.0.5 jump qbs-10-137-0-5      # one per client
+        ip saddr vmap @clients
       }
-      chain prerouting {     # anti-spoofing: client addresses only on vifs
-        iifname != "vif*" ip saddr { ... } drop
-      }
-      chain postrouting { oifname != "vif*" ip daddr { ... } drop }
+      chain prerouting { iifname != "vif*" ip saddr @connected drop }    # anti-spoofing
+      chain postrouting { oifname != "vif*" ip daddr @connected drop }
       chain qbs-10-137-0-5 { <rules in order> <policy> }
     }
 
 A rule's ``drop`` becomes ``reject with icmp[v6] type admin-prohibited``,
-so the client sees at once that the firewall refused it. A client gets a
-chain only while it is listed in ``/connected-ips``/``/connected-ips6``:
-rules never outlive the address they were written for.
+so the client sees at once that the firewall refused it, as upstream.
 
-The worker owns the per-client chains, the jumps to them and the
-prerouting/postrouting content; it leaves any other rule a user script
-added to ``forward`` alone. :func:`update_commands` therefore diffs what
-should be against what the kernel has (chains, jump handles) and what this
-worker last wrote (chain contents), and emits only the difference.
+A client's chain is named as upstream's (:func:`chain_name`). A long rule
+list is cut into blocks, each a chain of its own named after its content
+(``qbs-10-137-0-5-<hash>``), and the client's chain jumps to them in order
+before its policy: a verdict in a block ends the evaluation as it would
+inline, and a block nothing matched returns to the next jump. Blocks end
+where a rule's own checksum says so, not at fixed positions, so adding,
+changing or removing one rule changes one block, and a change costs the
+rules of that block and the jumps, not the whole list.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+import functools
+import hashlib
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
-from agent_worker.qdb_parse import Blocked, IPAddress, OutboundRule, SourceRules
+from agent_worker.nft_chains import Family
+from agent_worker.qdb_parse import (
+    PARSED_RULES_KEPT,
+    Blocked,
+    IPAddress,
+    OutboundRule,
+    SourceRules,
+)
 
-Family = Literal["ip", "ip6"]
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 TABLE = "qubes-firewall"
 CHAIN_PREFIX = "qbs-"
-ANTISPOOF_CHAINS = ("prerouting", "postrouting")
+DNS_SET = "dns-addr"
+CONNECTED_SET = "connected"
+CLIENTS_MAP = "clients"
 DNS_PORTS = (53, 53)
+#: a list of at most this many rules stays in the client's own chain
+INLINE_RULES = 48
+#: rules per block on average (the checksum of one rule in BLOCK_RULES ends a block)
+BLOCK_RULES = 32
+#: a block ends here at the latest, whatever the checksums say
+MAX_BLOCK_RULES = 4 * BLOCK_RULES
+
+#: A client's chains: name -> rule bodies; blocks first, its own chain last.
+Chains = Mapping[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -60,29 +81,36 @@ Source = Resolved | Blocked
 
 
 @dataclass(frozen=True)
-class Desired:
-    """What one family's table should hold: chain contents and the jumps to them."""
+class TableState:
+    """What both tables hold of ours: set contents and each client's chains."""
 
-    chains: Mapping[str, tuple[str, ...]]
-    jumps: tuple[tuple[IPAddress, str], ...]
+    dns: frozenset[IPAddress] = frozenset()
+    connected: frozenset[IPAddress] = frozenset()
+    clients: Mapping[IPAddress, Chains] = field(default_factory=dict)
+
+    def with_clients(
+        self,
+        dns: frozenset[IPAddress],
+        connected: frozenset[IPAddress],
+        changes: Mapping[IPAddress, Chains | None],
+    ) -> TableState:
+        """This state with new set contents and ``changes`` (None: no chain any more)."""
+        clients = dict(self.clients)
+        for address, chains in changes.items():
+            if chains is None:
+                clients.pop(address, None)
+            else:
+                clients[address] = chains
+        return TableState(dns, connected, clients)
 
 
-@dataclass(frozen=True)
-class Jump:
-    """A ``saddr X jump qbs-*`` rule found in the kernel's forward chain."""
-
-    handle: int
-    saddr: str
-    chain: str
+def family_of(address: IPAddress) -> Family:
+    return "ip" if address.version == 4 else "ip6"
 
 
-@dataclass(frozen=True)
-class KernelTable:
-    """The parts of one family's table, as listed by the kernel, that the diff needs."""
-
-    exists: bool
-    chains: frozenset[str] = frozenset()
-    jumps: tuple[Jump, ...] = ()
+def in_order(addresses: Iterable[IPAddress]) -> list[IPAddress]:
+    """IPv4 first, then by address: the order every transaction lists clients in."""
+    return sorted(addresses, key=lambda a: (a.version, a))
 
 
 def chain_name(source: IPAddress) -> str:
@@ -104,24 +132,35 @@ def _addresses(addresses: Iterable[IPAddress]) -> str:
 
 
 def rule_text(
-    rule: OutboundRule,
-    family: Family,
-    names: Mapping[str, frozenset[IPAddress]],
-    dns_servers: frozenset[IPAddress],
+    rule: OutboundRule, family: Family, names: Mapping[str, frozenset[IPAddress]]
 ) -> str | None:
-    """One rule body, or None when the rule can match nothing here.
+    """One rule body, or None when the rule can match nothing (see :func:`_rule_text`)."""
+    if rule.dsthost is None:
+        return _rule_text_kept(rule, family)
+    return _rule_text(rule, family, names)
 
-    specialtarget=dns means "the DNS servers of this hop, port 53, tcp or
+
+@functools.lru_cache(maxsize=PARSED_RULES_KEPT)
+def _rule_text_kept(rule: OutboundRule, family: Family) -> str | None:
+    """:func:`_rule_text` of a rule without a host name, which nothing else changes."""
+    return _rule_text(rule, family, {})
+
+
+def _rule_text(
+    rule: OutboundRule, family: Family, names: Mapping[str, frozenset[IPAddress]]
+) -> str | None:
+    """One rule body, or None when the rule can match nothing.
+
+    specialtarget=dns means "a server of set ``dns-addr``, port 53, tcp or
     udp"; like upstream, such a rule is left out when it names another
-    port or when no DNS server of ``family`` is known.
+    port. With proto icmp it is left out too (upstream's nft refuses it and
+    blocks the client, see doc/agent.md).
     """
     icmp = "icmp" if family == "ip" else "icmpv6"
-    version = 4 if family == "ip" else 6
-    servers = [s for s in dns_servers if s.version == version]
     parts = []
     ports = rule.dstports
     if rule.dns:
-        if ports not in (None, DNS_PORTS) or rule.proto == "icmp" or not servers:
+        if ports not in (None, DNS_PORTS) or rule.proto == "icmp":
             return None
         ports = DNS_PORTS
     if rule.proto is not None:
@@ -133,7 +172,7 @@ def rule_text(
     if rule.dsthost is not None:
         parts.append(f"{family} daddr {_addresses(names[rule.dsthost])}")
     if rule.dns:
-        parts.append(f"{family} daddr {_addresses(servers)}")
+        parts.append(f"{family} daddr @{DNS_SET}")
     if ports is not None:
         parts.append(f"th dport {_ports(ports)}")
     if rule.icmptype is not None:
@@ -142,107 +181,180 @@ def rule_text(
     return " ".join(parts)
 
 
-def source_chain(
-    source: Source, family: Family, dns_servers: frozenset[IPAddress]
-) -> tuple[str, ...]:
-    """Content of one client's chain: its rules then its policy, or a blanket reject."""
+def _blocks(rules: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    """Consecutive runs of ``rules``, cut after each rule whose checksum says so."""
+    start = 0
+    for end, rule in enumerate(rules, start=1):
+        if end - start >= MAX_BLOCK_RULES or zlib.crc32(rule.encode()) % BLOCK_RULES == 0:
+            yield rules[start:end]
+            start = end
+    if start < len(rules):
+        yield rules[start:]
+
+
+def client_chains(address: IPAddress, source: Source) -> dict[str, tuple[str, ...]]:
+    """The chains of one client: its rules then its policy, or a blanket reject.
+
+    A list longer than INLINE_RULES goes into block chains (module doc).
+    """
+    family = family_of(address)
+    name = chain_name(address)
     if isinstance(source, Blocked):
-        return (reject(family),)
-    texts = (rule_text(r, family, source.names, dns_servers) for r in source.rules.rules)
+        return {name: (reject(family),)}
+    texts = (rule_text(r, family, source.names) for r in source.rules.rules)
+    rules = tuple(t for t in texts if t is not None)
     policy = "accept" if source.rules.policy == "accept" else reject(family)
-    return (*(t for t in texts if t is not None), policy)
-
-
-def desired_table(
-    family: Family,
-    sources: Mapping[IPAddress, Source],
-    connected: frozenset[IPAddress],
-    dns_servers: frozenset[IPAddress],
-) -> Desired:
-    """The whole target state of one family's table, in a stable order."""
-    version = 4 if family == "ip" else 6
-    mine = sorted(a for a in connected if a.version == version)
-    prerouting: tuple[str, ...] = ()
-    postrouting: tuple[str, ...] = ()
-    if mine:
-        prerouting = (f'iifname != "vif*" {family} saddr {_addresses(mine)} drop',)
-        postrouting = (f'oifname != "vif*" {family} daddr {_addresses(mine)} drop',)
-    chains: dict[str, tuple[str, ...]] = {"prerouting": prerouting, "postrouting": postrouting}
+    if len(rules) <= INLINE_RULES:
+        return {name: (*rules, policy)}
+    chains: dict[str, tuple[str, ...]] = {}
     jumps = []
-    for address in mine:
-        source = sources.get(address)
-        if source is None:
-            continue
-        chain = chain_name(address)
-        chains[chain] = source_chain(source, family, dns_servers)
-        jumps.append((address, chain))
-    return Desired(chains, tuple(jumps))
+    for block in _blocks(rules):
+        digest = hashlib.blake2b("\n".join(block).encode(), digest_size=6).hexdigest()
+        chains[f"{name}-{digest}"] = block
+        jumps.append(f"jump {name}-{digest}")
+    chains[name] = (*jumps, policy)
+    return chains
+
+
+def _element_type(family: Family) -> str:
+    return "ipv4_addr" if family == "ip" else "ipv6_addr"
+
+
+def _of(family: Family, addresses: Iterable[IPAddress]) -> list[IPAddress]:
+    version = 4 if family == "ip" else 6
+    return sorted(a for a in addresses if a.version == version)
 
 
 def table_definition(family: Family) -> list[str]:
-    """The empty table with its three base chains, replacing any previous one."""
+    """The empty table with its sets, map and base chains, replacing any previous one."""
+    table = f"{family} {TABLE}"
+    kind = _element_type(family)
     return [
-        f"add table {family} {TABLE}",
-        f"delete table {family} {TABLE}",
-        f"add table {family} {TABLE}",
-        f"add chain {family} {TABLE} forward"
-        " { type filter hook forward priority filter; policy drop; }",
-        f"add rule {family} {TABLE} forward ct state established,related accept",
-        f'add rule {family} {TABLE} forward iifname != "vif*" accept',
-        f"add chain {family} {TABLE} prerouting"
+        f"add table {table}",
+        f"delete table {table}",
+        f"add table {table}",
+        f"add set {table} {DNS_SET} {{ type {kind}; }}",
+        f"add set {table} {CONNECTED_SET} {{ type {kind}; }}",
+        f"add map {table} {CLIENTS_MAP} {{ type {kind} : verdict; }}",
+        f"add chain {table} forward {{ type filter hook forward priority filter; policy drop; }}",
+        f"add rule {table} forward ct state established,related accept",
+        f'add rule {table} forward iifname != "vif*" accept',
+        f"add rule {table} forward {family} saddr vmap @{CLIENTS_MAP}",
+        f"add chain {table} prerouting"
         " { type filter hook prerouting priority -300; policy accept; }",
-        f"add chain {family} {TABLE} postrouting"
+        f'add rule {table} prerouting iifname != "vif*" {family} saddr @{CONNECTED_SET} drop',
+        f"add chain {table} postrouting"
         " { type filter hook postrouting priority -300; policy accept; }",
+        f'add rule {table} postrouting oifname != "vif*" {family} daddr @{CONNECTED_SET} drop',
     ]
 
 
-def update_commands(
-    family: Family,
-    desired: Desired,
-    kernel: KernelTable,
-    applied: Mapping[str, tuple[str, ...]],
+def _set_commands(
+    family: Family, name: str, old: frozenset[IPAddress], new: frozenset[IPAddress]
 ) -> list[str]:
-    """Commands taking the kernel's table to ``desired``; empty when nothing changes.
-
-    ``applied`` is what this worker last wrote into each chain; chains whose
-    content is unchanged are not touched (their counters keep counting). A
-    missing table is recreated first, so a table deleted behind our back
-    heals on the next change.
-    """
-    commands: list[str] = []
-    if not kernel.exists:
-        commands += table_definition(family)
-        kernel = KernelTable(exists=True, chains=frozenset({*ANTISPOOF_CHAINS, "forward"}))
-        applied = {}
-    for chain, rules in desired.chains.items():
-        if chain in kernel.chains and applied.get(chain) == rules:
-            continue
-        if chain not in kernel.chains:
-            commands.append(f"add chain {family} {TABLE} {chain}")
-        commands.append(f"flush chain {family} {TABLE} {chain}")
-        commands += [f"add rule {family} {TABLE} {chain} {rule}" for rule in rules]
-    wanted = {(str(address), chain) for address, chain in desired.jumps}
-    present = set()
-    for jump in kernel.jumps:
-        if (jump.saddr, jump.chain) in wanted and (jump.saddr, jump.chain) not in present:
-            present.add((jump.saddr, jump.chain))
-        else:
-            commands.append(f"delete rule {family} {TABLE} forward handle {jump.handle}")
-    for address, chain in desired.jumps:
-        if (str(address), chain) not in present:
-            commands.append(
-                f"add rule {family} {TABLE} forward {family} saddr {address} jump {chain}"
-            )
-    for chain in sorted(kernel.chains - desired.chains.keys()):
-        if chain.startswith(CHAIN_PREFIX):
-            commands.append(f"delete chain {family} {TABLE} {chain}")
+    """Element changes taking set ``name`` from ``old`` to ``new`` (this family's part)."""
+    commands = []
+    gone, added = _of(family, old - new), _of(family, new - old)
+    if gone:
+        commands.append(f"delete element {family} {TABLE} {name} {_addresses(gone)}")
+    if added:
+        commands.append(f"add element {family} {TABLE} {name} {_addresses(added)}")
     return commands
 
 
-def chain_check_commands(family: Family, chain: str, rules: tuple[str, ...]) -> str:
-    """A stand-alone transaction holding just one chain, for nft's check mode."""
-    lines = [f"add table {family} {TABLE}", f"add chain {family} {TABLE} {chain}"]
-    lines += [f"add rule {family} {TABLE} {chain} {rule}" for rule in rules]
+def _client_commands(address: IPAddress, old: Chains | None, new: Chains | None) -> list[str]:
+    """Commands taking one client's chains and map element from ``old`` to ``new``.
+
+    New chains are created before anything jumps to them; unchanged chains
+    are not touched (their counters keep counting); chains no longer
+    wanted are emptied, then deleted once nothing jumps to them.
+    """
+    family = family_of(address)
+    table = f"{family} {TABLE}"
+    before, after = old or {}, new or {}
+    commands = [f"add chain {table} {name}" for name in after if name not in before]
+    for name, rules in after.items():
+        if before.get(name) == rules:
+            continue
+        if name in before:
+            commands.append(f"flush chain {table} {name}")
+        commands += [f"add rule {table} {name} {rule}" for rule in rules]
+    if old is None and new is not None:
+        element = f"{address} : jump {chain_name(address)}"
+        commands.append(f"add element {table} {CLIENTS_MAP} {{ {element} }}")
+    if old is not None and new is None:
+        commands.append(f"delete element {table} {CLIENTS_MAP} {{ {address} }}")
+    gone = [name for name in before if name not in after]
+    commands += [f"flush chain {table} {name}" for name in gone]
+    commands += [f"delete chain {table} {name}" for name in gone]
+    return commands
+
+
+def update_commands(old: TableState, new: TableState, addresses: Iterable[IPAddress]) -> list[str]:
+    """The difference from ``old`` to ``new`` for the sets and the clients in ``addresses``.
+
+    Only those clients are compared, so a change costs what it changes,
+    not what the tables hold.
+    """
+    commands = []
+    for family in FAMILIES:
+        commands += _set_commands(family, DNS_SET, old.dns, new.dns)
+        commands += _set_commands(family, CONNECTED_SET, old.connected, new.connected)
+    for address in in_order(addresses):
+        commands += _client_commands(
+            address, old.clients.get(address), new.clients.get(address)
+        )
+    return commands
+
+
+def rewrite_commands(old: TableState, new: TableState) -> list[str]:
+    """Everything of ours written again into existing tables, e.g. after SIGHUP.
+
+    Sets and map are emptied and refilled, every wanted chain created if
+    missing and refilled, chains of ``old`` no longer wanted removed. Other
+    rules of the tables (say a user script's in ``forward``) stay.
+    """
+    commands = []
+    for family in FAMILIES:
+        table = f"{family} {TABLE}"
+        for name, addresses in ((DNS_SET, new.dns), (CONNECTED_SET, new.connected)):
+            commands.append(f"flush set {table} {name}")
+            if _of(family, addresses):
+                commands.append(f"add element {table} {name} {_addresses(_of(family, addresses))}")
+        commands.append(f"flush map {table} {CLIENTS_MAP}")
+    for address in in_order(new.clients):
+        chains = new.clients[address]
+        table = f"{family_of(address)} {TABLE}"
+        for name, rules in chains.items():
+            commands += [f"add chain {table} {name}", f"flush chain {table} {name}"]
+            commands += [f"add rule {table} {name} {rule}" for rule in rules]
+        element = f"{address} : jump {chain_name(address)}"
+        commands.append(f"add element {table} {CLIENTS_MAP} {{ {element} }}")
+    for address, chains in old.clients.items():
+        table = f"{family_of(address)} {TABLE}"
+        gone = [name for name in chains if name not in new.clients.get(address, {})]
+        for name in gone:
+            commands += [f"add chain {table} {name}", f"flush chain {table} {name}"]
+        commands += [f"delete chain {table} {name}" for name in gone]
+    return commands
+
+
+def rebuild_commands(state: TableState) -> list[str]:
+    """Both tables from nothing, holding ``state``: after the kernel's copy was lost."""
+    commands = [command for family in FAMILIES for command in table_definition(family)]
+    return commands + update_commands(TableState(), state, state.clients)
+
+
+def chain_check_commands(address: IPAddress, chains: Chains) -> str:
+    """A stand-alone transaction holding one client's chains, for nft's check mode."""
+    family = family_of(address)
+    table = f"{family} {TABLE}"
+    lines = [
+        f"add table {table}",
+        f"add set {table} {DNS_SET} {{ type {_element_type(family)}; }}",
+    ]
+    lines += [f"add chain {table} {name}" for name in chains]
+    lines += [f"add rule {table} {name} {rule}" for name, rules in chains.items() for rule in rules]
     return "\n".join(lines) + "\n"
 
 
@@ -251,47 +363,6 @@ def cleanup_commands() -> str:
     return "".join(
         f"add table {family} {TABLE}\ndelete table {family} {TABLE}\n" for family in FAMILIES
     )
-
-
-def _jump_of(rule: Mapping[str, Any], family: Family) -> Jump | None:
-    """The rule as a Jump if it is exactly ``<family> saddr X jump qbs-*``."""
-    expr = rule.get("expr")
-    if not isinstance(expr, list) or len(expr) != 2:
-        return None
-    match, verdict = expr
-    target = verdict.get("jump", {}).get("target") if isinstance(verdict, dict) else None
-    if not isinstance(target, str) or not target.startswith(CHAIN_PREFIX):
-        return None
-    cond = match.get("match") if isinstance(match, dict) else None
-    if not isinstance(cond, dict) or cond.get("op") != "==":
-        return None
-    if cond.get("left") != {"payload": {"protocol": family, "field": "saddr"}}:
-        return None
-    saddr = cond.get("right")
-    if not isinstance(saddr, str):
-        return None
-    try:
-        canonical = str(ipaddress.ip_address(saddr))
-    except ValueError:
-        return None
-    return Jump(int(rule["handle"]), canonical, target)
-
-
-def parse_listing(family: Family, listing: Mapping[str, Any] | None) -> KernelTable:
-    """Read ``nft -j list table <family> qubes-firewall`` output (None: no table)."""
-    if listing is None:
-        return KernelTable(exists=False)
-    chains = set()
-    jumps = []
-    for item in listing.get("nftables", []):
-        if "chain" in item:
-            chains.add(item["chain"]["name"])
-        rule = item.get("rule")
-        if rule and rule.get("chain") == "forward":
-            jump = _jump_of(rule, family)
-            if jump is not None:
-                jumps.append(jump)
-    return KernelTable(exists=True, chains=frozenset(chains), jumps=tuple(jumps))
 
 
 def names_to_resolve(rules: SourceRules) -> frozenset[str]:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def best_time(
@@ -66,3 +70,20 @@ def sizes_parser(description: str, default: Sequence[int]) -> argparse.ArgumentP
         help=f"comma-separated sizes (default {','.join(map(str, default))})",
     )
     return parser
+
+
+def upstream_root() -> Path:
+    """Where the read-only upstream snapshot is: ``$QUBES_UPSTREAM_DIR``, else
+    ``../shared/upstream`` from the repository root (where CI has it)."""
+    configured = os.environ.get("QUBES_UPSTREAM_DIR")
+    return Path(configured) if configured else REPO.parent / "shared" / "upstream"
+
+
+def upstream_path(part: str) -> Path | None:
+    """``part`` of the upstream snapshot, or None when it is not there.
+
+    Nothing may be written into it: import its code with
+    ``sys.dont_write_bytecode`` set.
+    """
+    path = upstream_root() / part
+    return path if path.exists() else None

@@ -45,7 +45,7 @@ CLONE_NEWNET = 0x40000000
 
 
 class MemoryQubesDB:
-    """The qubesdb calls the forward worker makes, on a dict with sorted keys.
+    """The qubesdb calls the workers make, on a dict with sorted keys.
 
     Prefix reads use bisection, so reading K targets costs O(K log K) and
     the benchmark times the worker, not its QubesDB stand-in.
@@ -62,6 +62,12 @@ class MemoryQubesDB:
         if path not in self.entries:
             bisect.insort(self.keys, path)
         self.entries[path] = value.encode() if isinstance(value, str) else value
+
+    def rm(self, path: str) -> None:
+        """Remove ``path``, or everything below it when it ends with ``/``."""
+        for key in self.list(path) if path.endswith("/") else [path]:
+            if self.entries.pop(key, None) is not None:
+                del self.keys[bisect.bisect_left(self.keys, key)]
 
     def list(self, path: str) -> list[str]:
         start = bisect.bisect_left(self.keys, path)
@@ -121,14 +127,20 @@ def _setns(fd: int) -> None:
         raise OSError(errno, f"setns: {os.strerror(errno)}")
 
 
+def enter(name: str) -> None:
+    """Move this thread into namespace ``name``."""
+    with open(f"/run/netns/{name}") as namespace:
+        _setns(namespace.fileno())
+
+
 @contextmanager
-def throwaway_namespace() -> Iterator[str]:
-    """Create ``qns-bench-<pid>``, move this thread into it, and always undo both."""
-    name = f"qns-bench-{os.getpid()}"
+def throwaway_namespace(tag: str = "") -> Iterator[str]:
+    """Create ``qns-bench-<pid><tag>``, move this thread into it, and always undo both."""
+    name = f"qns-bench-{os.getpid()}{tag}"
     sh("ip", "netns", "add", name)
     try:
-        with open("/proc/self/ns/net") as home, open(f"/run/netns/{name}") as bench:
-            _setns(bench.fileno())
+        with open("/proc/self/ns/net") as home:
+            enter(name)
             try:
                 yield name
             finally:

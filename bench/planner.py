@@ -24,7 +24,7 @@ from functools import partial
 from bench.common import best_time, print_table, ratio, sizes_parser
 from core_admin_patch import planner
 from core_admin_patch.applier import Applier
-from firewall_rules import Rule
+from firewall_rules import Rule, RuleLists
 
 DEFAULT_SIZES = (10, 100, 500)
 SUPPORT = {planner.SUPPORT_FEATURE: "1"}
@@ -118,7 +118,7 @@ def build_snapshot(spec: Spec, now: float) -> planner.Snapshot:
                 provides_network=name in INFRA,
                 running=True,
                 features=SUPPORT,
-                rules=tuple(Rule.from_api_string(line) for line in lines),
+                rules=RuleLists.sorted_out(Rule.from_api_string(line) for line in lines),
             )
             for name, (netvm, ip, lines) in spec.items()
         },
@@ -138,9 +138,7 @@ def measure(sizes: Sequence[int]) -> list[list[object]]:
     for count in sizes:
         spec = rule_lines(count)
         snapshot = build_snapshot(spec, now)
-        forwards = sum(
-            1 for q in snapshot.qubes.values() for r in q.rules if str(r.action) == "forward"
-        )
+        forwards = sum(len(q.rules.forward) for q in snapshot.qubes.values())
         plan = planner.plan(snapshot)
         assert not plan.skipped, plan.skipped
         build = best_time(partial(build_snapshot, spec, now))

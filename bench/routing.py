@@ -49,14 +49,14 @@ def _setup(lab: Any) -> None:
     from admin_client_patch.qubesd_client import qubesd_call
 
     os.environ["QUBESD_SOCKET"] = str(lab.qubesd_socket)
+    set_call = "admin.vm.firewall.Set"
     for qube, address in ROUTED.items():
         lab.set_ip(qube, address)
-        rule = f"action=accept srchost=192.0.2.10 proto=tcp dstports={PORT}\naction=accept\n"
-        qubesd_call(qube, "admin.vm.firewall.Set", payload=rule.encode())
+        rule = f"action=accept srchost=192.0.2.10 proto=tcp dstports={PORT}\n"
+        qubesd_call(qube, set_call, "inbound", rule.encode())
         lab.set_feature(qube, "routing-method", "forward")
-    forward = (f"action=forward forwardtype=external proto=tcp srcports=8080 dstports={PORT}\n"
-               "action=accept\n")
-    qubesd_call("work", "admin.vm.firewall.Set", payload=forward.encode())
+    forward = f"action=forward forwardtype=external proto=tcp srcports=8080 dstports={PORT}\n"
+    qubesd_call("work", set_call, "forward", forward.encode())
     deadline = time.monotonic() + 30
     while not all(
         (lab.qubesdb("sys-net").read(f"/qns-routing_status/{a}") or b"").startswith(

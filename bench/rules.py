@@ -1,6 +1,6 @@
 """Rule parsing and firewall.xml: cost per rule of a realistic mix against trivial rules.
 
-Measured for N rules (default 100, 1000 and 9999, the most a qube may
+Measured for N rules (default 100, 1000 and 9999, the most one list of a qube may
 hold): ``parse_api_payload`` (what ``admin.vm.firewall.Set`` does with its
 payload), ``firewall_xml_bytes`` (serialising), ``save_firewall_xml``
 (serialise, write, fsync, rename) and ``load_firewall_xml``.
@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from bench.common import best_time, print_table, ratio, sizes_parser
-from firewall_rules import load_firewall_xml, parse_api_payload, save_firewall_xml
+from firewall_rules import RuleLists, load_firewall_xml, parse_api_payload, save_firewall_xml
 from firewall_rules.storage import firewall_xml_bytes
 
 DEFAULT_SIZES = (100, 1000, 9999)
@@ -90,25 +90,26 @@ def measure(sizes: Sequence[int]) -> list[list[object]]:
             split = best_time(partial(split_only, mixed)) / n * 1e6
             parsed = {kind: parse_api_payload(data, now) for kind, data in runs.items()}
             assert len(parsed["mixed"]) == n, "every mixed rule must parse"
+            stored = {kind: RuleLists.sorted_out(rules) for kind, rules in parsed.items()}
             ops: dict[str, dict[str, Callable[[], object]]] = {
                 "parse_api_payload": {
                     kind: partial(parse_api_payload, data, now) for kind, data in runs.items()
                 },
                 "firewall_xml_bytes": {
-                    kind: partial(firewall_xml_bytes, rules, now) for kind, rules in parsed.items()
+                    kind: partial(firewall_xml_bytes, lists, now) for kind, lists in stored.items()
                 },
                 "save_firewall_xml": {
-                    kind: partial(save_firewall_xml, path, rules, now)
-                    for kind, rules in parsed.items()
+                    kind: partial(save_firewall_xml, path, lists, now)
+                    for kind, lists in stored.items()
                 },
             }
             for op, works in ops.items():
                 is_parse = op == "parse_api_payload"
                 rows.append(row(op, n, per_rule(works, n), split if is_parse else None))
             load: dict[str, float] = {}
-            for kind, rules in parsed.items():
-                save_firewall_xml(path, rules, now)
-                assert len(load_firewall_xml(path)) == n
+            for kind, lists in stored.items():
+                save_firewall_xml(path, lists, now)
+                assert len(load_firewall_xml(path).all()) == n
                 load[kind] = per_rule({kind: partial(load_firewall_xml, path)}, n)[kind]
             rows.append(row("load_firewall_xml", n, load, None))
     return rows

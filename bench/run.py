@@ -1,9 +1,9 @@
 """Run every benchmark in one process and print their tables (``make bench``).
 
 Prints the machine first (CPU count, kernel, Python, nft) so a pasted
-result says where it was made. The nft and routing benchmarks need root
-and ``ip netns``; without them they are reported as not run instead of
-failing the others.
+result says where it was made. The nft, outbound and routing benchmarks
+need root and ``ip netns``, the outbound one also the upstream snapshot;
+without them each is reported as not run instead of failing the others.
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import nft, planner, routing, rules
+from bench import nft, outbound, planner, routing, rules
+from bench.common import upstream_path
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "rules": rules.main,
     "planner": planner.main,
     "nft": nft.main,
+    "outbound": outbound.main,
     "routing": routing.main,
 }
-#: Benchmarks that need root and network namespaces.
-NEEDS_ROOT = ("nft", "routing")
+#: benchmarks that need root and ``ip netns``
+IN_NAMESPACES = ("nft", "outbound", "routing")
 
 
 def machine() -> str:
@@ -41,12 +43,18 @@ def machine() -> str:
     )
 
 
-def nft_unavailable() -> str | None:
-    """Why the nft benchmark cannot run here, or None."""
+def unavailable(name: str) -> str | None:
+    """Why benchmark ``name`` cannot run here, or None."""
+    if name not in IN_NAMESPACES:
+        return None
     if os.geteuid() != 0:
         return "not root"
     missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
-    return f"missing {', '.join(missing)}" if missing else None
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if name == "outbound" and upstream_path(outbound.UPSTREAM_AGENT) is None:
+        return "no upstream snapshot (set QUBES_UPSTREAM_DIR)"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     status = 0
     for name in names:
-        if name in NEEDS_ROOT and (reason := nft_unavailable()) is not None:
-            print(f"\n{name}: NOT RUN ({reason}); run as root")
+        if (reason := unavailable(name)) is not None:
+            print(f"\n{name}: NOT RUN ({reason})")
             status = 1
             continue
         status |= BENCHMARKS[name]([])

@@ -4,36 +4,39 @@
 point ``qubes.ext``); everything it decides lives here so it is tested
 without a Qubes dom0: which qubesd events re-plan the forwards, when the
 expiry timer fires, how entries reach a qube's QubesDB, how our
-exceptions become qubesd's, and the outbound view of a firewall.xml that
-upstream's loader would refuse (version 3).
+exceptions become qubesd's, and how firewall.xml is read and written
+beside upstream's ``Firewall`` object.
+
+Upstream stays in charge of the outbound rules: ``vm.firewall`` is
+upstream's ``Firewall`` (a subclass, :mod:`core_admin_patch.extension`)
+holding them as upstream's ``Rule`` objects, so its Admin API handlers, its
+QubesDB entries, its DispVM ``clone`` and its r3 compatibility path see
+exactly what they see without us. The forward and inbound lists ride
+along on the same object (``forward_rules``, ``inbound_rules``) and in the
+same file, and are saved with it by its ``save()``, atomically.
 
 The qubesd objects are only used through the attributes named in the
-protocols below (``vm.name``, ``vm.dir_path``, ``vm.firewall_conf``,
+protocols below (``vm.name``, ``vm.dir_path``, ``vm.firewall``,
 ``vm.untrusted_qdb``, ``vm.is_running()``, ...), which is what lets the
 tests hand in small stand-ins.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from core_admin_patch import errors
-from core_admin_patch.admin_api import load_rules
-from core_admin_patch.network_server import DomainLike, NetworkServer
-from firewall_rules import (
-    Rule,
-    default_rules,
-    load_firewall_xml,
-    outbound_qdb_entries,
-    save_firewall_xml,
+from core_admin_patch.network_server import (
+    DomainLike,
+    ExpiryTimer,
+    LoopLike,
+    NetworkServer,
 )
+from firewall_rules import Rule, RuleKind, RuleLists, read_rule_lists, save_firewall_xml
 
 log = logging.getLogger("qubes.network-server")
 
@@ -75,11 +78,21 @@ LOAD_EVENT = "domain-load"
 #: Events fired on the app (system-wide): a qube appeared or disappeared.
 APP_EVENTS: frozenset[str] = frozenset({"domain-add", "domain-delete"})
 
-#: Fire the expiry re-plan this long after the rule's expiry time, so the
-#: rule is already expired when the planner looks (no zero-length re-arm).
-EXPIRY_SLACK = 0.5
+#: Fired on the app by ``Qubes.close()``: its extension state goes with it.
+CLOSE_EVENT = "qubes-close"
 
 FIREWALL_CONF = "firewall.xml"
+
+
+class FirewallLike(Protocol):
+    """``vm.firewall`` as this module uses it: upstream's object with our two lists."""
+
+    #: upstream's ``qubes.firewall.Rule`` objects: the outbound list
+    rules: list[Any]
+    forward_rules: list[Rule]
+    inbound_rules: list[Rule]
+
+    def save(self) -> None: ...
 
 
 class VMLike(DomainLike, Protocol):
@@ -89,15 +102,10 @@ class VMLike(DomainLike, Protocol):
     firewall_conf: str
     untrusted_qdb: Any
 
+    @property
+    def firewall(self) -> FirewallLike: ...
 
-class LoopLike(Protocol):
-    """The part of an asyncio loop the expiry timer needs."""
-
-    def time(self) -> float: ...
-
-    def call_at(self, when: float, callback: Callable[[], object]) -> Any: ...
-
-    def call_soon(self, callback: Callable[[], object]) -> Any: ...
+    def fire_event(self, event: str, **kwargs: Any) -> Any: ...
 
 
 def firewall_path(vm: VMLike) -> Path:
@@ -105,25 +113,39 @@ def firewall_path(vm: VMLike) -> Path:
     return Path(vm.dir_path) / (getattr(vm, "firewall_conf", None) or FIREWALL_CONF)
 
 
-def read_rules(vm: VMLike) -> list[Rule]:
-    """All three rule kinds from firewall.xml (upstream's vm.firewall sees only outbound).
+def has_firewall(vm: object) -> bool:
+    """Whether a qube has a firewall.xml of its own (dom0 has no directory)."""
+    return getattr(vm, "klass", None) != "AdminVM" and bool(getattr(vm, "dir_path", None))
 
-    No file means rules were never set: those cloned into the qube and not
-    saved yet, else upstream's default, accept all.
+
+def stored_lists(vm: VMLike) -> RuleLists:
+    """What ``Firewall.load()`` loads: firewall.xml (every version), else the default.
+
+    A file that cannot be read raises FirewallFileError (naming it), never
+    "no rules", as upstream's loader.
     """
-    firewall = getattr(vm, _FIREWALL_ATTRIBUTE, None)
-    if isinstance(firewall, OutboundFirewall):
-        return firewall.current()  # rules cloned into a qube not saved yet
-    path = firewall_path(vm)
-    return load_firewall_xml(path) if path.exists() else default_rules()
+    return read_rule_lists(firewall_path(vm))
 
 
-@dataclass(frozen=True)
-class QubeRef:
-    """core_admin_patch.admin_api.QubeRef for a qubesd VM."""
+def our_rules(upstream_rules: Iterable[Any]) -> tuple[Rule, ...]:
+    """Upstream's outbound ``Rule`` objects as ours, through their canonical line.
 
-    name: str
-    firewall_path: Path
+    Upstream's ``api_rule`` is None for a rule that has expired: it is
+    left out, as upstream's own ``save()`` and ``Get`` leave it out.
+    """
+    return tuple(
+        Rule.from_api_string(line)
+        for rule in upstream_rules
+        if (line := rule.api_rule) is not None
+    )
+
+
+def save_lists(vm: VMLike, firewall: FirewallLike, now: float) -> None:
+    """``Firewall.save()``'s file: upstream's ``<rules>`` and our lists, in one atomic write."""
+    lists = RuleLists(
+        our_rules(firewall.rules), tuple(firewall.forward_rules), tuple(firewall.inbound_rules)
+    )
+    save_firewall_xml(firewall_path(vm), lists, now)
 
 
 class QdbWriter:
@@ -194,87 +216,72 @@ class QdbWriter:
             self.failed.add(qube)
 
 
-class ExpiryTimer:
-    """One pending call at the next rule expiry, on the loop's clock.
-
-    Rule expiry is wall-clock time (epoch seconds), asyncio's ``call_at``
-    takes the loop's monotonic clock; the delay is converted at arming.
-    """
-
-    def __init__(
-        self, loop: LoopLike, callback: Callable[[], None],
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._loop = loop
-        self._callback = callback
-        self._wall_clock = wall_clock
-        self._handle: Any = None
-        self.expiry: float | None = None
-
-    def arm(self, expiry: float | None) -> None:
-        """Replace the pending call with one at ``expiry`` (None: no call)."""
-        if expiry == self.expiry and self._handle is not None:
-            return
-        self.cancel()
-        if expiry is None:
-            return
-        delay = max(0.0, expiry - self._wall_clock()) + EXPIRY_SLACK
-        self.expiry = expiry
-        self._handle = self._loop.call_at(self._loop.time() + delay, self._fire)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._handle = None
-        self.expiry = None
-
-    def _fire(self) -> None:
-        self._handle = None
-        self.expiry = None
-        try:
-            self._callback()
-        except Exception:
-            log.exception("re-plan at rule expiry failed")
-
-
 class ExtensionCore:
-    """Event handling and the AdminContext of the qubesd extension.
+    """The extension's state for one qubesd app: its NetworkServer host, events and timer.
 
     ``domains`` lists qubesd's VMs (``app.domains``), ``lookup`` finds one
-    by name (KeyError if none), ``fire_firewall_changed`` fires qubesd's
-    ``firewall-changed`` on a VM, so upstream's handler rewrites the
-    outbound entries in its netvm and ours re-plans the forwards.
+    by name (KeyError if none). A ``firewall-changed`` fired on a VM makes
+    upstream's handler rewrite the outbound entries in its netvm, and ours
+    re-plan the forwards.
     """
 
     def __init__(
         self,
         domains: Callable[[], Iterable[VMLike]],
         lookup: Callable[[str], VMLike],
-        fire_firewall_changed: Callable[[VMLike], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._domains = domains
+        self._all_domains = domains
         self._lookup = lookup
-        self._fire_firewall_changed = fire_firewall_changed
         self._clock = clock
         self._expiry_checked = clock()
         self.writer = QdbWriter(lookup)
-        self.server = NetworkServer(
-            self.planned_domains, read_rules, self.writer  # type: ignore[arg-type]
-        )
+        self.server = NetworkServer(self, self.writer)
         self.timer: ExpiryTimer | None = None
         self._startup_scheduled = False
 
-    def planned_domains(self) -> list[VMLike]:
+    # --- DomHost ------------------------------------------------------------
+
+    def domains(self) -> list[VMLike]:
         """The qubes that can take part in a forward: not dom0 (no firewall.xml, no netvm)."""
-        return [vm for vm in self._domains() if has_firewall(vm)]
+        return [vm for vm in self._all_domains() if has_firewall(vm)]
+
+    def domain(self, name: str) -> VMLike:
+        """The qube's VM; dom0 (AdminVM, no dir_path) has no firewall."""
+        vm = self._lookup(name)
+        if not has_firewall(vm):
+            raise errors.QubesValueError(f"{vm.name} has no firewall")
+        return vm
+
+    def read_rules(self, domain: DomainLike) -> RuleLists:
+        """What ``vm.firewall`` holds: the rules the qube enforces (a new DispVM's cloned ones)."""
+        firewall = cast(VMLike, domain).firewall
+        return RuleLists(
+            our_rules(firewall.rules), tuple(firewall.forward_rules), tuple(firewall.inbound_rules)
+        )
+
+    def store_rules(self, domain: DomainLike, kind: RuleKind, rules: list[Rule]) -> None:
+        """Replace the forward or inbound list and save through ``vm.firewall.save()``.
+
+        Outbound rules are stored by upstream's own ``Set`` handler only.
+        """
+        if kind is RuleKind.OUTBOUND:
+            raise errors.ProtocolError("outbound rules are set by upstream's own Set")
+        firewall = cast(VMLike, domain).firewall
+        setattr(firewall, f"{kind.value}_rules", list(rules))
+        firewall.save()
+
+    def reload(self, domain: DomainLike) -> None:
+        cast(VMLike, domain).fire_event("firewall-changed")
+
+    # --- events -------------------------------------------------------------
 
     def start_timer(self, loop: LoopLike) -> None:
         """Arm expiry re-plans on qubesd's loop (once it runs)."""
         if self.timer is None:
             self.timer = ExpiryTimer(loop, self.on_expiry, self._clock)
 
-    def on_load(self, vm: VMLike, loop: LoopLike) -> None:
+    def on_load(self, vm: VMLike, loop: Any) -> None:
         """qubesd loaded qubes.xml (``domain-load`` on each qube): re-plan once its loop runs.
 
         After a qubesd restart nothing else would reconcile QubesDB (rules
@@ -282,33 +289,35 @@ class ExtensionCore:
         event. ``call_soon`` on a loop not yet running runs when it starts.
         """
         self.start_timer(loop)
+        if not vm.is_running():  # dom0 went down without stopping it
+            self._drop_shutdown_rules(vm)
         if not self._startup_scheduled:
             self._startup_scheduled = True
             loop.call_soon(self.refresh)
 
     def on_expiry(self) -> None:
-        """A rule expired: outbound entries of its qube too, then the forwards.
+        """A rule expired: the outbound entries of its qube, then the forwards.
 
-        Upstream re-applies expired outbound rules from a systemd timer its
-        own ``Set`` starts; ours replaces that ``Set``, so the expiry timer
-        fires ``firewall-changed`` for each qube with a rule that expired
-        since the last check (its netvm rewrites the qube's entries).
+        An outbound rule that expired is left out of the entries upstream's
+        ``firewall-changed`` handler writes; the timer fires it for each
+        qube with one that expired since the last check, here too after a
+        qubesd restart (upstream's own timer lives in its process).
         """
         now = self._clock()
         since, self._expiry_checked = self._expiry_checked, now
-        for vm in self.planned_domains():
+        for vm in self.domains():
             try:
-                rules = read_rules(vm)
+                outbound = self.read_rules(vm).outbound
             except Exception:
                 continue  # logged at every re-plan already
             if any(
-                rule.expire is not None and since <= rule.expire.timestamp < now
-                for rule in rules
+                rule.expire is not None
+                and rule.expire.timestamp is not None  # expire=shutdown: not outbound
+                and since <= rule.expire.timestamp < now
+                for rule in outbound
             ):
-                self._fire_firewall_changed(vm)
+                vm.fire_event("firewall-changed")
         self.refresh()
-
-    # --- events -------------------------------------------------------------
 
     def on_domain_event(self, vm: VMLike, event: str) -> None:
         """A per-domain qubesd event; re-plans when it can change the plan."""
@@ -317,11 +326,27 @@ class ExtensionCore:
         if event in QDB_RESET_EVENTS:
             self.server.qube_reset(vm.name)
             self.writer.failed.discard(vm.name)
+        if event == "domain-shutdown":
+            self._drop_shutdown_rules(vm)
         self.refresh()
+
+    def _drop_shutdown_rules(self, vm: VMLike) -> None:
+        """Delete the stopped qube's ``expire=shutdown`` rules; never raises into qubesd."""
+        if not has_firewall(vm):
+            return
+        try:
+            self.server.drop_shutdown_rules(vm.name)
+        except Exception:
+            log.exception("%s: cannot delete its rules that lasted until it stopped", vm.name)
 
     def on_app_event(self, event: str) -> None:
         if event in APP_EVENTS:
             self.refresh()
+
+    def close(self) -> None:
+        """The app is closing: nothing may fire for it any more."""
+        if self.timer is not None:
+            self.timer.cancel()
 
     def check_netvm_change(self, vm: VMLike, new_netvm: object) -> None:
         """Refuse (QubesValueError) a netvm change that would make two forwards share a port.
@@ -346,53 +371,6 @@ class ExtensionCore:
         if self.timer is not None:
             self.timer.arm(next_expiry)
 
-    # --- AdminContext -------------------------------------------------------
-
-    def find_qube(self, untrusted_name: str) -> QubeRef:
-        """The qube's firewall.xml; dom0 (AdminVM, no dir_path) has none."""
-        try:
-            vm = self._lookup(untrusted_name)
-        except KeyError:
-            raise errors.QubesVMNotFoundError(untrusted_name) from None
-        if not has_firewall(vm):
-            raise errors.QubesValueError(f"{vm.name} has no firewall")
-        return QubeRef(vm.name, firewall_path(vm))
-
-    def check_rules(self, qube: QubeRef, rules: list[Rule]) -> None:
-        with _not_planned(qube):
-            self.server.check_rules(qube.name, rules, self._clock())
-
-    def firewall_changed(self, qube: QubeRef) -> None:
-        try:
-            vm = self._lookup(qube.name)
-        except KeyError:
-            raise errors.QubesVMNotFoundError(qube.name) from None
-        self._fire_firewall_changed(vm)
-
-    def describe_forwards(self, qube: QubeRef, now: float) -> dict[int, str]:
-        with _not_planned(qube):
-            return self.server.describe(qube.name, now)
-
-    def describe_routing(self, qube: QubeRef, now: float) -> list[str]:
-        with _not_planned(qube):
-            return self.server.describe_routing(qube.name, now)
-
-
-@contextlib.contextmanager
-def _not_planned(qube: QubeRef) -> Iterator[None]:
-    """The planner's KeyError for a qube gone from the domains (removed meanwhile)."""
-    try:
-        yield
-    except KeyError as err:
-        if err.args != (qube.name,):
-            raise
-        raise errors.QubesVMNotFoundError(qube.name) from None
-
-
-def has_firewall(vm: object) -> bool:
-    """Whether a qube has a firewall.xml of its own (dom0 has no directory)."""
-    return getattr(vm, "klass", None) != "AdminVM" and bool(getattr(vm, "dir_path", None))
-
 
 def upstream_error(err: BaseException) -> tuple[str, tuple[object, ...]] | None:
     """qubes.exc class name and constructor arguments for one of our errors.
@@ -413,95 +391,3 @@ def upstream_error(err: BaseException) -> tuple[str, tuple[object, ...]] | None:
     if isinstance(err, errors.PermissionDenied):
         return "PermissionDenied", (str(err),)
     return None
-
-
-class OutboundFirewall:
-    """Stand-in for upstream's ``vm.firewall`` that reads every firewall.xml version.
-
-    Upstream's loader refuses version 3 (written when forward or inbound
-    rules exist), so its ``reload_firewall_for_vm`` would fail for such a
-    qube. This object gives it the same ``/qubes-firewall/`` entries from
-    our reader; a file that cannot be read blocks the qube (policy drop),
-    as an unreadable rule set must never open it.
-
-    One object per qube (:func:`firewall_for`), as upstream's. firewall.xml,
-    once it exists, is the rule list (our Set writes it directly); before
-    that, rules given by ``clone()`` (a disposable is cloned from its
-    template before its directory exists) or assignment are held here
-    until ``save()``.
-    """
-
-    def __init__(self, vm: VMLike, clock: Callable[[], float] = time.time) -> None:
-        self._vm = vm
-        self._clock = clock
-        self._unsaved: list[Rule] | None = None
-
-    @property
-    def policy(self) -> str:
-        return "drop"
-
-    @property
-    def rules(self) -> list[Rule]:
-        """Our rules (all kinds); an unreadable file raises admin_api's QubesVMError."""
-        path = firewall_path(self._vm)
-        if path.exists():
-            return load_rules(QubeRef(self._vm.name, path))
-        return self._fallback()
-
-    @rules.setter
-    def rules(self, rules: Iterable[object]) -> None:
-        self._unsaved = [_own_rule(rule) for rule in rules]
-
-    def current(self) -> list[Rule]:
-        """The rules in force, for planning; raises the reader's error for a bad file."""
-        path = firewall_path(self._vm)
-        return load_firewall_xml(path) if path.exists() else self._fallback()
-
-    def _fallback(self) -> list[Rule]:
-        return list(self._unsaved) if self._unsaved is not None else default_rules()
-
-    def clone(self, other: Any) -> None:
-        """Take every rule of ``other`` (forward and inbound too), as upstream's ``clone``.
-
-        An unreadable source raises: a copy never falls back to accept-all.
-        Saved at once if the qube already has its directory, else at ``save()``.
-        """
-        self.rules = list(other.rules)
-        if Path(self._vm.dir_path).is_dir():
-            self.save()
-
-    def save(self) -> None:
-        """Write the rules to firewall.xml and announce it (``firewall-changed``), as upstream."""
-        rules = self._unsaved if self._unsaved is not None else self.rules
-        save_firewall_xml(firewall_path(self._vm), rules, self._clock())
-        self._unsaved = None
-        fire_event = getattr(self._vm, "fire_event", None)
-        if fire_event is not None:
-            fire_event("firewall-changed")
-
-    def qdb_entries(self, addr_family: int | None = None) -> dict[str, str]:
-        try:
-            return outbound_qdb_entries(self.current(), addr_family, self._clock())
-        except Exception as err:
-            log.error("%s: firewall rules unusable, blocking its traffic: %s", self._vm.name, err)
-            return {"policy": "drop"}
-
-
-def _own_rule(rule: object) -> Rule:
-    """A copy of one of our rules, or ours parsed from another's ``api_rule`` line."""
-    if isinstance(rule, Rule):
-        return copy.copy(rule)
-    return Rule.from_api_string(str(getattr(rule, "api_rule", rule)))
-
-
-#: Attribute under which a qube keeps its OutboundFirewall.
-_FIREWALL_ATTRIBUTE = "_qns_firewall"
-
-
-def firewall_for(vm: VMLike) -> OutboundFirewall:
-    """The qube's one OutboundFirewall (``vm.firewall``), made on first use."""
-    firewall = getattr(vm, _FIREWALL_ATTRIBUTE, None)
-    if not isinstance(firewall, OutboundFirewall):
-        firewall = OutboundFirewall(vm)
-        setattr(vm, _FIREWALL_ATTRIBUTE, firewall)
-    return firewall

@@ -1,10 +1,14 @@
-"""dom0 service around the planner: snapshot, check, plan, apply.
+"""dom0 service around the planner: snapshot, check, plan, apply; the API's context.
 
-Both hosts of the dom0 side use it: the qubesd extension on Qubes
-(:mod:`core_admin_patch.extension`) and the lab's dom0 stand-in. Each hands
-it its qubes as objects shaped like qubesd's VMs (``name``, ``netvm``,
-``ip``, ``ip6``, ``provides_network``, ``is_running()``, ``features``) plus a
-way to read a qube's rules, and a writer for QubesDB; this class does the rest.
+Both hosts of the dom0 side use it, one :class:`NetworkServer` per set of
+qubes (per qubesd app): the qubesd extension on Qubes
+(:mod:`core_admin_patch.extension_core`) and the lab's dom0 stand-in. Each
+hands it a :class:`DomHost` (its qubes as objects shaped like qubesd's VMs,
+how to read and store their rule lists, how to re-apply them) and a
+QubesDB writer; everything else is here, once: the Admin API's view of a
+qube (:class:`QubeRef`, :meth:`NetworkServer.rules`,
+:meth:`NetworkServer.set_rules`), the system-wide checks, the plan and its
+application, and the expiry timer.
 
 qubesd computes ``ip6`` itself; hosts without qubesd (the lab) use
 :func:`ipv6_enabled` and :func:`derived_ip6`, which follow qubesd's rules.
@@ -12,15 +16,18 @@ qubesd computes ``ip6`` itself; hosts without qubesd (the lab) use
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from core_admin_patch import planner, routing
 from core_admin_patch.applier import Applier, EntryWriter
-from core_admin_patch.errors import QubesValueError
-from firewall_rules import Rule
+from core_admin_patch.errors import QubesValueError, QubesVMError, QubesVMNotFoundError
+from firewall_rules import Rule, RuleKind, RuleLists
 
 log = logging.getLogger("qubes.network-server")
 
@@ -47,7 +54,40 @@ class DomainLike(Protocol):
     def is_running(self) -> bool: ...
 
 
-RulesReader = Callable[[DomainLike], list[Rule]]
+class DomHost(Protocol):
+    """What a dom0 host (qubesd, the lab) gives :class:`NetworkServer`: its qubes, their rules."""
+
+    def domains(self) -> Iterable[DomainLike]:
+        """Every qube that has a firewall (not dom0)."""
+        ...
+
+    def domain(self, name: str) -> DomainLike:
+        """The qube called ``name``; KeyError if none, a QubesException if it has no firewall."""
+        ...
+
+    def read_rules(self, domain: DomainLike) -> RuleLists:
+        """The lists the qube enforces; raises (any exception) when they cannot be read."""
+        ...
+
+    def store_rules(self, domain: DomainLike, kind: RuleKind, rules: list[Rule]) -> None:
+        """Replace one list, keeping the others, in one atomic save; then announce it.
+
+        Announcing is qubesd's ``firewall-changed``: the qube's netvm gets
+        its outbound entries again, and the forwards are re-planned.
+        """
+        ...
+
+    def reload(self, domain: DomainLike) -> None:
+        """Apply every list of the qube again (``admin.vm.firewall.Reload``)."""
+        ...
+
+
+@dataclass(frozen=True)
+class QubeRef:
+    """An Admin API call's destination, found by the host: its name, nothing unchecked."""
+
+    name: str
+
 
 #: Qubes' site-local prefix for qubes' IPv6 addresses (qubes.config.qubes_ipv6_prefix).
 QUBES_IPV6_PREFIX = ipaddress.IPv6Network("fd09:24ef:4179::/64")
@@ -101,7 +141,7 @@ def planning_features(features: Mapping[str, str]) -> dict[str, str]:
     return planned
 
 
-def qube_state(domain: DomainLike, rules: list[Rule]) -> planner.QubeState:
+def qube_state(domain: DomainLike, rules: RuleLists) -> planner.QubeState:
     """Freeze one domain into the planner's picture."""
     netvm = getattr(domain, "netvm", None)
     ip = getattr(domain, "ip", None)
@@ -113,42 +153,87 @@ def qube_state(domain: DomainLike, rules: list[Rule]) -> planner.QubeState:
         provides_network=bool(getattr(domain, "provides_network", False)),
         running=domain.is_running(),
         features=planning_features(domain.features),
-        rules=tuple(rules),
+        rules=rules,
         ip6=None if ip6 is None else ipaddress.IPv6Address(str(ip6)),
     )
 
 
-class NetworkServer:
-    """Keeps every qube's forward and input entries right as things change."""
+#: Fire the expiry re-plan this long after the rule's expiry time, so the
+#: rule is already expired when the planner looks (``expire < now``).
+EXPIRY_SLACK = 0.5
+
+
+class LoopLike(Protocol):
+    """The part of an asyncio loop the expiry timer needs."""
+
+    def time(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> Any: ...
+
+
+class ExpiryTimer:
+    """One pending call at the next rule expiry, on the loop's clock.
+
+    Rule expiry is wall-clock time (epoch seconds), asyncio's ``call_at``
+    takes the loop's monotonic clock; the delay is converted at arming.
+    """
 
     def __init__(
-        self,
-        domains: Callable[[], Iterable[DomainLike]],
-        read_rules: RulesReader,
-        writer: EntryWriter,
+        self, loop: LoopLike, callback: Callable[[], None],
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._domains = domains
-        self._read_rules = read_rules
+        self._loop = loop
+        self._callback = callback
+        self._wall_clock = wall_clock
+        self._handle: Any = None
+        self.expiry: float | None = None
+
+    def arm(self, expiry: float | None) -> None:
+        """Replace the pending call with one at ``expiry`` (None: no call)."""
+        if expiry == self.expiry and self._handle is not None:
+            return
+        self.cancel()
+        if expiry is None:
+            return
+        delay = max(0.0, expiry - self._wall_clock()) + EXPIRY_SLACK
+        self.expiry = expiry
+        self._handle = self._loop.call_at(self._loop.time() + delay, self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None
+        self.expiry = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self.expiry = None
+        try:
+            self._callback()
+        except Exception:
+            log.exception("re-plan at rule expiry failed")
+
+
+class NetworkServer:
+    """Keeps every qube's forward and input entries right; answers the Admin API."""
+
+    def __init__(self, host: DomHost, writer: EntryWriter) -> None:
+        self._host = host
         self._writer = writer
         self._applier = Applier(writer)
 
+    # --- planning ---------------------------------------------------------------
+
     def snapshot(self, now: float) -> planner.Snapshot:
         qubes = {}
-        for domain in self._domains():
+        for domain in self._host.domains():
             try:
-                rules = self._read_rules(domain)
+                rules = self._host.read_rules(domain)
             except Exception as err:  # a corrupt firewall.xml must not stop others
                 log.error("%s: firewall rules unreadable, no forwards for it: %s", domain.name, err)
-                rules = []
+                rules = RuleLists()
             qubes[domain.name] = qube_state(domain, rules)
         return planner.Snapshot(qubes, now)
-
-    def check_rules(self, name: str, rules: list[Rule], now: float) -> None:
-        """Refuse, with a one-line reason, rules that cannot work (before saving)."""
-        try:
-            planner.check_rules(self.snapshot(now), name, rules)
-        except planner.PlanError as err:
-            raise QubesValueError(str(err)) from None
 
     def check_netvm_change(self, name: str, new_netvm: str | None, now: float) -> None:
         """Refuse (QubesValueError) moving ``name`` under ``new_netvm`` if forwards would clash.
@@ -168,14 +253,99 @@ class NetworkServer:
         self._applier.apply(routing.plan(snapshot), running)
         return planner.next_expiry(snapshot)
 
+    def drop_shutdown_rules(self, name: str) -> bool:
+        """Delete ``name``'s ``expire=shutdown`` rules, as it stopped; True if there were any.
+
+        Called when the qube shuts down, and for every stopped qube when
+        dom0 starts (it may have gone down without stopping them). Such a
+        rule is only ever stored while its qube runs (the planner refuses
+        it otherwise), so after this it can never come back with a start.
+        """
+        domain = self._host.domain(name)
+        lists = self._host.read_rules(domain)
+        dropped = False
+        for kind in (RuleKind.FORWARD, RuleKind.INBOUND):
+            kept = [rule for rule in lists.of(kind) if not rule.expires_at_shutdown]
+            if len(kept) != len(lists.of(kind)):
+                log.info("%s stopped: deleting its %s rules that lasted until then",
+                         name, kind.value)
+                self._host.store_rules(domain, kind, kept)
+                dropped = True
+        return dropped
+
     def qube_reset(self, name: str) -> None:
         """``name``'s QubesDB was created anew (start) or is gone (stop)."""
         self._applier.forget(name)
 
-    def describe(self, name: str, now: float) -> dict[int, str]:
-        """Path of each forward rule of ``name``, for qvm-firewall."""
-        return planner.describe_forwards(self.snapshot(now), name)
+    # --- the Admin API's context ------------------------------------------------
 
-    def describe_routing(self, name: str, now: float) -> list[str]:
-        """The routing exposure of ``name`` and each hop's report, for qvm-firewall."""
-        return routing.describe_routing(self.snapshot(now), name, self._writer.read)
+    def find_qube(self, untrusted_name: str) -> QubeRef:
+        """The qube of that (already validated) name; QubesVMNotFoundError if none."""
+        try:
+            domain = self._host.domain(untrusted_name)
+        except KeyError:
+            raise QubesVMNotFoundError(untrusted_name) from None
+        return QubeRef(domain.name)
+
+    def rules(self, qube: QubeRef) -> RuleLists:
+        """The lists the qube enforces; a list that cannot be read is that qube's error."""
+        domain = self._domain(qube)
+        try:
+            return self._host.read_rules(domain)
+        except Exception as err:
+            raise QubesVMError(
+                qube, f"{qube.name}: firewall rules cannot be loaded: {err}"
+            ) from None
+
+    def set_rules(self, qube: QubeRef, kind: RuleKind, rules: list[Rule], now: float) -> None:
+        """Replace one list: refuse (one line) what cannot work system-wide, else store it.
+
+        Outbound rules are upstream's and need no system-wide check.
+        """
+        domain = self._domain(qube)
+        proposed = self.rules(qube).replaced(kind, rules)  # the other lists must be readable
+        if kind is not RuleKind.OUTBOUND:
+            with self._planned(qube):
+                try:
+                    planner.check_rules(self.snapshot(now), qube.name, proposed)
+                except planner.PlanError as err:
+                    raise QubesValueError(str(err)) from None
+        try:
+            self._host.store_rules(domain, kind, rules)
+        except OSError as err:
+            raise QubesVMError(
+                qube, f"{qube.name}: firewall.xml cannot be saved: {err}"
+            ) from None
+
+    def reload(self, qube: QubeRef) -> None:
+        self._host.reload(self._domain(qube))
+
+    def describe_forwards(self, qube: QubeRef, now: float) -> dict[int, str]:
+        """Path of each forward rule of the qube in force at ``now``.
+
+        Keys are positions in its forward list (expired rules included).
+        """
+        with self._planned(qube):
+            return planner.describe_forwards(self.snapshot(now), qube.name)
+
+    def describe_routing(self, qube: QubeRef, now: float) -> list[str]:
+        """The qube's routing exposure and each hop's report (read from its QubesDB)."""
+        with self._planned(qube):
+            return routing.describe_routing(self.snapshot(now), qube.name, self._writer.read)
+
+    def _domain(self, qube: QubeRef) -> DomainLike:
+        try:
+            return self._host.domain(qube.name)
+        except KeyError:  # removed since it was found
+            raise QubesVMNotFoundError(qube.name) from None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _planned(qube: QubeRef) -> Iterator[None]:
+        """The planner's KeyError for a qube gone from the domains (removed meanwhile)."""
+        try:
+            yield
+        except KeyError as err:
+            if err.args != (qube.name,):
+                raise
+            raise QubesVMNotFoundError(qube.name) from None

@@ -25,7 +25,7 @@ given). Entries live under ``/qns-forward/<target ip>/`` in each hop and
 An inbound rule of T (``action=accept|drop srchost=..``) decides which of
 the qubes sharing T's netvm may open connections to T. It goes, in list
 order, to T's netvm under ``/qns-inbound/<target ip>/NNNN`` (``NNNN`` the
-rule's position in T's list, as upstream numbers ``/qubes-firewall/``) and
+rule's position in T's inbound list, as upstream numbers ``/qubes-firewall/``) and
 to T's own ``/qns-input/``, after the forward openings: forwards are
 decided first, then the inbound rules, first match wins, default deny.
 
@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from firewall_rules import Rule, RuleKind
+from firewall_rules import Rule, RuleLists
 
 #: Feature a qube's agent advertises (as Qubes templates do with
 #: qvm-features-request) when it runs our worker or input hook.
@@ -80,6 +80,10 @@ class UnresolvedSourceError(PlanError):
     """A rule's ``srcqube`` names no qube, or one without an address."""
 
 
+class NotRunningError(PlanError):
+    """An ``expire=shutdown`` rule for a qube that is not running."""
+
+
 @dataclass(frozen=True)
 class QubeState:
     """What the planner needs to know of one qube."""
@@ -90,7 +94,8 @@ class QubeState:
     provides_network: bool = False
     running: bool = False
     features: Mapping[str, str] = field(default_factory=dict)
-    rules: tuple[Rule, ...] = ()
+    #: Rule numbers in plans and messages are positions in a kind's list.
+    rules: RuleLists = field(default_factory=RuleLists)
     #: Its IPv6 address when IPv6 is on for it (the ``ipv6`` feature), else None.
     ip6: ipaddress.IPv6Address | None = None
 
@@ -106,10 +111,10 @@ class Snapshot:
     qubes: Mapping[str, QubeState]
     now: float
 
-    def with_rules(self, name: str, rules: Iterable[Rule]) -> Snapshot:
+    def with_rules(self, name: str, rules: RuleLists) -> Snapshot:
         """The same picture with ``name``'s rules replaced (to check a Set)."""
         qubes = dict(self.qubes)
-        qubes[name] = dataclasses.replace(qubes[name], rules=tuple(rules))
+        qubes[name] = dataclasses.replace(qubes[name], rules=rules)
         return Snapshot(qubes, self.now)
 
 
@@ -325,20 +330,17 @@ def forward_path(
     return ForwardPath(target.name, number, rule, tuple(steps))
 
 
+def _in_force(rules: Iterable[Rule], now: float) -> list[tuple[int, Rule]]:
+    """(position in the list, rule) of each rule not expired at ``now``."""
+    return [(number, rule) for number, rule in enumerate(rules) if not rule.is_expired(now)]
+
+
 def _forward_rules(qube: QubeState, now: float) -> list[tuple[int, Rule]]:
-    return [
-        (number, rule)
-        for number, rule in enumerate(qube.rules)
-        if rule.kind is RuleKind.FORWARD and not rule.is_expired(now)
-    ]
+    return _in_force(qube.rules.forward, now)
 
 
 def _inbound_rules(qube: QubeState, now: float) -> list[tuple[int, Rule]]:
-    return [
-        (number, rule)
-        for number, rule in enumerate(qube.rules)
-        if rule.kind is RuleKind.INBOUND and not rule.is_expired(now)
-    ]
+    return _in_force(qube.rules.inbound, now)
 
 
 def inbound_entry(rule: Rule, source: IPNetwork) -> str:
@@ -370,7 +372,7 @@ def _claims(path: ForwardPath) -> list[tuple[str, str, PortRange]]:
     return [(step.hop, step.proto, step.ports) for step in path.steps]
 
 
-def check_rules(snapshot: Snapshot, name: str, rules: Iterable[Rule]) -> None:
+def check_rules(snapshot: Snapshot, name: str, rules: RuleLists) -> None:
     """Refuse a rule list for ``name`` that cannot work on this topology.
 
     Checked against the static topology (running or not), so a rule that
@@ -378,7 +380,14 @@ def check_rules(snapshot: Snapshot, name: str, rules: Iterable[Rule]) -> None:
     """
     proposed = snapshot.with_rules(name, rules)
     target = proposed.qubes[name]
-    for rule in target.rules:
+    if not target.running and any(rule.expires_at_shutdown for rule in target.rules.all()):
+        # dom0 deletes such rules when the qube stops; one set while it is
+        # stopped would wait for a stop that already happened.
+        raise NotRunningError(
+            f"expire=shutdown: '{name}' is not running (such a rule lasts until the"
+            " qube stops; start it first)"
+        )
+    for rule in target.rules.all():
         # A stopped qube or one without netvm is fine (resolved when it has
         # an address); a name that matches nothing is a typo.
         if (
@@ -427,7 +436,8 @@ def check_rules(snapshot: Snapshot, name: str, rules: Iterable[Rule]) -> None:
                 if hop == c_hop and proto == c_proto and ports.overlaps(c_ports):
                     raise PortConflictError(
                         f"{proto} port {ports.describe()} on '{hop}' is wanted by both "
-                        f"'{c_owner}' (rule {c_number}) and '{name}' (rule {path.rule_number})"
+                        f"'{c_owner}' (forward rule {c_number}) and"
+                        f" '{name}' (forward rule {path.rule_number})"
                     )
             claimed.append((hop, proto, ports, name, path.rule_number))
 
@@ -565,7 +575,7 @@ def inbound_entries(
         try:
             resolved.append((number, rule, rule_sources(snapshot, rule)))
         except UnresolvedSourceError as err:
-            skipped.append(f"{target.name} rule {number}: {err}")
+            skipped.append(f"{target.name} inbound rule {number}: {err}")
     return {
         family: [
             (number, inbound_entry(rule, source))
@@ -614,7 +624,7 @@ def _plan_forwards(
     for number, rule in forwards:
         paths, reason = _family_paths(snapshot, target, number, rule)
         if not paths:
-            skipped.append(f"{target.name} rule {number}: {reason}")
+            skipped.append(f"{target.name} forward rule {number}: {reason}")
             continue
         path = paths[0]  # hops and ports are the same in both families
         unsupported = [
@@ -625,7 +635,7 @@ def _plan_forwards(
             # Accepted at Set, then a netvm changed under it: never write into
             # a qube whose agent would not understand (or enforce) the entries.
             skipped.append(
-                f"{target.name} rule {number}: '{unsupported[0]}' does not advertise"
+                f"{target.name} forward rule {number}: '{unsupported[0]}' does not advertise"
                 f" {SUPPORT_FEATURE}"
             )
             continue
@@ -639,7 +649,7 @@ def _plan_forwards(
             None,
         )
         if clash is not None:
-            skipped.append(f"{target.name} rule {number}: port conflict with '{clash}'")
+            skipped.append(f"{target.name} forward rule {number}: port conflict with '{clash}'")
             continue
         for hop, proto, ports in claims:
             claimed_here = taken.setdefault((hop, proto), [])
@@ -665,8 +675,10 @@ def next_expiry(snapshot: Snapshot) -> float | None:
     times = [
         rule.expire.timestamp
         for qube in snapshot.qubes.values()
-        for rule in qube.rules
-        if rule.expire is not None and not rule.is_expired(snapshot.now)
+        for rule in qube.rules.all()
+        if rule.expire is not None
+        and rule.expire.timestamp is not None
+        and not rule.is_expired(snapshot.now)
     ]
     return min(times, default=None)
 

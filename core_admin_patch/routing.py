@@ -134,7 +134,7 @@ def plan_routing(snapshot: Snapshot) -> Plan:
             continue
         inbound = inbound_entries(snapshot, target, [])  # reported by planner.plan
         for exposure in found:
-            outbound = outbound_qdb_entries(target.rules, exposure.family, snapshot.now)
+            outbound = outbound_qdb_entries(target.rules.outbound, exposure.family, snapshot.now)
             for index, hop in enumerate(exposure.hops):
                 keys = {"route": exposure.route_entry(index)}
                 keys.update({f"in/{n:04}": value for n, value in inbound[exposure.family]})

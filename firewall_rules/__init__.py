@@ -9,20 +9,23 @@ from firewall_rules.errors import FirewallFileError, RuleError
 from firewall_rules.rule import (
     Rule,
     RuleKind,
+    RuleLists,
     default_rules,
     outbound_qdb_entries,
     parse_api_payload,
 )
-from firewall_rules.storage import load_firewall_xml, save_firewall_xml
+from firewall_rules.storage import load_firewall_xml, read_rule_lists, save_firewall_xml
 
 __all__ = [
     "FirewallFileError",
     "Rule",
     "RuleError",
     "RuleKind",
+    "RuleLists",
     "default_rules",
     "load_firewall_xml",
     "outbound_qdb_entries",
     "parse_api_payload",
+    "read_rule_lists",
     "save_firewall_xml",
 ]

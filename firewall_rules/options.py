@@ -38,6 +38,26 @@ _NUMBER_LIKE_RE = re.compile(r"\A(?:0x[0-9a-f]*|[0-9]+)\Z")
 _QUBE_NAME_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_-]*\Z")
 QUBE_NAME_MAX = 31
 
+
+def qube_name_problem(untrusted_name: str) -> str | None:
+    """Why the text can name no qube, in qubesd's words (``validate_name``); None if it can.
+
+    The one check of qube names: the Admin API's destination, ``srcqube=``
+    and qvm-firewall's VMNAME. A name that passes is safe in QubesDB,
+    logs and paths.
+    """
+    if len(untrusted_name) > QUBE_NAME_MAX:
+        return f"VM name must be shorter than {QUBE_NAME_MAX + 1} characters"
+    if not _QUBE_NAME_RE.match(untrusted_name):
+        return "VM name contains illegal characters"
+    if untrusted_name == "Domain-0":
+        return "VM name cannot be 'Domain-0'"
+    if untrusted_name in ("none", "default"):
+        return "VM name cannot be 'none' nor 'default'"
+    if untrusted_name.endswith("-dm"):
+        return "VM name cannot end with -dm"
+    return None
+
 #: Names upstream also accepts for dsthost (``--raw`` output uses dst4/dst6).
 DSTHOST_ALIASES = ("dsthost", "dst4", "dst6", "dstname")
 
@@ -257,24 +277,18 @@ class SrcQube:
     dom0 resolves the name to the qube's current address from its own
     state each time it plans (never through DNS), so the rule follows the
     qube when its IP changes. The name is checked as qubesd checks VM names
-    (``qubes.vm.validate_name``), so it is safe in QubesDB, logs and paths.
+    (:func:`qube_name_problem`), so it is safe in QubesDB, logs and paths.
     """
 
     key = "srcqube"
 
     def __init__(self, untrusted_value: str) -> None:
-        if len(untrusted_value) > QUBE_NAME_MAX:
+        problem = qube_name_problem(untrusted_value)
+        if problem is not None:
             raise RuleError(
-                f"srcqube={shown(untrusted_value)}: qube names are at most"
-                f" {QUBE_NAME_MAX} characters"
+                f"srcqube={shown(untrusted_value)}: not a qube name: {problem}"
+                " (addresses go in srchost=)"
             )
-        if not _QUBE_NAME_RE.match(untrusted_value):
-            raise RuleError(
-                f"srcqube={shown(untrusted_value)}: not a qube name (a letter, then"
-                " letters, digits, '-' and '_'; addresses go in srchost=)"
-            )
-        if untrusted_value in ("none", "default", "Domain-0") or untrusted_value.endswith("-dm"):
-            raise RuleError(f"srcqube={shown(untrusted_value)}: cannot be a qube's name")
         self.value = untrusted_value
 
     def __str__(self) -> str:
@@ -338,20 +352,35 @@ class IcmpType:
 
 
 class Expire:
-    """When the rule stops applying, in seconds since the epoch (UTC)."""
+    """When the rule stops applying: seconds since the epoch (UTC), or ``shutdown``.
+
+    ``expire=shutdown`` (forward and inbound rules only) lasts until the qube
+    stops: dom0 deletes the rule when the qube shuts down, so it never comes
+    back with the next start. It has no time, so :attr:`timestamp` is None.
+    """
+
+    AT_SHUTDOWN = "shutdown"
 
     def __init__(self, untrusted_value: str) -> None:
+        self.timestamp: int | None = None
+        if untrusted_value == self.AT_SHUTDOWN:
+            return
         if not _EPOCH_RE.match(untrusted_value):
             raise RuleError(
                 f"expire={shown(untrusted_value)}: must be seconds since the epoch"
+                f" or {self.AT_SHUTDOWN}"
             )
         self.timestamp = int(untrusted_value)
 
+    @property
+    def at_shutdown(self) -> bool:
+        return self.timestamp is None
+
     def __str__(self) -> str:
-        return str(self.timestamp)
+        return self.AT_SHUTDOWN if self.timestamp is None else str(self.timestamp)
 
     def is_expired(self, now: float) -> bool:
-        return self.timestamp < now
+        return self.timestamp is not None and self.timestamp < now
 
 
 class Comment:

@@ -1,13 +1,15 @@
 """A firewall rule: its options, its kind, and its printed forms.
 
-Three kinds share one ordered list per qube. Which kind a rule is follows
-from its options alone, so a rule never needs a separate type field:
-``action=forward`` is a forward rule, ``accept``/``drop`` with ``srchost=``
-or ``srcqube=`` an inbound rule, anything else an upstream outbound rule.
+A qube has one ordered list per kind (:class:`RuleLists`). Which kind a
+rule is follows from its options alone, so a rule never needs a separate
+type field: ``action=forward`` is a forward rule, ``accept``/``drop`` with
+``srchost=`` or ``srcqube=`` an inbound rule, anything else an upstream
+outbound rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 
@@ -43,7 +45,20 @@ API_ORDER = (
     "specialtarget", "srcports", "dstports", "icmptype", "comment",
 )
 
+#: Options in the order firewall.xml stores them: upstream's order for its
+#: options (``action``, ``comment``, ``expire``, then ``dsthost``, ``proto``,
+#: ``specialtarget``, then ``dstports``, ``icmptype``), so an outbound rule
+#: is stored byte for byte as upstream's ``Firewall.save()`` stores it; the
+#: new options next to their kin.
+XML_ORDER = (
+    "action", "comment", "expire", "forwardtype", "srchost", "srcqube", "dsthost", "proto",
+    "specialtarget", "srcports", "dstports", "icmptype",
+)
+
 _FORWARD_ONLY = ("forwardtype", "srcports")
+
+#: What a forward rule that leaves them out gets: reachable from the LAN.
+DEFAULT_FORWARDTYPE = "external"
 
 
 class RuleKind(enum.Enum):
@@ -52,6 +67,14 @@ class RuleKind(enum.Enum):
     OUTBOUND = "outbound"
     FORWARD = "forward"
     INBOUND = "inbound"
+
+    @property
+    def api_argument(self) -> str:
+        """The argument of ``admin.vm.firewall.Get``/``Set`` for this kind's list.
+
+        None for the outbound list: those calls are upstream's, unchanged.
+        """
+        return "" if self is RuleKind.OUTBOUND else self.value
 
 
 class Rule:
@@ -135,6 +158,11 @@ class Rule:
         else:
             kind = RuleKind.OUTBOUND
             self._refuse(_FORWARD_ONLY, "an outbound rule (they need action=forward)")
+            if self.expire is not None and self.expire.at_shutdown:
+                raise RuleError(
+                    "expire=shutdown is for forward and inbound rules only (outbound"
+                    " rules are read by upstream tools, which know only EPOCH)"
+                )
         qdb_rule = self._qdb_words()
         if len(qdb_rule) > QDB_VALUE_MAX:
             raise RuleError(f"rule longer than {QDB_VALUE_MAX} characters")
@@ -146,10 +174,19 @@ class Rule:
                 raise RuleError(f"{name}= has no meaning in {what}")
 
     def _check_forward(self) -> None:
+        """Fill the defaults (external, ``srcports`` = ``dstports``), then check.
+
+        The defaults are stored, so ``Get`` shows every forward in full.
+        """
         self._refuse(("dsthost", "specialtarget", "icmptype"), "a forward rule")
-        for name in ("forwardtype", "proto", "srcports", "dstports"):
+        for name in ("proto", "dstports"):
             if getattr(self, name) is None:
                 raise RuleError(f"action=forward needs {name}=")
+        if self.forwardtype is None:
+            self.forwardtype = ForwardType(DEFAULT_FORWARDTYPE)
+        if self.srcports is None:
+            assert self.dstports is not None
+            self.srcports = SrcPorts(str(self.dstports))
         if str(self.proto) not in ("tcp", "udp"):
             raise RuleError("action=forward needs proto=tcp or proto=udp")
         if self.srcqube is not None and str(self.forwardtype) != "internal":
@@ -213,12 +250,17 @@ class Rule:
         """``(name, value)`` of every option set, as firewall.xml stores them."""
         return [
             (name, str(option))
-            for name in API_ORDER
+            for name in XML_ORDER
             if (option := getattr(self, name)) is not None
         ]
 
     def is_expired(self, now: float) -> bool:
         return self.expire is not None and self.expire.is_expired(now)
+
+    @property
+    def expires_at_shutdown(self) -> bool:
+        """Whether dom0 deletes this rule when its qube stops (``expire=shutdown``)."""
+        return self.expire is not None and self.expire.at_shutdown
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Rule):
@@ -253,6 +295,7 @@ MAX_RULES = 9999
 def parse_api_payload(untrusted_payload: bytes, now: float) -> list[Rule]:
     """Parse a whole ``Set`` payload: every line valid, or nothing.
 
+    One rule per line; as upstream, the last line may lack its newline.
     Rules already expired are validated, then left out, as upstream's save
     does.
     """
@@ -262,9 +305,7 @@ def parse_api_payload(untrusted_payload: bytes, now: float) -> list[Rule]:
         raise RuleError("firewall rules must be ASCII text") from None
     if not untrusted_text:
         return []
-    if not untrusted_text.endswith("\n"):
-        raise RuleError("the last rule must end with a newline")
-    untrusted_lines = untrusted_text[:-1].split("\n")
+    untrusted_lines = untrusted_text.removesuffix("\n").split("\n")
     if len(untrusted_lines) > MAX_RULES:
         raise RuleError(f"at most {MAX_RULES} rules per qube")
     rules = []
@@ -277,8 +318,55 @@ def parse_api_payload(untrusted_payload: bytes, now: float) -> list[Rule]:
 
 
 def default_rules() -> list[Rule]:
-    """A qube's rules when none were ever set: accept everything, as in Qubes."""
+    """A qube's outbound rules when none were ever set: accept everything, as in Qubes."""
     return [Rule.from_api_string("action=accept")]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleLists:
+    """A qube's rules: one ordered list per kind, as firewall.xml keeps them.
+
+    The kinds never share a list: upstream's code reads and writes the
+    outbound list only, so a forward or inbound rule can never reach it.
+    Rules keep their expiry; users of a list leave out what has expired.
+    """
+
+    outbound: tuple[Rule, ...] = ()
+    forward: tuple[Rule, ...] = ()
+    inbound: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        for kind in RuleKind:
+            for rule in self.of(kind):
+                if rule.kind is not kind:
+                    raise RuleError(f"{rule.kind.value} rule in the {kind.value} list")
+
+    @classmethod
+    def default(cls) -> RuleLists:
+        """A qube whose rules were never set: upstream's accept-all, nothing else."""
+        return cls(outbound=tuple(default_rules()))
+
+    @classmethod
+    def sorted_out(cls, rules: Iterable[Rule]) -> RuleLists:
+        """One mixed list (a version 3 firewall.xml) split by kind, each keeping its order.
+
+        Rules of different kinds never applied to the same traffic, so the
+        split changes nothing a qube enforces.
+        """
+        kinds: dict[RuleKind, list[Rule]] = {kind: [] for kind in RuleKind}
+        for rule in rules:
+            kinds[rule.kind].append(rule)
+        return cls(**{kind.value: tuple(kept) for kind, kept in kinds.items()})
+
+    def of(self, kind: RuleKind) -> tuple[Rule, ...]:
+        return getattr(self, kind.value)  # type: ignore[no-any-return]
+
+    def replaced(self, kind: RuleKind, rules: Iterable[Rule]) -> RuleLists:
+        """The same lists with the ``kind`` list replaced by ``rules``."""
+        return dataclasses.replace(self, **{kind.value: tuple(rules)})
+
+    def all(self) -> tuple[Rule, ...]:
+        return self.outbound + self.forward + self.inbound
 
 
 def outbound_qdb_entries(
@@ -286,14 +374,16 @@ def outbound_qdb_entries(
 ) -> dict[str, str]:
     """Entries of ``/qubes-firewall/<ip>/`` as upstream qubesd writes them.
 
-    Rule numbers follow the whole list, so forward and inbound rules, rules
-    of the other address family and expired rules leave gaps, exactly as
-    excluded rules do upstream; the agent reads the entries in key order.
+    ``rules`` is the outbound list; rules of the other address family and
+    expired rules leave gaps in the numbering, exactly as upstream's; the
+    agent reads the entries in key order.
     """
     skip_type = {4: "dst6", 6: "dst4"}.get(addr_family) if addr_family else None
     entries = {"policy": "drop"}
     for number, rule in enumerate(rules):
-        if rule.kind is not RuleKind.OUTBOUND or rule.is_expired(now):
+        if rule.kind is not RuleKind.OUTBOUND:
+            raise ValueError(f"{rule.kind.value} rule in an outbound list: {rule.api_rule}")
+        if rule.is_expired(now):
             continue
         if rule.dsthost is not None and rule.dsthost.type == skip_type:
             continue

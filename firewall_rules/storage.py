@@ -1,8 +1,14 @@
-"""firewall.xml: read versions 1, 2 and 3, write 2 or 3, atomically.
+"""firewall.xml: read versions 1, 2 and 3, write version 2, atomically.
 
-Version 2 is upstream's format. A list holding forward or inbound rules is
-written as version 3 with the same structure: an older qubesd refuses the
-file instead of loading it without ``srchost`` (which would widen a rule).
+Version 2 is upstream's format, and the only one written. Its ``<rules>``
+element holds the outbound rules exactly as upstream's ``Firewall.save()``
+writes them; forward and inbound rules go in the sibling elements
+``<forward-rules>`` and ``<inbound-rules>`` (same ``<rule><properties>``
+shape), which upstream's loader never looks at. So qubesd without this
+project, backup restore and every other upstream reader see the outbound
+rules, and only them. Version 3 (all kinds in ``<rules>``, written by
+earlier releases) is read and split by kind; the next save writes version 2.
+
 Reading goes through the same option classes as the Admin API, so a file
 edited by hand is held to the same rules.
 """
@@ -11,17 +17,23 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import lxml.etree
 
 from firewall_rules.errors import FirewallFileError, RuleError
 from firewall_rules.options import parse_ipv4, parse_ipv6, shown
-from firewall_rules.rule import MAX_RULES, Rule, RuleKind
+from firewall_rules.rule import MAX_RULES, Rule, RuleKind, RuleLists
 
 #: A firewall.xml bigger than this is not ours (MAX_RULES rules fit easily).
 FILE_MAX = 16 * 1024 * 1024
+
+#: The element under ``<firewall>`` holding each kind's list.
+LIST_ELEMENTS: dict[RuleKind, str] = {
+    RuleKind.OUTBOUND: "rules",
+    RuleKind.FORWARD: "forward-rules",
+    RuleKind.INBOUND: "inbound-rules",
+}
 
 
 def _parser() -> lxml.etree.XMLParser:
@@ -71,7 +83,7 @@ def _only_child(element: lxml.etree._Element, tag: str) -> lxml.etree._Element:
     return children[0]
 
 
-def _rule_v2(xml_rule: lxml.etree._Element, version: str) -> Rule:
+def _rule_v2(xml_rule: lxml.etree._Element) -> Rule:
     """One ``<rule><properties><property name=...>`` element."""
     if xml_rule.tag != "rule":
         raise RuleError("expected <rule><properties>...")
@@ -90,10 +102,7 @@ def _rule_v2(xml_rule: lxml.etree._Element, version: str) -> Rule:
             )
         untrusted_value = prop.text or ""
         untrusted_pairs.append((untrusted_name, untrusted_value))
-    rule = Rule.from_options(untrusted_pairs)
-    if version == "2" and rule.kind is not RuleKind.OUTBOUND:
-        raise RuleError(f"{rule.kind.value} rule in a version 2 file")
-    return rule
+    return Rule.from_options(untrusted_pairs)
 
 
 #: Attributes Qubes 3.x wrote; yumProxy is accepted and ignored, as upstream does.
@@ -162,21 +171,50 @@ def _rules_v1(root: lxml.etree._Element) -> list[Rule]:
     return rules
 
 
-def _rules_v2(root: lxml.etree._Element, version: str) -> list[Rule]:
-    """``<firewall version=..><rules>``: exactly one ``<rules>``, only ``<rule>`` in it."""
-    _check_attributes(root, ("version",))
-    xml_rules = _only_child(root, "rules")
-    _check_attributes(xml_rules, ())
+def _rule_list(xml_list: lxml.etree._Element) -> list[Rule]:
+    """The ``<rule>`` elements of one list element, in order."""
+    _check_attributes(xml_list, ())
     rules = []
-    for number, xml_rule in enumerate(_children(xml_rules)):
+    for number, xml_rule in enumerate(_children(xml_list)):
         try:
-            rules.append(_rule_v2(xml_rule, version))
+            rules.append(_rule_v2(xml_rule))
         except RuleError as err:
-            raise RuleError(f"rule {number}: {err}") from None
+            raise RuleError(f"<{xml_list.tag}> rule {number}: {err}") from None
     return rules
 
 
-def load_firewall_xml(path: Path) -> list[Rule]:
+def _lists_v2(root: lxml.etree._Element) -> RuleLists:
+    """``<firewall version="2">``: ``<rules>``, then at most one list element per other kind.
+
+    Each list may hold only its own kind: a forward rule in ``<rules>``
+    would reach upstream's reader, which would take it for something else.
+    """
+    kinds = {tag: kind for kind, tag in LIST_ELEMENTS.items()}
+    lists: dict[RuleKind, list[Rule]] = {}
+    for element in _children(root):
+        kind = kinds.get(str(element.tag))
+        if kind is None:
+            raise RuleError(f"unexpected element {shown(str(element.tag))} in <firewall>")
+        if kind in lists:
+            raise RuleError(f"<firewall> holds more than one <{element.tag}>")
+        lists[kind] = _rule_list(element)
+        for number, rule in enumerate(lists[kind]):
+            if rule.kind is not kind:
+                raise RuleError(
+                    f"<{element.tag}> rule {number}: a {rule.kind.value} rule"
+                    f" (those belong in <{LIST_ELEMENTS[rule.kind]}>)"
+                )
+    if RuleKind.OUTBOUND not in lists:
+        raise RuleError("<firewall> has no <rules> element")
+    return RuleLists(**{kind.value: tuple(rules) for kind, rules in lists.items()})
+
+
+def _lists_v3(root: lxml.etree._Element) -> RuleLists:
+    """Version 3 (earlier releases): every kind in the one ``<rules>`` element."""
+    return RuleLists.sorted_out(_rule_list(_only_child(root, "rules")))
+
+
+def load_firewall_xml(path: Path) -> RuleLists:
     """The rules stored in ``path``; FirewallFileError (naming it) if unusable.
 
     An unreadable, corrupt or unknown-version file is an error, never "no
@@ -197,44 +235,68 @@ def load_firewall_xml(path: Path) -> list[Rule]:
         raise FirewallFileError(f"{path}: not valid XML: {err}") from None
     try:
         if root.tag == "QubesFirewallRules":
-            rules = _rules_v1(root)
+            lists = RuleLists(outbound=tuple(_rules_v1(root)))
         elif root.tag != "firewall":
             raise RuleError(
                 f"root element {shown(str(root.tag))} is not <firewall> (or <QubesFirewallRules>)"
             )
-        elif (untrusted_version := root.get("version")) in ("2", "3"):
-            rules = _rules_v2(root, str(untrusted_version))
         else:
-            raise RuleError(
-                f"unsupported firewall.xml version {shown(str(untrusted_version))}"
-            )
+            _check_attributes(root, ("version",))
+            untrusted_version = root.get("version")
+            if untrusted_version == "2":
+                lists = _lists_v2(root)
+            elif untrusted_version == "3":
+                lists = _lists_v3(root)
+            else:
+                raise RuleError(
+                    f"unsupported firewall.xml version {shown(str(untrusted_version))}"
+                )
     except RuleError as err:
         raise FirewallFileError(f"{path}: {err}") from None
-    if len(rules) > MAX_RULES:
-        raise FirewallFileError(f"{path}: more than {MAX_RULES} rules")
-    return rules
+    for kind in RuleKind:
+        if len(lists.of(kind)) > MAX_RULES:
+            raise FirewallFileError(f"{path}: more than {MAX_RULES} {kind.value} rules")
+    return lists
 
 
-def firewall_xml_bytes(rules: Iterable[Rule], now: float) -> bytes:
-    """The file content for ``rules``, expired ones left out."""
-    kept = [rule for rule in rules if not rule.is_expired(now)]
-    upstream_only = all(rule.kind is RuleKind.OUTBOUND for rule in kept)
-    root = lxml.etree.Element("firewall", version="2" if upstream_only else "3")
-    xml_rules = lxml.etree.SubElement(root, "rules")
-    for rule in kept:
-        properties = lxml.etree.SubElement(lxml.etree.SubElement(xml_rules, "rule"), "properties")
-        for name, value in rule.properties():
-            lxml.etree.SubElement(properties, "property", name=name).text = value
-    return lxml.etree.tostring(root, encoding="UTF-8", xml_declaration=True, pretty_print=True)
+def read_rule_lists(path: Path) -> RuleLists:
+    """A qube's rules: its firewall.xml, or upstream's default when it has none.
+
+    No file means the rules were never set: accept-all outbound, as qubesd.
+    Every dom0 host reads a qube's rules through this.
+    """
+    return load_firewall_xml(path) if path.exists() else RuleLists.default()
 
 
-def save_firewall_xml(path: Path, rules: Iterable[Rule], now: float) -> None:
+def firewall_xml_bytes(lists: RuleLists, now: float) -> bytes:
+    """The file content for ``lists``, expired rules left out.
+
+    A list element other than ``<rules>`` is written only when it holds a
+    rule, so a qube with outbound rules only gets the very file upstream
+    writes.
+    """
+    root = lxml.etree.Element("firewall", version="2")
+    for kind, tag in LIST_ELEMENTS.items():
+        kept = [rule for rule in lists.of(kind) if not rule.is_expired(now)]
+        if not kept and kind is not RuleKind.OUTBOUND:
+            continue
+        xml_list = lxml.etree.SubElement(root, tag)
+        for rule in kept:
+            xml_rule = lxml.etree.SubElement(xml_list, "rule")
+            properties = lxml.etree.SubElement(xml_rule, "properties")
+            for name, value in rule.properties():
+                lxml.etree.SubElement(properties, "property", name=name).text = value
+    # No XML declaration: upstream's file has none either.
+    return lxml.etree.tostring(root, encoding="UTF-8", xml_declaration=False, pretty_print=True)
+
+
+def save_firewall_xml(path: Path, lists: RuleLists, now: float) -> None:
     """Replace ``path`` atomically: a crash leaves the old file or the new one.
 
     Written to a temporary file in the same directory, synced, given mode
     0664 as upstream's umask 002 does, then renamed over the old file.
     """
-    data = firewall_xml_bytes(rules, now)
+    data = firewall_xml_bytes(lists, now)
     fd, temporary = tempfile.mkstemp(prefix=".firewall.xml.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as stream:

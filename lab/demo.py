@@ -107,7 +107,7 @@ def forward(lab: Lab, docroot: Path) -> None:
         if open_ports != [8080]:
             raise DemoError(f"expected only 8080 open, found {open_ports}")
         say("The rule removed: the page is gone")
-        qvm_firewall(lab, "web", "del", "--rule-no", "1")
+        qvm_firewall(lab, "web", "del", "--rule-no", "forward:0")
         expect("page reachable after removal", fetch(lab, url), False)
     finally:
         server.terminate()

@@ -7,8 +7,9 @@ there is one place that knows the topology and one order of events.
 It plays three roles of a real dom0:
 
 - qubesd: the Admin API on ``$QUBES_LAB_DIR/qubesd.sock`` (the protocol
-  lives in :mod:`lab.qubesd_server`; this class is its AdminContext), and
-  the QubesDB entries qubesd writes when qubes start and rules change;
+  lives in :mod:`lab.qubesd_server`, the calls in the NetworkServer this
+  class is the host of, as the qubesd extension is on Qubes), and the
+  QubesDB entries qubesd writes when qubes start and rules change;
 - Xen/libvirt: starting a qube creates its namespace (its "boot"), and
   connecting it to its netvm runs what vif-route-qubes and setup-ip do
   (:mod:`lab.wiring`); a start gets a new domid, hence a new vif name;
@@ -37,9 +38,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core_admin_patch.errors import QubesException, QubesValueError, QubesVMNotFoundError
-from core_admin_patch.network_server import NetworkServer, derived_ip6, ipv6_enabled
-from firewall_rules import Rule, default_rules, load_firewall_xml, outbound_qdb_entries
+from core_admin_patch.errors import QubesException, QubesValueError
+from core_admin_patch.network_server import (
+    DomainLike,
+    ExpiryTimer,
+    NetworkServer,
+    derived_ip6,
+    ipv6_enabled,
+)
+from firewall_rules import (
+    Rule,
+    RuleKind,
+    RuleLists,
+    outbound_qdb_entries,
+    read_rule_lists,
+    save_firewall_xml,
+)
 from lab import netns, procs, wiring
 from lab.pyshim import qubesdb
 from lab.qubesd_server import start_server
@@ -58,14 +72,6 @@ HANDLED_TIMEOUT = 10.0
 
 class Dom0Error(Exception):
     """A lab command that cannot be carried out; the message is for the user."""
-
-
-@dataclass(frozen=True)
-class QubeRef:
-    """What the Admin API needs of a qube (core_admin_patch.admin_api.QubeRef)."""
-
-    name: str
-    firewall_path: Path
 
 
 @dataclass
@@ -112,7 +118,11 @@ class _Domain:
 
 
 class Dom0:
-    """The topology, the qubes' life cycle and their QubesDB entries."""
+    """The topology, the qubes' life cycle and their QubesDB entries.
+
+    The host (core_admin_patch.network_server.DomHost) of the lab's
+    NetworkServer, as the qubesd extension is on Qubes.
+    """
 
     def __init__(self, state_dir: Path, topology: Topology) -> None:
         self.state_dir = state_dir
@@ -122,54 +132,45 @@ class Dom0:
         self._next_port = 0
         self._dbs: dict[str, qubesdb.QubesDB] = {}
         self._outbound_written: dict[tuple[str, str], dict[str, str]] = {}
-        self._expiry_timer: asyncio.TimerHandle | None = None
-        self.network_server = NetworkServer(self._domains, self._read_rules_of, _EntryWriter(self))
+        self._expiry: ExpiryTimer | None = None
+        self.network_server = NetworkServer(self, _EntryWriter(self))
         os.environ["QUBESDB_DIR"] = str(state_dir / "qubesdb")
 
-    # --- AdminContext -------------------------------------------------
+    # --- DomHost --------------------------------------------------------
 
-    def find_qube(self, untrusted_name: str) -> QubeRef:
-        if untrusted_name not in self.topology.qubes:
-            raise QubesVMNotFoundError(untrusted_name)
-        return QubeRef(untrusted_name, self.firewall_path(untrusted_name))
+    def domains(self) -> Iterable[_Domain]:
+        return [_Domain(self, name) for name in self.topology.qubes]
 
-    def check_rules(self, qube: QubeRef, rules: list[Rule]) -> None:
-        self.network_server.check_rules(qube.name, rules, time.time())
+    def domain(self, name: str) -> _Domain:
+        if name not in self.topology.qubes:
+            raise KeyError(name)
+        return _Domain(self, name)
 
-    def firewall_changed(self, qube: QubeRef) -> None:
-        """Rewrite the qube's outbound entries in its netvm, re-plan forwards."""
-        client = self.topology.qubes[qube.name]
+    def read_rules(self, domain: DomainLike) -> RuleLists:
+        """The qube's rules; no firewall.xml means upstream's default (accept all)."""
+        return read_rule_lists(self.firewall_path(domain.name))
+
+    def store_rules(self, domain: DomainLike, kind: RuleKind, rules: list[Rule]) -> None:
+        """Replace one list in firewall.xml (one atomic write), then apply it."""
+        lists = self.read_rules(domain).replaced(kind, rules)
+        save_firewall_xml(self.firewall_path(domain.name), lists, time.time())
+        self.reload(domain)
+
+    def reload(self, domain: DomainLike) -> None:
+        """Rewrite the qube's outbound entries in its netvm, re-plan forwards (firewall-changed)."""
+        client = self.topology.qubes[domain.name]
         if (
-            self.runtime[qube.name].running
+            self.runtime[client.name].running
             and client.netvm is not None
             and self.runtime[client.netvm].running
         ):
             self._reload_firewall_for(client.netvm, client, strict=False)
         self._refresh()
 
-    def describe_forwards(self, qube: QubeRef, now: float) -> dict[int, str]:
-        """Where each forward rule of the qube is reachable (admin.vm.firewall.GetPaths)."""
-        return self.network_server.describe(qube.name, now)
-
-    def describe_routing(self, qube: QubeRef, now: float) -> list[str]:
-        """The qube's exposure and each hop's report (admin.vm.firewall.GetRouting)."""
-        return self.network_server.describe_routing(qube.name, now)
-
     # --- paths and helpers ----------------------------------------------
 
     def firewall_path(self, name: str) -> Path:
         return self.state_dir / "qubes" / name / "firewall.xml"
-
-    def read_rules(self, name: str) -> list[Rule]:
-        """The qube's rules; no firewall.xml means upstream's default (accept all)."""
-        path = self.firewall_path(name)
-        return load_firewall_xml(path) if path.exists() else default_rules()
-
-    def _read_rules_of(self, domain: _Domain) -> list[Rule]:
-        return self.read_rules(domain.name)
-
-    def _domains(self) -> Iterable[_Domain]:
-        return [_Domain(self, name) for name in self.topology.qubes]
 
     def qdb(self, name: str) -> qubesdb.QubesDB:
         """Connection to a running qube's QubesDB (dom0 writes any qube's)."""
@@ -291,7 +292,8 @@ class Dom0:
 
     def _outbound_entries(self, client: Qube, family: int) -> dict[str, str]:
         try:
-            return outbound_qdb_entries(self.read_rules(client.name), family, time.time())
+            outbound = self.read_rules(self.domain(client.name)).outbound
+            return outbound_qdb_entries(outbound, family, time.time())
         except Exception as err:  # a broken firewall.xml must fail closed, not open
             log.error("%s: rules unusable, blocking its traffic: %s", client.name, err)
             return {"policy": "drop"}
@@ -313,7 +315,7 @@ class Dom0:
             db.rm(base + "/")
             for key, value in entries.items():
                 db.write(f"{base}/{key}", value)
-            before = _counter(db.read(f"/qubes-firewall_handled/{address}"))
+            before = _counter(db.read(f"/qubes-firewall-handled/{address}"))
             db.write(base, "")
             self._outbound_written[(netvm, str(address))] = entries
             try:
@@ -329,7 +331,7 @@ class Dom0:
         """Wait until the netvm's worker has taken the client's new rules into nft."""
         db = self.qdb(netvm)
         deadline = time.monotonic() + HANDLED_TIMEOUT
-        while _counter(db.read(f"/qubes-firewall_handled/{ip}")) <= before:
+        while _counter(db.read(f"/qubes-firewall-handled/{ip}")) <= before:
             if time.monotonic() > deadline:
                 raise Dom0Error(
                     f"the firewall worker in {netvm} did not apply the rules of {ip} within "
@@ -362,22 +364,11 @@ class Dom0:
         }
         for netvm, client in stale.values():
             self._reload_firewall_for(netvm, client, strict=False)
-        if self._expiry_timer is not None:
-            self._expiry_timer.cancel()
-            self._expiry_timer = None
-        if next_expiry is not None:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, next_expiry - time.time()) + 0.05
-            self._expiry_timer = loop.call_later(delay, self._guarded(self._refresh))
-
-    def _guarded(self, action: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                action()
-            except Exception:
-                log.exception("scheduled refresh failed")
-
-        return run
+        if self._expiry is None:
+            if next_expiry is None:
+                return
+            self._expiry = ExpiryTimer(asyncio.get_running_loop(), self._refresh)
+        self._expiry.arm(next_expiry)
 
     # --- qube life cycle ---------------------------------------------------
 
@@ -472,8 +463,16 @@ class Dom0:
         self._reset_qdb(name)
         self._dbs.pop(name, None)
         self.network_server.qube_reset(name)
+        self._drop_shutdown_rules(name)
         self._refresh()
         self.save_state()
+
+    def _drop_shutdown_rules(self, name: str) -> None:
+        """The qube is not running: its ``expire=shutdown`` rules go (as qubesd's extension)."""
+        try:
+            self.network_server.drop_shutdown_rules(name)
+        except Exception as err:  # a broken firewall.xml: the stop itself must go on
+            log.error("%s: cannot delete its rules that lasted until it stopped: %s", name, err)
 
     def restart(self, name: str) -> None:
         """Stop and start; a netvm's running clients are re-attached to it."""
@@ -761,7 +760,7 @@ async def run(state_dir: Path, topology: Topology, ready_file: Path) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    qubesd = await start_server(state_dir / "qubesd.sock", dom0)
+    qubesd = await start_server(state_dir / "qubesd.sock", dom0.network_server)
     control_path = state_dir / "dom0.sock"
     control_path.unlink(missing_ok=True)
     control = await asyncio.start_unix_server(

@@ -1,11 +1,21 @@
 """The lab's qubesd: the real qubesd socket protocol in front of admin_api.
 
+Every call goes to :func:`core_admin_patch.admin_api.handle_call` with the
+lab's NetworkServer, method and argument as they came (``Get+forward`` is
+method ``admin.vm.firewall.Get``, argument ``forward``).
+
 One connection carries one call. The client sends
 ``"{method}+{arg} {source} name {dest}\\0"`` and the payload, then shuts
 down its write side; the server answers ``0\\0<data>`` on success or
 ``2\\0<exception class>\\0<traceback>\\0<message>\\0`` on error and closes.
 That is what qubesd does and what qubesadmin parses, so the unmodified
 qubesadmin (and our qvm-firewall) can talk to the lab.
+
+Before it gets to the firewall, the stock qubesadmin lists the qubes and
+reads their properties and features; the lab answers those reads
+(:data:`LAB_READS`) from the NetworkServer's snapshot of its qubes, in
+qubesd's reply formats, so upstream's unmodified ``qvm-firewall`` runs
+against the lab.
 
 Where qubesd just drops the connection (framing errors, oversized
 requests, ProtocolError) this server answers with a framed error instead:
@@ -19,12 +29,23 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from core_admin_patch.admin_api import AdminContext, handle_call
-from core_admin_patch.errors import PermissionDenied, ProtocolError, QubesException
+from core_admin_patch.admin_api import handle_call
+from core_admin_patch.errors import (
+    PermissionDenied,
+    ProtocolError,
+    QubesException,
+    QubesValueError,
+    QubesVMNotFoundError,
+)
+from core_admin_patch.network_server import NetworkServer
+from core_admin_patch.planner import QubeState
+from firewall_rules.options import qube_name_problem
 
 log = logging.getLogger("qubes-lab.qubesd")
 
@@ -49,6 +70,91 @@ def encode_error(exc_type: str, message: str) -> bytes:
     """
     safe = message.replace("\0", "\\x00").replace("%", "%%")
     return b"2\0" + exc_type.encode("ascii") + b"\0\0" + safe.encode("utf-8") + b"\0"
+
+
+class QubesNoSuchPropertyError(QubesException):
+    """qubesd's error for a property the qube does not have."""
+
+
+class QubesFeatureNotFoundError(QubesException):
+    """qubesd's error for a feature the qube does not have."""
+
+
+def _vm_list(qubes: list[QubeState]) -> str:
+    """``admin.vm.List``: ``NAME class=CLASS state=STATE`` lines (dom0 too, for all)."""
+    lines = [f"{q.name} class=AppVM state={'Running' if q.running else 'Halted'}" for q in qubes]
+    if len(qubes) != 1:
+        lines.insert(0, "dom0 class=AdminVM state=Running")
+    return "".join(line + "\n" for line in lines)
+
+
+def _properties(qube: QubeState) -> dict[str, tuple[str, str]]:
+    """Property -> (qubesd type, value) of what the lab knows of a qube."""
+    return {
+        "name": ("str", qube.name),
+        "netvm": ("vm", qube.netvm or ""),
+        "ip": ("str", "" if qube.ip is None else str(qube.ip)),
+        "ip6": ("str", "" if qube.ip6 is None else str(qube.ip6)),
+        "provides_network": ("bool", str(qube.provides_network)),
+    }
+
+
+def _property_get(qube: QubeState, untrusted_name: str) -> str:
+    """``admin.vm.property.Get``: ``default=False type=TYPE VALUE`` (all set explicitly)."""
+    found = _properties(qube).get(untrusted_name)
+    if found is None:
+        raise QubesNoSuchPropertyError(f"Invalid property {untrusted_name!r} of {qube.name}")
+    kind, value = found
+    return f"default=False type={kind} {value}"
+
+
+def _feature_get(qube: QubeState, untrusted_name: str) -> str:
+    if untrusted_name not in qube.features:
+        raise QubesFeatureNotFoundError(f"Feature not set for domain {qube.name}: {untrusted_name}")
+    return qube.features[untrusted_name]
+
+
+#: method -> (takes an argument, answer(the qube, or all of them for dom0's List; arg)).
+LAB_READS: dict[str, tuple[bool, Callable[[list[QubeState], str], str]]] = {
+    "admin.vm.List": (False, lambda qubes, arg: _vm_list(qubes)),
+    "admin.vm.property.List": (
+        False, lambda qubes, arg: "".join(f"{name}\n" for name in _properties(qubes[0]))
+    ),
+    "admin.vm.property.Get": (True, lambda qubes, arg: _property_get(qubes[0], arg)),
+    "admin.vm.feature.List": (
+        False, lambda qubes, arg: "".join(f"{name}\n" for name in sorted(qubes[0].features))
+    ),
+    "admin.vm.feature.Get": (True, lambda qubes, arg: _feature_get(qubes[0], arg)),
+}
+
+#: A property or feature name, as qrexec lets an argument through.
+_ARG_RE = re.compile(r"\A[a-zA-Z0-9_.-]{1,64}\Z")
+
+
+def lab_read(
+    server: NetworkServer, untrusted_method: str, untrusted_arg: str, untrusted_dest: str,
+    untrusted_payload: bytes, now: float,
+) -> bytes:
+    """One of :data:`LAB_READS`, checked the way qubesd checks its calls."""
+    takes_arg, answer_call = LAB_READS[untrusted_method]
+    if untrusted_payload:
+        raise ProtocolError(f"{untrusted_method} takes no payload")
+    if bool(untrusted_arg) != takes_arg:
+        raise ProtocolError(f"{untrusted_method}: argument {'missing' if takes_arg else 'given'}")
+    if untrusted_arg and _ARG_RE.match(untrusted_arg) is None:
+        raise ProtocolError(f"{untrusted_method}: invalid argument")
+    qubes = server.snapshot(now).qubes
+    if untrusted_dest == "dom0":
+        if untrusted_method != "admin.vm.List":
+            raise ProtocolError(f"{untrusted_method}: dom0 has none in the lab")
+        return answer_call(sorted(qubes.values(), key=lambda q: q.name), "").encode("ascii")
+    problem = qube_name_problem(untrusted_dest)
+    if problem is not None:
+        raise QubesValueError(problem)
+    qube = qubes.get(untrusted_dest)
+    if qube is None:
+        raise QubesVMNotFoundError(untrusted_dest)
+    return answer_call([qube], untrusted_arg).encode("ascii")
 
 
 def parse_header(untrusted_header: bytes) -> tuple[str, str, str, str]:
@@ -79,7 +185,7 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
     return bytes(untrusted_request)
 
 
-def answer(ctx: AdminContext, untrusted_request: bytes, now: float) -> bytes:
+def answer(server: NetworkServer, untrusted_request: bytes, now: float) -> bytes:
     """The reply frame for one complete request; never raises, never empty."""
     untrusted_method = "?"
     try:
@@ -89,9 +195,14 @@ def answer(ctx: AdminContext, untrusted_request: bytes, now: float) -> bytes:
         untrusted_method, untrusted_arg, untrusted_source, untrusted_dest = parse_header(
             untrusted_header
         )
-        data = handle_call(
-            ctx, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
-        )
+        if untrusted_method in LAB_READS:
+            data = lab_read(
+                server, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
+            )
+        else:
+            data = handle_call(
+                server, untrusted_method, untrusted_arg, untrusted_dest, untrusted_payload, now
+            )
     except (QubesException, ProtocolError, PermissionDenied) as exc:
         log.info("call %r refused: %s: %s", untrusted_method, type(exc).__name__, exc)
         return encode_error(type(exc).__name__, str(exc))
@@ -117,7 +228,7 @@ def _remove_stale_socket(socket_path: Path) -> None:
     raise FileExistsError(errno.EEXIST, "qubesd socket is in use", str(socket_path))
 
 
-async def start_server(socket_path: Path, ctx: AdminContext) -> asyncio.AbstractServer:
+async def start_server(socket_path: Path, network_server: NetworkServer) -> asyncio.AbstractServer:
     """Serve the Admin API on ``socket_path`` until the server is closed.
 
     Calls are handled one at a time in the event loop, so two Set calls
@@ -131,7 +242,7 @@ async def start_server(socket_path: Path, ctx: AdminContext) -> asyncio.Abstract
             except ProtocolError as exc:
                 reply = encode_error(type(exc).__name__, str(exc))
             else:
-                reply = answer(ctx, untrusted_request, time.time())
+                reply = answer(network_server, untrusted_request, time.time())
             writer.write(reply)
             await writer.drain()
             if writer.can_write_eof():

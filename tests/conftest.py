@@ -20,8 +20,16 @@ from pathlib import Path
 
 import pytest
 
+from admin_client_patch.qubesd_client import qubesd_call
+from bench.common import upstream_root
+from firewall_rules import Rule, RuleKind, RuleLists
 from lab.control import Lab
 
+# Qt widgets in tests (pytest-qt) draw offscreen: no display needed, and
+# grabbed screenshots still hold real pixels.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+REPO = Path(__file__).resolve().parent.parent
 LAB_MISSING = "LAB TEST NOT RUN: needs root, ip and nft (CI runs it as root)"
 
 
@@ -40,6 +48,17 @@ def cannot_run(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"NOT RUN UNDER CI: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def upstream_dir() -> Path:
+    """The read-only upstream Qubes sources (bench.common.upstream_root), or ``cannot_run``.
+
+    Run their code with ``PYTHONDONTWRITEBYTECODE=1``: nothing may be written there.
+    """
+    path = upstream_root()
+    if not (path / "qubes-core-admin").is_dir():
+        cannot_run(f"upstream Qubes sources not found at {path} (set QUBES_UPSTREAM_DIR)")
+    return path
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -97,3 +116,21 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) ->
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def set_rules(qube: str, *lines: str) -> None:
+    """Replace all of ``qube``'s rules through ``$QUBESD_SOCKET``: each kind's list by its Set.
+
+    ``lines`` may mix kinds; each goes to its own list (``Set+forward``,
+    ``Set+inbound``, then ``Set``: a refused forward or inbound list leaves
+    the outbound one as it was). No outbound line means no outbound rule,
+    hence nothing leaves the qube: written ``action=drop``, as upstream's
+    Set takes no empty list.
+    """
+    lists = RuleLists.sorted_out(Rule.from_api_string(line) for line in lines)
+    for kind in (RuleKind.FORWARD, RuleKind.INBOUND, RuleKind.OUTBOUND):
+        rules = lists.of(kind) or (
+            (Rule.from_api_string("action=drop"),) if kind is RuleKind.OUTBOUND else ()
+        )
+        payload = "".join(f"{rule.api_rule}\n" for rule in rules).encode()
+        qubesd_call(qube, "admin.vm.firewall.Set", kind.api_argument, payload)

@@ -70,7 +70,7 @@ def test_set_then_get_success_frames(dom0: Dom0) -> None:
     lines = parse_like_qubesadmin(call(dom0, "admin.vm.firewall.Get", "web")).splitlines()
     assert len(lines) == 2
     assert lines[0].startswith(b"action=drop")
-    assert dom0.ctx.changed == ["web"]
+    assert dom0.host.reloaded == ["web"]
 
 
 def test_unknown_qube_error_frame_exact(dom0: Dom0) -> None:
@@ -92,8 +92,11 @@ def test_unknown_method_is_a_framed_protocol_error(dom0: Dom0) -> None:
     [
         ("admin.vm.firewall.Get", "x", b""),
         ("admin.vm.firewall.Get", "", b"action=accept\n"),
+        ("admin.vm.firewall.Get", "forward", b"action=accept\n"),
         ("admin.vm.firewall.Reload", "", b"x"),
+        ("admin.vm.firewall.Reload", "inbound", b""),
         ("admin.vm.firewall.Set", "x", b"action=accept\n"),
+        ("admin.vm.firewall.Set", "", b""),  # upstream's Set needs a payload
     ],
 )
 def test_argument_or_payload_where_none_is_taken(
@@ -101,7 +104,24 @@ def test_argument_or_payload_where_none_is_taken(
 ) -> None:
     reply = call(dom0, method, "web", payload, arg)
     assert reply.startswith(b"2\0ProtocolError\0\0")
-    assert not dom0.ctx.firewall_path("web").exists()
+    assert not dom0.host.firewall_path("web").exists()
+
+
+FORWARD_443 = b"action=forward forwardtype=external proto=tcp srcports=443-443 dstports=443-443\n"
+
+
+def test_each_list_has_its_own_get_and_set_frames(dom0: Dom0) -> None:
+    assert call(dom0, "admin.vm.firewall.Set", "web", b"action=forward proto=tcp dstports=443\n",
+                arg="forward") == b"0\0"
+    assert call(dom0, "admin.vm.firewall.Get", "web", arg="forward") == b"0\0" + FORWARD_443
+    assert call(dom0, "admin.vm.firewall.Get", "web", arg="inbound") == b"0\0"
+    assert call(dom0, "admin.vm.firewall.Get", "web") == b"0\0action=accept\n"
+    reply = call(dom0, "admin.vm.firewall.Set", "web", b"action=drop\n" + FORWARD_443)
+    assert reply == (
+        b"2\0QubesValueError\0\0rule 1 (" + FORWARD_443[:-1] + b") is a forward rule:"
+        b" admin.vm.firewall.Set takes outbound rules only, use admin.vm.firewall.Set+forward\0"
+    )
+    assert call(dom0, "admin.vm.firewall.Get", "web", arg="forward") == b"0\0" + FORWARD_443
 
 
 @pytest.mark.parametrize(
@@ -145,7 +165,7 @@ def test_destination_name_checked_before_lookup(dom0: Dom0, dest: str, message: 
 
 def test_bad_line_rejects_everything_and_keeps_file_identical(dom0: Dom0) -> None:
     assert call(dom0, "admin.vm.firewall.Set", "web", b"action=drop\n") == b"0\0"
-    before = dom0.ctx.firewall_path("web").read_bytes()
+    before = dom0.host.firewall_path("web").read_bytes()
     reply = call(
         dom0, "admin.vm.firewall.Set", "web", b"action=accept\naction=maybe\naction=drop\n"
     )
@@ -154,27 +174,31 @@ def test_bad_line_rejects_everything_and_keeps_file_identical(dom0: Dom0) -> Non
     assert info.value.exc_type == "QubesValueError"
     assert "\n" not in str(info.value)
     assert "maybe" in str(info.value)
-    assert dom0.ctx.firewall_path("web").read_bytes() == before
-    assert dom0.ctx.changed == ["web"]  # only the first, good Set
+    assert dom0.host.firewall_path("web").read_bytes() == before
+    assert dom0.host.reloaded == ["web"]  # only the first, good Set
 
 
-def test_non_ascii_payload_refused(dom0: Dom0) -> None:
-    reply = call(dom0, "admin.vm.firewall.Set", "web", "action=accept comment=café\n".encode())
-    assert reply == b"2\0QubesValueError\0\0firewall rules must be ASCII text\0"
-    assert not dom0.ctx.firewall_path("web").exists()
-    assert dom0.ctx.checked == []
+@pytest.mark.parametrize("arg", ["", "forward", "inbound"])
+def test_non_ascii_payload_is_a_protocol_error_as_upstream(dom0: Dom0, arg: str) -> None:
+    reply = call(dom0, "admin.vm.firewall.Set", "web", "action=accept comment=café\n".encode(),
+                 arg=arg)
+    assert reply == b"2\0ProtocolError\0\0firewall rules must be ASCII text\0"
+    assert not dom0.host.firewall_path("web").exists()
 
 
 def test_whole_system_refusal_saves_nothing(dom0: Dom0) -> None:
-    dom0.ctx.refuse = "port 80 of sys-net is already forwarded to work"
-    reply = call(dom0, "admin.vm.firewall.Set", "web", b"action=drop\n")
-    assert reply == b"2\0QubesValueError\0\0port 80 of sys-net is already forwarded to work\0"
-    assert not dom0.ctx.firewall_path("web").exists()
-    assert dom0.ctx.changed == []
+    assert call(dom0, "admin.vm.firewall.Set", "work", FORWARD_443, arg="forward") == b"0\0"
+    reply = call(dom0, "admin.vm.firewall.Set", "web", FORWARD_443, arg="forward")
+    assert reply == (
+        b"2\0QubesValueError\0\0tcp port 443 on 'sys-firewall' is wanted by both"
+        b" 'work' (forward rule 0) and 'web' (forward rule 0)\0"
+    )
+    assert not dom0.host.firewall_path("web").exists()
+    assert dom0.host.reloaded == ["work"]
 
 
 def test_percent_in_message_survives_qubesadmin_formatting(dom0: Dom0) -> None:
-    dom0.ctx.refuse = "100% of ports %s taken"
+    dom0.host.refuse = "100% of ports %s taken"
     reply = call(dom0, "admin.vm.firewall.Set", "web", b"action=drop\n")
     assert b"100%% of ports %%s taken" in reply
     with pytest.raises(Raised) as info:
@@ -183,16 +207,18 @@ def test_percent_in_message_survives_qubesadmin_formatting(dom0: Dom0) -> None:
 
 
 def test_corrupt_firewall_xml_names_the_qube_and_server_survives(dom0: Dom0) -> None:
-    path = dom0.ctx.firewall_path("web")
+    path = dom0.host.firewall_path("web")
     path.parent.mkdir(parents=True)
     path.write_text("<firewall version='2'><rules><rule>")
     with pytest.raises(Raised) as info:
         parse_like_qubesadmin(call(dom0, "admin.vm.firewall.Get", "web"))
     assert info.value.exc_type == "QubesVMError"
-    assert str(info.value).startswith("web: firewall.xml cannot be loaded")
+    assert str(info.value).startswith("web: firewall rules cannot be loaded")
     assert call(dom0, "admin.vm.firewall.Get", "work") == b"0\0action=accept\n"
-    # Set is the way out of a broken file.
-    assert call(dom0, "admin.vm.firewall.Set", "web", b"action=accept\n") == b"0\0"
+    # A broken file is replaced by hand (a Set would have to keep its other lists).
+    assert call(dom0, "admin.vm.firewall.Set", "web", b"action=accept\n").startswith(
+        b"2\0QubesVMError\0"
+    )
 
 
 def test_unexpected_exception_is_a_generic_qubes_exception(
@@ -201,7 +227,7 @@ def test_unexpected_exception_is_a_generic_qubes_exception(
     def explode(qube: object) -> None:
         raise RuntimeError("secret internal detail")
 
-    dom0.ctx.firewall_changed = explode  # type: ignore[method-assign]
+    dom0.host.reload = explode  # type: ignore[method-assign]
     reply = call(dom0, "admin.vm.firewall.Reload", "web")
     assert reply.startswith(b"2\0QubesException\0\0")
     assert b"secret" not in reply
@@ -212,12 +238,12 @@ def test_request_too_long_is_refused(dom0: Dom0) -> None:
     payload = b"action=accept comment=" + b"x" * MAX_REQUEST + b"\n"
     reply = call(dom0, "admin.vm.firewall.Set", "web", payload)
     assert reply.startswith(b"2\0ProtocolError\0\0request too long")
-    assert not dom0.ctx.firewall_path("web").exists()
+    assert not dom0.host.firewall_path("web").exists()
 
 
 def test_reload_applies_again(dom0: Dom0) -> None:
     assert call(dom0, "admin.vm.firewall.Reload", "web") == b"0\0"
-    assert dom0.ctx.changed == ["web"]
+    assert dom0.host.reloaded == ["web"]
 
 
 def test_socket_mode_is_group_only(dom0: Dom0) -> None:
@@ -262,13 +288,13 @@ def test_client_request_bytes_match_qubesadmin() -> None:
 
 def test_stale_socket_replaced_live_one_kept(dom0: Dom0, tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
-        asyncio.run(start_server(dom0.socket_path, dom0.ctx))
+        asyncio.run(start_server(dom0.socket_path, dom0.server))
     stale = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(str(stale))
 
     async def start_and_stop() -> None:
-        server = await start_server(stale, dom0.ctx)
+        server = await start_server(stale, dom0.server)
         server.close()
         await server.wait_closed()
 
@@ -279,22 +305,24 @@ FORWARD = b"action=forward forwardtype=internal proto=udp srcports=5353 dstports
 
 
 def test_get_paths_success_frame_exact(dom0: Dom0) -> None:
-    assert call(dom0, "admin.vm.firewall.Set", "work", b"action=accept\n" + FORWARD) == b"0\0"
-    dom0.ctx.paths["work"] = {1: "sys-firewall (10.137.0.5) from its qubes udp/5353 -> work"}
+    assert call(dom0, "admin.vm.firewall.Set", "work", FORWARD, arg="forward") == b"0\0"
     assert call(dom0, "admin.vm.firewall.GetPaths", "work") == (
-        b"0\0001 sys-firewall (10.137.0.5) from its qubes udp/5353 -> work\n"
+        b"0\0000 sys-firewall (10.137.0.6) from its qubes udp/5353"
+        b" -> work (10.137.0.21) udp/53\n"
     )
     assert call(dom0, "admin.vm.firewall.GetPaths", "web") == b"0\0"
 
 
-def test_get_routing_frames_printable_lines(dom0: Dom0) -> None:
-    dom0.ctx.routing["web"] = ["192.0.2.25: LAN -> sys-net -> web",
-                               "  sys-net: exposed\x1b[2J  on eth0", "  \t"]
+def test_get_routing_success_frame_exact(dom0: Dom0) -> None:
+    assert call(dom0, "admin.vm.firewall.GetRouting", "web") == b"0\0"  # not routed
+    dom0.host.qubes["web"].features["routing-method"] = "forward"
     assert call(dom0, "admin.vm.firewall.GetRouting", "web") == (
-        b"0\000192.0.2.25: LAN -> sys-net -> web\n  path unknown\n  path unknown\n"
+        b"0\0not exposed: 'web' is not running\n"
     )
-    assert call(dom0, "admin.vm.firewall.GetRouting", "work") == b"0\0"
     assert call(dom0, "admin.vm.firewall.GetRouting", "web", b"x").startswith(
+        b"2\0ProtocolError\0"
+    )
+    assert call(dom0, "admin.vm.firewall.GetRouting", "web", arg="forward").startswith(
         b"2\0ProtocolError\0"
     )
 
@@ -309,9 +337,10 @@ def test_get_paths_refuses_payload_with_a_framed_error(dom0: Dom0) -> None:
 
 def test_client_reads_paths(dom0: Dom0, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QUBESD_SOCKET", str(dom0.socket_path))
-    call(dom0, "admin.vm.firewall.Set", "work", FORWARD)
-    dom0.ctx.paths["work"] = {0: "a -> b"}
-    assert QubeFirewall("work").paths() == {0: "a -> b"}
+    call(dom0, "admin.vm.firewall.Set", "work", FORWARD, arg="forward")
+    assert QubeFirewall("work").paths() == {
+        0: "sys-firewall (10.137.0.6) from its qubes udp/5353 -> work (10.137.0.21) udp/53"
+    }
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ command-per-rule baseline.
 from __future__ import annotations
 
 import pytest
+from conftest import upstream_dir
 
-from bench import nft, planner, routing, rules
+from bench import nft, outbound, planner, routing, rules
 
 
 def test_rules_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,6 +37,14 @@ def test_nft_benchmark_runs_in_a_throwaway_namespace() -> None:
     (row,) = nft.measure([2])
     assert row[0] == 2
     assert row[-1] == "yes"  # one transaction and the baseline leave the same ruleset
+
+
+@pytest.mark.lab
+def test_outbound_benchmark_runs_both_workers_without_listing() -> None:
+    upstream_dir()
+    rows = outbound.measure([2], runs=2)
+    assert [row[:3] for row in rows] == [[2, "edit", 2], [2, "all", 2]]
+    assert all(row[-1] == 0 for row in rows)  # ours never listed a table
 
 
 @pytest.mark.lab

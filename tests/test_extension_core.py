@@ -1,4 +1,9 @@
-"""The qubesd extension's decisions, with stand-ins for qubesd's VMs (no ``qubes``)."""
+"""The qubesd extension's decisions, with stand-ins for qubesd's VMs (no ``qubes``).
+
+A VM's ``firewall`` here holds our own Rule objects where qubesd holds
+upstream's (both carry ``api_rule``); test_extension_shell.py runs the
+extension inside the real upstream qubesd code.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +18,17 @@ import pytest
 from core_admin_patch import errors
 from core_admin_patch.admin_api import handle_call
 from core_admin_patch.extension_core import (
-    EXPIRY_SLACK,
     QDB_RESET_EVENTS,
     REPLAN_EVENTS,
-    ExpiryTimer,
     ExtensionCore,
-    OutboundFirewall,
-    firewall_for,
-    read_rules,
+    our_rules,
+    save_lists,
+    stored_lists,
     upstream_error,
 )
+from core_admin_patch.network_server import EXPIRY_SLACK, ExpiryTimer
 from core_admin_patch.planner import SUPPORT_FEATURE
-from firewall_rules import Rule, save_firewall_xml
+from firewall_rules import Rule, RuleKind, RuleLists, load_firewall_xml
 
 NOW = 1_700_000_000.0
 FORWARD = "action=forward forwardtype=external proto=tcp srcports=8443 dstports=443"
@@ -52,6 +56,26 @@ class FakeQdb:
             raise OSError("qubesdb gone")
         return sorted(path for path in self.data if path.startswith(prefix))
 
+    def read(self, path: str) -> bytes | None:
+        if self.broken:
+            raise OSError("qubesdb gone")
+        value = self.data.get(path)
+        return None if value is None else value.encode()
+
+
+class FakeFirewall:
+    """``vm.firewall`` as extension.NetworkServerFirewall is to the core: three lists, save()."""
+
+    def __init__(self, vm: FakeVM) -> None:
+        self.vm = vm
+        lists = stored_lists(vm)  # type: ignore[arg-type]
+        self.rules: list[Any] = list(lists.outbound)
+        self.forward_rules, self.inbound_rules = list(lists.forward), list(lists.inbound)
+
+    def save(self) -> None:
+        save_lists(self.vm, self, self.vm.clock[0])  # type: ignore[arg-type]
+        self.vm.fire_event("firewall-changed")
+
 
 @dataclass
 class FakeVM:
@@ -65,28 +89,51 @@ class FakeVM:
     firewall_conf: str = "firewall.xml"
     features: dict[str, str] = field(default_factory=lambda: {SUPPORT_FEATURE: "1"})
     untrusted_qdb: FakeQdb = field(default_factory=FakeQdb)
+    clock: list[float] = field(default_factory=lambda: [NOW])
+    fired: list[str] = field(default_factory=list)
+    _firewall: FakeFirewall | None = None
 
     def is_running(self) -> bool:
         return self.running
+
+    @property
+    def firewall(self) -> FakeFirewall:
+        if self._firewall is None:
+            self._firewall = FakeFirewall(self)
+        return self._firewall
+
+    def fire_event(self, event: str, **kwargs: Any) -> None:
+        self.fired.append(event)
 
 
 @dataclass
 class System:
     vms: dict[str, FakeVM]
     clock: list[float]
-    fired: list[str]
     core: ExtensionCore
 
     def set_rules(self, name: str, text: str) -> None:
-        rules = [Rule.from_api_string(line) for line in text.splitlines()]
-        save_firewall_xml(Path(self.vms[name].dir_path) / "firewall.xml", rules, self.clock[0])
+        """Rules written behind the API's back, as a restored or hand-edited file."""
+        vm = self.vms[name]
+        firewall = vm.firewall
+        lists = RuleLists.sorted_out(Rule.from_api_string(line) for line in text.splitlines())
+        firewall.rules = list(lists.outbound)
+        firewall.forward_rules, firewall.inbound_rules = list(lists.forward), list(lists.inbound)
+        save_lists(vm, firewall, self.clock[0])  # type: ignore[arg-type]
+
+    @property
+    def fired(self) -> list[str]:
+        """Qubes that got firewall-changed, in order."""
+        return [vm.name for vm in self.vms.values() for _ in vm.fired]
 
 
 @pytest.fixture
 def system(tmp_path: Path) -> System:
+    clock = [NOW]
+
     def vm(name: str, **kwargs: Any) -> FakeVM:
         (tmp_path / name).mkdir()
-        return FakeVM(name, str(tmp_path / name), **kwargs)
+        return FakeVM(name, str(tmp_path / name), clock=clock, **kwargs)
 
     net = vm("sys-net", ip=ipaddress.IPv4Address("10.137.0.5"), provides_network=True)
     fw = vm("sys-firewall", netvm=net, ip=ipaddress.IPv4Address("10.137.0.6"),
@@ -94,15 +141,10 @@ def system(tmp_path: Path) -> System:
     web = vm("web", netvm=fw, ip=ipaddress.IPv4Address("10.137.0.20"))
     dom0 = FakeVM("dom0", None, klass="AdminVM")  # type: ignore[arg-type]  # as qubesd
     vms = {v.name: v for v in (dom0, net, fw, web)}
-    clock = [NOW]
-    fired: list[str] = []
     core = ExtensionCore(
-        domains=lambda: list(vms.values()),
-        lookup=vms.__getitem__,
-        fire_firewall_changed=lambda v: fired.append(v.name),
-        clock=lambda: clock[0],
+        domains=lambda: list(vms.values()), lookup=vms.__getitem__, clock=lambda: clock[0]
     )
-    return System(vms, clock, fired, core)
+    return System(vms, clock, core)
 
 
 def test_collection_never_imports_qubes() -> None:
@@ -120,18 +162,61 @@ def test_event_sets() -> None:
 
 
 def test_dom0_is_left_out_of_planning(system: System) -> None:
-    assert [vm.name for vm in system.core.planned_domains()] == ["sys-net", "sys-firewall", "web"]
+    assert [vm.name for vm in system.core.domains()] == ["sys-net", "sys-firewall", "web"]
 
 
-def test_set_through_handle_call_writes_every_hop(system: System) -> None:
-    handle_call(system.core, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
-    assert system.fired == ["web"]  # upstream's outbound path and our re-plan follow from it
-    system.core.on_domain_event(system.vms["web"], "firewall-changed")
+def api(system: System, method: str, arg: str, qube: str, payload: str = "") -> bytes:
+    return handle_call(system.core.server, method, arg, qube, payload.encode(), NOW)
+
+
+def test_set_forward_saves_through_vm_firewall_and_writes_every_hop(system: System) -> None:
+    web = system.vms["web"]
+    web.firewall.rules = [Rule.from_api_string("action=drop")]  # upstream's, in memory
+    api(system, "admin.vm.firewall.Set", "forward", "web", f"{FORWARD}\n")
+    assert web.fired == ["firewall-changed"]  # upstream's outbound path and our re-plan follow
+    # vm.firewall.save() wrote the outbound list it holds and the new forward list, together
+    assert load_firewall_xml(Path(web.dir_path) / "firewall.xml") == RuleLists(
+        (Rule.from_api_string("action=drop"),), (Rule.from_api_string(FORWARD),)
+    )
+    system.core.on_domain_event(web, "firewall-changed")
     assert "/qns-forward/10.137.0.20" in system.vms["sys-firewall"].untrusted_qdb.data
     assert "/qns-forward/10.137.0.20" in system.vms["sys-net"].untrusted_qdb.data
-    assert "/qns-input" in system.vms["web"].untrusted_qdb.data
-    paths = handle_call(system.core, "admin.vm.firewall.GetPaths", "", "web", b"", NOW)
+    assert "/qns-input" in web.untrusted_qdb.data
+    paths = api(system, "admin.vm.firewall.GetPaths", "", "web")
     assert paths.startswith(b"0 sys-net uplink addresses tcp/8443 -> sys-firewall")
+    assert api(system, "admin.vm.firewall.Get", "forward", "web") == (
+        f"{Rule.from_api_string(FORWARD).api_rule}\n".encode()
+    )
+
+
+def test_outbound_rules_are_upstreams_to_store(system: System) -> None:
+    with pytest.raises(errors.ProtocolError, match="upstream's own Set"):
+        system.core.store_rules(system.vms["web"], RuleKind.OUTBOUND, [])
+
+
+def test_read_rules_is_what_vm_firewall_holds_in_memory(system: System) -> None:
+    """A new DispVM's rules were cloned into its firewall object, not saved yet."""
+    web = system.vms["web"]
+    web.firewall.rules = [Rule.from_api_string("action=drop proto=icmp")]
+    assert system.core.read_rules(web).outbound == (Rule.from_api_string("action=drop proto=icmp"),)
+    assert not (Path(web.dir_path) / "firewall.xml").exists()
+
+
+class ExpiredUpstreamRule:
+    """An upstream Rule whose expire has passed: its api_rule is None."""
+
+    api_rule = None
+
+
+def test_expired_upstream_rules_are_left_out_not_a_crash(system: System) -> None:
+    web = system.vms["web"]
+    web.firewall.rules = [ExpiredUpstreamRule(), Rule.from_api_string("action=drop")]
+    assert our_rules(web.firewall.rules) == (Rule.from_api_string("action=drop"),)
+    system.core.on_expiry()
+    web.firewall.save()
+    assert load_firewall_xml(Path(web.dir_path) / "firewall.xml").outbound == (
+        Rule.from_api_string("action=drop"),
+    )
 
 
 def test_events_outside_the_set_do_nothing(system: System) -> None:
@@ -235,7 +320,7 @@ def test_timer_callback_errors_are_contained() -> None:
     loop.handles[0].callback()  # logged, not raised into the loop
 
 
-def test_expiry_removes_the_forward_and_reloads_outbound(system: System) -> None:
+def test_expiry_removes_the_forward(system: System) -> None:
     loop = FakeLoop()
     system.core.start_timer(loop)
     system.set_rules("web", f"{FORWARD} expire={int(NOW) + 60}\naction=drop proto=icmp")
@@ -245,18 +330,28 @@ def test_expiry_removes_the_forward_and_reloads_outbound(system: System) -> None
     assert handle.when == pytest.approx(loop.now + 60 + EXPIRY_SLACK)
     system.clock[0] = NOW + 60 + EXPIRY_SLACK
     handle.callback()
-    assert system.fired == ["web"]
+    assert system.fired == []  # no outbound rule expired: upstream's entries stay as they are
     assert not any(k.startswith("/qns-forward/10.137.0.20")
                    for k in system.vms["sys-firewall"].untrusted_qdb.data)
     assert system.core.timer is not None and system.core.timer.expiry is None
 
 
+def test_an_expired_outbound_rule_has_upstream_rewrite_its_entries(system: System) -> None:
+    loop = FakeLoop()
+    system.core.start_timer(loop)
+    system.set_rules("web", f"action=accept proto=tcp expire={int(NOW) + 60}\naction=drop")
+    system.core.refresh()
+    system.clock[0] = NOW + 60 + EXPIRY_SLACK
+    loop.handles[-1].callback()
+    assert system.fired == ["web"]  # upstream's firewall-changed handler leaves it out
+
+
 def test_admin_context_errors(system: System) -> None:
     with pytest.raises(errors.QubesVMNotFoundError):
-        handle_call(system.core, "admin.vm.firewall.Get", "", "nosuch", b"", NOW)
+        api(system, "admin.vm.firewall.Get", "forward", "nosuch")
     del system.vms["sys-firewall"].features[SUPPORT_FEATURE]
     with pytest.raises(errors.QubesValueError, match="sys-firewall"):
-        handle_call(system.core, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
+        api(system, "admin.vm.firewall.Set", "forward", "web", f"{FORWARD}\n")
 
 
 @pytest.mark.parametrize(
@@ -277,26 +372,6 @@ def test_upstream_error(err: Exception, expected: object) -> None:
 def test_upstream_error_keeps_the_vm_of_a_vm_error() -> None:
     vm = object()
     assert upstream_error(errors.QubesVMError(vm, "m")) == ("QubesVMError", (vm, "m"))
-
-
-def test_outbound_reader_serves_upstream_entries_for_a_v3_file(system: System) -> None:
-    system.set_rules("web", f"{FORWARD}\naction=accept srchost=10.137.0.6\n"
-                            "action=accept proto=tcp dstports=443\naction=drop")
-    path = Path(system.vms["web"].dir_path) / "firewall.xml"
-    assert 'version="3"' in path.read_text()
-    entries = OutboundFirewall(system.vms["web"], lambda: NOW).qdb_entries(addr_family=4)
-    assert entries["policy"] == "drop"
-    assert set(entries) == {"policy", "0002", "0003"}  # forward and inbound leave gaps
-    assert entries["0003"] == "action=drop"
-
-
-def test_outbound_reader_fails_closed(tmp_path: Path) -> None:
-    web = FakeVM("web", str(tmp_path / "web"))
-    path = tmp_path / "web" / "firewall.xml"
-    path.parent.mkdir()
-    assert OutboundFirewall(web).qdb_entries() == {"policy": "drop", "0000": "action=accept"}
-    path.write_text("<firewall version='9'/>")
-    assert OutboundFirewall(web).qdb_entries() == {"policy": "drop"}
 
 
 class TemplateFeatures(dict[str, str]):
@@ -322,22 +397,22 @@ def test_support_feature_of_a_template_based_hop_is_read_from_its_template(
                       features=TemplateFeatures(**{SUPPORT_FEATURE: "1"}))
     for name in ("sys-net", "sys-firewall", "web"):
         system.vms[name].features = TemplateFeatures(template)
-    handle_call(system.core, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
+    api(system, "admin.vm.firewall.Set", "forward", "web", f"{FORWARD}\n")
     system.core.refresh()
     assert "/qns-forward/10.137.0.20" in system.vms["sys-firewall"].untrusted_qdb.data
     # The qube's own value still wins over its template's (qubesd's lookup order).
     system.vms["sys-firewall"].features = TemplateFeatures(template, **{SUPPORT_FEATURE: ""})
     with pytest.raises(errors.QubesValueError, match="sys-firewall"):
-        handle_call(system.core, "admin.vm.firewall.Set", "", "web", f"{FORWARD}\n".encode(), NOW)
+        api(system, "admin.vm.firewall.Set", "forward", "web", f"{FORWARD}\n")
 
 
-@pytest.mark.parametrize("method", ["admin.vm.firewall.Get", "admin.vm.firewall.GetPaths",
-                                    "admin.vm.firewall.Reload"])
-def test_dom0_has_no_firewall(system: System, method: str) -> None:
+@pytest.mark.parametrize(("method", "arg"), [("admin.vm.firewall.Get", "forward"),
+                                           ("admin.vm.firewall.GetPaths", "")])
+def test_dom0_has_no_firewall(system: System, method: str, arg: str) -> None:
     with pytest.raises(errors.QubesValueError, match=r"^dom0 has no firewall$"):
-        handle_call(system.core, method, "", "dom0", b"", NOW)
+        api(system, method, arg, "dom0")
     with pytest.raises(errors.QubesValueError, match=r"^dom0 has no firewall$"):
-        handle_call(system.core, "admin.vm.firewall.Set", "", "dom0", b"action=drop\n", NOW)
+        api(system, "admin.vm.firewall.Set", "inbound", "dom0", "")
 
 
 def test_qube_missing_from_the_plan_is_a_one_line_error(system: System, tmp_path: Path) -> None:
@@ -350,14 +425,14 @@ def test_qube_missing_from_the_plan_is_a_one_line_error(system: System, tmp_path
     core = ExtensionCore(
         domains=lambda: list(system.vms.values()),
         lookup={**vms, "ghost": ghost}.__getitem__,
-        fire_firewall_changed=lambda v: None,
         clock=lambda: NOW,
     )
-    save_firewall_xml(Path(ghost.dir_path) / "firewall.xml", [Rule.from_api_string(FORWARD)], NOW)
+    ghost.firewall.forward_rules = [Rule.from_api_string(FORWARD)]
     with pytest.raises(errors.QubesVMNotFoundError):
-        handle_call(core, "admin.vm.firewall.Set", "", "ghost", f"{FORWARD}\n".encode(), NOW)
+        handle_call(core.server, "admin.vm.firewall.Set", "forward", "ghost",
+                    f"{FORWARD}\n".encode(), NOW)
     with pytest.raises(errors.QubesVMNotFoundError):
-        handle_call(core, "admin.vm.firewall.GetPaths", "", "ghost", b"", NOW)
+        handle_call(core.server, "admin.vm.firewall.GetPaths", "", "ghost", b"", NOW)
 
 
 def _add_vm(system: System, tmp_path: Path, name: str, **kwargs: Any) -> FakeVM:
@@ -435,71 +510,6 @@ def test_load_schedules_one_startup_refresh_that_reconciles_and_arms_expiry(
     assert loop.handles[-1].when == pytest.approx(loop.now + 60 + EXPIRY_SLACK)
 
 
-@dataclass
-class EventVM(FakeVM):
-    events: list[str] = field(default_factory=list)
-
-    def fire_event(self, event: str, **kwargs: Any) -> None:
-        self.events.append(event)
-
-
-ALL_KINDS = f"{FORWARD}\naction=accept srchost=10.137.0.6\naction=accept proto=tcp dstports=443\n" \
-    "action=drop"
-
-
-def test_one_firewall_object_per_qube(system: System) -> None:
-    web = system.vms["web"]
-    assert firewall_for(web) is firewall_for(web)
-    assert firewall_for(web) is not firewall_for(system.vms["sys-net"])
-
-
-def test_clone_for_a_disposable_copies_every_rule_kind_and_saves_later(
-    system: System, tmp_path: Path,
-) -> None:
-    system.set_rules("web", ALL_KINDS)  # web is the disposable template here
-    disp = EventVM("disp1234", str(tmp_path / "disp1234"), netvm=system.vms["sys-firewall"],
-                   ip=ipaddress.IPv4Address("10.138.4.210"))
-    # DispVM.__init__: self.firewall.clone(template.firewall), before its directory exists
-    firewall_for(disp).clone(firewall_for(system.vms["web"]))
-    assert not Path(disp.dir_path).exists()
-    assert [r.api_rule for r in firewall_for(disp).rules] == \
-        [r.api_rule for r in firewall_for(system.vms["web"]).rules]
-    assert [r.api_rule for r in read_rules(disp)] == [r.api_rule for r in firewall_for(disp).rules]
-    entries = firewall_for(disp).qdb_entries(addr_family=4)
-    assert entries == {"policy": "drop", "0002": "action=accept proto=tcp dstports=443-443",
-                       "0003": "action=drop"}  # not upstream's default accept-all
-    Path(disp.dir_path).mkdir()
-    firewall_for(disp).save()
-    saved = Path(disp.dir_path) / "firewall.xml"
-    assert 'version="3"' in saved.read_text()
-    template_rules = read_rules(system.vms["web"])
-    assert [r.api_rule for r in read_rules(disp)] == [r.api_rule for r in template_rules]
-    assert disp.events == ["firewall-changed"]
-
-
-def test_clone_onto_an_existing_qube_saves_at_once(system: System, tmp_path: Path) -> None:
-    system.set_rules("web", ALL_KINDS)
-    copy = EventVM("copy", str(tmp_path / "copy"))
-    Path(copy.dir_path).mkdir()
-    firewall_for(copy).clone(firewall_for(system.vms["web"]))
-    assert len(read_rules(copy)) == 4 and (Path(copy.dir_path) / "firewall.xml").exists()
-    # A later Set writes firewall.xml directly: the file wins over anything held in memory.
-    system.vms["copy"] = copy
-    handle_call(system.core, "admin.vm.firewall.Set", "", "copy", b"action=drop\n", NOW)
-    assert [r.api_rule for r in firewall_for(copy).rules] == ["action=drop"]
-
-
-def test_clone_of_an_unreadable_firewall_refuses_instead_of_accepting_all(
-    system: System, tmp_path: Path,
-) -> None:
-    (Path(system.vms["web"].dir_path) / "firewall.xml").write_text("garbage")
-    disp = EventVM("disp1", str(tmp_path / "disp1"))
-    with pytest.raises(errors.QubesVMError):
-        firewall_for(disp).clone(firewall_for(system.vms["web"]))
-    Path(disp.dir_path).mkdir()
-    assert not (Path(disp.dir_path) / "firewall.xml").exists()
-
-
 def test_routing_method_set_on_the_template_counts(system: System) -> None:
     # As Rudd-O's extension reads it: check_with_template, the qube's own value first.
     template = FakeVM("fedora", "", klass="TemplateVM",
@@ -514,3 +524,19 @@ def test_routing_method_set_on_the_template_counts(system: System) -> None:
     assert "/qns-routing/192.0.2.25" not in system.vms["sys-net"].untrusted_qdb.data
     assert "domain-feature-set:routing-method" in REPLAN_EVENTS
     assert "domain-feature-delete:routing-method" in REPLAN_EVENTS
+
+
+def test_get_routing_reads_each_hops_report_from_its_qubesdb(system: System) -> None:
+    web = system.vms["web"]
+    web.features = {SUPPORT_FEATURE: "1", "routing-method": "forward"}
+    web.ip = ipaddress.IPv4Address("192.0.2.25")
+    system.vms["sys-net"].untrusted_qdb.data["/qns-routing_status/192.0.2.25"] = (
+        "state=exposed iface=eth0"
+    )
+    system.vms["sys-firewall"].untrusted_qdb.broken = True  # a hop going down
+    assert api(system, "admin.vm.firewall.GetRouting", "", "web") == (
+        b"192.0.2.25: LAN -> sys-net -> sys-firewall -> web\n"
+        b"  sys-net: exposed on eth0, answering for the address\n"
+        b"  sys-firewall: no report yet\n"
+    )
+    assert api(system, "admin.vm.firewall.GetRouting", "", "sys-net") == b""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import wait_for
+from conftest import set_rules, wait_for
 
 from admin_client_patch.qubesd_client import QubesException, qubesd_call
 from lab.control import Lab, LabError
@@ -28,10 +28,6 @@ WEB = "10.137.0.20"
 NETVMS = ("sys-net", "sys-firewall")
 
 EXTERNAL_HTTP = "action=forward forwardtype=external proto=tcp srcports=8080 dstports=80"
-
-
-def set_rules(*lines: str) -> None:
-    qubesd_call("web", "admin.vm.firewall.Set", payload="".join(f"{x}\n" for x in lines).encode())
 
 
 def eventually(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
@@ -83,35 +79,35 @@ def forward_rules_in(lab: Lab, qube: str) -> int:
 @pytest.fixture
 def api(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     monkeypatch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
-    set_rules("action=accept")
+    set_rules("web", "action=accept")
     yield lab
-    set_rules("action=accept")
+    set_rules("web", "action=accept")
     for qube in NETVMS:
         eventually(lambda q=qube: qns_rules(lab, q, "qns-dnat") == [], f"{qube} has no forwards")
 
 
 def test_external_tcp_through_two_hops(api: Lab) -> None:
     assert not answers(api, "lan", "tcp", UPLINK, 8080, 80)
-    set_rules(EXTERNAL_HTTP, "action=accept")
+    set_rules("web", EXTERNAL_HTTP, "action=accept")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the LAN reaches web:80")
     assert answers(api, "lan2", "tcp", UPLINK, 8080, 80)
     # Only at the uplink's port: not at web's own address, not on another port.
     assert not answers(api, "lan", "tcp", WEB, 80)
     assert not answers(api, "lan", "tcp", UPLINK, 8081, 80)
     assert not answers(api, "lan", "tcp", UPLINK, 80, 80)
-    set_rules("action=accept")
+    set_rules("web", "action=accept")
     eventually(lambda: not answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward is gone")
     assert_nothing_points_at(api, WEB)
 
 
 def test_external_udp(api: Lab) -> None:
-    set_rules("action=forward forwardtype=external proto=udp srcports=5353 dstports=53")
+    set_rules("web", "action=forward forwardtype=external proto=udp srcports=5353 dstports=53")
     eventually(lambda: answers(api, "lan", "udp", UPLINK, 5353, 53), "UDP reaches web:53")
     assert not answers(api, "lan", "tcp", UPLINK, 5353, 53)  # udp only
 
 
 def test_srchost_limits_the_source(api: Lab) -> None:
-    set_rules(f"{EXTERNAL_HTTP} srchost={LAN_HOST}/32")
+    set_rules("web", f"{EXTERNAL_HTTP} srchost={LAN_HOST}/32")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "lan reaches web")
     assert not answers(api, "lan2", "tcp", UPLINK, 8080, 80)
     # Refused at the edge, and again by web's own INPUT: a packet that gets past
@@ -120,7 +116,8 @@ def test_srchost_limits_the_source(api: Lab) -> None:
 
 
 def test_port_range_maps_one_to_one(api: Lab) -> None:
-    set_rules("action=forward forwardtype=external proto=tcp srcports=9000-9002 dstports=7000-7002")
+    set_rules("web",
+              "action=forward forwardtype=external proto=tcp srcports=9000-9002 dstports=7000-7002")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 9001, 7001), "9001 reaches 7001")
     assert answers(api, "lan", "tcp", UPLINK, 9000, 7000)
     assert answers(api, "lan", "tcp", UPLINK, 9002, 7002)
@@ -129,7 +126,7 @@ def test_port_range_maps_one_to_one(api: Lab) -> None:
 
 
 def test_internal_forward(api: Lab) -> None:
-    set_rules("action=forward forwardtype=internal proto=tcp srcports=2222 dstports=22")
+    set_rules("web", "action=forward forwardtype=internal proto=tcp srcports=2222 dstports=22")
     eventually(lambda: answers(api, "work", "tcp", SYS_FIREWALL, 2222, 22), "work reaches web:22")
     assert not answers(api, "work", "tcp", SYS_FIREWALL, 2223, 23)
     assert not answers(api, "work", "tcp", WEB, 22)  # Qubes keeps qubes apart
@@ -141,7 +138,7 @@ def test_internal_forward(api: Lab) -> None:
 def test_scan_finds_exactly_the_forwarded_ports(api: Lab) -> None:
     ports = "1-1024,2000-2300,7000-9100"
     assert api.scan("lan", UPLINK, ports, timeout=0.3) == []
-    set_rules(EXTERNAL_HTTP, "action=forward forwardtype=external proto=tcp"
+    set_rules("web", EXTERNAL_HTTP, "action=forward forwardtype=external proto=tcp"
               " srcports=9000-9001 dstports=9000-9001")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
     with api.serve("web", "tcp", 80), api.serve("web", "tcp", 9000), \
@@ -149,13 +146,13 @@ def test_scan_finds_exactly_the_forwarded_ports(api: Lab) -> None:
         assert api.scan("lan", UPLINK, ports, timeout=0.3) == [8080, 9000, 9001]
         assert api.scan("lan", WEB, "1-1024,9000-9001", timeout=0.3) == []
         assert api.scan("work", WEB, "1-1024,9000-9001", timeout=0.3) == []
-    set_rules("action=accept")
+    set_rules("web", "action=accept")
     eventually(lambda: forward_rules_in(api, "sys-net") == 0, "sys-net forgets the forward")
     assert api.scan("lan", UPLINK, ports, timeout=0.3) == []
 
 
 def test_rule_expiry_closes_the_port(api: Lab) -> None:
-    set_rules(f"{EXTERNAL_HTTP} expire={int(time.time()) + 4}")
+    set_rules("web", f"{EXTERNAL_HTTP} expire={int(time.time()) + 4}")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
     eventually(lambda: forward_rules_in(api, "sys-net") == 0, "the rule expires", timeout=20)
     assert not answers(api, "lan", "tcp", UPLINK, 8080, 80)
@@ -163,25 +160,25 @@ def test_rule_expiry_closes_the_port(api: Lab) -> None:
 
 
 def test_outbound_drop_still_serves_forwards(api: Lab) -> None:
-    set_rules(EXTERNAL_HTTP, "action=drop")
+    set_rules("web", EXTERNAL_HTTP, "action=drop")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
     with api.serve("lan", "tcp", 8000):
         assert api.connect("web", "tcp", LAN_HOST, 8000, timeout=0.5) is None
 
 
 def test_conflicting_port_is_refused_naming_both_qubes(api: Lab) -> None:
-    set_rules(EXTERNAL_HTTP)
+    set_rules("web", EXTERNAL_HTTP)
     try:
         with pytest.raises(QubesException) as info:
-            qubesd_call("work", "admin.vm.firewall.Set", payload=f"{EXTERNAL_HTTP}\n".encode())
+            qubesd_call("work", "admin.vm.firewall.Set", "forward", f"{EXTERNAL_HTTP}\n".encode())
         assert "'web'" in str(info.value) and "'work'" in str(info.value)
-        assert qubesd_call("work", "admin.vm.firewall.Get") == b"action=accept\n"
+        assert qubesd_call("work", "admin.vm.firewall.Get", "forward") == b""
     finally:
-        qubesd_call("work", "admin.vm.firewall.Set", payload=b"action=accept\n")
+        set_rules("work", "action=accept")
 
 
 def test_stop_and_start_of_the_target(api: Lab) -> None:
-    set_rules(EXTERNAL_HTTP)
+    set_rules("web", EXTERNAL_HTTP)
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
     api.stop("web")
     try:
@@ -194,7 +191,7 @@ def test_stop_and_start_of_the_target(api: Lab) -> None:
 
 
 def test_netvm_change_and_proxyvm_inserted(api: Lab) -> None:
-    set_rules(EXTERNAL_HTTP)
+    set_rules("web", EXTERNAL_HTTP)
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
     api.set_netvm("web", "sys-net")
     try:
@@ -207,7 +204,7 @@ def test_netvm_change_and_proxyvm_inserted(api: Lab) -> None:
 
 
 def test_ip_change_of_the_target(api: Lab) -> None:
-    set_rules(EXTERNAL_HTTP)
+    set_rules("web", EXTERNAL_HTTP)
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
     api.set_ip("web", "10.137.0.30")
     try:
@@ -220,7 +217,7 @@ def test_ip_change_of_the_target(api: Lab) -> None:
 
 
 def test_hop_restart(api: Lab) -> None:
-    set_rules(EXTERNAL_HTTP)
+    set_rules("web", EXTERNAL_HTTP)
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
     api.restart("sys-firewall")
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "works after the restart")
@@ -228,7 +225,7 @@ def test_hop_restart(api: Lab) -> None:
 
 
 def test_agent_restart(api: Lab) -> None:
-    set_rules(EXTERNAL_HTTP)
+    set_rules("web", EXTERNAL_HTTP)
     eventually(lambda: answers(api, "lan", "tcp", UPLINK, 8080, 80), "the forward works")
     before = {qube: sorted(qns_rules(api, qube)) for qube in NETVMS}
     for qube in NETVMS:
@@ -242,8 +239,8 @@ def test_netvm_change_that_would_take_a_forwarded_port_is_refused(api: Lab) -> N
     """direct (behind sys-net) and web both forward 2222 internally; moving direct
     behind sys-firewall would make them fight over sys-firewall's port."""
     internal_ssh = "action=forward forwardtype=internal proto=tcp srcports=2222 dstports=22"
-    set_rules(internal_ssh)
-    qubesd_call("direct", "admin.vm.firewall.Set", payload=f"{internal_ssh}\n".encode())
+    set_rules("web", internal_ssh)
+    set_rules("direct", "action=accept", internal_ssh)
     try:
         conflict = r"on 'sys-firewall' is wanted by both 'web' .* and 'direct'"
         with pytest.raises(LabError, match=conflict):
@@ -251,4 +248,4 @@ def test_netvm_change_that_would_take_a_forwarded_port_is_refused(api: Lab) -> N
         assert api.qube_info("direct")["netvm"] == "sys-net"
         eventually(lambda: answers(api, "work", "tcp", SYS_FIREWALL, 2222, 22), "web keeps 2222")
     finally:
-        qubesd_call("direct", "admin.vm.firewall.Set", payload=b"action=accept\n")
+        set_rules("direct", "action=accept")

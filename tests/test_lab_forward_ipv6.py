@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_lab_forward import EXTERNAL_HTTP, UPLINK, answers, eventually, qns_rules, set_rules
+from conftest import set_rules
+from test_lab_forward import EXTERNAL_HTTP, UPLINK, answers, eventually, qns_rules
 
 from lab.control import Lab
 
@@ -38,17 +39,17 @@ def ipv6_dnat_rules(lab: Lab, qube: str) -> list[str]:
 @pytest.fixture
 def api(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     monkeypatch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
-    set_rules("action=accept")
+    set_rules("web", "action=accept")
     yield lab
     lab.set_feature("sys-net", "ipv6", "1")
-    set_rules("action=accept")
+    set_rules("web", "action=accept")
     for qube in ("sys-net", "sys-firewall"):
         eventually(lambda q=qube: not qns_rules(lab, q, "qns-dnat"), f"{qube} has no forwards")
 
 
 def test_external_forward_over_ipv6_through_two_hops(api: Lab) -> None:
     assert not answers6(api, "lan", "tcp", UPLINK6, 8080, 80)
-    set_rules(EXTERNAL_HTTP)
+    set_rules("web", EXTERNAL_HTTP)
     eventually(lambda: answers6(api, "lan", "tcp", UPLINK6, 8080, 80), "IPv6 LAN reaches web")
     assert answers(api, "lan", "tcp", UPLINK, 8080, 80)  # and IPv4, from the same rule
     assert not answers6(api, "lan", "tcp", UPLINK6, 8081, 80)
@@ -56,7 +57,7 @@ def test_external_forward_over_ipv6_through_two_hops(api: Lab) -> None:
 
 
 def test_udp_and_srchost_over_ipv6(api: Lab) -> None:
-    set_rules(
+    set_rules("web",
         "action=forward forwardtype=external proto=udp srcports=5353 dstports=53"
         " srchost=2001:db8::10/128"
     )
@@ -70,13 +71,13 @@ def test_udp_and_srchost_over_ipv6(api: Lab) -> None:
 
 
 def test_internal_forward_over_ipv6(api: Lab) -> None:
-    set_rules("action=forward forwardtype=internal proto=tcp srcports=2222 dstports=22")
+    set_rules("web", "action=forward forwardtype=internal proto=tcp srcports=2222 dstports=22")
     eventually(lambda: answers6(api, "work", "tcp", FW6, 2222, 22), "work reaches web over IPv6")
     assert not answers6(api, "work", "tcp", WEB6, 22, 22)
 
 
 def test_ipv6_toggled_off_and_on(api: Lab) -> None:
-    set_rules(EXTERNAL_HTTP)
+    set_rules("web", EXTERNAL_HTTP)
     eventually(lambda: answers6(api, "lan", "tcp", UPLINK6, 8080, 80), "the IPv6 forward works")
     api.set_feature("sys-net", "ipv6", "")
     for qube in ("sys-net", "sys-firewall"):
@@ -93,9 +94,9 @@ WORK6 = "fd09:24ef:4179::a89:15"
 def test_inbound_rule_over_ipv6(api: Lab) -> None:
     """work may open TCP 22 on web over IPv6 only, from its own IPv6 address."""
     assert not answers6(api, "work", "tcp", WEB6, 22, 22)
-    set_rules(f"action=accept srchost={WORK6} proto=tcp dstports=22", "action=accept")
+    set_rules("web", f"action=accept srchost={WORK6} proto=tcp dstports=22", "action=accept")
     eventually(lambda: answers6(api, "work", "tcp", WEB6, 22, 22), "work reaches web:22 over IPv6")
     assert not answers6(api, "work", "tcp", WEB6, 23, 23)
     assert not answers(api, "work", "tcp", "10.137.0.20", 22)  # the rule is IPv6 only
-    set_rules("action=accept")
+    set_rules("web", "action=accept")
     eventually(lambda: not answers6(api, "work", "tcp", WEB6, 22, 22), "the rule is gone")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import lab_up, wait_for
+from conftest import lab_up, set_rules, wait_for
 
 from admin_client_patch.qubesd_client import QubesException, qubesd_call
 from core_admin_patch.planner import SUPPORT_FEATURE
@@ -33,10 +33,6 @@ SERVED = (22, 23, 80, 8080)
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """The inbound topology, up for this module."""
     yield from lab_up(tmp_path_factory, TOPOLOGY)
-
-
-def set_rules(qube: str, *lines: str) -> None:
-    qubesd_call(qube, "admin.vm.firewall.Set", payload="".join(f"{x}\n" for x in lines).encode())
 
 
 @pytest.fixture
@@ -177,7 +173,7 @@ def test_web_ip_change_moves_every_rule(api: Lab) -> None:
 )
 def test_malformed_rules_are_refused_and_reach_no_nft(api: Lab, line: str, reason: str) -> None:
     with pytest.raises(QubesException, match=reason):
-        set_rules("web", line)
+        qubesd_call("web", "admin.vm.firewall.Set", "inbound", f"{line}\n".encode())
     assert qubesd_call("web", "admin.vm.firewall.Get") == b"action=accept\n"
     assert inbound_rules(api, "sys-firewall") == []
     assert not api.qubesdb("sys-firewall").list("/qns-inbound/")

@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import set_rules, wait_for
 
-from admin_client_patch.qubesd_client import qubesd_call
 from lab.control import Lab
 
 pytestmark = pytest.mark.lab
@@ -36,11 +35,7 @@ def api(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     yield lab
     lab.set_feature("sys-net", "ipv6", "1")
     lab.set_feature("web", "ipv6", None)
-    set_web_rules("action=accept")
-
-
-def set_web_rules(*lines: str) -> None:
-    qubesd_call("web", "admin.vm.firewall.Set", payload="".join(f"{x}\n" for x in lines).encode())
+    set_rules("web", "action=accept")
 
 
 def reaches(lab: Lab, qube: str, host: str, port: int = 8080, proto: str = "tcp") -> bool:
@@ -134,7 +129,7 @@ def test_qubes_behind_one_netvm_cannot_reach_each_other_over_ipv6(lab: Lab) -> N
 
 
 def test_an_ipv6_rule_applies_to_ipv6_only(api: Lab) -> None:
-    set_web_rules(f"action=drop dst6={LAN6}/128", "action=accept")
+    set_rules("web", f"action=drop dst6={LAN6}/128", "action=accept")
     entries4 = api.qubesdb("sys-firewall").multiread(f"/qubes-firewall/{WEB4}/")
     entries6 = api.qubesdb("sys-firewall").multiread(f"/qubes-firewall/{WEB6}/")
     assert entries6[f"/qubes-firewall/{WEB6}/0000"] == f"action=drop dst6={LAN6}/128".encode()
@@ -147,13 +142,13 @@ def test_an_ipv6_rule_applies_to_ipv6_only(api: Lab) -> None:
 
 
 def test_an_ipv4_rule_does_not_touch_ipv6(api: Lab) -> None:
-    set_web_rules("action=drop dst4=192.0.2.0/24", "action=accept")
+    set_rules("web", "action=drop dst4=192.0.2.0/24", "action=accept")
     assert not reaches(api, "web", LAN4)
     assert reaches(api, "web", LAN6)
 
 
 def test_a_rule_without_address_applies_to_both_families(api: Lab) -> None:
-    set_web_rules("action=drop proto=tcp dstports=8080", "action=accept")
+    set_rules("web", "action=drop proto=tcp dstports=8080", "action=accept")
     assert not reaches(api, "web", LAN6, 8080)
     assert not reaches(api, "web", LAN4, 8080)
     assert reaches(api, "web", LAN6, 8081)
@@ -193,7 +188,7 @@ def test_spoofed_ipv6_source_from_work_is_dropped(lab: Lab, spoofed: str) -> Non
 
 
 def test_ipv6_off_on_sys_net_removes_it_below_and_on_restores_it(api: Lab) -> None:
-    set_web_rules(f"action=drop dst6={LAN2_6}/128", "action=accept")
+    set_rules("web", f"action=drop dst6={LAN2_6}/128", "action=accept")
     api.set_feature("sys-net", "ipv6", "")
     for qube in ("web", "work", "direct", "sys-firewall"):
         assert global_ip6(api, qube) == [], qube

@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import set_rules, wait_for
 
-from admin_client_patch.qubesd_client import qubesd_call
 from lab.control import Lab
 
 pytestmark = pytest.mark.lab
@@ -35,10 +34,6 @@ SSH_FROM_LAN = (
     f"action=accept srchost={LAN6} proto=tcp dstports=22",
 )
 FEATURE = "routing-method"
-
-
-def set_rules(qube: str, *lines: str) -> None:
-    qubesd_call(qube, "admin.vm.firewall.Set", payload="".join(f"{x}\n" for x in lines).encode())
 
 
 def reaches(lab: Lab, client: str, host: str, port: int = 22, qube: str = "web",
@@ -354,7 +349,7 @@ def qvm_firewall(lab: Lab, *argv: str) -> str:
 
 
 def test_qvm_firewall_shows_the_exposure_and_each_hop(web: Lab) -> None:
-    below = qvm_firewall(web, "web", "list").partition("\n\n")[2].splitlines()
+    below = qvm_firewall(web, "web", "list").split("\n\n")[-1].splitlines()
     assert below == [
         "Routing exposure (routing-method forward: reached at its own address):",
         f"  {WEB}: LAN -> sys-net -> sys-firewall -> web",
@@ -363,7 +358,7 @@ def test_qvm_firewall_shows_the_exposure_and_each_hop(web: Lab) -> None:
         f"  {WEB6}: LAN -> sys-net -> sys-firewall -> web",
         "    sys-net: exposed on eth0, answering for the address",
         "    sys-firewall: applied",
-        "  admitted as inbound rules 0, 1 say, nothing else",
+        "  admitted as inbound rules inbound:0, inbound:1 say, nothing else",
     ]
     web.stop("web")
     try:

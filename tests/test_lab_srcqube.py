@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import lab_up, wait_for
+from conftest import lab_up, set_rules, wait_for
 from test_lab_forward_ipv6 import answers6
 from test_lab_inbound import (
     TOPOLOGY,
@@ -23,10 +23,9 @@ from test_lab_inbound import (
     inbound_rules,
     open_ports,
     qvm_firewall,
-    set_rules,
 )
 
-from admin_client_patch.qubesd_client import QubesException
+from admin_client_patch.qubesd_client import QubesException, qubesd_call
 from lab.control import Lab
 
 pytestmark = pytest.mark.lab
@@ -118,7 +117,5 @@ def test_a_name_that_is_no_qube_is_refused_and_reaches_no_nft(api: Lab) -> None:
         set_rules("web", "action=accept srcqube=wrok proto=tcp dstports=22")
     assert inbound_rules(api, "sys-firewall") == []
     with pytest.raises(QubesException, match="needs forwardtype=internal"):
-        set_rules(
-            "web",
-            "action=forward forwardtype=external srcqube=work proto=tcp srcports=80 dstports=80",
-        )
+        qubesd_call("web", "admin.vm.firewall.Set", "forward",
+                    b"action=forward forwardtype=external srcqube=work proto=tcp dstports=80\n")

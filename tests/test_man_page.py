@@ -18,5 +18,6 @@ def test_man_page_documents_every_option(tmp_path: Path) -> None:
     assert page.startswith('.TH QVM\\-FIREWALL "1"')
     for option in ("reload", "raw", "before", "rule\\-no"):
         assert f"\\fB\\-\\-{option}\\fR" in page, option
-    for word in ("action=forward", "srchost=", "srcqube=", "forwardtype=", "expire=+SECONDS"):
+    for word in ("action=forward", "srchost=", "srcqube=", "forwardtype=", "expire=+SECONDS",
+                 "forward:N", "inbound:N", "\\-\\-rule\\-no forward:0", "expire=shutdown"):
         assert word in page, word

@@ -31,7 +31,7 @@ from core_admin_patch.planner import (
     next_expiry,
     plan,
 )
-from firewall_rules import Rule
+from firewall_rules import Rule, RuleLists
 
 NOW = 1_700_000_000.0
 SUPPORT: Mapping[str, str] = {SUPPORT_FEATURE: "1"}
@@ -44,8 +44,9 @@ WORK_IP = "10.137.0.11"
 MAIL_IP = "10.137.0.12"
 
 
-def rules(*lines: str) -> tuple[Rule, ...]:
-    return tuple(Rule.from_api_string(line) for line in lines)
+def rules(*lines: str) -> RuleLists:
+    """The lines as a qube's rule lists, each kind in its own list."""
+    return RuleLists.sorted_out(Rule.from_api_string(line) for line in lines)
 
 
 def ext(srcports: str, dstports: str, proto: str = "tcp", extra: str = "") -> str:
@@ -250,9 +251,9 @@ def test_several_rules_and_several_targets() -> None:
                 "0002": step("53-53", "upstream", FW_IP, WEB_IP, "53-53", "udp"),
             },
             fwd(WORK_IP): {"0000": step("2222-2222", "upstream", FW_IP, WORK_IP, "22-22")},
-            # the inbound rule: its position in web's list, in web's netvm
+            # the inbound rule: its position in web's inbound list, in web's netvm
             f"/qns-inbound/{WEB_IP}": {
-                "0002": "action=accept srchost=10.137.0.11/32 proto=tcp dstports=22-22"
+                "0000": "action=accept srchost=10.137.0.11/32 proto=tcp dstports=22-22"
             },
         },
         "web": {
@@ -343,7 +344,7 @@ def test_hop_without_ip_skips_the_rule_with_a_reason() -> None:
     result = plan(snapshot(web, **{"sys-firewall": fw}))
     assert result.entries == {}
     assert result.skipped == (
-        "web rule 0: 'sys-firewall' on the path of 'web' has no IP address",
+        "web forward rule 0: 'sys-firewall' on the path of 'web' has no IP address",
     )
 
 
@@ -365,7 +366,7 @@ def test_plan_is_deterministic_and_independent_of_dict_order() -> None:
     first = plan(snap)
     assert first == plan(snap)
     assert first == plan(reordered)
-    assert first.skipped == ("work rule 0: port conflict with 'web'",)
+    assert first.skipped == ("work forward rule 0: port conflict with 'web'",)
 
 
 def test_plan_writes_nothing_into_a_hop_without_support_after_a_netvm_change() -> None:
@@ -390,7 +391,7 @@ def test_plan_conflict_first_qube_by_name_wins() -> None:
     alpha = qube("alpha", "sys-firewall", WEB_IP, [ext("443", "8443")])
     zeta = qube("zeta", "sys-vpn", WORK_IP, [ext("440-450", "440-450")])
     result = plan(snapshot(zeta, alpha))
-    assert result.skipped == ("zeta rule 0: port conflict with 'alpha'",)
+    assert result.skipped == ("zeta forward rule 0: port conflict with 'alpha'",)
     assert set(result.entries["sys-net"]) == {fwd(WEB_IP)}
     assert "zeta" not in result.entries
     assert "sys-vpn" not in result.entries
@@ -400,7 +401,7 @@ def test_plan_conflict_skips_only_the_conflicting_rule() -> None:
     alpha = qube("alpha", "sys-firewall", WEB_IP, [ext("443", "443")])
     zeta = qube("zeta", "sys-firewall", WORK_IP, [ext("443", "443"), ext("80", "80")])
     result = plan(snapshot(alpha, zeta))
-    assert result.skipped == ("zeta rule 0: port conflict with 'alpha'",)
+    assert result.skipped == ("zeta forward rule 0: port conflict with 'alpha'",)
     assert result.entries["sys-net"][fwd(WORK_IP)] == {
         "0000": step("80-80", "upstream", "local", FW_IP, "80-80"),
     }
@@ -505,8 +506,8 @@ def test_check_rules_port_conflict_names_both_qubes_and_rule_numbers() -> None:
     with pytest.raises(PortConflictError) as caught:
         check_rules(snap, "web", proposed)
     message = str(caught.value)
-    assert "'work' (rule 1)" in message
-    assert "'web' (rule 2)" in message
+    assert "'work' (forward rule 0)" in message
+    assert "'web' (forward rule 0)" in message
     assert "tcp port 443" in message
 
 
@@ -527,7 +528,9 @@ def test_check_rules_overlapping_ranges_conflict() -> None:
 
 def test_check_rules_conflict_between_two_rules_of_the_same_qube() -> None:
     snap = snapshot(qube("web", "sys-firewall", WEB_IP))
-    with pytest.raises(PortConflictError, match=r"'web' \(rule 0\) and 'web' \(rule 1\)"):
+    with pytest.raises(
+        PortConflictError, match=r"'web' \(forward rule 0\) and 'web' \(forward rule 1\)"
+    ):
         check_rules(snap, "web", rules(ext("443", "443"), ext("443", "8443")))
 
 
@@ -615,12 +618,12 @@ def test_describe_forwards_text() -> None:
             ext("25", "25", extra=f"expire={int(NOW) - 1}"),
         ],
     )
-    assert describe_forwards(snapshot(web), "web") == {
-        1: (
+    assert describe_forwards(snapshot(web), "web") == {  # numbered in the forward list
+        0: (
             f"sys-net uplink addresses tcp/443 -> sys-firewall ({FW_IP}) tcp/443"
             f" -> web ({WEB_IP}) tcp/8443"
         ),
-        2: f"sys-firewall ({FW_IP}) from its qubes udp/8000-8009 -> web ({WEB_IP}) udp/9000-9009",
+        1: f"sys-firewall ({FW_IP}) from its qubes udp/8000-8009 -> web ({WEB_IP}) udp/9000-9009",
     }
 
 
@@ -641,7 +644,7 @@ def test_describe_forwards_three_hops_and_unreachable() -> None:
 def test_forward_path_hops_run_from_the_netvm_outwards() -> None:
     web = qube("web", "sys-vpn", WEB_IP, [ext("443", "8443")])
     snap = snapshot(web)
-    path = forward_path(snap, web, 0, web.rules[0], source=None)
+    path = forward_path(snap, web, 0, web.rules.forward[0], source=None)
     assert path.hops == ["sys-vpn", "sys-firewall", "sys-net"]
     assert [step.to_qube for step in path.steps] == ["web", "sys-vpn", "sys-firewall"]
 
@@ -787,7 +790,7 @@ def _model(snap: Snapshot) -> tuple[set[tuple[str, int]], int]:
         chain = chain_of(snap, target.name)
         if not chain or not all(h.running for h in chain):
             continue
-        for number, rule in enumerate(target.rules):
+        for number, rule in enumerate(target.rules.forward):
             if rule.is_expired(snap.now):
                 continue
             assert rule.srcports is not None
@@ -847,7 +850,7 @@ def _without_rules(state: QubeState) -> QubeState:
         state.provides_network,
         state.running,
         state.features,
-        (),
+        RuleLists(),
     )
 
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from test_planner import NOW, qube
+from test_planner import rules as rule_lists
 
 from agent_worker import inbound, input_rules
 from core_admin_patch.planner import (
@@ -28,7 +29,6 @@ from core_admin_patch.planner import (
     next_expiry,
     plan,
 )
-from firewall_rules import Rule
 
 WEB_IP, WORK_IP = "10.137.0.20", "10.137.0.21"
 SSH_FROM_WORK = "action=accept srchost=10.137.0.21 proto=tcp dstports=22"
@@ -52,13 +52,13 @@ def test_one_rule_goes_to_the_netvm_and_the_target() -> None:
     result = plan(snapshot(web("action=accept", SSH_FROM_WORK)))
     value = "action=accept srchost=10.137.0.21/32 proto=tcp dstports=22-22"
     assert result.entries == {
-        "sys-firewall": {f"{INBOUND_DIR}/{WEB_IP}": {"0001": value}},
+        "sys-firewall": {f"{INBOUND_DIR}/{WEB_IP}": {"0000": value}},
         "web": {INPUT_DIR: {"0000": value}},
     }
     assert result.skipped == ()
 
 
-def test_order_is_kept_and_keys_are_rule_positions() -> None:
+def test_order_is_kept_and_keys_are_positions_in_the_inbound_list() -> None:
     result = plan(
         snapshot(
             web(
@@ -78,7 +78,7 @@ def test_order_is_kept_and_keys_are_rule_positions() -> None:
         "action=drop srchost=10.137.0.22/32 proto=udp dstports=1000-2000",
     ]
     assert result.entries["sys-firewall"] == {
-        f"{INBOUND_DIR}/{WEB_IP}": dict(zip(["0000", "0002", "0003", "0005"], values, strict=True))
+        f"{INBOUND_DIR}/{WEB_IP}": dict(zip(["0000", "0001", "0002", "0004"], values, strict=True))
     }
     assert result.entries["web"] == {
         INPUT_DIR: {f"{n:04}": v for n, v in enumerate(values)}
@@ -141,7 +141,7 @@ def test_the_address_is_the_one_in_force() -> None:
 
 def test_check_refuses_a_netvm_without_support_naming_it() -> None:
     bare = qube("sys-firewall", "sys-net", "10.137.0.6", provides_network=True, features={})
-    rules = [Rule.from_api_string(SSH_FROM_WORK)]
+    rules = rule_lists(SSH_FROM_WORK)
     with pytest.raises(UnsupportedHopError, match="'sys-firewall' on the path of 'web'"):
         check_rules(snapshot(web(), bare), "web", rules)
     # only the netvm matters, not the hops above it
@@ -150,20 +150,20 @@ def test_check_refuses_a_netvm_without_support_naming_it() -> None:
 
 
 def test_check_refuses_a_target_without_the_hook() -> None:
-    rules = [Rule.from_api_string(SSH_FROM_WORK)]
+    rules = rule_lists(SSH_FROM_WORK)
     with pytest.raises(UnsupportedHopError, match="'web'"):
         check_rules(snapshot(web(features={})), "web", rules)
 
 
 def test_check_accepts_without_netvm_and_refuses_a_dangling_one() -> None:
-    rules = [Rule.from_api_string(SSH_FROM_WORK)]
+    rules = rule_lists(SSH_FROM_WORK)
     check_rules(snapshot(qube("web", None, WEB_IP, features={})), "web", rules)
     with pytest.raises(NoNetVMError, match="'missing'"):
         check_rules(snapshot(qube("web", "missing", WEB_IP)), "web", rules)
 
 
 def test_check_ignores_expired_inbound_rules() -> None:
-    rules = [Rule.from_api_string(f"{SSH_FROM_WORK} expire={int(NOW) - 1}")]
+    rules = rule_lists(f"{SSH_FROM_WORK} expire={int(NOW) - 1}")
     check_rules(snapshot(web(features={})), "web", rules)
 
 

@@ -17,7 +17,7 @@ from core_admin_patch.planner import (
     describe_forwards,
     plan,
 )
-from firewall_rules import Rule
+from firewall_rules import Rule, RuleLists
 
 NET6, FW6, WEB6 = "fd09:24ef:4179::a89:5", "fd09:24ef:4179::a89:6", "fd09:24ef:4179::a89:14"
 
@@ -66,7 +66,7 @@ def test_srchost_picks_the_family() -> None:
 def test_ipv6_only_rule_without_ipv6_is_skipped_with_the_reason() -> None:
     result = plan(topology(ext("8443", "443", extra="srchost=2001:db8::/64"), web6=None))
     assert result.entries == {}
-    assert result.skipped == ("web rule 0: 'web' has no IPv6 address",)
+    assert result.skipped == ("web forward rule 0: 'web' has no IPv6 address",)
 
 
 def test_internal_forward_in_ipv6() -> None:
@@ -84,7 +84,7 @@ def test_both_families_claim_the_port_once() -> None:
     check_rules(snap, "web", snap.qubes["web"].rules)
     work = with6(qube("work", "sys-firewall", "10.137.0.21", (ext("8443", "80"),)), None)
     result = plan(Snapshot({**snap.qubes, "work": work}, NOW))
-    assert result.skipped == ("work rule 0: port conflict with 'web'",)
+    assert result.skipped == ("work forward rule 0: port conflict with 'web'",)
 
 
 def test_inbound_rules_per_family_in_list_order() -> None:
@@ -103,7 +103,7 @@ def test_inbound_rules_per_family_in_list_order() -> None:
         "action=accept srchost=fd09:24ef:4179::a89:15/128 proto=tcp dstports=22-22",
         "action=drop srchost=10.137.0.21/32 proto=tcp dstports=23-23",
     ]
-    without6 = plan(topology(*(r.api_rule for r in snap.qubes["web"].rules), web6=None))
+    without6 = plan(topology(*(r.api_rule for r in snap.qubes["web"].rules.all()), web6=None))
     assert f"{INBOUND_DIR}/{WEB6}" not in without6.entries["sys-firewall"]
     assert len(without6.entries["web"][INPUT_DIR]) == 1
 
@@ -120,6 +120,7 @@ def test_describe_says_ipv6_too() -> None:
 
 def test_checking_a_set_keeps_the_ipv6_addresses() -> None:
     snap = topology()
-    proposed = snap.with_rules("web", (Rule.from_api_string(ext("8443", "443")),))
+    forward = Rule.from_api_string(ext("8443", "443"))
+    proposed = snap.with_rules("web", RuleLists(forward=(forward,)))
     assert proposed.qubes["web"].ip6 == ipaddress.IPv6Address(WEB6)
-    assert proposed.qubes["web"].rules[0].kind.value == "forward"
+    assert proposed.qubes["web"].rules.forward == (forward,)

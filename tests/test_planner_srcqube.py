@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 
 import pytest
+from test_planner import rules as rule_lists
 from test_planner_inbound import NOW, WEB_IP, WORK_IP, qube, snapshot, web
 
 from agent_worker import inbound, input_rules
@@ -26,7 +27,6 @@ from core_admin_patch.planner import (
     describe_forwards,
     plan,
 )
-from firewall_rules import Rule
 
 SSH_FROM_WORK = "action=accept srcqube=work proto=tcp dstports=22"
 INTERNAL_SSH = (
@@ -76,7 +76,7 @@ def test_inbound_srcqube_becomes_the_qubes_address() -> None:
     result = plan(snapshot(web("action=accept", SSH_FROM_WORK)))
     value = f"action=accept srchost={WORK_IP}/32 proto=tcp dstports=22-22"
     assert result.entries == {
-        "sys-firewall": {f"{INBOUND_DIR}/{WEB_IP}": {"0001": value}},
+        "sys-firewall": {f"{INBOUND_DIR}/{WEB_IP}": {"0000": value}},
         "web": {INPUT_DIR: {"0000": value}},
     }
     assert result.skipped == ()
@@ -139,13 +139,13 @@ def test_an_unresolvable_source_skips_only_that_rule(
     assert list(result.entries["web"][INPUT_DIR].values()) == [
         f"action=accept srchost={WORK_IP}/32 proto=tcp dstports=22-22"
     ]
-    assert result.skipped == (f"web rule 0: {reason}", f"web rule 1: {reason}")
+    assert result.skipped == (f"web inbound rule 0: {reason}", f"web inbound rule 1: {reason}")
 
 
 def test_nothing_is_written_when_the_only_rule_cannot_be_resolved() -> None:
     result = plan(snapshot(web("action=accept srcqube=gone")))
     assert result.entries == {}
-    assert result.skipped == ("web rule 0: srcqube 'gone' names no qube",)
+    assert result.skipped == ("web inbound rule 0: srcqube 'gone' names no qube",)
 
 
 def test_source_ip_change_gives_the_new_address_and_drops_the_old() -> None:
@@ -159,7 +159,7 @@ def test_source_ip_change_gives_the_new_address_and_drops_the_old() -> None:
 def test_source_losing_its_netvm_closes_the_rule() -> None:
     result = plan(moved(snapshot(web(SSH_FROM_WORK)), "work", None))
     assert result.entries == {}
-    assert result.skipped == ("web rule 0: srcqube 'work' has no IP address",)
+    assert result.skipped == ("web inbound rule 0: srcqube 'work' has no IP address",)
 
 
 def test_srcqube_entries_parse_in_both_agents() -> None:
@@ -202,7 +202,7 @@ def test_internal_forward_follows_the_source_and_skips_when_it_is_gone() -> None
     gone = Snapshot({k: v for k, v in snap.qubes.items() if k != "work"}, NOW)
     result = plan(gone)
     assert result.entries == {}
-    assert result.skipped == ("web rule 0: srcqube 'work' names no qube",)
+    assert result.skipped == ("web forward rule 0: srcqube 'work' names no qube",)
 
 
 def test_describe_names_the_source_qube() -> None:
@@ -220,21 +220,21 @@ def test_describe_names_the_source_qube() -> None:
 
 
 def test_check_refuses_a_name_that_is_no_qube_and_names_it() -> None:
-    rules = [Rule.from_api_string("action=accept srcqube=wrok proto=tcp dstports=22")]
+    rules = rule_lists("action=accept srcqube=wrok proto=tcp dstports=22")
     with pytest.raises(UnresolvedSourceError, match=r"srcqube 'wrok'.*no such qube"):
         check_rules(snapshot(web()), "web", rules)
-    forward = [Rule.from_api_string(INTERNAL_SSH.replace("=work", "=wrok"))]
+    forward = rule_lists(INTERNAL_SSH.replace("=work", "=wrok"))
     with pytest.raises(UnresolvedSourceError, match="'wrok'"):
         check_rules(snapshot(web()), "web", forward)
 
 
 def test_check_accepts_a_stopped_source_or_one_without_address() -> None:
-    rules = [Rule.from_api_string(SSH_FROM_WORK), Rule.from_api_string(INTERNAL_SSH)]
+    rules = rule_lists(SSH_FROM_WORK, INTERNAL_SSH)
     check_rules(snapshot(web(), qube("work", "sys-firewall", WORK_IP, running=False)),
                 "web", rules)
     check_rules(snapshot(web(), qube("work", None, None)), "web", rules)
 
 
 def test_check_ignores_expired_rules_naming_no_qube() -> None:
-    rules = [Rule.from_api_string(f"action=accept srcqube=gone expire={int(NOW) - 1}")]
+    rules = rule_lists(f"action=accept srcqube=gone expire={int(NOW) - 1}")
     check_rules(snapshot(web()), "web", rules)

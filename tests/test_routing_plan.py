@@ -68,8 +68,8 @@ def test_two_hops_ipv4() -> None:
                 "in/0000": SSH_ENTRY,
                 # web's outbound rules, as /qubes-firewall/<ip>/ holds them in its netvm
                 "out/policy": "drop",
-                "out/0001": "action=accept dst4=192.0.2.10/32 proto=tcp dstports=80-80",
-                "out/0002": "action=drop",
+                "out/0000": "action=accept dst4=192.0.2.10/32 proto=tcp dstports=80-80",
+                "out/0001": "action=drop",
             },
         },
     }

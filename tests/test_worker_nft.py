@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from worker_netns import (
 from agent_worker import ruleset
 from agent_worker.firewall import Changes, Nft, NftError, Worker
 from agent_worker.qdb_parse import Blocked, IPAddress, parse_source
-from agent_worker.ruleset import Resolved, chain_check_commands, source_chain
+from agent_worker.ruleset import Resolved, chain_check_commands, client_chains
 
 pytestmark = pytest.mark.lab
 
@@ -47,8 +48,6 @@ def base_db() -> MemoryQubesDB:
     db = MemoryQubesDB({
         "/connected-ips": f"{WEB} {WORK}",
         "/connected-ips6": WEB6,
-        "/qubes-primary-dns": "10.139.1.1",
-        "/qubes-secondary-dns": "10.139.1.2",
     })
     write_rules(db, WEB, "drop", [
         "action=accept proto=tcp dst4=192.168.1.0/24 dstports=443-443",
@@ -73,7 +72,7 @@ class Captured(logging.Handler):
 
 def make_worker(db: MemoryQubesDB, tmp: Path) -> Worker:
     resolv = tmp / "resolv.conf"
-    resolv.write_text("nameserver 127.0.0.53\n")
+    resolv.write_text("nameserver 10.139.1.1\nnameserver 10.139.1.2\nnameserver 127.0.0.53\n")
     return Worker(db, Nft(), resolver=fake_resolve, resolv_conf=resolv)  # type: ignore[arg-type]
 
 
@@ -94,27 +93,32 @@ def test_initial_load_builds_upstream_layout(netns: str, tmp_path: Path) -> None
     assert chain_rules(netns, "ip", "qubes-firewall", "forward") == [
         "ct state established,related accept",
         'iifname != "vif*" accept',
-        "ip saddr 10.137.0.5 jump qbs-10-137-0-5",
-        "ip saddr 10.137.0.6 jump qbs-10-137-0-6",
+        "ip saddr vmap @clients",
+    ]
+    assert elements(netns, "ip", "clients") == [
+        ["10.137.0.5", {"jump": {"target": "qbs-10-137-0-5"}}],
+        ["10.137.0.6", {"jump": {"target": "qbs-10-137-0-6"}}],
     ]
     assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5") == [
         "ip daddr 192.168.1.0/24 tcp dport 443 accept",
         "ip daddr { 192.0.2.7, 192.0.2.10 } tcp dport 80-81 accept",
-        "meta l4proto { tcp, udp } ip daddr { 10.139.1.1, 10.139.1.2 } th dport 53 accept",
+        "meta l4proto { tcp, udp } ip daddr @dns-addr th dport 53 accept",
         f"icmp type echo-request {REJECT}",
         "meta l4proto icmp accept",
         REJECT,
     ]
+    assert elements(netns, "ip", "dns-addr") == ["10.139.1.1", "10.139.1.2"]  # no 127.0.0.53
     assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-6") == [
         f"ip daddr 10.0.0.0/8 {REJECT}",
         "accept",
     ]
     assert chain_rules(netns, "ip", "qubes-firewall", "prerouting") == [
-        'iifname != "vif*" ip saddr { 10.137.0.5, 10.137.0.6 } drop',
+        'iifname != "vif*" ip saddr @connected drop',
     ]
-    assert chain_rules(netns, "ip6", "qubes-firewall", "forward")[-1] == (
-        "ip6 saddr fd09:24ef:4179::a89:5 jump qbs-fd09-24ef-4179--a89-5"
-    )
+    assert elements(netns, "ip", "connected") == ["10.137.0.5", "10.137.0.6"]
+    assert elements(netns, "ip6", "clients") == [
+        ["fd09:24ef:4179::a89:5", {"jump": {"target": "qbs-fd09-24ef-4179--a89-5"}}],
+    ]
     assert chain_rules(netns, "ip6", "qubes-firewall", "qbs-fd09-24ef-4179--a89-5") == [
         "meta l4proto udp ip6 daddr 2001:db8::/32 accept",
         "reject with icmpv6 admin-prohibited",
@@ -122,50 +126,104 @@ def test_initial_load_builds_upstream_layout(netns: str, tmp_path: Path) -> None
     chains = {i["chain"]["name"]: i["chain"] for i in nft_ruleset(netns) if "chain" in i}
     assert chains["forward"]["policy"] == "drop"
     assert entries["/dns/10.137.0.5/www.example.com"] == b"{'192.0.2.7/32', '192.0.2.10/32'}"
-    assert entries["/qubes-firewall_handled/10.137.0.5"] == b"1"
-    assert entries["/qubes-firewall_handled/fd09:24ef:4179::a89:5"] == b"1"
+    assert entries["/qubes-firewall-handled/10.137.0.5"] == b"1"
+    assert entries["/qubes-firewall-handled/fd09:24ef:4179::a89:5"] == b"1"
 
 
-def _handles(worker: Worker, chain: str) -> list[int]:
-    listing = worker.nft.list_table("ip") or {}
+def elements(netns: str, family: str, name: str) -> list[Any]:
+    """The elements of a set or map of the namespace's ``qubes-firewall`` table."""
+    for item in nft_ruleset(netns):
+        body = item.get("set") or item.get("map")
+        if body and body["family"] == family and body["name"] == name:
+            return sorted(body.get("elem", []), key=str)
+    raise AssertionError(f"no {family} {name}")
+
+
+def _handles(chain: str) -> list[int]:
+    listing = json.loads(Nft().run("list table ip qubes-firewall"))
     return [
         item["rule"]["handle"]
-        for item in listing.get("nftables", [])
+        for item in listing["nftables"]
         if "rule" in item and item["rule"]["chain"] == chain
     ]
+
+
+class CountingNft(Nft):
+    """Our context, keeping the text of every transaction it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    def run(self, commands: str, *, check: bool = False) -> str:
+        self.sent.append(commands)
+        return super().run(commands, check=check)
 
 
 def test_changes_touch_only_their_chain_and_keep_user_rules(netns: str, tmp_path: Path) -> None:
     def body() -> list[Any]:
         db = base_db()
-        start(db, tmp_path)
-        worker = make_worker(db, tmp_path)
-        worker.nft.run("add rule ip qubes-firewall forward tcp dport 9999 accept")
-        worker.reload()  # a fresh worker on the live table sends only differences
-        work_before = _handles(worker, "qbs-10-137-0-6")
+        worker = start(db, tmp_path)
+        worker.nft = nft = CountingNft()
+        nft.run("add rule ip qubes-firewall forward tcp dport 9999 accept")
+        work_before = _handles("qbs-10-137-0-6")
         write_rules(db, WEB, "accept", ["action=drop proto=tcp dstports=25-25"])
         worker.handle(Changes(sources={WEB}))
-        work_after = _handles(worker, "qbs-10-137-0-6")
+        work_after = _handles("qbs-10-137-0-6")
         db.write("/connected-ips", WEB)
         worker.handle(Changes(connected=True))
-        return [work_before == work_after, db.entries["/qubes-firewall_handled/10.137.0.5"]]
+        return [work_before == work_after, db.entries["/qubes-firewall-handled/10.137.0.5"],
+                nft.sent[1:]]
 
-    assert in_netns(netns, body) == [True, b"3"]
+    same, handled, sent = in_netns(netns, body)
+    assert same and handled == b"2"
+    # one transaction per change, naming only what changed, and no listing of the table
+    assert sent == [
+        "flush chain ip qubes-firewall qbs-10-137-0-5\n"
+        "add rule ip qubes-firewall qbs-10-137-0-5 meta l4proto tcp th dport 25"
+        " reject with icmp type admin-prohibited\n"
+        "add rule ip qubes-firewall qbs-10-137-0-5 accept\n",
+        "delete element ip qubes-firewall connected { 10.137.0.6 }\n"
+        "delete element ip qubes-firewall clients { 10.137.0.6 }\n"
+        "flush chain ip qubes-firewall qbs-10-137-0-6\n"
+        "delete chain ip qubes-firewall qbs-10-137-0-6\n",
+    ]
     assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5") == [
         f"tcp dport 25 {REJECT}",
         "accept",
     ]
-    assert chain_rules(netns, "ip", "qubes-firewall", "forward") == [
-        "ct state established,related accept",
-        'iifname != "vif*" accept',
-        "ip saddr 10.137.0.5 jump qbs-10-137-0-5",
-        "tcp dport 9999 accept",
-    ]
+    assert chain_rules(netns, "ip", "qubes-firewall", "forward")[-1] == "tcp dport 9999 accept"
     chains = {i["chain"]["name"] for i in nft_ruleset(netns) if "chain" in i}
     assert "qbs-10-137-0-6" not in chains
-    assert chain_rules(netns, "ip", "qubes-firewall", "prerouting") == [
-        'iifname != "vif*" ip saddr 10.137.0.5 drop',
-    ]
+    assert elements(netns, "ip", "connected") == ["10.137.0.5"]
+
+
+def test_an_edit_in_a_long_list_rewrites_one_block(netns: str, tmp_path: Path) -> None:
+    rules = [f"action=accept proto=tcp dst4=192.168.{n % 250}.0/24 dstports={n}-{n}"
+             for n in range(1000, 1300)]
+
+    def body() -> list[Any]:
+        db = base_db()
+        write_rules(db, WEB, "drop", rules)
+        worker = start(db, tmp_path)
+        blocks = {c: _handles(c) for c in worker.kernel.clients[ipaddress.ip_address(WEB)]}
+        worker.nft = nft = CountingNft()
+        write_rules(db, WEB, "drop", [*rules[:150], "action=drop proto=udp", *rules[150:]])
+        worker.handle(Changes(sources={WEB}))
+        after = {c: _handles(c) for c in worker.kernel.clients[ipaddress.ip_address(WEB)]}
+        kept = [c for c in blocks if c in after and c != "qbs-10-137-0-5"]
+        return [len(blocks), len(kept), all(blocks[c] == after[c] for c in kept), nft.sent]
+
+    count, kept, untouched, sent = in_netns(netns, body)
+    assert count > 4 and kept >= count - 3 and untouched
+    (transaction,) = sent
+    assert transaction.count("add rule") < 100  # not the 301 rules of the list
+    packet_order = []
+    for rule in chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5")[:-1]:
+        packet_order += chain_rules(netns, "ip", "qubes-firewall", rule.split()[-1])
+    assert len(packet_order) == 301
+    assert packet_order[150] == f"meta l4proto udp {REJECT}"
+    assert packet_order[151] == "ip daddr 192.168.150.0/24 tcp dport 1150 accept"
 
 
 def test_restart_restores_the_same_ruleset(netns: str, tmp_path: Path) -> None:
@@ -175,20 +233,44 @@ def test_restart_restores_the_same_ruleset(netns: str, tmp_path: Path) -> None:
     assert nft_ruleset(netns) == first
 
 
+def test_sighup_rewrite_heals_our_chains_and_keeps_user_rules(netns: str, tmp_path: Path) -> None:
+    def body() -> None:
+        worker = start(base_db(), tmp_path)
+        worker.nft.run("add rule ip qubes-firewall forward tcp dport 9999 accept\n"
+                       "flush chain ip qubes-firewall qbs-10-137-0-6\n"
+                       "flush set ip qubes-firewall dns-addr\n")
+        worker.reload(force=True)
+
+    in_netns(netns, lambda: start(base_db(), tmp_path) and None)
+    expected = nft_ruleset(netns)
+    in_netns(netns, body)
+    healed = nft_ruleset(netns)
+    user_rule = next(i for i in healed if "rule" in i and i["rule"]["expr"][-1] == {"accept": None}
+                     and i["rule"]["chain"] == "forward" and "9999" in json.dumps(i))
+    healed.remove(user_rule)
+    assert healed == expected
+
+
 def test_deleted_table_heals_and_cleanup_removes_both(netns: str, tmp_path: Path) -> None:
     def body() -> list[str]:
+        captured = Captured()
+        logging.getLogger("qubes.firewall").addHandler(captured)
         db = base_db()
         worker = start(db, tmp_path)
         worker.nft.run("delete table ip qubes-firewall")
-        worker.handle(Changes(connected=True))
-        healed = worker.nft.list_table("ip") is not None
+        write_rules(db, WORK, "drop", [])
+        worker.handle(Changes(sources={WORK}))
+        healed = chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-6")
         worker.cleanup()
-        return [str(healed), str(worker.nft.list_table("ip")), str(worker.nft.list_table("ip6"))]
+        return [healed, captured.lines, Nft().run("list tables")]
 
-    assert in_netns(netns, body) == ["True", "None", "None"]
+    healed, lines, tables = in_netns(netns, body)
+    assert healed == [REJECT]
+    assert "no client's rules explain it: rebuilding the qubes-firewall tables" in lines
+    assert json.loads(tables)["nftables"][1:] == []
 
 
-def test_refused_transaction_keeps_previous_ruleset_and_blocks_source(
+def test_refused_transaction_blocks_only_the_refused_source(
     netns: str, tmp_path: Path
 ) -> None:
     def body() -> list[str]:
@@ -205,17 +287,18 @@ def test_refused_transaction_keeps_previous_ruleset_and_blocks_source(
 
         ruleset.rule_text = broken
         write_rules(db, WORK, "drop", ["action=accept proto=tcp dstports=666-666"])
-        worker.handle(Changes(sources={WORK}))
+        write_rules(db, WEB, "accept", [])
+        worker.handle(Changes(sources={WORK, WEB}))
         return captured.lines
 
     lines = in_netns(netns, body)
-    assert any("nft refused the update, the previous ruleset stays" in line for line in lines)
+    assert any(line.startswith("nft refused the update: ") for line in lines)
     assert any(
         line.startswith("blocking all traffic from 10.137.0.6: nft refused its rules")
         for line in lines
     )
     assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-6") == [REJECT]
-    assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5")[-1] == REJECT
+    assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5") == ["accept"]
 
 
 def test_unresolvable_name_blocks_the_source(netns: str, tmp_path: Path) -> None:
@@ -240,8 +323,6 @@ _RULE = st.builds(
     st.sampled_from(["action=accept", "action=drop"]),
     st.lists(_WORDS, max_size=4),
 )
-_SERVERS = frozenset(ipaddress.ip_address(a) for a in ("10.139.1.1", "2001:db8::53"))
-
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.lists(_RULE, max_size=5), st.sampled_from([4, 6]), st.sampled_from(["accept", "drop"]))
@@ -251,10 +332,10 @@ def _every_parsed_rule_set_is_accepted_by_nft(rules: list[str], version: int, po
     if isinstance(parsed, Blocked):
         return
     names = {"www.example.com": fake_resolve("www.example.com", version)}
-    family = "ip" if version == 4 else "ip6"
-    chain = source_chain(Resolved(parsed, names), family, _SERVERS)  # type: ignore[arg-type]
+    address = ipaddress.ip_address(WEB if version == 4 else WEB6)
+    chains = client_chains(address, Resolved(parsed, names))
     try:
-        Nft().run(chain_check_commands(family, "qbs-check", chain), check=True)  # type: ignore[arg-type]
+        Nft().run(chain_check_commands(address, chains), check=True)
     except NftError as err:
         raise AssertionError(f"nft refused {entries}: {err}") from None
 

@@ -43,7 +43,7 @@ def qdb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def handled(db: qubesdb.QubesDB, address: str) -> int:
-    return int(db.read(f"/qubes-firewall_handled/{address}") or b"0")
+    return int(db.read(f"/qubes-firewall-handled/{address}") or b"0")
 
 
 def rewrite(db: qubesdb.QubesDB, address: str, policy: str, rules: list[str]) -> None:
@@ -56,14 +56,14 @@ def rewrite(db: qubesdb.QubesDB, address: str, policy: str, rules: list[str]) ->
 def test_worker_follows_qubesdb_and_signals(netns: str, qdb_dir: Path, tmp_path: Path) -> None:
     db = qubesdb.QubesDB(QUBE)
     db.write("/connected-ips", f"{WEB} {WORK}")
-    db.write("/qubes-primary-dns", "10.139.1.1")
     write_rules(db, WEB, "drop", ["action=accept proto=tcp dstports=443-443",
                                   "action=accept specialtarget=dns"])
     notify = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(notify))
-        worker = start_worker(netns, qdb_dir, tmp_path / "worker.log", notify)
-        assert sock.recv(64) == b"READY=1"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(10)
+    worker = start_worker(netns, qdb_dir, tmp_path / "worker.log", notify)
+    assert sock.recv(64) == b"READY=1"
     assert handled(db, WEB) == 1
     assert chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-5")[0] == (
         "tcp dport 443 accept"
@@ -83,7 +83,13 @@ def test_worker_follows_qubesdb_and_signals(netns: str, qdb_dir: Path, tmp_path:
 
     before = nft_ruleset(netns)
     worker.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: handled(db, WEB) == 3 and handled(db, WORK) == 2, what="SIGHUP reload")
+    # Type=notify-reload, as upstream's unit: RELOADING=1 with the clock, then READY=1
+    reloading = sock.recv(128).decode().split("\n")
+    assert reloading[0] == "RELOADING=1"
+    assert reloading[1].startswith("MONOTONIC_USEC=") and int(reloading[1].split("=")[1]) > 0
+    assert sock.recv(64) == b"READY=1"
+    sock.close()
+    assert handled(db, WEB) == 3 and handled(db, WORK) == 2  # READY=1 came after the reload
     assert nft_ruleset(netns) == before
     assert "SIGHUP: reloading" in worker.text()
 

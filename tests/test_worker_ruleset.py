@@ -1,4 +1,4 @@
-"""qubes-firewall tables as nft text: pinned rules, target state, diff against the kernel."""
+"""qubes-firewall tables as nft text: pinned rules, client chains and blocks, the deltas."""
 
 from __future__ import annotations
 
@@ -11,23 +11,19 @@ from hypothesis import strategies as st
 
 from agent_worker.qdb_parse import Blocked, OutboundRule, SourceRules, parse_source
 from agent_worker.ruleset import (
-    Desired,
-    Jump,
-    KernelTable,
+    INLINE_RULES,
     Resolved,
+    TableState,
     chain_name,
-    desired_table,
-    parse_listing,
+    client_chains,
+    rebuild_commands,
+    rewrite_commands,
     rule_text,
-    source_chain,
-    table_definition,
     update_commands,
 )
 
 addr = ipaddress.ip_address
 net = ipaddress.ip_network
-DNS = frozenset({addr("10.139.1.1"), addr("10.139.1.2")})
-DNS6 = frozenset({addr("2001:db8::53")})
 WEB = addr("10.137.0.5")
 WORK = addr("10.137.0.6")
 WEB6 = addr("fd09:24ef:4179::a89:5")
@@ -68,32 +64,31 @@ WEB6 = addr("fd09:24ef:4179::a89:5")
         (
             OutboundRule("accept", dns=True),
             "ip",
-            "meta l4proto { tcp, udp } ip daddr { 10.139.1.1, 10.139.1.2 } th dport 53 accept",
+            "meta l4proto { tcp, udp } ip daddr @dns-addr th dport 53 accept",
         ),
         (
             OutboundRule("drop", "udp", dns=True),
             "ip",
-            "meta l4proto udp ip daddr { 10.139.1.1, 10.139.1.2 } th dport 53 "
+            "meta l4proto udp ip daddr @dns-addr th dport 53 "
             "reject with icmp type admin-prohibited",
         ),
         (
             OutboundRule("accept", "tcp", dstports=(53, 53), dns=True),
             "ip6",
-            "meta l4proto tcp ip6 daddr { 2001:db8::53 } th dport 53 accept",
+            "meta l4proto tcp ip6 daddr @dns-addr th dport 53 accept",
         ),
         # a destination and the DNS target must both match, as upstream's two daddr matches
         (
             OutboundRule("accept", dst=net("10.139.0.0/16"), dns=True),
             "ip",
             "meta l4proto { tcp, udp } ip daddr 10.139.0.0/16 "
-            "ip daddr { 10.139.1.1, 10.139.1.2 } th dport 53 accept",
+            "ip daddr @dns-addr th dport 53 accept",
         ),
     ],
 )
 def test_pinned_rule_text(rule: OutboundRule, family: str, expected: str) -> None:
     names = {"www.example.com": frozenset({addr("192.0.2.10"), addr("192.0.2.7")})}
-    servers = DNS if family == "ip" else DNS6
-    assert rule_text(rule, family, names, servers) == expected  # type: ignore[arg-type]
+    assert rule_text(rule, family, names) == expected  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -104,22 +99,21 @@ def test_pinned_rule_text(rule: OutboundRule, family: str, expected: str) -> Non
     ],
 )
 def test_dns_rules_that_match_nothing_are_left_out(rule: OutboundRule) -> None:
-    assert rule_text(rule, "ip", {}, DNS) is None
-
-
-def test_dns_rule_left_out_without_servers() -> None:
-    assert rule_text(OutboundRule("accept", dns=True), "ip", {}, frozenset()) is None
+    assert rule_text(rule, "ip", {}) is None
 
 
 def test_chain_ends_with_policy_and_blocked_rejects_all() -> None:
-    rules = SourceRules((OutboundRule("accept", dns=True), OutboundRule("drop", "icmp")), "drop")
-    assert source_chain(Resolved(rules, {}), "ip", frozenset()) == (
+    rules = SourceRules((OutboundRule("accept", dns=True, dstports=(1, 1)),
+                         OutboundRule("drop", "icmp")), "drop")
+    assert client_chains(WEB, Resolved(rules, {})) == {"qbs-10-137-0-5": (
         "meta l4proto icmp reject with icmp type admin-prohibited",
         "reject with icmp type admin-prohibited",
-    )
+    )}
     accept_all = Resolved(SourceRules((), "accept"), {})
-    assert source_chain(accept_all, "ip6", DNS6) == ("accept",)
-    assert source_chain(Blocked("x"), "ip6", DNS6) == ("reject with icmpv6 type admin-prohibited",)
+    assert client_chains(WEB6, accept_all) == {"qbs-fd09-24ef-4179--a89-5": ("accept",)}
+    assert client_chains(WEB6, Blocked("x")) == {
+        "qbs-fd09-24ef-4179--a89-5": ("reject with icmpv6 type admin-prohibited",)
+    }
 
 
 def test_chain_names_follow_upstream() -> None:
@@ -127,121 +121,106 @@ def test_chain_names_follow_upstream() -> None:
     assert chain_name(WEB6) == "qbs-fd09-24ef-4179--a89-5"
 
 
-def test_desired_table_only_for_connected_clients() -> None:
-    sources = {
-        WEB: Resolved(SourceRules((OutboundRule("accept", dns=True),), "drop"), {}),
-        WORK: Blocked("garbage"),
-        addr("10.137.0.9"): Resolved(SourceRules((), "accept"), {}),  # not connected
-        WEB6: Resolved(SourceRules((), "accept"), {}),
-    }
-    connected = frozenset({WORK, WEB, WEB6, addr("10.137.0.20")})
-    desired = desired_table("ip", sources, connected, DNS | DNS6)
-    assert desired.jumps == ((WEB, "qbs-10-137-0-5"), (WORK, "qbs-10-137-0-6"))
-    assert desired.chains == {
-        "prerouting": (
-            'iifname != "vif*" ip saddr { 10.137.0.5, 10.137.0.6, 10.137.0.20 } drop',
-        ),
-        "postrouting": (
-            'oifname != "vif*" ip daddr { 10.137.0.5, 10.137.0.6, 10.137.0.20 } drop',
-        ),
-        "qbs-10-137-0-5": (
-            "meta l4proto { tcp, udp } ip daddr { 10.139.1.1, 10.139.1.2 } th dport 53 accept",
-            "reject with icmp type admin-prohibited",
-        ),
-        "qbs-10-137-0-6": ("reject with icmp type admin-prohibited",),
-    }
-    desired6 = desired_table("ip6", sources, connected, DNS | DNS6)
-    assert desired6.jumps == ((WEB6, "qbs-fd09-24ef-4179--a89-5"),)
-    empty = desired_table("ip", {}, frozenset(), DNS)
-    assert empty == Desired({"prerouting": (), "postrouting": ()}, ())
+def _port_rules(ports: list[int], policy: str = "drop") -> Resolved:
+    rules = tuple(OutboundRule("accept", "tcp", dstports=(p, p)) for p in ports)
+    return Resolved(SourceRules(rules, policy), {})  # type: ignore[arg-type]
 
 
-def test_missing_table_is_defined_then_filled() -> None:
-    desired = Desired({"prerouting": (), "postrouting": (), "qbs-10-137-0-5": ("accept",)},
-                      ((WEB, "qbs-10-137-0-5"),))
-    commands = update_commands("ip", desired, KernelTable(exists=False), {"qbs-10-137-0-5": ()})
-    assert commands == [
-        *table_definition("ip"),
-        "flush chain ip qubes-firewall prerouting",
-        "flush chain ip qubes-firewall postrouting",
-        "add chain ip qubes-firewall qbs-10-137-0-5",
+def _inline(chains: dict[str, tuple[str, ...]]) -> list[str]:
+    """The rules a packet meets, blocks expanded in place of their jumps."""
+    flat = []
+    for rule in chains["qbs-10-137-0-5"]:
+        target = rule.removeprefix("jump ")
+        flat += chains[target] if target != rule else [rule]
+    return flat
+
+
+def test_a_long_list_is_cut_into_blocks_in_order() -> None:
+    short = client_chains(WEB, _port_rules(list(range(1, INLINE_RULES + 1))))
+    assert list(short) == ["qbs-10-137-0-5"]
+    ports = list(range(1000, 1400))
+    chains = client_chains(WEB, _port_rules(ports))
+    own = chains["qbs-10-137-0-5"]
+    assert len(chains) > 3 and list(chains)[-1] == "qbs-10-137-0-5"  # blocks created first
+    assert all(rule.startswith("jump qbs-10-137-0-5-") for rule in own[:-1])
+    assert own[-1] == "reject with icmp type admin-prohibited"
+    assert _inline(chains) == [f"meta l4proto tcp th dport {p} accept" for p in ports] + [own[-1]]
+
+
+def test_one_edited_rule_changes_one_block() -> None:
+    ports = list(range(1000, 1400))
+    before = client_chains(WEB, _port_rules(ports))
+    for edit in ([*ports[:200], 5, *ports[200:]], ports[:200] + ports[201:],
+                 [*ports[:200], 5, *ports[201:]]):
+        after = client_chains(WEB, _port_rules(edit))
+        new_blocks = after.keys() - before.keys()
+        assert len(new_blocks) <= 2, new_blocks  # the edited block (split in two at most)
+        old = TableState(clients={WEB: before})
+        commands = update_commands(old, TableState(clients={WEB: after}), [WEB])
+        added = [c for c in commands if c.startswith("add rule")]
+        assert len(added) <= len(after["qbs-10-137-0-5"]) + sum(
+            len(after[b]) for b in new_blocks)
+        assert len(added) < 150  # not the 400 rules of the list
+
+
+def test_update_touches_only_the_named_clients_and_set_elements() -> None:
+    web = client_chains(WEB, _port_rules([80]))
+    work = client_chains(WORK, _port_rules([25], policy="accept"))
+    old = TableState(frozenset({addr("10.139.1.1")}), frozenset({WEB, WORK}),
+                     {WEB: web, WORK: work})
+    new_web = client_chains(WEB, _port_rules([443]))
+    new = old.with_clients(frozenset({addr("10.139.1.2")}), frozenset({WEB, WORK, WEB6}),
+                           {WEB: new_web})
+    assert update_commands(old, new, [WEB]) == [
+        "delete element ip qubes-firewall dns-addr { 10.139.1.1 }",
+        "add element ip qubes-firewall dns-addr { 10.139.1.2 }",
+        "add element ip6 qubes-firewall connected { fd09:24ef:4179::a89:5 }",
         "flush chain ip qubes-firewall qbs-10-137-0-5",
-        "add rule ip qubes-firewall qbs-10-137-0-5 accept",
-        "add rule ip qubes-firewall forward ip saddr 10.137.0.5 jump qbs-10-137-0-5",
+        "add rule ip qubes-firewall qbs-10-137-0-5 meta l4proto tcp th dport 443 accept",
+        "add rule ip qubes-firewall qbs-10-137-0-5 reject with icmp type admin-prohibited",
     ]
-    assert table_definition("ip")[:3] == [
-        "add table ip qubes-firewall",
-        "delete table ip qubes-firewall",
-        "add table ip qubes-firewall",
-    ]
+    assert update_commands(old, old, [WEB, WORK]) == []
 
 
-def test_diff_touches_only_what_changed() -> None:
-    chains = {
-        "prerouting": ("p",),
-        "postrouting": ("q",),
-        "qbs-10-137-0-5": ("accept",),
-        "qbs-10-137-0-6": ("reject with icmp type admin-prohibited",),
-    }
-    desired = Desired(chains, ((WEB, "qbs-10-137-0-5"), (WORK, "qbs-10-137-0-6")))
-    kernel = KernelTable(
-        exists=True,
-        chains=frozenset({"forward", "prerouting", "postrouting", "qbs-10-137-0-5",
-                          "qbs-10-137-0-6", "qbs-10-137-0-7"}),
-        jumps=(
-            Jump(11, "10.137.0.5", "qbs-10-137-0-5"),
-            Jump(12, "10.137.0.7", "qbs-10-137-0-7"),
-            Jump(13, "10.137.0.5", "qbs-10-137-0-5"),  # a duplicate goes too
-            Jump(14, "10.137.0.6", "qbs-10-137-0-5"),  # wrong target
-        ),
+def test_clients_come_and_go_with_their_map_element() -> None:
+    chains = client_chains(WEB, _port_rules(list(range(1000, 1100))))
+    empty, full = TableState(), TableState(clients={WEB: chains})
+    added = update_commands(empty, full, [WEB])
+    assert added[: len(chains)] == [f"add chain ip qubes-firewall {name}" for name in chains]
+    assert added[-1] == (
+        "add element ip qubes-firewall clients { 10.137.0.5 : jump qbs-10-137-0-5 }"
     )
-    applied = dict(chains, **{"qbs-10-137-0-6": ("accept",)})
-    assert update_commands("ip", desired, kernel, applied) == [
-        "flush chain ip qubes-firewall qbs-10-137-0-6",
-        "add rule ip qubes-firewall qbs-10-137-0-6 reject with icmp type admin-prohibited",
-        "delete rule ip qubes-firewall forward handle 12",
-        "delete rule ip qubes-firewall forward handle 13",
-        "delete rule ip qubes-firewall forward handle 14",
-        "add rule ip qubes-firewall forward ip saddr 10.137.0.6 jump qbs-10-137-0-6",
-        "delete chain ip qubes-firewall qbs-10-137-0-7",
-    ]
-    in_sync = KernelTable(
-        exists=True,
-        chains=frozenset(chains) | {"forward"},
-        jumps=(Jump(1, "10.137.0.5", "qbs-10-137-0-5"), Jump(2, "10.137.0.6", "qbs-10-137-0-6")),
+    removed = update_commands(full, empty, [WEB])
+    assert removed[0] == "delete element ip qubes-firewall clients { 10.137.0.5 }"
+    # emptied first, deleted once nothing jumps to them any more
+    flushes = [c for c in removed if c.startswith("flush chain")]
+    deletes = [c for c in removed if c.startswith("delete chain")]
+    assert len(flushes) == len(deletes) == len(chains)
+    assert removed.index(deletes[0]) > removed.index(flushes[-1])
+
+
+def test_rewrite_and_rebuild_write_everything() -> None:
+    web = client_chains(WEB, _port_rules([80]))
+    old = TableState(frozenset(), frozenset({WEB, WORK}),
+                     {WEB: web, WORK: client_chains(WORK, _port_rules([1]))})
+    new = TableState(frozenset({addr("10.139.1.1")}), frozenset({WEB}), {WEB: web})
+    rewrite = rewrite_commands(old, new)
+    assert "flush set ip qubes-firewall connected" in rewrite
+    assert "add element ip qubes-firewall connected { 10.137.0.5 }" in rewrite
+    assert "flush map ip6 qubes-firewall clients" in rewrite
+    assert "add rule ip qubes-firewall qbs-10-137-0-5 meta l4proto tcp th dport 80 accept" in (
+        rewrite)  # unchanged, written again
+    assert rewrite[-1] == "delete chain ip qubes-firewall qbs-10-137-0-6"
+    rebuild = rebuild_commands(new)
+    assert rebuild[:3] == ["add table ip qubes-firewall", "delete table ip qubes-firewall",
+                           "add table ip qubes-firewall"]
+    assert "add element ip qubes-firewall dns-addr { 10.139.1.1 }" in rebuild
+    assert rebuild[-1] == (
+        "add element ip qubes-firewall clients { 10.137.0.5 : jump qbs-10-137-0-5 }"
     )
-    assert update_commands("ip", desired, in_sync, chains) == []
 
 
-def test_listing_finds_our_jumps_and_leaves_user_rules() -> None:
-    def rule(handle: int, expr: list[object], chain: str = "forward") -> dict[str, object]:
-        return {"rule": {"family": "ip6", "table": "qubes-firewall", "chain": chain,
-                         "handle": handle, "expr": expr}}
-
-    saddr = {"payload": {"protocol": "ip6", "field": "saddr"}}
-    listing = {"nftables": [
-        {"metainfo": {"version": "1.0.6"}},
-        {"table": {"family": "ip6", "name": "qubes-firewall", "handle": 3}},
-        {"chain": {"family": "ip6", "table": "qubes-firewall", "name": "forward", "handle": 1}},
-        {"chain": {"family": "ip6", "table": "qubes-firewall", "name": "qbs-fd09--5",
-                   "handle": 4}},
-        rule(5, [{"match": {"op": "==", "left": saddr, "right": "fd09:0::5"}},
-                 {"jump": {"target": "qbs-fd09--5"}}]),
-        rule(6, [{"match": {"op": "==", "left": saddr, "right": "fd09::6"}},
-                 {"accept": None}]),  # a user's rule
-        rule(7, [{"jump": {"target": "qbs-x"}}]),  # not ours: no saddr match
-        rule(8, [{"match": {"op": "==", "left": saddr, "right": "fd09::5"}},
-                 {"jump": {"target": "qbs-fd09--5"}}], chain="qbs-fd09--5"),
-    ]}
-    assert parse_listing("ip6", listing) == KernelTable(
-        exists=True,
-        chains=frozenset({"forward", "qbs-fd09--5"}),
-        jumps=(Jump(5, "fd09::5", "qbs-fd09--5"),),
-    )
-    assert parse_listing("ip6", None) == KernelTable(exists=False)
-
-
-_SAFE = re.compile(r'^[a-z0-9 .:/{},!="*-]+$')
+_SAFE = re.compile(r'^[a-z0-9 .:/{},!="*@_-]+$')
 
 
 @st.composite
@@ -269,14 +248,13 @@ def _rules(draw: st.DrawFn) -> tuple[OutboundRule, str]:
     return rule, family
 
 
-@given(_rules(), st.frozensets(st.ip_addresses(), max_size=3))
-def test_fuzz_rule_text_is_plain_nft(case: tuple[OutboundRule, str], servers: frozenset) -> None:
+@given(_rules())
+def test_fuzz_rule_text_is_plain_nft(case: tuple[OutboundRule, str]) -> None:
     rule, family = case
     version = 4 if family == "ip" else 6
     target = ipaddress.ip_address("192.0.2.1" if version == 4 else "2001:db8::1")
     names = {"name": frozenset({target})}
-    mine = frozenset(s for s in servers if s.version == version)
-    text = rule_text(rule, family, names, mine)  # type: ignore[arg-type]
+    text = rule_text(rule, family, names)  # type: ignore[arg-type]
     if text is not None:
         assert _SAFE.match(text), text
         assert text.endswith(("accept", "admin-prohibited"))
@@ -299,7 +277,6 @@ def test_fuzz_parse_then_build_never_raises(entries: dict[str, bytes], version: 
     parsed = parse_source(entries, version)  # type: ignore[arg-type]
     names = {"name": frozenset({ipaddress.ip_address("192.0.2.1" if version == 4 else "::2")})}
     built = parsed if isinstance(parsed, Blocked) else Resolved(parsed, names)
-    family = "ip" if version == 4 else "ip6"
-    desired = desired_table(family, {source: built}, frozenset({source}), DNS | DNS6)
-    commands = update_commands(family, desired, KernelTable(exists=False), {})
+    state = TableState(frozenset(), frozenset({source}), {source: client_chains(source, built)})
+    commands = rebuild_commands(state)
     assert all(_SAFE.match(c.replace(";", "")) for c in commands)

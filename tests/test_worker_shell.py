@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,16 @@ from agent_worker.firewall import (
     Worker,
     classify,
     dns_info_value,
+    reloading_state,
     resolve,
     run_hooks,
     sd_notify,
 )
+from agent_worker.ruleset import TableState
 
 
 class RecordingNft:
-    """Records transactions; the kernel always looks empty; refuses texts containing ``bad``."""
+    """Records transactions; refuses texts containing ``bad``."""
 
     def __init__(self, bad: str | None = None) -> None:
         self.bad = bad
@@ -36,9 +39,6 @@ class RecordingNft:
         if not check:
             self.transactions.append(commands)
         return ""
-
-    def list_table(self, family: str) -> None:
-        return None
 
 
 def test_events_wait_for_the_completion_marker() -> None:
@@ -78,7 +78,7 @@ def _worker(db: MemoryQubesDB, nft: RecordingNft, tmp_path: Path) -> Worker:
 def test_garbage_paths_and_values_are_logged_not_fatal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    db = MemoryQubesDB({"/connected-ips": "10.137.0.5 bogus", "/qubes-primary-dns": "x"})
+    db = MemoryQubesDB({"/connected-ips": "10.137.0.5 bogus"})
     db.write("/qubes-firewall/10.137.0.05/policy", "accept")
     db.write("/qubes-firewall/10.137.0.05", "")
     db.write("/qubes-firewall/10.0.0.1\nqubes-firewall: INFO: forged", "")
@@ -91,13 +91,29 @@ def test_garbage_paths_and_values_are_logged_not_fatal(
     assert "blocking all traffic from 10.137.0.5: rule 0000: repeated option 'dst4'" in messages
     assert "\n" not in "".join(messages)  # untrusted path text is quoted: no forged lines
     assert any(m.startswith("/connected-ips: ignoring an entry") for m in messages)
-    assert any(m.startswith("/qubes-primary-dns: ignoring it") for m in messages)
     (transaction,) = nft.transactions
     assert (
         "add rule ip qubes-firewall qbs-10-137-0-5 reject with icmp type admin-prohibited"
         in transaction.splitlines()
     )
-    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"1"
+    assert db.read("/qubes-firewall-handled/10.137.0.5") == b"1"
+
+
+def test_dns_servers_come_from_resolv_conf_only(tmp_path: Path) -> None:
+    """As upstream: /qubes-primary-dns is what clients ask, DNATed to resolv.conf's servers."""
+    db = MemoryQubesDB({
+        "/connected-ips": "10.137.0.5",
+        "/qubes-primary-dns": "10.139.1.1",
+        "/qubes-secondary-dns": "10.139.1.2",
+    })
+    write_rules(db, "10.137.0.5", "drop", ["action=accept specialtarget=dns"])
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\n")
+    nft = RecordingNft()
+    Worker(db, nft, resolv_conf=resolv).reload()  # type: ignore[arg-type]
+    (transaction,) = nft.transactions
+    assert "192.0.2.53" in transaction
+    assert "10.139.1" not in transaction
 
 
 def test_removed_rules_drop_the_chain_and_the_dns_record(tmp_path: Path) -> None:
@@ -111,8 +127,34 @@ def test_removed_rules_drop_the_chain_and_the_dns_record(tmp_path: Path) -> None
     worker.handle(classify(["/qubes-firewall/10.137.0.5/", "/qubes-firewall/10.137.0.5"]))
     assert not worker.sources
     assert db.list("/dns/") == []
-    assert "jump" not in nft.transactions[-1]
-    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"2"
+    assert nft.transactions[-1].splitlines() == [
+        "delete element ip qubes-firewall clients { 10.137.0.5 }",
+        "flush chain ip qubes-firewall qbs-10-137-0-5",
+        "delete chain ip qubes-firewall qbs-10-137-0-5",
+    ]
+    assert db.read("/qubes-firewall-handled/10.137.0.5") == b"2"
+
+
+def test_apply_names_the_clients_whose_chains_changed(tmp_path: Path) -> None:
+    """The seam for whatever must follow a client's new rules (conntrack cleanup)."""
+    db = MemoryQubesDB({"/connected-ips": "10.137.0.5 10.137.0.6"})
+    write_rules(db, "10.137.0.5", "accept", [])
+    write_rules(db, "10.137.0.6", "drop", [])
+    nft = RecordingNft()
+    worker = _worker(db, nft, tmp_path)
+    worker.init_tables()
+    worker.reload()
+    web, work = ipaddress.ip_address("10.137.0.5"), ipaddress.ip_address("10.137.0.6")
+    assert worker.apply({web, work}) == set()
+    write_rules(db, "10.137.0.5", "drop", [])
+    worker.handle(classify(["/qubes-firewall/10.137.0.5"]))
+    assert worker.apply({web, work}) == set()  # already applied by handle()
+    db.write("/connected-ips", "10.137.0.5")
+    worker.handle(classify(["/connected-ips"]))
+    assert work not in worker.kernel.clients
+    write_rules(db, "10.137.0.5", "accept", ["action=drop proto=udp"])
+    worker._load_source(web)
+    assert worker.apply({web, work}) == {web}
 
 
 def test_refused_update_without_a_culprit_keeps_everything(
@@ -124,11 +166,10 @@ def test_refused_update_without_a_culprit_keeps_everything(
     worker = _worker(db, nft, tmp_path)
     worker.reload()
     assert nft.transactions == []
-    assert worker.applied == {"ip": {}, "ip6": {}}
-    assert "nft refused the update, the previous ruleset stays: Error: refused prerouting" in (
-        caplog.messages
-    )
-    assert db.read("/qubes-firewall_handled/10.137.0.5") == b"1"
+    assert worker.kernel == TableState() and not worker.synced
+    assert "nft refused the update: Error: refused prerouting" in caplog.messages
+    assert "nft refused the update again, the previous ruleset stays" in caplog.messages
+    assert db.read("/qubes-firewall-handled/10.137.0.5") == b"1"
 
 
 def test_hooks_run_in_upstream_order(tmp_path: Path) -> None:
@@ -147,8 +188,26 @@ def test_hooks_run_in_upstream_order(tmp_path: Path) -> None:
     script(rw / "05-c")
     user = tmp_path / "qubes-firewall-user-script"
     script(user)
-    run_hooks([etc, rw, tmp_path / "missing"], user)
+    persist = tmp_path / "custom-persist"
+    run_hooks(etc, rw, user, persist)
     assert log.read_text().split() == ["10-a", "20-b", "05-c", "qubes-firewall-user-script"]
+
+    # custom-persist: /rw/config is not the user's, only /etc's hooks run (upstream's rule)
+    log.unlink()
+    persist.touch()
+    run_hooks(etc, rw, user, persist)
+    assert log.read_text().split() == ["10-a", "20-b"]
+    run_hooks(tmp_path / "missing", rw, user, tmp_path / "missing-too")
+    assert log.read_text().split() == ["10-a", "20-b", "05-c", "qubes-firewall-user-script"]
+
+
+def test_reloading_state_names_the_monotonic_clock() -> None:
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    first, second = reloading_state().split("\n")
+    assert first == "RELOADING=1"
+    key, value = second.split("=")
+    assert key == "MONOTONIC_USEC"
+    assert before <= int(value) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
 def test_sd_notify_sends_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -176,13 +176,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
 
 
 @contextmanager
-def qubesdb_server(tmp_path: Path, qube: str = QUBE) -> Iterator[Path]:
-    """The lab's QubesDB stand-in for ``qube``, serving in ``tmp_path``; yields its directory."""
+def qubesdb_server(tmp_path: Path, *qubes: str) -> Iterator[Path]:
+    """The lab's QubesDB stand-in for ``qubes`` (default: QUBE), serving in ``tmp_path``.
+
+    Yields the directory of its sockets.
+    """
     directory = tmp_path / "qubesdb"
     ready = tmp_path / "qubesdb.ready"
     server = subprocess.Popen([
         sys.executable, "-m", "lab.qubesdb_server", "--dir", str(directory),
-        "--ready-file", str(ready), qube,
+        "--ready-file", str(ready), *(qubes or (QUBE,)),
     ], cwd=REPO)
     try:
         wait_for(ready.exists, what="QubesDB stand-in")

@@ -1,0 +1,227 @@
+"""Outbound worker: one client's changed rule set, upstream's worker against ours, same run.
+
+Two throwaway network namespaces (``qns-bench-<pid>-up``/``-ours``, always
+deleted), one per worker, each holding 20 other clients of 5 rules and
+the client under test with N rules (default 1, 100 and 1000: a mix of tcp,
+udp and icmp rules with networks and ports):
+
+- upstream: ``NftablesWorker`` of ``qubesagent/firewall.py`` from the
+  upstream snapshot (``$QUBES_UPSTREAM_DIR``, default ``../shared/upstream``),
+  unchanged but for its conntrack lookup, stubbed to find no flow (it
+  would spawn ``conntrack``); it runs ``nft`` as a process per change;
+- ours: ``agent_worker.firewall.Worker`` with its one libnftables context.
+
+Each run, dom0's write of the client's next rule set is done first (not
+timed), then the worker's handling of the completed set is timed, from
+reading QubesDB to the handled counter: upstream's ``handle_addr``, ours
+``handle``. Two kinds of change:
+
+- ``edit``: one rule in the middle of the list gets another port at each
+  run, what adding, removing or changing one rule with ``qvm-firewall``
+  asks;
+- ``all``: every rule is new at each run (a list never seen before).
+
+Runs of the two workers alternate, so a busy moment of the machine hits
+both. Printed: the median of the runs, the ratio upstream/ours, and how
+many commands ours sent and how often it listed a table (never).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from agent_worker.firewall import Changes, Nft, Worker
+from bench.common import print_table, sizes_parser, upstream_path
+from bench.nft import MemoryQubesDB, enter, throwaway_namespace
+
+DEFAULT_SIZES = (1, 100, 1000)
+OTHER_CLIENTS = 20
+OTHER_RULES = 5
+CLIENT = "10.137.0.5"
+UPSTREAM_AGENT = "qubes-core-agent-linux"
+
+
+def rule(number: int, shift: int) -> str:
+    """Rule ``number`` of a list; another ``shift`` gives another rule of the same shape."""
+    port = 1024 + (number * 7 + shift) % 60000
+    net = f"192.168.{(number + shift) % 250}.0/24"
+    kind = number % 4
+    if kind == 0:
+        return f"action=accept proto=tcp dst4={net} dstports={port}-{port}"
+    if kind == 1:
+        return f"action=drop proto=udp dstports={port}-{port + 10}"
+    if kind == 2:
+        return f"action=accept dst4=10.{number % 250}.{(number // 250 + shift) % 250}.0/24"
+    return f"action=accept proto=icmp dst4={net} icmptype={(number + shift) % 256}"
+
+
+def rule_set(count: int, kind: str, run: int) -> list[str]:
+    """The client's rule set written before timed run ``run`` (run -1: the first load).
+
+    ``edit``: the same list with one tcp rule in the middle changing its
+    port at every run; ``all``: a list never seen before, every rule new.
+    """
+    if kind == "all":
+        return [rule(n, run + 1) for n in range(count)]
+    edited = count // 2 - count // 2 % 4  # a tcp rule, whose port the shift moves
+    return [rule(n, run + 1 if n == edited else 0) for n in range(count)]
+
+
+def write_client(db: MemoryQubesDB, address: str, rules: list[str]) -> None:
+    """As dom0: clear, write policy and rules, then the completion marker."""
+    base = f"/qubes-firewall/{address}"
+    db.rm(base + "/")
+    db.write(f"{base}/policy", "drop")
+    for number, text in enumerate(rules):
+        db.write(f"{base}/{number:04d}", text)
+    db.write(base, "")
+
+
+def populated_db(rules: list[str]) -> MemoryQubesDB:
+    """A hop's QubesDB: the other clients, and the client under test with ``rules``."""
+    others = [f"10.137.1.{n}" for n in range(1, OTHER_CLIENTS + 1)]
+    db = MemoryQubesDB({"/connected-ips": " ".join([CLIENT, *others])})
+    for number, address in enumerate(others):
+        write_client(db, address, [rule(number * OTHER_RULES + r, 3) for r in range(OTHER_RULES)])
+    write_client(db, CLIENT, rules)
+    return db
+
+
+def upstream_firewall() -> types.ModuleType:
+    """Upstream's ``qubesagent/firewall.py``, imported from the snapshot without writing to it.
+
+    Its ``import qubesdb`` gets a module of its own, filled per worker by
+    :func:`start_upstream`; the rest of this process never sees it.
+    """
+    agent = upstream_path(UPSTREAM_AGENT)
+    if agent is None:
+        raise SystemExit(f"upstream snapshot not found ({UPSTREAM_AGENT}); set QUBES_UPSTREAM_DIR")
+    saved_module, saved_flag = sys.modules.get("qubesdb"), sys.dont_write_bytecode
+    sys.modules["qubesdb"] = types.ModuleType("qubesdb")
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, str(agent))
+    try:
+        return importlib.import_module("qubesagent.firewall")
+    finally:
+        sys.path.remove(str(agent))
+        sys.dont_write_bytecode = saved_flag
+        if saved_module is None:
+            del sys.modules["qubesdb"]
+        else:
+            sys.modules["qubesdb"] = saved_module
+
+
+class CountingNft(Nft):
+    """Our context, counting the commands sent and the tables listed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commands = 0
+        self.listings = 0
+
+    def run(self, commands: str, *, check: bool = False) -> str:
+        self.commands += commands.count("\n")
+        self.listings += commands.count("list ")
+        return super().run(commands, check=check)
+
+
+def start_upstream(firewall: types.ModuleType, db: MemoryQubesDB) -> Any:
+    """Upstream's worker on ``db``, tables created and every client loaded, as its main()."""
+    firewall.qubesdb.QubesDB = lambda: db
+    worker = firewall.NftablesWorker()
+    worker.conntrack_get_connections = lambda family, source: set()
+    worker.init()
+    for address in worker.list_targets():
+        worker.handle_addr(address)
+    worker.update_connected_ips(4)
+    worker.update_connected_ips(6)
+    return worker
+
+
+def start_ours(db: MemoryQubesDB) -> Worker:
+    worker = Worker(db, CountingNft())  # type: ignore[arg-type]
+    worker.init_tables()
+    worker.reload()
+    return worker
+
+
+def timed(work: Callable[[], object]) -> float:
+    """Seconds one call of ``work`` took, the garbage collector paused."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        work()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
+def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]:
+    """One row per (N, change kind); both workers in their own namespace."""
+    firewall = upstream_firewall()
+    rows: list[list[object]] = []
+    with throwaway_namespace("-up") as up_ns, throwaway_namespace("-ours") as ours_ns:
+        for count in sizes:
+            for kind in ("edit", "all"):
+                if count == 1 and kind == "edit":
+                    continue  # one rule: an edit is a whole new set
+                enter(up_ns)
+                up_db = populated_db(rule_set(count, kind, -1))
+                upstream = start_upstream(firewall, up_db)
+                enter(ours_ns)
+                ours_db = populated_db(rule_set(count, kind, -1))
+                ours = start_ours(ours_db)
+                nft = ours.nft
+                assert isinstance(nft, CountingNft)
+                nft.commands = nft.listings = 0
+                up_times, our_times = [], []
+                total = runs or (41 if count <= 10 else 31 if count <= 100 else 21)
+                for number in range(total):
+                    rules = rule_set(count, kind, number)
+                    enter(up_ns)
+                    write_client(up_db, CLIENT, rules)
+                    up_times.append(timed(partial(upstream.handle_addr, CLIENT)))
+                    enter(ours_ns)
+                    write_client(ours_db, CLIENT, rules)
+                    our_times.append(timed(partial(ours.handle, Changes(sources={CLIENT}))))
+                for db in (up_db, ours_db):  # both handled every change
+                    assert db.read(f"/qubes-firewall-handled/{CLIENT}") == str(total + 1).encode()
+                up_ms = statistics.median(up_times) * 1000
+                our_ms = statistics.median(our_times) * 1000
+                rows.append([
+                    count, kind, total, f"{up_ms:.2f}", f"{our_ms:.2f}",
+                    f"{up_ms / our_ms:.1f}x", f"{nft.commands / total:.0f}", nft.listings,
+                ])
+                enter(up_ns)
+                upstream.cleanup()
+                enter(ours_ns)
+                ours.cleanup()
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the outbound table (needs root, ``ip netns`` and the upstream snapshot)."""
+    args = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args(argv)
+    rows = measure(args.sizes)
+    print_table(
+        "outbound: ms to handle one client's changed rule set of N rules, median of runs,"
+        f" {OTHER_CLIENTS} other clients of {OTHER_RULES} rules in place",
+        ["N rules", "change", "runs", "upstream ms", "ours ms", "upstream/ours",
+         "ours commands/change", "ours table listings"],
+        rows,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,102 @@
+"""doc/install.md, "A server behind a VPN ProxyVM", in the lab.
+
+``sys-vpn`` is a ProxyVM between ``web`` and ``sys-firewall`` whose default
+route goes into a tunnel (a tun device no VPN client reads, so what enters
+it is lost, as on a VPN qube whose tunnel carries all traffic). A forward
+from the LAN reaches ``web`` through sys-net, sys-firewall and sys-vpn, but
+web's replies follow sys-vpn's default route into the tunnel, until sys-vpn
+routes the LAN through its uplink: the walkthrough's step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import lab_up, wait_for
+
+from admin_client_patch.qvm_firewall import main as qvm_firewall
+from lab.control import Lab
+
+pytestmark = pytest.mark.lab
+
+LAN_HOST_NET = "192.0.2.0/24"
+UPLINK = "192.0.2.2"  # sys-net on the LAN
+SYS_FIREWALL = "10.137.0.6"
+
+TOPOLOGY = f"""
+[lan]
+network = "{LAN_HOST_NET}"
+gateway = "192.0.2.1"
+
+[[lan.hosts]]
+name = "lan"
+addresses = ["192.0.2.10", "192.0.2.1"]
+
+[[qubes]]
+name = "sys-net"
+netvm = "none"
+ip = "10.137.0.5"
+provides_network = true
+uplink = "{UPLINK}/24"
+features = {{ "supported-feature.qubes-network-server" = "1" }}
+
+[[qubes]]
+name = "sys-firewall"
+netvm = "sys-net"
+ip = "{SYS_FIREWALL}"
+provides_network = true
+features = {{ "supported-feature.qubes-network-server" = "1" }}
+
+[[qubes]]
+name = "sys-vpn"
+netvm = "sys-firewall"
+ip = "10.137.0.7"
+provides_network = true
+features = {{ "supported-feature.qubes-network-server" = "1" }}
+
+[[qubes]]
+name = "web"
+netvm = "sys-vpn"
+ip = "10.137.0.20"
+features = {{ "supported-feature.qubes-network-server" = "1" }}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    topology = Path(tmp_path_factory.mktemp("topology")) / "vpn.toml"
+    topology.write_text(TOPOLOGY)
+    yield from lab_up(tmp_path_factory, topology)
+
+
+def served_from_the_lan(lab: Lab) -> bool:
+    with lab.serve("web", "tcp", 80, reply="web-80"):
+        return lab.connect("lan", "tcp", UPLINK, 8080, timeout=1.0) == "web-80"
+
+
+def test_forward_behind_a_vpn_proxyvm_needs_the_lan_routed_outside_the_tunnel(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
+    assert qvm_firewall(["web", "add", "action=forward", "forwardtype=external", "proto=tcp",
+                         "srcports=8080", "dstports=80"]) == 0
+    wait_for(lambda: served_from_the_lan(lab), "the forward through sys-vpn answers", 15.0)
+
+    # The VPN comes up in sys-vpn and takes every route but its own uplink's.
+    for argv in (["ip", "tuntap", "add", "tun0", "mode", "tun"],
+                 ["ip", "address", "add", "10.8.0.2/24", "dev", "tun0"],
+                 ["ip", "link", "set", "tun0", "up"],
+                 ["ip", "route", "add", "0.0.0.0/1", "dev", "tun0"],
+                 ["ip", "route", "add", "128.0.0.0/1", "dev", "tun0"]):
+        lab.exec("sys-vpn", argv, check=True)
+    assert not served_from_the_lan(lab)  # replies to the LAN go into the tunnel
+
+    # The walkthrough's step: sys-vpn reaches the LAN through its uplink.
+    # As the walkthrough's "$(qubesdb-read /qubes-gateway)": sys-vpn's netvm.
+    gateway = (lab.qubesdb("sys-vpn").read("/qubes-gateway") or b"").decode()
+    assert gateway == SYS_FIREWALL
+    lab.exec("sys-vpn", ["ip", "route", "add", LAN_HOST_NET, "via", gateway, "dev", "eth0",
+                         "onlink"], check=True)
+    assert served_from_the_lan(lab)
