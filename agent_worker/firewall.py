@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 
 import nftables
 
-from agent_worker import forwarding, inbound, routing
+from agent_worker import conntrack, forwarding, inbound, outbound_flows, routing
 from agent_worker.entries import EntryError
 from agent_worker.nft_chains import NftError
 from agent_worker.qdb_parse import (
@@ -183,9 +183,12 @@ class Worker:
         nft: Nft,
         resolver: Resolver = resolve,
         resolv_conf: Path = RESOLV_CONF,
+        tool: conntrack.Tool = conntrack.run_tool,
     ) -> None:
         self.db = db
         self.nft = nft
+        #: runs the conntrack tool: flows the new rules no longer allow are ended
+        self.tool = tool
         self.resolver = resolver
         self.resolv_conf = resolv_conf
         self.sources: dict[IPAddress, Source] = {}
@@ -367,10 +370,30 @@ class Worker:
 
     def _apply_and_record(self, dirty: Iterable[IPAddress], handled: Iterable[IPAddress],
                           *, rewrite: bool = False) -> None:
-        """Apply, then write back what upstream writes for each handled client."""
-        committed = self.apply(dirty, rewrite=rewrite) is not None
+        """Apply, then write back what upstream writes for each handled client.
+
+        Then, as upstream's worker, end the flows of each client whose
+        chains changed that its rules in force no longer allow.
+        """
+        changed = self.apply(dirty, rewrite=rewrite)
         for address in in_order(handled):
-            self._record(address, committed)
+            self._record(address, changed is not None)
+        if changed:
+            self._end_flows(changed)
+
+    def _end_flows(self, clients: Iterable[IPAddress]) -> None:
+        filtered = self._filtered()
+        sources: dict[IPAddress, Source] = {
+            address: Blocked(reason) if (reason := self.refused.get(address)) else source
+            for address in clients
+            if address in filtered
+            and (source := self.sources.get(address, self.routed.get(address))) is not None
+        }
+        try:
+            flows = outbound_flows.flows_to_end(sources, sources, self._dns_servers(), self.tool)
+            conntrack.end(flows, "outbound rules changed", self.tool)
+        except conntrack.ConntrackError as err:
+            log.error("cannot end the flows the new rules no longer allow: %s", err)
 
     def set_routed(self, untrusted_routed: Mapping[IPAddress, Mapping[str, bytes]]) -> None:
         """Filter traffic from addresses routed through a client, with their own outbound rules.
@@ -390,7 +413,9 @@ class Worker:
         }
         if dirty:
             self.routed = routed
-            self.apply(dirty)
+            changed = self.apply(dirty)
+            if changed:
+                self._end_flows(changed)
 
     # -- entry points -----------------------------------------------------
 

@@ -12,8 +12,9 @@ in that same table's forward chain:
 
 - ``qns-dnat``: a nat prerouting base chain with one DNAT per step;
 - ``qns-forward``: jumped to from the ``forward`` chain right after the
-  user's ``custom-forward``, accepting exactly the flows our DNAT
-  translated (``ct status dnat`` plus the original destination port).
+  user's ``custom-forward``, accepting exactly the new flows our DNAT
+  translated (``ct status dnat`` plus the original destination port),
+  behind the TCP SYN guard (:data:`agent_worker.input_rules.ONLY_SYN_OPENS`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from agent_worker.conntrack import Flow
 from agent_worker.entries import EntryError, parse_network, parse_port_range, parse_words
 
 DNAT_CHAIN = "qns-dnat"
@@ -32,8 +34,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _KEY_RE = re.compile(r"[0-9]{4}")
-#: largest range mapped to other ports: one nft map element per port
-MAX_REMAPPED_PORTS = 1024
+#: most ports one step may take (dom0's limit per forward rule): a rule
+#: never takes a whole edge, and a remapped range is one nft map element per port
+MAX_FORWARD_PORTS = 1024
 _STEP_KEYS = {"proto", "ports", "iif", "daddr", "to", "toports", "srchost"}
 _REQUIRED = _STEP_KEYS - {"srchost"}
 
@@ -87,10 +90,8 @@ def parse_step(untrusted_value: str) -> Step:
     if ports[1] - ports[0] != toports[1] - toports[0]:
         raise EntryError("ports and toports differ in size")
     size = ports[1] - ports[0] + 1
-    if ports != toports and size > MAX_REMAPPED_PORTS:
-        raise EntryError(
-            f"range of {size} ports mapped to other ports: at most {MAX_REMAPPED_PORTS}"
-        )
+    if size > MAX_FORWARD_PORTS:
+        raise EntryError(f"range of {size} ports: at most {MAX_FORWARD_PORTS}")
     srchost = parse_network(untrusted_words["srchost"]) if "srchost" in untrusted_words else None
     families = {to.version} | ({daddr.version} if daddr != "local" else set())
     if srchost is not None:
@@ -152,16 +153,39 @@ def dnat_rule(step: Step) -> str:
 
 
 def accept_rule(step: Step) -> str:
-    """Accept exactly the flows this step translated, ahead of the vif drop."""
+    """Accept exactly the new flows this step translated, ahead of the vif drop.
+
+    Only new ones: their later packets pass Qubes' own ``established`` rule,
+    and an ``invalid`` one meets its drop as any other.
+    """
     family = step.family
     return (
-        f"{_match(step)} ct status dnat {family} daddr {step.to} "
+        f"{_match(step)} ct state new ct status dnat {family} daddr {step.to} "
         f"{step.proto} dport {_ports_text(step.toports)} "
         f"ct original proto-dst {_ports_text(step.ports)} accept"
     )
 
 
 def chain_rules(steps: list[Step], family: Literal["ip", "ip6"]) -> tuple[list[str], list[str]]:
-    """Rule bodies for ``qns-dnat`` and ``qns-forward`` of one family."""
+    """Rule bodies for ``qns-dnat`` and ``qns-forward`` of one family (no SYN guard)."""
     mine = [step for step in steps if step.family == family]
     return [dnat_rule(s) for s in mine], [accept_rule(s) for s in mine]
+
+
+def step_admits(step: Step, flow: Flow) -> bool:
+    """Whether ``flow`` is one this step's DNAT made (to end it when the step goes).
+
+    Its original destination port in ``ports``, translated to ``to`` and the
+    matching port of ``toports``, from ``srchost``, sent to ``daddr`` when
+    the step names it. The interface it came in by is not tracked.
+    """
+    if flow.version != step.to.version or flow.proto != step.proto or flow.dport is None:
+        return False
+    first, last = step.ports
+    if not first <= flow.dport <= last:
+        return False
+    if flow.reply_src != step.to or flow.reply_sport != flow.dport - first + step.toports[0]:
+        return False
+    if step.daddr != "local" and flow.dst != step.daddr:
+        return False
+    return step.srchost is None or flow.src in step.srchost

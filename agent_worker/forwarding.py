@@ -21,11 +21,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
-from agent_worker import nft_chains
-from agent_worker.entries import EntryError
-from agent_worker.forward import DNAT_CHAIN, FORWARD_CHAIN, Step, chain_rules, parse_target
+from agent_worker import conntrack, hop_ports, nft_chains
+from agent_worker.entries import MAX_VALUE, EntryError
+from agent_worker.forward import (
+    DNAT_CHAIN,
+    FORWARD_CHAIN,
+    Step,
+    chain_rules,
+    parse_target,
+    step_admits,
+)
+from agent_worker.input_rules import ONLY_SYN_OPENS
 from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
 from agent_worker.qdb_parse import IPAddress, parse_address, parse_address_list
 
@@ -35,6 +44,9 @@ FORWARD_DIR = "/qns-forward/"
 #: this hop's clients, per family; rules only ever point at one of them
 CONNECTED_IPS: dict[str, Literal[4, 6]] = {"/connected-ips": 4, "/connected-ips6": 6}
 HANDLED_DIR = "/qns-forward_handled/"
+#: Written by the worker: per target, the steps it refused because they
+#: would take a port this hop serves itself, one ``PROTO FIRST-LAST: why`` a line.
+REFUSED_DIR = "/qns-forward_refused/"
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 CHAINS = (DNAT_CHAIN, FORWARD_CHAIN)
 HOOKS = {
@@ -62,6 +74,8 @@ class Refused:
 
 
 Target = tuple[Any, ...] | Refused
+#: Per target address, the items nft holds for it (targets with none left out).
+InForce = Mapping[IPAddress, tuple[Any, ...]]
 
 
 @dataclass
@@ -157,7 +171,8 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
             more_dnat, more_accept = chain_rules(list(target), family)
             dnat += more_dnat
             accept += more_accept
-        result[family] = {DNAT_CHAIN: dnat, FORWARD_CHAIN: accept}
+        guarded = [ONLY_SYN_OPENS, *accept] if accept else []
+        result[family] = {DNAT_CHAIN: dnat, FORWARD_CHAIN: guarded}
     return result
 
 
@@ -210,10 +225,16 @@ class ChainHalf:
     KIND: ClassVar[str]
     ITEMS: ClassVar[str]
 
-    def __init__(self, db: QubesDBConnection, runner: Runner) -> None:
+    def __init__(
+        self, db: QubesDBConnection, runner: Runner, tool: conntrack.Tool = conntrack.run_tool
+    ) -> None:
         self.db = db
         self.runner = runner
+        #: runs the conntrack tool, to end the flows a change stops admitting
+        self.tool = tool
         self.targets: dict[IPAddress, Target] = {}
+        #: what the last accepted transaction put in force, per target
+        self.in_force: dict[IPAddress, tuple[Any, ...]] = {}
         #: targets whose rules nft refused, left out until dom0 rewrites them
         self.refused: dict[IPAddress, str] = {}
         #: this hop's clients (``/connected-ips(6)``); rules point at nothing else
@@ -231,6 +252,10 @@ class ChainHalf:
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
         """Content of every chain of this half in both families."""
+        raise NotImplementedError
+
+    def flows_to_end(self, before: InForce, after: InForce) -> list[conntrack.Flow]:
+        """Tracked flows that ``before`` admitted and ``after`` no longer does."""
         raise NotImplementedError
 
     # -- watch events -----------------------------------------------------
@@ -329,6 +354,17 @@ class ChainHalf:
         if text:
             self.runner(text)
 
+    def _put_in_force(self, after: dict[IPAddress, tuple[Any, ...]]) -> None:
+        """Record what nft now holds, and end the flows it no longer admits."""
+        before, self.in_force = self.in_force, after
+        if before == after:
+            return
+        try:
+            conntrack.end(self.flows_to_end(before, after), f"{self.KIND} rules changed",
+                          self.tool)
+        except conntrack.ConntrackError as err:
+            log.error("cannot end the flows the %s rules no longer admit: %s", self.KIND, err)
+
     def commit(self) -> bool:
         """Bring our chains to the target state in one transaction; False if refused.
 
@@ -344,15 +380,20 @@ class ChainHalf:
                     continue
                 break
             else:
-                targets = self._effective().values()
-                count = sum(len(t) for t in targets if not isinstance(t, Refused))
+                effective = {
+                    a: t for a, t in self._effective().items() if not isinstance(t, Refused)
+                }
+                count = sum(len(t) for t in effective.values())
                 log.info("%s rules updated (%d %s)", self.KIND, count, self.ITEMS)
+                self._put_in_force({a: t for a, t in effective.items() if t})
                 return True
         log.error("removing every %s rule", self.KIND)
         try:
             self.remove()
         except (NftError, ValueError, KeyError) as err:
             log.error("could not remove the %s rules either: %s", self.KIND, err)
+            return False
+        self._put_in_force({})
         return False
 
     # -- entry points -----------------------------------------------------
@@ -426,7 +467,12 @@ class ChainHalf:
 
 
 class Forwarder(ChainHalf):
-    """The forward half: ``/qns-forward/`` steps to chains ``qns-dnat``/``qns-forward``."""
+    """The forward half: ``/qns-forward/`` steps to chains ``qns-dnat``/``qns-forward``.
+
+    A step on a port this hop serves itself (:mod:`agent_worker.hop_ports`)
+    is left out, logged, and reported under ``/qns-forward_refused/TARGET``
+    in this hop's QubesDB, checked again at every update and SIGHUP.
+    """
 
     DIRECTORY = FORWARD_DIR
     HANDLED = HANDLED_DIR
@@ -435,6 +481,58 @@ class Forwarder(ChainHalf):
     LABEL = "forwards"
     KIND = "forward"
     ITEMS = "steps"
+
+    def __init__(
+        self,
+        db: QubesDBConnection,
+        runner: Runner,
+        tool: conntrack.Tool = conntrack.run_tool,
+        proc_net: Path = hop_ports.PROC_NET,
+    ) -> None:
+        super().__init__(db, runner, tool)
+        self.proc_net = proc_net
+        #: per target, the steps left out as taking a port this hop serves, and why
+        self.taken: dict[IPAddress, dict[Step, str]] = {}
+
+    def commit(self) -> bool:
+        self._leave_out_own_ports()
+        return super().commit()
+
+    def _leave_out_own_ports(self) -> None:
+        """Find the steps that would take a port this hop serves; report what changed."""
+        steps = [t for t in self.targets.values() if not isinstance(t, Refused) and t]
+        served = hop_ports.served(self.runner, self.proc_net) if steps else []
+        taken: dict[IPAddress, dict[Step, str]] = {}
+        for address, target in self.targets.items():
+            if isinstance(target, Refused):
+                continue
+            for step in target:
+                hit = next((s for s in served if s.overlaps(step.proto, step.ports)), None)
+                if hit is not None:
+                    first, last = step.ports
+                    taken.setdefault(address, {})[step] = (
+                        f"{step.proto} {first}-{last}: {hit.why}"
+                    )
+        for address in sorted(taken.keys() | self.taken.keys(), key=lambda a: (a.version, a)):
+            reasons = taken.get(address, {})
+            if reasons == self.taken.get(address, {}):
+                continue
+            path = f"{REFUSED_DIR}{address}"
+            if reasons:
+                for reason in reasons.values():
+                    log.error("forwards to %s: refusing the step on %s", address, reason)
+                self.db.write(path, "\n".join(reasons.values())[:MAX_VALUE])
+            else:
+                self.db.rm(path)
+        self.taken = taken
+
+    def _effective(self) -> dict[IPAddress, Target]:
+        targets = super()._effective()
+        for address, steps in self.taken.items():
+            target = targets.get(address)
+            if target is not None and not isinstance(target, Refused):
+                targets[address] = tuple(s for s in target if s not in steps)
+        return targets
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Step, ...]:
         steps = parse_target(untrusted_entries)
@@ -450,3 +548,21 @@ class Forwarder(ChainHalf):
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
         return desired_chains(targets)
+
+    def flows_to_end(self, before: InForce, after: InForce) -> list[conntrack.Flow]:
+        """Flows a step that went (removed, narrowed, its target gone) had translated.
+
+        Listed per protocol and translated address of the steps that went;
+        a flow another step in force still translates the same way stays.
+        """
+        kept = {step for steps in after.values() for step in steps}
+        gone = {step for steps in before.values() for step in steps} - kept
+        ended = []
+        for version, proto, to in sorted({(s.to.version, s.proto, s.to) for s in gone}):
+            for flow in conntrack.list_flows(version, ["-p", proto, "--reply-src", str(to)],
+                                             self.tool):
+                if any(step_admits(s, flow) for s in gone) and not any(
+                    step_admits(s, flow) for s in kept
+                ):
+                    ended.append(flow)
+        return ended

@@ -27,9 +27,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from agent_worker import conntrack
 from agent_worker.entries import EntryError
-from agent_worker.forwarding import ChainHalf, Refused, Target, by_address
-from agent_worker.input_rules import Opening, input_rule, parse_opening
+from agent_worker.forwarding import ChainHalf, InForce, Refused, Target, by_address
+from agent_worker.input_rules import ONLY_SYN_OPENS, Opening, admits, input_rule, parse_opening
 from agent_worker.nft_chains import BaseChainHook, Family
 from agent_worker.qdb_parse import IPAddress
 
@@ -69,12 +70,13 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
     """``qns-inbound`` in both families: targets in address order, rules in key order."""
     result: dict[Family, dict[str, list[str]]] = {"ip": {}, "ip6": {}}
     for family, version in (("ip", 4), ("ip6", 6)):
-        result[family][INBOUND_CHAIN] = [
+        rules = [
             forward_rule(address, rule)
             for address, target in by_address(targets)
             if address.version == version and not isinstance(target, Refused)
             for rule in target
         ]
+        result[family][INBOUND_CHAIN] = [ONLY_SYN_OPENS, *rules] if rules else []
     return result
 
 
@@ -97,3 +99,26 @@ class Inbound(ChainHalf):
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
         return desired_chains(targets)
+
+    def flows_to_end(self, before: InForce, after: InForce) -> list[conntrack.Flow]:
+        """Flows from a sibling to a target whose rules admitted them and admit them no more.
+
+        Only targets whose rules changed (or that left) are listed, and only
+        untranslated flows from this netvm's other clients: a flow some
+        other rule of the user let through (``custom-forward``) stays.
+        """
+        ended = []
+        changed = [a for a in before if after.get(a) != before[a]]
+        for address in sorted(changed, key=lambda a: (a.version, a)):
+            old, new = before[address], after.get(address, ())
+            for flow in conntrack.list_flows(address.version, ["--orig-dst", str(address)],
+                                             self.tool):
+                if (
+                    flow.reply_src == address
+                    and flow.src in self.connected
+                    and flow.src != address
+                    and admits(old, flow)
+                    and not admits(new, flow)
+                ):
+                    ended.append(flow)
+        return ended

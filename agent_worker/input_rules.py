@@ -8,18 +8,33 @@ the user's ``custom-input``, so they are reached before the Qubes input
 drop and the first match decides. Any entry that does not parse leaves
 the chain empty: nothing is opened, and the reason is logged. The same
 grammar serves the netvm's ``/qns-inbound/`` (:mod:`agent_worker.inbound`).
+
+Every opening admits only what arrives from the qube's netvm
+(``iifgroup != 2``): forwarded and inbound traffic always does, and a
+ProxyVM's own client qubes, on its vifs (group 2), stay refused by Qubes'
+input rules whatever port the rule names.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from agent_worker.conntrack import Flow
 from agent_worker.entries import EntryError, parse_network, parse_port_range, parse_words
 
 INPUT_CHAIN = "qns-input"
+#: First rule of each of our accepting chains: a TCP packet that would
+#: start a connection without being a SYN is left to Qubes' rules. The
+#: kernel tracks TCP loosely, so after a flow's conntrack entry is deleted
+#: its next packet counts as new; without this, a rule that still admits
+#: the port would take the cut flow up again mid-stream.
+ONLY_SYN_OPENS = "meta l4proto tcp ct state new tcp flags & (fin | syn | rst | ack) != syn return"
+#: The target's side of every opening: from its netvm, not from its own qubes.
+FROM_NETVM = "iifgroup != 2"
 
 _KEY_RE = re.compile(r"[0-9]{4}")
 _ICMPTYPE_RE = re.compile(r"[0-9]{1,3}")
@@ -102,5 +117,35 @@ def input_rule(opening: Opening, family: Literal["ip", "ip6"]) -> str:
 
 
 def chain_rules(openings: list[Opening], family: Literal["ip", "ip6"]) -> list[str]:
-    """Rule bodies of ``qns-input`` for one family, in entry order."""
-    return [input_rule(o, family) for o in openings if o.applies_to(family)]
+    """Rule bodies of ``qns-input`` for one family: the SYN guard, then entry order."""
+    rules = [f"{FROM_NETVM} {input_rule(o, family)}" for o in openings if o.applies_to(family)]
+    return [ONLY_SYN_OPENS, *rules] if rules else []
+
+
+def _matches(opening: Opening, flow: Flow) -> bool:
+    """Whether the opening's rule matches the flow's first packet."""
+    if opening.srchost is not None and flow.src not in opening.srchost:
+        return False
+    if opening.proto is None:
+        return True
+    if opening.proto != flow.proto:
+        return False
+    if opening.dstports is not None:
+        first, last = opening.dstports
+        return flow.dport is not None and first <= flow.dport <= last
+    if opening.icmptype is not None:
+        return flow.icmp is not None and flow.icmp[0] == opening.icmptype
+    return True
+
+
+def admits(openings: Iterable[Opening], flow: Flow) -> bool:
+    """What the chain decides for the flow's first packet: the first match, else refused.
+
+    For the conntrack cut; the interface it came in by is not tracked, so
+    the caller leaves out flows of the qube's own clients.
+    """
+    family: Literal["ip", "ip6"] = "ip" if flow.version == 4 else "ip6"
+    for opening in openings:
+        if opening.applies_to(family) and _matches(opening, flow):
+            return opening.action == "accept"
+    return False

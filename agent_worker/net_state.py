@@ -1,8 +1,9 @@
-"""The kernel state of routing exposure beyond nft: routes, proxy entries, uplinks, flows.
+"""The kernel state of routing exposure beyond nft: routes, proxy entries, uplinks.
 
-A thin shell around ``ip`` and ``conntrack`` (iproute2 and conntrack-tools,
-in every Qubes template), used by :mod:`agent_worker.routing`. Each call is
-one command; :class:`NetError` says which one failed and what it printed.
+A thin shell around ``ip`` (iproute2, in every Qubes template), used by
+:mod:`agent_worker.routing`; flows are :mod:`agent_worker.conntrack`'s.
+Each call is one command; :class:`NetError` says which one failed and
+what it printed.
 
 Routes we add carry protocol :data:`ROUTE_PROTO`, so they are ours to list
 and remove after a restart, and never anyone else's. Proxy neighbour
@@ -191,79 +192,3 @@ def prepare_uplink(iface: str, version: int) -> None:
     else:
         set_sysctl(f"ipv6/neigh/{iface}/proxy_delay", "0")
         set_sysctl(f"ipv6/conf/{iface}/proxy_ndp", "1")
-
-
-@dataclass(frozen=True)
-class Flow:
-    """One conntrack entry, by its original direction."""
-
-    family: str  # conntrack's -f: ipv4 or ipv6
-    proto: str  # tcp, udp, icmp, icmpv6, ...
-    source: IPAddress
-    destination: IPAddress
-    sport: int | None = None
-    dport: int | None = None
-    icmp_type: int | None = None
-
-
-def flows(address: IPAddress) -> list[Flow]:
-    """The conntrack entries from or to ``address``."""
-    family = "ipv6" if address.version == 6 else "ipv4"
-    found: list[Flow] = []
-    for flag in ("-s", "-d"):
-        for line in _conntrack("-L", "-f", family, flag, str(address)).splitlines():
-            flow = parse_flow(family, line)
-            if flow is not None and flow not in found:
-                found.append(flow)
-    return found
-
-
-def parse_flow(family: str, line: str) -> Flow | None:
-    words = line.split()
-    fields: dict[str, str] = {}
-    for word in words[1:]:  # the original direction's key=value words come first
-        key, sep, value = word.partition("=")
-        if sep:
-            fields.setdefault(key, value)
-    try:
-        def number(key: str) -> int | None:
-            return int(fields[key]) if key in fields else None
-
-        return Flow(family, words[0], ipaddress.ip_address(fields["src"]),
-                    ipaddress.ip_address(fields["dst"]), number("sport"), number("dport"),
-                    number("type"))
-    except (IndexError, KeyError, ValueError):
-        return None
-
-
-def end_flow(flow: Flow) -> None:
-    """Delete one conntrack entry (and only it: ports too where it has them)."""
-    argv = ["-D", "-f", flow.family, "-p", flow.proto, "-s", str(flow.source),
-            "-d", str(flow.destination)]
-    if flow.sport is not None and flow.dport is not None:
-        argv += ["--sport", str(flow.sport), "--dport", str(flow.dport)]
-    _conntrack(*argv)
-
-
-def end_flows(address: IPAddress, keep: frozenset[IPAddress] = frozenset()) -> None:
-    """Delete the conntrack entries between ``address`` and any peer not in ``keep``.
-
-    ``keep`` holds this hop's own clients, whose flows with the address
-    (its siblings' inbound rules) are not routing's to end.
-    """
-    for flow in flows(address):
-        peer = flow.destination if flow.source == address else flow.source
-        if peer not in keep:
-            end_flow(flow)
-
-
-def _conntrack(*args: str) -> str:
-    """conntrack's output; "0 flow entries" (exit 1 with nothing to list or delete) is no error."""
-    try:
-        result = subprocess.run(["conntrack", *args], capture_output=True, text=True,
-                                check=False)
-    except OSError as err:
-        raise NetError(f"cannot run conntrack: {err}") from None
-    if result.returncode != 0 and " 0 flow entries" not in result.stderr:
-        raise NetError(f"conntrack {' '.join(args)}: {' '.join(result.stderr.split())}")
-    return result.stdout

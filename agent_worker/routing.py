@@ -37,11 +37,18 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent_worker import net_state, nft_chains
+from agent_worker import conntrack, net_state, nft_chains
 from agent_worker.entries import EntryError, parse_words
-from agent_worker.forwarding import ChainHalf, ForwardChanges, Refused, Target, by_address
+from agent_worker.forwarding import (
+    ChainHalf,
+    ForwardChanges,
+    InForce,
+    Refused,
+    Target,
+    by_address,
+)
 from agent_worker.inbound import parse_target as parse_rules
-from agent_worker.input_rules import Opening, input_rule
+from agent_worker.input_rules import ONLY_SYN_OPENS, Opening, admits, input_rule
 from agent_worker.neighbours import Guard, Link, frame_for, mac_text
 from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
 from agent_worker.qdb_parse import IPAddress, parse_address
@@ -143,6 +150,9 @@ def chain_rules(wanted: Mapping[IPAddress, Wanted]) -> dict[Family, dict[str, li
     for address, item in sorted(wanted.items(), key=lambda i: (i[0].version, i[0])):
         family = _family(address)
         chains = result[family]
+        if item.entry.rules and not chains[ACCEPT_CHAIN]:
+            # a flow cut by conntrack is never taken up again mid-stream
+            chains[ACCEPT_CHAIN].append(ONLY_SYN_OPENS)
         chains[ACCEPT_CHAIN] += [
             f"{family} daddr {address} {input_rule(rule, family)}" for rule in item.entry.rules
         ]
@@ -201,24 +211,6 @@ def element_commands(
     return lines
 
 
-def admits(rules: tuple[Opening, ...], flow: net_state.Flow) -> bool:
-    """Whether the rules, first match wins, let ``flow`` open to its destination."""
-    proto = {"icmpv6": "icmp", "ipv6-icmp": "icmp"}.get(flow.proto, flow.proto)
-    for rule in rules:
-        if rule.srchost is not None and flow.source not in rule.srchost:
-            continue
-        if rule.proto is not None and rule.proto != proto:
-            continue
-        if rule.dstports is not None and not (
-            flow.dport is not None and rule.dstports[0] <= flow.dport <= rule.dstports[1]
-        ):
-            continue
-        if rule.icmptype is not None and rule.icmptype != flow.icmp_type:
-            continue
-        return rule.action == "accept"
-    return False
-
-
 def status_value(state: str, iface: str | None = None, mac: str | None = None) -> str:
     """A report for ``/qns-routing_status/<A>`` (grammar in doc/qubesdb.md)."""
     if state not in STATES:
@@ -265,6 +257,46 @@ class Router(ChainHalf):
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str, list[str]]]:
         return chain_rules(self._decide(targets)[0])
+
+    def _effective(self) -> dict[IPAddress, Target]:
+        """The targets carried now: those :meth:`_decide` wants (or refused, to say so).
+
+        So what ChainHalf puts in force, renders and checks is what this hop
+        really carries, not an address still probed, waiting or refused.
+        """
+        targets = super()._effective()
+        wanted, _ = self._decide(targets)
+        return {a: t for a, t in targets.items() if isinstance(t, Refused) or a in wanted}
+
+    def flows_to_end(self, before: InForce, after: InForce) -> list[conntrack.Flow]:
+        """Flows of an address no longer carried, and those its changed rules stop admitting.
+
+        Only flows with peers beyond this hop's own clients: those are
+        decided by the inbound half (or are the qube's own, to its siblings).
+        """
+        ended = []
+        for address, (old,) in before.items():
+            new = after.get(address)
+            if new is not None and new[0].rules == old.rules:
+                continue
+            for flow in self._lan_flows(address, both_ways=new is None):
+                if new is None or (admits(old.rules, flow) and not admits(new[0].rules, flow)):
+                    ended.append(flow)
+        return ended
+
+    def _lan_flows(self, address: IPAddress, both_ways: bool) -> list[conntrack.Flow]:
+        """Tracked flows to (``both_ways``: and from) the address, peers not this hop's clients."""
+        filters = [["--orig-dst", str(address)]]
+        if both_ways:
+            filters.append(["--orig-src", str(address)])
+        flows = [
+            flow for flt in filters
+            for flow in conntrack.list_flows(address.version, flt, self.tool)
+        ]
+        return [
+            flow for flow in flows
+            if (flow.dst if flow.src == address else flow.src) not in self.connected
+        ]
 
     def _transaction(self, targets: Mapping[IPAddress, Target]) -> str:
         wanted = antispoof_elements(self._decide(targets)[0])
@@ -389,8 +421,9 @@ class Router(ChainHalf):
 
     def commit(self) -> bool:
         """Take the kernel to what the entries ask, in the fail-closed order."""
-        self._watch(self._effective())
-        wanted, reports = self._decide(self._effective())
+        targets = super()._effective()
+        self._watch(targets)
+        wanted, reports = self._decide(targets)
         before = dict(self.installed)
         gone = [
             a for a, item in before.items() if a not in wanted or wanted[a].kernel != item.kernel
@@ -407,11 +440,6 @@ class Router(ChainHalf):
         self._publish(carried)
         if failed:  # take their firewall part out again
             committed = self._commit_nft() and committed
-        for address in gone:
-            self._end_flows(address)
-        for address, item in carried.items():
-            if address in before and before[address].entry.rules != item.entry.rules:
-                self._end_refused_flows(address, item.entry.rules)
         reports.update({a: status_value("failed") for a in wanted if a not in carried})
         self._report(reports)
         return committed
@@ -473,29 +501,6 @@ class Router(ChainHalf):
             log.error("routing to %s: withdrawing: %s", address, err)
         log.info("routing to %s: withdrawn", address)
 
-    def _end_flows(self, address: IPAddress) -> None:
-        """End the flows of an address no longer carried here (its own clients' stay)."""
-        if address in self.installed:
-            return
-        try:
-            net_state.end_flows(address, self.connected)
-        except net_state.NetError as err:
-            log.error("routing to %s: ending its flows: %s", address, err)
-
-    def _end_refused_flows(self, address: IPAddress, rules: tuple[Opening, ...]) -> None:
-        """After the rules changed: end the flows to the address they no longer admit.
-
-        Flows the address opened itself, and those of this hop's own
-        clients (decided by its inbound half), are not the rules' to end.
-        """
-        try:
-            for flow in net_state.flows(address):
-                inbound = flow.destination == address and flow.source not in self.connected
-                if inbound and not admits(rules, flow):
-                    net_state.end_flow(flow)
-        except net_state.NetError as err:
-            log.error("routing to %s: ending flows its rules no longer admit: %s", address, err)
-
     def _report(self, reports: Mapping[IPAddress, str]) -> None:
         """Write what changed to ``/qns-routing_status/``; drop reports of targets gone."""
         for address in sorted(self.reported.keys() - reports.keys(), key=str):
@@ -531,8 +536,7 @@ class Router(ChainHalf):
         finally:
             self._delete_elements(self.elements)
             self.elements = set()
-            for address in list(self.reported):
-                self._end_flows(address)
+            self._put_in_force({})  # ends the flows of what was carried
             self._report({})
 
     def _delete_elements(self, elements: set[tuple[Family, str, str]]) -> None:
@@ -586,4 +590,8 @@ class Router(ChainHalf):
             log.error("routing: removing antispoof pairs left behind: %s", err)
         for address in recorded:
             self.db.rm(f"{STATUS_DIR}{address}")
-            self._end_flows(address)
+        try:
+            flows = [f for address in recorded for f in self._lan_flows(address, both_ways=True)]
+            conntrack.end(flows, "routing left by an earlier worker", self.tool)
+        except conntrack.ConntrackError as err:
+            log.error("routing: ending the flows an earlier worker carried: %s", err)

@@ -13,9 +13,9 @@ from the LAN host ``lan`` to:
   hops), the other way to expose a service, for comparison.
 
 Each figure is the best of ``--runs`` runs of ``--seconds`` each; ratios
-are against ``direct LAN`` of the same run. The lab runs under its own
-namespace prefix (``QUBES_LAB_NS_PREFIX``, default ``qbench-``) and state
-directory, so a lab already up is left alone.
+are against ``direct LAN`` of the same run. The lab is brought up in its
+own state directory (root, network namespaces; ``QUBES_LAB_NS_PREFIX`` is
+honoured), as bench.cutoff's.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from bench.common import print_table, ratio
+from lab.control import Lab
 
-PREFIX = "qbench-"
 PORT = 5001
 #: (label, server qube or LAN host, address the LAN host connects to, port)
 PATHS = (
@@ -44,7 +43,7 @@ PATHS = (
 ROUTED = {"direct": "192.0.2.26", "web": "192.0.2.25"}
 
 
-def _setup(lab: Any) -> None:
+def _setup(lab: Lab) -> None:
     """The exposures and the forward, through the Admin API as a user would."""
     from admin_client_patch.qubesd_client import qubesd_call
 
@@ -69,23 +68,28 @@ def _setup(lab: Any) -> None:
         time.sleep(0.1)
 
 
-def _load(lab: Any, kind: str, address: str, port: int, seconds: float) -> float:
+def _load(lab: Lab, kind: str, address: str, port: int, seconds: float) -> float:
     argv = [sys.executable, "-m", "bench.traffic", kind, address, str(port), str(seconds)]
     result = lab.exec("lan", argv, check=True, timeout=seconds + 30)
     return float(result.stdout)
 
 
 def measure(seconds: float, runs: int) -> list[list[object]]:
-    """One row per path; run inside the benchmark's own lab (see :func:`main`).
+    """One row per path, in a lab of its own.
 
     The paths take turns within each run, so a burst of load from the rest
     of the machine hits them alike rather than one path's whole series.
     """
-    from lab.control import Lab
+    with tempfile.TemporaryDirectory(prefix="qns-bench-routing-") as state:
+        lab = Lab(Path(state))
+        lab.up()
+        try:
+            return _measure(lab, seconds, runs)
+        finally:
+            lab.down()
 
-    lab = Lab()
-    lab.down()
-    lab.up()
+
+def _measure(lab: Lab, seconds: float, runs: int) -> list[list[object]]:
     sinks = []
     try:
         _setup(lab)
@@ -110,7 +114,6 @@ def measure(seconds: float, runs: int) -> list[list[object]]:
         for sink in sinks:
             sink.terminate()
             sink.wait(timeout=10)
-        lab.down()
     base = PATHS[0][0]
     return [
         [label, f"{throughput[label] / 1e6:.0f}", ratio(throughput[label], throughput[base], 2),
@@ -120,30 +123,17 @@ def measure(seconds: float, runs: int) -> list[list[object]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the table; the measuring runs in a child with the lab's environment set."""
+    """Print the table (needs root and network namespaces)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one run")
     parser.add_argument("--runs", type=int, default=5, help="runs per figure (best kept)")
-    parser.add_argument("--in-lab", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.in_lab:
-        rows = measure(args.seconds, args.runs)
-        print_table(
-            "routing: LAN host -> qube over TCP (best of runs; ratios against direct LAN)",
-            ["path", "MB/s", "MB/s vs direct", "connections/s", "conn/s vs direct"],
-            rows,
-        )
-        return 0
-    with tempfile.TemporaryDirectory(prefix="qubes-bench-lab-") as state:
-        env = {
-            **os.environ,
-            "QUBES_LAB_NS_PREFIX": os.environ.get("QUBES_LAB_NS_PREFIX", PREFIX),
-            "QUBES_LAB_DIR": state,
-        }
-        argv_child = [sys.executable, "-m", "bench.routing", "--in-lab",
-                      "--seconds", str(args.seconds), "--runs", str(args.runs)]
-        return subprocess.run(argv_child, env=env, check=False,
-                              cwd=Path(__file__).resolve().parent.parent).returncode
+    print_table(
+        "routing: LAN host -> qube over TCP (best of runs; ratios against direct LAN)",
+        ["path", "MB/s", "MB/s vs direct", "connections/s", "conn/s vs direct"],
+        measure(args.seconds, args.runs),
+    )
+    return 0
 
 
 if __name__ == "__main__":

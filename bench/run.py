@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import nft, outbound, planner, routing, rules
+from bench import cutoff, nft, outbound, planner, routing, rules
 from bench.common import upstream_path
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
@@ -24,10 +24,11 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "planner": planner.main,
     "nft": nft.main,
     "outbound": outbound.main,
+    "cutoff": cutoff.main,
     "routing": routing.main,
 }
 #: benchmarks that need root and ``ip netns``
-IN_NAMESPACES = ("nft", "outbound", "routing")
+IN_NAMESPACES = ("nft", "outbound", "cutoff", "routing")
 
 
 def machine() -> str:

@@ -89,7 +89,7 @@ class Applier:
             log.info("rewrote %s", line)
         if plan.skipped != self._skipped:
             for reason in plan.skipped:
-                log.warning("forward rule not applied: %s", reason)
+                log.warning("rule not applied: %s", reason)
             self._skipped = plan.skipped
         return changed
 

@@ -80,6 +80,24 @@ class UnresolvedSourceError(PlanError):
     """A rule's ``srcqube`` names no qube, or one without an address."""
 
 
+class SourceProvidesNetworkError(UnresolvedSourceError):
+    """A rule's ``srcqube`` names a qube that provides network.
+
+    The qubes behind it reach the target masqueraded as its address, so
+    that address stands for all of them, not for the qube named.
+    """
+
+
+def provides_network_reason(source: QubeState) -> str:
+    """Why a qube providing network is no ``srcqube``, and what to give instead."""
+    instead = f"srchost={source.ip}" if source.ip is not None else "srchost= its address"
+    return (
+        f"'{source.name}' provides network, so every qube behind it sends from its address"
+        f" too: name a qube that does not provide network, or give {instead} to admit"
+        " them all"
+    )
+
+
 class NotRunningError(PlanError):
     """An ``expire=shutdown`` rule for a qube that is not running."""
 
@@ -217,8 +235,9 @@ def rule_sources(snapshot: Snapshot, rule: Rule) -> dict[Family, IPNetwork | Non
 
     ``srchost``: its own family. ``srcqube``: the named qube's current
     addresses as single-host networks, from the snapshot (dom0's own state,
-    never DNS); UnresolvedSourceError when it names no qube or one without
-    any address, so the caller leaves the rule out instead of widening it.
+    never DNS); UnresolvedSourceError when it names no qube, one without
+    any address or one that provides network (SourceProvidesNetworkError),
+    so the caller leaves the rule out instead of widening it.
     Neither: both families, any source (None).
     """
     if rule.srchost is not None:
@@ -229,6 +248,11 @@ def rule_sources(snapshot: Snapshot, rule: Rule) -> dict[Family, IPNetwork | Non
     source = snapshot.qubes.get(str(rule.srcqube))
     if source is None:
         raise UnresolvedSourceError(f"srcqube '{rule.srcqube}' names no qube")
+    if source.provides_network:
+        # checked at every plan: a qube can start providing network after Set
+        raise SourceProvidesNetworkError(
+            f"srcqube {provides_network_reason(source)}"
+        )
     sources: dict[Family, IPNetwork | None] = {}
     for family in (4, 6):
         source_ip = address(source, family)
@@ -390,13 +414,17 @@ def check_rules(snapshot: Snapshot, name: str, rules: RuleLists) -> None:
     for rule in target.rules.all():
         # A stopped qube or one without netvm is fine (resolved when it has
         # an address); a name that matches nothing is a typo.
-        if (
-            rule.srcqube is not None
-            and not rule.is_expired(snapshot.now)
-            and str(rule.srcqube) not in proposed.qubes
-        ):
+        if rule.srcqube is None or rule.is_expired(snapshot.now):
+            continue
+        source = proposed.qubes.get(str(rule.srcqube))
+        if source is None:
             raise UnresolvedSourceError(
                 f"srcqube '{rule.srcqube}' in the rules of '{name}': no such qube"
+            )
+        if source.provides_network:
+            raise SourceProvidesNetworkError(
+                f"srcqube '{rule.srcqube}' in the rules of '{name}':"
+                f" {provides_network_reason(source)}"
             )
     forwards = _forward_rules(target, snapshot.now)
     # Claims only: the hops and ports taken do not depend on the source.

@@ -31,9 +31,10 @@ from firewall_rules.options import (
     shown,
 )
 
-#: Largest forwarded range whose ports change on the way (each port is one
-#: element of an nft map in every hop; the agent refuses more, too).
-MAX_REMAPPED_PORTS = 1024
+#: Most ports one forward rule may claim: a rule never hands a whole edge
+#: (srcports=1-65535) to one qube, and a remapped range is one nft map
+#: element per port in every hop. The agent refuses more, too.
+MAX_FORWARD_PORTS = 1024
 
 #: Longest value QubesDB stores; an entry must fit in one.
 QDB_VALUE_MAX = 3072
@@ -203,10 +204,10 @@ class Rule:
                 f"srcports={self.srcports} and dstports={self.dstports} must hold the same"
                 " number of ports (they map one to one)"
             )
-        if self.srcports.first != self.dstports.first and self.srcports.count > MAX_REMAPPED_PORTS:
+        if self.srcports.count > MAX_FORWARD_PORTS:
             raise RuleError(
-                f"srcports={self.srcports} maps {self.srcports.count} ports to other ports:"
-                f" at most {MAX_REMAPPED_PORTS} (a range kept as is has no limit)"
+                f"srcports={self.srcports} claims {self.srcports.count} ports: a forward rule"
+                f" takes at most {MAX_FORWARD_PORTS} (split a larger range into several rules)"
             )
 
     def _qdb_words(self) -> str:

@@ -79,6 +79,46 @@ class Server:
         self.stop()
 
 
+class Talker:
+    """A ``probe talk`` running in a namespace: one live flow, and when its answers came."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self._answers: list[float] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            words = line.split()
+            if len(words) == 2 and words[0] == "echo":
+                with self._lock:
+                    self._answers.append(float(words[1]))
+
+    @property
+    def answers(self) -> list[float]:
+        """Wall-clock times (``time.time()``) of the answers received so far."""
+        with self._lock:
+            return list(self._answers)
+
+    def answered_since(self, when: float) -> bool:
+        return any(answer > when for answer in self.answers)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=5)
+        self._reader.join(timeout=5)
+
+    def __enter__(self) -> Talker:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
 class Lab:
     """A lab whose state lives in ``state_dir`` (default ``$QUBES_LAB_DIR``)."""
 
@@ -244,7 +284,7 @@ class Lab:
         self._call("restart-service", name=qube, service=service)
 
     def set(self, qube: str, prop: str, value: str) -> None:
-        """``qvm-prefs``-like: ``netvm`` (a name or ``none``), ``ip`` or ``ip6``."""
+        """As ``qvm-prefs``: ``netvm`` (name or ``none``), ``ip``, ``ip6``, ``provides_network``."""
         self._call("set", name=qube, prop=prop, untrusted_value=value)
 
     def set_netvm(self, qube: str, netvm: str | None) -> None:
@@ -317,6 +357,10 @@ class Lab:
             argv += ["--reply", reply]
         if bind is not None:
             argv += ["--bind", bind]
+        return self._start_server(target, argv)
+
+    def _start_server(self, target: str, argv: list[str]) -> Server:
+        """Start a probe server command in ``target``; returns once it listens."""
         proc = subprocess.Popen(
             self.command(target, argv), env=self.env(target), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=procs.REPO,
@@ -328,6 +372,25 @@ class Lab:
             _, err = proc.communicate()
             raise LabError(f"probe server in {target} did not start: {err.strip()}")
         return Server(proc)
+
+    def echo(self, target: str, proto: str, port: int, bind: str | None = None) -> Server:
+        """A ``probe echo`` in ``target`` (flows stay open), ready when this returns."""
+        argv = procs.python_argv("lab.probe", "echo", proto, str(port))
+        if bind is not None:
+            argv += ["--bind", bind]
+        return self._start_server(target, argv)
+
+    def talk(
+        self, target: str, proto: str, host: str, port: int, interval: float = 0.05
+    ) -> Talker:
+        """A live flow from ``target`` to an echo server; stop() it when done."""
+        argv = procs.python_argv("lab.probe", "talk", proto, host, str(port),
+                                 "--interval", str(interval))
+        proc = subprocess.Popen(
+            self.command(target, argv), env=self.env(target), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=procs.REPO,
+        )
+        return Talker(proc)
 
     def connect(
         self, target: str, proto: str, host: str, port: int, timeout: float = 2.0,

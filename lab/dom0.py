@@ -480,13 +480,19 @@ class Dom0:
         self.start(name)
 
     def set_property(self, name: str, prop: str, untrusted_value: str) -> None:
-        """``qvm-prefs NAME netvm|ip|ip6 VALUE``, re-wiring a running qube live.
+        """``qvm-prefs NAME netvm|ip|ip6|provides_network VALUE``, re-wiring a running qube live.
 
         ``ip6`` replaces the derived IPv6 address (used while IPv6 is on for
         the qube); ``none`` or ``''`` goes back to the derived one.
+        ``provides_network`` changes what dom0 plans at once; as on Qubes, a
+        running qube starts (or stops) serving as a netvm at its next start.
         """
         qube = self._qube(name)
-        if prop == "netvm":
+        if prop == "provides_network":
+            if untrusted_value not in ("true", "false"):
+                raise Dom0Error(f"{name}: provides_network is true or false")
+            self._change(qube, "provides_network", untrusted_value == "true")
+        elif prop == "netvm":
             new_netvm = None if untrusted_value in ("none", "") else untrusted_value
             self._change(qube, "netvm", new_netvm)
         elif prop in ("ip", "ip6"):
@@ -500,7 +506,9 @@ class Dom0:
                 raise Dom0Error(f"{name}: invalid {prop}: {err}") from None
             self._change(qube, prop, address)
         else:
-            raise Dom0Error(f"cannot set {prop!r}: only netvm, ip and ip6 can be changed")
+            raise Dom0Error(
+                f"cannot set {prop!r}: only netvm, ip, ip6 and provides_network can be changed"
+            )
 
     def set_feature(self, name: str, feature: str, value: str | None = None) -> None:
         """``qvm-features NAME FEATURE [VALUE]`` (no value: unset it).
@@ -559,7 +567,7 @@ class Dom0:
             setattr(qube, prop, old)
             raise Dom0Error(f"cannot attach {qube.name} to {value}: {value} is not running")
         log.info("%s: %s %s -> %s", qube.name, prop, old, value)
-        if self.runtime[qube.name].running:
+        if self.runtime[qube.name].running and prop != "provides_network":
             self._rewire(qube)
             # Clients see a new gateway after an ip change; qubes further
             # down may gain or lose IPv6 after a netvm change.

@@ -1,15 +1,21 @@
-"""Tiny traffic tool for lab namespaces (stdlib only).
+"""Tiny traffic tool for lab namespaces (stdlib, and the agent's ARP/NDP frames for ``neigh``).
 
     python -m lab.probe serve tcp|udp PORT [--reply TEXT] [--bind ADDR]
     python -m lab.probe connect tcp|udp HOST PORT [--timeout S] [--source ADDR]
     python -m lab.probe scan tcp HOST PORTS [--timeout S]
+    python -m lab.probe echo tcp|udp PORT [--bind ADDR]
+    python -m lab.probe talk tcp|udp HOST PORT [--interval S]
     python -m lab.probe neigh IFACE ADDRESS --source ADDR [--timeout S]
 
 ``serve`` prints ``listening PROTO PORT`` once ready, then ``peer ADDR PORT``
 for each connection or datagram, and answers each with the reply text.
 ``connect`` prints the reply and exits 0, or exits 1 on refusal or timeout.
 ``scan`` prints each open port on its own line (e.g. ``22``); PORTS is a
-list like ``22,80,8000-8100``.
+list like ``22,80,8000-8100``. ``echo`` keeps each TCP connection open and
+sends back whatever it gets (each datagram, for UDP); ``talk`` keeps one
+flow to such a server going, sending a line every interval and printing
+``echo TIME`` (wall clock) for each answer, so a test sees when a live flow
+stops passing.
 ``neigh`` asks on IFACE who has ADDRESS (an ARP request, or a neighbour
 solicitation, from ADDR) and prints the MAC of each machine that answers.
 """
@@ -34,6 +40,8 @@ from agent_worker import neighbours
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SCAN_BATCH = 512
+#: How long ``talk`` keeps trying to open its flow.
+CONNECT_PATIENCE = 10.0
 
 
 def _family(address: str) -> socket.AddressFamily:
@@ -87,6 +95,89 @@ def connect(proto: str, host: str, port: int, timeout: float, source: str | None
             if not chunk:
                 return bytes(reply)
             reply += chunk
+
+
+def echo(proto: str, port: int, bind: str) -> None:
+    """Send back what each client sends, keeping TCP connections open, until killed."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(_family(bind), kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if _family(bind) == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((bind, port))
+        if proto == "tcp":
+            sock.listen(64)
+        print(f"listening {proto} {port}", flush=True)
+        selector = selectors.DefaultSelector()
+        selector.register(sock, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                current = key.fileobj
+                assert isinstance(current, socket.socket)
+                if current is sock and proto == "tcp":
+                    conn, peer = sock.accept()
+                    print(f"peer {peer[0]} {peer[1]}", flush=True)
+                    selector.register(conn, selectors.EVENT_READ)
+                elif proto == "udp":
+                    data, peer = sock.recvfrom(65535)
+                    sock.sendto(data, peer)
+                else:
+                    try:
+                        data = current.recv(65535)
+                        if data:
+                            current.sendall(data)
+                            continue
+                    except OSError:
+                        pass
+                    selector.unregister(current)
+                    current.close()
+
+
+def talk(proto: str, host: str, port: int, interval: float) -> None:
+    """Keep one flow to an ``echo`` server going; ``echo TIME`` per answer, until killed.
+
+    Exits when a TCP connection is closed or reset; a flow that stops
+    passing just stops printing.
+    """
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    deadline = time.monotonic() + CONNECT_PATIENCE
+    while True:  # the rules that let the flow through may still be on their way
+        sock = socket.socket(_family(host), kind)
+        try:
+            sock.settimeout(interval * 4)
+            sock.connect((host, port))
+            break
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(interval)
+    with sock:
+        while True:
+            try:
+                sock.send(b"x\n")
+            except OSError as err:
+                if proto == "tcp":
+                    print(f"closed {err}", flush=True)
+                    return
+                # an ICMP error on a UDP flow: keep sending
+            deadline = time.monotonic() + interval
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    data = sock.recv(65535)
+                except TimeoutError:
+                    break
+                except OSError as err:
+                    if proto == "tcp":
+                        print(f"closed {err}", flush=True)
+                        return
+                    continue  # ICMP errors on a UDP flow: keep trying
+                if proto == "tcp" and not data:
+                    print("closed by the server", flush=True)
+                    return
+                print(f"echo {time.time():.3f}", flush=True)
+            time.sleep(max(0.0, deadline - time.monotonic()))
 
 
 def parse_ports(untrusted_text: str) -> list[int]:
@@ -172,6 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     p_connect.add_argument("port", type=int)
     p_connect.add_argument("--timeout", type=float, default=2.0)
     p_connect.add_argument("--source", help="source address (need not be local)")
+    p_echo = commands.add_parser("echo", help="send back what clients send, keeping flows")
+    p_echo.add_argument("proto", choices=("tcp", "udp"))
+    p_echo.add_argument("port", type=int)
+    p_echo.add_argument("--bind", default="0.0.0.0",
+                        help="local address to listen on ('::' for any IPv6 address)")
+    p_talk = commands.add_parser("talk", help="keep a flow to an echo server going")
+    p_talk.add_argument("proto", choices=("tcp", "udp"))
+    p_talk.add_argument("host")
+    p_talk.add_argument("port", type=int)
+    p_talk.add_argument("--interval", type=float, default=0.05)
     p_scan = commands.add_parser("scan", help="list open TCP ports")
     p_scan.add_argument("proto", choices=("tcp",))
     p_scan.add_argument("host")
@@ -186,6 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         with contextlib.suppress(KeyboardInterrupt):
             serve(args.proto, args.port, args.reply.encode(), args.bind)
+        return 0
+    if args.command == "echo":
+        with contextlib.suppress(KeyboardInterrupt):
+            echo(args.proto, args.port, args.bind)
+        return 0
+    if args.command == "talk":
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                talk(args.proto, args.host, args.port, args.interval)
+        except OSError as err:
+            print(f"no flow: {err}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "connect":
         try:

@@ -78,7 +78,10 @@ POLICY_INCLUDE = "/etc/qubes/policy.d/include/admin-network-server-rwx"
 DOM0 = Payload(
     name="qubes-network-server-dom0",
     packages=("firewall_rules", "core_admin_patch", "admin_client_patch"),
-    scripts={"qvm-firewall": CLIENT},
+    scripts={
+        "qvm-firewall": CLIENT,
+        "qubes-network-server-settings": "qubes-network-server-settings",
+    },
     groups=("qubes.ext",),
     files=(
         ("packaging/dom0/85-qubes-network-server.policy", POLICY, 0o664),

@@ -251,7 +251,7 @@ def test_skipped_rules_are_logged_once_until_they_change(caplog: pytest.LogCaptu
         applier.apply(make_plan({}, skipped))
         applier.apply(make_plan({}, skipped))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["forward rule not applied: zeta rule 0: port conflict with 'alpha'"]
+    assert warnings == ["rule not applied: zeta rule 0: port conflict with 'alpha'"]
 
 
 # -- entries the applier did not write: dom0 restarted, or a write failed -----

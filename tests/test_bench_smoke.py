@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from conftest import upstream_dir
 
-from bench import nft, outbound, planner, routing, rules
+from bench import cutoff, nft, outbound, planner, routing, rules
 
 
 def test_rules_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,6 +45,14 @@ def test_outbound_benchmark_runs_both_workers_without_listing() -> None:
     rows = outbound.measure([2], runs=2)
     assert [row[:3] for row in rows] == [[2, "edit", 2], [2, "all", 2]]
     assert all(row[-1] == 0 for row in rows)  # ours never listed a table
+
+
+@pytest.mark.lab
+def test_cutoff_benchmark_runs_in_its_own_lab() -> None:
+    rows = cutoff.measure(1)
+    assert [row[:2] for row in rows] == [
+        ["del", "tcp"], ["del", "udp"], ["stop", "tcp"], ["stop", "udp"]
+    ]
 
 
 @pytest.mark.lab

@@ -61,8 +61,10 @@ def test_check_rules_refuses_expire_shutdown_for_a_stopped_qube() -> None:
 
 
 def test_check_rules_takes_expire_shutdown_for_a_running_qube() -> None:
-    snap = snapshot(qube("web", "sys-firewall", "10.137.0.10"))
-    check_rules(snap, "web", rules(SHUTDOWN_FORWARD, "action=accept srcqube=sys-vpn "
+    # the inbound rule's source: a qube, not a netvm (a netvm is never a srcqube)
+    snap = snapshot(qube("web", "sys-firewall", "10.137.0.10"),
+                    qube("work", "sys-firewall", "10.137.0.11"))
+    check_rules(snap, "web", rules(SHUTDOWN_FORWARD, "action=accept srcqube=work "
                                    "expire=shutdown"))
 
 

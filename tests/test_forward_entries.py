@@ -24,7 +24,7 @@ def test_edge_step_renders_fib_local_dnat_and_precise_accept() -> None:
         "dnat ip to 10.137.0.6:8443"
     )
     assert forward.accept_rule(step) == (
-        "iifgroup != 2 ip saddr 192.0.2.0/24 ct status dnat ip daddr 10.137.0.6 "
+        "iifgroup != 2 ip saddr 192.0.2.0/24 ct state new ct status dnat ip daddr 10.137.0.6 "
         "tcp dport 8443 ct original proto-dst 8443 accept"
     )
 
@@ -104,14 +104,18 @@ def test_input_openings_render_in_order() -> None:
             "0002": b"action=accept proto=icmp icmptype=8",
         }
     )
+    # Behind the SYN guard, and only from the netvm's side (never the qube's own vifs).
     assert input_rules.chain_rules(openings, "ip") == [
-        "ip saddr 192.0.2.0/24 meta l4proto tcp th dport 443 ct state new accept",
-        "ip saddr 10.137.0.21/32 ct state new drop",
-        "meta l4proto icmp icmp type 8 ct state new accept",
+        input_rules.ONLY_SYN_OPENS,
+        "iifgroup != 2 ip saddr 192.0.2.0/24 meta l4proto tcp th dport 443 ct state new accept",
+        "iifgroup != 2 ip saddr 10.137.0.21/32 ct state new drop",
+        "iifgroup != 2 meta l4proto icmp icmp type 8 ct state new accept",
     ]
     assert input_rules.chain_rules(openings, "ip6") == [
-        "meta l4proto icmpv6 icmpv6 type 8 ct state new accept"
+        input_rules.ONLY_SYN_OPENS,
+        "iifgroup != 2 meta l4proto icmpv6 icmpv6 type 8 ct state new accept",
     ]
+    assert input_rules.chain_rules([], "ip") == []
 
 
 @pytest.mark.parametrize(
@@ -167,13 +171,13 @@ def test_a_trailing_newline_is_refused(parse: object) -> None:
         parse()  # type: ignore[operator]
 
 
-def test_remapped_ranges_are_bounded() -> None:
-    """Each remapped port is an nft map element: up to 1024 of them, same ports unbounded."""
+def test_ranges_are_bounded() -> None:
+    """A step takes at most 1024 ports (each remapped one is an nft map element)."""
     base = "proto=tcp iif=upstream daddr=local to=10.137.0.6"
     step = forward.parse_step(f"{base} ports=1000-2023 toports=3000-4023")
     assert forward.dnat_rule(step).count(" : ") == 1024 + 1
-    assert forward.parse_step(f"{base} ports=1-65535 toports=1-65535").ports == (1, 65535)
-    with pytest.raises(EntryError, match="range of 1025 ports mapped to other ports: at most 1024"):
+    assert forward.parse_step(f"{base} ports=1000-2023 toports=1000-2023").ports == (1000, 2023)
+    with pytest.raises(EntryError, match="range of 1025 ports: at most 1024"):
         forward.parse_step(f"{base} ports=1000-2024 toports=3000-4024")
-    with pytest.raises(EntryError, match="range of 65534 ports"):
-        forward.parse_step(f"{base} ports=1-65534 toports=2-65535")
+    with pytest.raises(EntryError, match="range of 65535 ports"):
+        forward.parse_step(f"{base} ports=1-65535 toports=1-65535")

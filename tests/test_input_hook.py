@@ -15,6 +15,7 @@ import pytest
 from worker_netns import (
     QUBE,
     REPO,
+    SYN_GUARD_LISTED,
     MemoryQubesDB,
     chain_rules,
     make_netns,
@@ -68,7 +69,7 @@ def test_a_refused_fallback_is_logged_and_the_chain_removed(
     db = MemoryQubesDB({"/qns-input/0000": "action=accept proto=tcp dstports=22-22",
                         "/qns-input": ""})
     with caplog.at_level(logging.INFO, logger=input_hook.log.name):
-        input_hook.update(db)  # type: ignore[arg-type]
+        assert input_hook.update(db, [], tool=lambda args: "") == []  # type: ignore[arg-type]
     assert any("refused emptying them too" in m for m in caplog.messages)
     assert len(removed) == 1
 
@@ -123,10 +124,16 @@ def test_openings_follow_qubesdb_and_go_with_the_hook(
     try:
         write_openings(db, "action=accept proto=tcp dstports=443-443 srchost=192.0.2.0/24",
                        "action=drop srchost=2001:db8::/64 proto=udp dstports=53-53")
-        wait_for(lambda: len(openings(netns, "ip")) == 1,
+        wait_for(lambda: len(openings(netns, "ip")) == 2,
                  what="IPv4 opening")
-        assert openings(netns, "ip") == ["ip saddr 192.0.2.0/24 tcp dport 443 ct state new accept"]
-        assert openings(netns, "ip6") == ["ip6 saddr 2001:db8::/64 udp dport 53 ct state new drop"]
+        assert openings(netns, "ip") == [
+            SYN_GUARD_LISTED,
+            "iifgroup != 2 ip saddr 192.0.2.0/24 tcp dport 443 ct state new accept",
+        ]
+        assert openings(netns, "ip6") == [
+            SYN_GUARD_LISTED,
+            "iifgroup != 2 ip6 saddr 2001:db8::/64 udp dport 53 ct state new drop",
+        ]
         assert any("jump qns-input" in r for r in chain_rules(netns, "ip", "qubes", "input"))
 
         write_openings(db, "action=accept proto=tcp dstports=0x1bb-443")  # not dom0's
@@ -135,7 +142,7 @@ def test_openings_follow_qubesdb_and_go_with_the_hook(
         assert hook.poll() is None
 
         write_openings(db, "action=accept proto=tcp dstports=22-22")
-        wait_for(lambda: len(openings(netns, "ip")) == 1,
+        wait_for(lambda: len(openings(netns, "ip")) == 2,
                  what="new opening")
     finally:
         hook.send_signal(signal.SIGTERM)
@@ -160,10 +167,12 @@ def test_ipv4_opens_while_ip6_qubes_lacks_input(
     try:
         write_openings(db, "action=accept proto=tcp dstports=22-22",
                        "action=accept proto=tcp dstports=443-443 srchost=2001:db8::/64")
-        wait_for(lambda: len(openings(netns, "ip")) == 1 or hook.poll() is not None,
+        wait_for(lambda: len(openings(netns, "ip")) == 2 or hook.poll() is not None,
                  what="IPv4 opening")
         assert hook.poll() is None, log.read_text()
-        assert openings(netns, "ip") == ["tcp dport 22 ct state new accept"]
+        assert openings(netns, "ip") == [
+            SYN_GUARD_LISTED, "iifgroup != 2 tcp dport 22 ct state new accept"
+        ]
         assert openings(netns, "ip6") == []
     finally:
         hook.send_signal(signal.SIGTERM)

@@ -136,7 +136,10 @@ def test_dom0_package_holds_extension_client_man_page_and_policy(built: Built) -
     assert dict(points["qubes.ext"]) == {
         "qubes_network_server": "core_admin_patch.extension:NetworkServerExtension"}
     assert dict(points["console_scripts"]) == {
-        "qvm-firewall-ns": "admin_client_patch.qvm_firewall:main"}
+        "qvm-firewall-ns": "admin_client_patch.qvm_firewall:main",
+        "qubes-network-server-settings": "admin_client_patch.gui.standalone:main"}
+    settings = payload["/usr/bin/qubes-network-server-settings"]
+    assert b"from admin_client_patch.gui.standalone import main" in settings.data
     tops = {p.removeprefix(RPM_SITELIB + "/").split("/")[0]
             for p in payload if p.startswith(RPM_SITELIB + "/")}
     assert tops == {"firewall_rules", "core_admin_patch", "admin_client_patch",

@@ -22,6 +22,7 @@ from core_admin_patch.planner import (
     INPUT_DIR,
     QubeState,
     Snapshot,
+    SourceProvidesNetworkError,
     UnresolvedSourceError,
     check_rules,
     describe_forwards,
@@ -238,3 +239,33 @@ def test_check_accepts_a_stopped_source_or_one_without_address() -> None:
 def test_check_ignores_expired_rules_naming_no_qube() -> None:
     rules = rule_lists(f"action=accept srcqube=gone expire={int(NOW) - 1}")
     check_rules(snapshot(web()), "web", rules)
+
+
+# --- a qube that provides network is no source: its address carries its clients' traffic ----
+
+
+def test_check_refuses_a_qube_providing_network_saying_why_and_what_instead() -> None:
+    snap = snapshot(web(), qube("direct", "sys-net", "10.137.0.8"))
+    for line in ("action=accept srcqube=sys-firewall proto=tcp dstports=22",
+                 INTERNAL_SSH.replace("=work", "=sys-firewall")):
+        with pytest.raises(SourceProvidesNetworkError) as info:
+            check_rules(snap, "direct", rule_lists(line))
+        message = str(info.value)
+        assert "\n" not in message
+        assert "srcqube 'sys-firewall' in the rules of 'direct'" in message
+        assert "provides network" in message and "behind it" in message
+        assert "srchost=10.137.0.6" in message  # what to give instead
+
+
+def test_a_source_that_starts_providing_network_is_left_out_and_reported() -> None:
+    snap = snapshot(web(SSH_FROM_WORK, INTERNAL_SSH))
+    assert "srchost=10.137.0.21/32" in all_values(snap)
+    work = dataclasses.replace(snap.qubes["work"], provides_network=True)
+    result = plan(Snapshot({**snap.qubes, "work": work}, NOW))
+    assert result.entries == {}
+    assert len(result.skipped) == 2
+    for kind, reason in zip(("forward", "inbound"), sorted(result.skipped), strict=True):
+        assert reason.startswith(f"web {kind} rule 0: srcqube 'work' provides network")
+    assert describe_forwards(Snapshot({**snap.qubes, "work": work}, NOW), "web")[0].startswith(
+        "not reachable: srcqube 'work' provides network"
+    )

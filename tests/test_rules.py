@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent_worker.forward import MAX_REMAPPED_PORTS as AGENT_REMAP_LIMIT
+from agent_worker.forward import MAX_FORWARD_PORTS as AGENT_PORT_LIMIT
 from firewall_rules import (
     FirewallFileError,
     Rule,
@@ -26,7 +26,7 @@ from firewall_rules import (
     save_firewall_xml,
 )
 from firewall_rules.options import DstHost
-from firewall_rules.rule import MAX_REMAPPED_PORTS as DOM0_REMAP_LIMIT
+from firewall_rules.rule import MAX_FORWARD_PORTS as DOM0_PORT_LIMIT
 from firewall_rules.storage import firewall_xml_bytes
 
 NOW = 1_800_000_000.0
@@ -777,11 +777,17 @@ def test_arbitrary_text_never_crashes(untrusted_line: str) -> None:
         assert Rule.from_api_string(rule.api_rule) == rule
 
 
-def test_remapped_range_limit_matches_the_agent() -> None:
-    assert DOM0_REMAP_LIMIT == AGENT_REMAP_LIMIT
+def test_a_forward_claims_at_most_the_agents_port_limit() -> None:
+    assert DOM0_PORT_LIMIT == AGENT_PORT_LIMIT == 1024
     Rule.from_api_string(
         "action=forward forwardtype=external proto=tcp srcports=2000-3023 dstports=5000-6023"
     )
     Rule.from_api_string(
-        "action=forward forwardtype=external proto=tcp srcports=1-65535 dstports=1-65535"
+        "action=forward forwardtype=external proto=tcp srcports=2000-3023 dstports=2000-3023"
     )
+    for line in (
+        "action=forward forwardtype=external proto=tcp srcports=1-65535 dstports=1-65535",
+        "action=forward forwardtype=internal proto=udp srcports=2000-3024 dstports=2000-3024",
+    ):
+        with pytest.raises(RuleError, match=r"claims \d+ ports: a forward rule takes at most 1024"):
+            Rule.from_api_string(line)

@@ -36,6 +36,7 @@ from upstream_env import (
     TESTS,
     admin_client_paths,
     core_admin_paths,
+    nobody_argv,
     nobody_dir,
     python_env,
     require_upstream,
@@ -262,8 +263,7 @@ def real_qubesd_socket(upstream_scratch: Path) -> Iterator[str]:
     socket = home / "qubesd.sock"
     env = {**env, "HOME": str(home), "TMPDIR": str(home)}
     server = subprocess.Popen(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-         str(TESTS / "upstream_qubesd.py"), "--serve", str(socket)],
+        nobody_argv([sys.executable, str(TESTS / "upstream_qubesd.py"), "--serve", str(socket)]),
         env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -147,18 +147,41 @@ def lab_entries(lab: Lab) -> dict[str, dict[str, str]]:
     return entries
 
 
-def test_real_qubesd_writes_what_the_lab_writes(
-    lab: Lab, real_qubesd: Qubesd, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
+def compare_through(
+    lab: Lab, real_qubesd: Qubesd, steps: list[tuple[str, dict[str, Any]]]
+) -> list[str]:
+    """Apply each step to both; the entries must match after each. Steps that had entries."""
     assert real_qubesd(op="qubesdb", prefix=PREFIX) == lab_entries(lab)
     with_entries = []
-    for what, step in STEPS:
+    for what, step in steps:
         apply_to_lab(lab, step)
         real_qubesd(**step)
         real, in_lab = real_qubesd(op="qubesdb", prefix=PREFIX), lab_entries(lab)
         assert real == in_lab, f"after '{what}': real qubesd {real}\n  lab {in_lab}"
         if any(in_lab.values()):
             with_entries.append(what)
+    return with_entries
+
+
+def test_real_qubesd_writes_what_the_lab_writes(
+    lab: Lab, real_qubesd: Qubesd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
+    with_entries = compare_through(lab, real_qubesd, STEPS)
     # the comparison is about something: the rules produced entries on the way
     assert {"forwards added", "inbound added", "ip changed"} <= set(with_entries)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "lab dom0 derives a qube's IPv6 address from its IPv4 address "
+    "(network_server.derived_ip6), qubesd from its qid: after an ip change "
+    "with IPv6 on they differ (lab/dom0.py ip6_of)"))
+def test_ip_change_with_ipv6_on_keeps_qubesd_ipv6_address(
+    lab: Lab, real_qubesd: Qubesd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs last: it may stop half-way (the lab and the real app then differ)."""
+    monkeypatch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
+    compare_through(lab, real_qubesd, [
+        STEPS[0],
+        ("ip changed", {"op": "set", "qube": "web", "prop": "ip", "value": "10.137.0.30"}),
+    ])

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from worker_netns import (
     HOP_UPLINK,
     QUBE,
+    SYN_GUARD_LISTED,
     USER_RULE,
     MemoryQubesDB,
     WorkerProcess,
@@ -86,6 +87,11 @@ def test_events_wait_for_the_completion_path() -> None:
     assert forwarding.ours("/qns-forward") and not forwarding.ours("/")
 
 
+def host_forwarder(db: MemoryQubesDB, runner: Any) -> Forwarder:
+    """A Forwarder for tests in this process's namespace: no conntrack, no sockets of the host."""
+    return Forwarder(db, runner, tool=lambda args: "", proc_net=Path("/nonexistent"))
+
+
 class ListingOnly:
     """A runner for a kernel whose ``qubes`` tables hold only a forward chain; records the rest."""
 
@@ -95,6 +101,8 @@ class ListingOnly:
         self.sent: list[str] = []
 
     def __call__(self, commands: str, *, check: bool = False) -> str:
+        if commands.startswith("list chain"):  # the user's custom-input: empty
+            return json.dumps({"nftables": []})
         if commands.startswith("list table"):
             if not self.tables:
                 raise forwarding.NftError("Error: No such file or directory")
@@ -114,7 +122,7 @@ def test_bad_entry_fails_its_target_only_and_logs_it(caplog: pytest.LogCaptureFi
     db.write("/qns-forward/10.0.0.1\nqubes-firewall: INFO: forged", "")
     runner = ListingOnly()
     with caplog.at_level(logging.INFO, logger="qubes.firewall"):
-        Forwarder(db, runner).reload()
+        host_forwarder(db, runner).reload()
     (text,) = runner.sent
     assert f"to {WEB}:80" in text
     assert WORK not in text
@@ -131,7 +139,7 @@ def test_steps_of_another_family_than_the_target_are_refused(
     write_forwards(db, "fd09:24ef:4179::a89:5", [_GOOD[2], WEB_TCP])
     runner = ListingOnly()
     with caplog.at_level(logging.INFO, logger="qubes.firewall"):
-        Forwarder(db, runner).reload()
+        host_forwarder(db, runner).reload()
     assert runner.sent == []
     assert (
         "no forwards to fd09:24ef:4179::a89:5: entry 0001: to of another family than the target"
@@ -145,7 +153,7 @@ def test_steps_go_to_connected_clients_only(caplog: pytest.LogCaptureFixture) ->
     write_forwards(db, WEB, [WEB_TCP, WEB_UDP])
     write_forwards(db, WORK, [WORK_TCP])
     runner = ListingOnly()
-    forwarder = Forwarder(db, runner)
+    forwarder = host_forwarder(db, runner)
     forwarder.reload()
     assert f"to {WEB}:80" in runner.sent[-1] and f"to {WORK}:22" in runner.sent[-1]
 
@@ -171,15 +179,15 @@ def test_steps_go_to_connected_clients_only(caplog: pytest.LogCaptureFixture) ->
 
 def test_nothing_to_forward_leaves_table_qubes_alone() -> None:
     runner = ListingOnly()
-    Forwarder(MemoryQubesDB(CONNECTED), runner).reload()
+    host_forwarder(MemoryQubesDB(CONNECTED), runner).reload()
     assert runner.sent == []
     missing = ListingOnly(tables=False)
     db = MemoryQubesDB(CONNECTED)
     write_forwards(db, WEB, [WEB_TCP])
-    Forwarder(db, missing).reload()
+    host_forwarder(db, missing).reload()
     assert missing.sent == []
     no_forward_chain = ListingOnly(parent="prerouting")  # upstream's ip6 qubes, IPv6 off
-    Forwarder(db, no_forward_chain).reload()
+    host_forwarder(db, no_forward_chain).reload()
     assert no_forward_chain.sent == []
 
 
@@ -281,9 +289,10 @@ def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str)
         "iifgroup != 2 fib daddr type local udp dport 5353 dnat to 10.137.0.5:53",
     ]
     assert chain_rules(netns, "ip", "qubes", "qns-forward") == [
-        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
+        SYN_GUARD_LISTED,
+        "iifgroup != 2 ct state new ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
         "ct original proto-dst 8080 accept",
-        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 udp dport 53 "
+        "iifgroup != 2 ct state new ct status dnat ip daddr 10.137.0.5 udp dport 53 "
         "ct original proto-dst 5353 accept",
     ]
     assert chain_rules(netns, "ip6", "qubes", "qns-dnat") == [
@@ -348,7 +357,8 @@ def test_refused_target_is_left_out_and_the_rest_applies(netns: str) -> None:
     assert any(line.startswith("nft refused the forward update") for line in lines)
     assert any(line.startswith(f"no forwards to {WORK}: nft refused its rules") for line in lines)
     assert chain_rules(netns, "ip", "qubes", "qns-forward") == [
-        "iifgroup != 2 ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
+        SYN_GUARD_LISTED,
+        "iifgroup != 2 ct state new ct status dnat ip daddr 10.137.0.5 tcp dport 80 "
         "ct original proto-dst 8080 accept",
     ]
 
@@ -451,7 +461,7 @@ def test_tcp_and_udp_reach_the_target_until_the_entries_go(hop: Hop) -> None:
         (dnat_tcp, dnat_udp) = _rules_with(ruleset, "qns-dnat")
         assert '"dnat": {"addr": "10.137.0.5", "port": 80' in dnat_tcp
         assert '"dnat": {"addr": "10.137.0.5", "port": 53' in dnat_udp
-        (accept_tcp, accept_udp) = _rules_with(ruleset, "qns-forward")
+        (_guard, accept_tcp, accept_udp) = _rules_with(ruleset, "qns-forward")
         assert '"accept": null' in accept_tcp and '"right": 8080' in accept_tcp
         assert '"right": 5353' in accept_udp
 

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from worker_netns import (
+    SYN_GUARD_LISTED,
     MemoryQubesDB,
     chain_rules,
     in_netns,
@@ -66,6 +67,7 @@ def test_rules_render_in_order_for_the_target_only() -> None:
     assert inbound.desired_chains({WEB_IP: tuple(rules)}) == {
         "ip": {
             "qns-inbound": [
+                inbound.ONLY_SYN_OPENS,
                 "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21/32 meta l4proto tcp "
                 "th dport 23 ct state new drop",
                 "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.16/28 ct state new accept",
@@ -156,7 +158,7 @@ def test_rules_protect_connected_clients_only() -> None:
     db = MemoryQubesDB(CONNECTED)
     write_inbound(db, WEB, [SSH])
     runner = Recorder()
-    half = Inbound(db, runner)
+    half = Inbound(db, runner, tool=lambda args: "")  # host namespace: no conntrack
     half.reload()
     assert f"ip daddr {WEB}" in runner.sent[-1]
     db.write("/connected-ips", WORK)
@@ -226,7 +228,8 @@ def test_inbound_jump_follows_custom_and_forward_jumps(netns: str, inbound_first
     vif_drop = "oifgroup 2 counter packets 0 bytes 0 drop"
     assert forward.index("jump qns-inbound") < forward.index(vif_drop)
     assert chain_rules(netns, "ip", "qubes", "qns-inbound") == [
-        "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21 tcp dport 22 ct state new accept"
+        SYN_GUARD_LISTED,
+        "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21 tcp dport 22 ct state new accept",
     ]
     assert chain_rules(netns, "ip", "qubes", "custom-forward") == [
         "tcp dport 9999 counter packets 0 bytes 0 accept"
@@ -284,7 +287,8 @@ def test_a_target_nft_refuses_is_left_out(netns: str) -> None:
 
     in_netns(netns, body)
     assert chain_rules(netns, "ip", "qubes", "qns-inbound") == [
-        "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21 tcp dport 22 ct state new accept"
+        SYN_GUARD_LISTED,
+        "iifgroup 2 ip daddr 10.137.0.20 ip saddr 10.137.0.21 tcp dport 22 ct state new accept",
     ]
 
 

@@ -36,6 +36,7 @@ from agent_worker import net_state, routing
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
 from agent_worker.forwarding import ForwardChanges
+from agent_worker.input_rules import ONLY_SYN_OPENS
 from agent_worker.routing import Entry, Router, Wanted, parse_entry
 from core_admin_patch.routing import status_text
 
@@ -101,6 +102,7 @@ def test_chains_and_pairs_for_an_address_behind_a_client() -> None:
     assert routing.chain_rules(wanted) == {
         "ip": {
             "qns-routing": [
+                ONLY_SYN_OPENS,  # a flow conntrack cut is not taken up again mid-stream
                 "ip daddr 192.0.2.25 ip saddr 192.0.2.0/24 meta l4proto tcp th dport 22"
                 " ct state new accept",
             ],
@@ -384,44 +386,54 @@ def mac_of(ns: str) -> str:
 # -- flows ------------------------------------------------------------------------
 
 
-def flow(source: str, proto: str = "tcp", dport: int | None = 22,
-         icmp_type: int | None = None) -> net_state.Flow:
-    return net_state.Flow("ipv4", proto, ipaddress.ip_address(source), A_IP, 40000, dport,
-                          icmp_type)
+def conntrack_listing(lines: dict[str, list[str]]) -> Callable[[list[str]], str]:
+    """A conntrack tool answering ``-L ... --orig-dst|--orig-src A`` from ``lines``."""
+    def tool(args: list[str]) -> str:
+        assert args[0] == "-L"
+        return "\n".join(lines.get(" ".join(args[-2:]), []))
+    return tool
 
 
-def test_admits_is_first_match_wins_and_default_deny() -> None:
-    rules = parse_entry(A_IP, {
-        "route": b"role=inner",
-        "in/0000": b"action=drop srchost=192.0.2.66/32 proto=tcp dstports=22-22",
-        "in/0001": b"action=accept srchost=192.0.2.0/24 proto=tcp dstports=20-23",
-        "in/0002": b"action=accept srchost=198.51.100.0/24 proto=icmp icmptype=8",
-    }).rules
-    assert routing.admits(rules, flow("192.0.2.10"))
-    assert not routing.admits(rules, flow("192.0.2.66"))  # dropped before the accept
-    assert not routing.admits(rules, flow("192.0.2.10", dport=24))
-    assert not routing.admits(rules, flow("192.0.2.10", proto="udp"))
-    assert not routing.admits(rules, flow("203.0.113.1"))  # nothing matches: refused
-    assert routing.admits(rules, flow("198.51.100.7", "icmp", None, icmp_type=8))
-    assert not routing.admits(rules, flow("198.51.100.7", "icmp", None, icmp_type=0))
+LAN_FLOW = ("tcp 6 117 TIME_WAIT src=192.0.2.10 dst=192.0.2.25 sport=41234 dport=22"
+            " src=192.0.2.25 dst=192.0.2.10 sport=22 dport=41234 [ASSURED] mark=0 use=1")
+PORT_23 = LAN_FLOW.replace("dport=22 ", "dport=23 ").replace("sport=22 ", "sport=23 ")
+SIBLING = LAN_FLOW.replace("192.0.2.10", "10.137.0.21")
+OWN = ("tcp 6 117 ESTABLISHED src=192.0.2.25 dst=192.0.2.10 sport=50000 dport=80"
+       " src=192.0.2.10 dst=192.0.2.25 sport=80 dport=50000 [ASSURED] mark=0 use=1")
 
 
-@pytest.mark.parametrize(
-    ("line", "expected"),
-    [
-        ("tcp      6 117 TIME_WAIT src=192.0.2.10 dst=192.0.2.25 sport=41234 dport=22"
-         " src=192.0.2.25 dst=192.0.2.10 sport=22 dport=41234 [ASSURED] mark=0 use=1",
-         net_state.Flow("ipv4", "tcp", ipaddress.ip_address("192.0.2.10"), A_IP, 41234, 22)),
-        ("icmp     1 29 src=192.0.2.10 dst=192.0.2.25 type=8 code=0 id=7 src=192.0.2.25"
-         " dst=192.0.2.10 type=0 code=0 id=7 mark=0 use=1",
-         net_state.Flow("ipv4", "icmp", ipaddress.ip_address("192.0.2.10"), A_IP,
-                        icmp_type=8)),
-        ("garbage", None),
-        ("tcp 6 1 src=nope dst=192.0.2.25", None),
-    ],
-)
-def test_conntrack_lines_parse(line: str, expected: net_state.Flow | None) -> None:
-    assert net_state.parse_flow("ipv4", line) == expected
+def router_with_flows() -> Router:
+    router = Router(MemoryQubesDB(), lambda text, check=False: "", lambda routed: None)
+    router.tool = conntrack_listing({
+        f"--orig-dst {A}": [LAN_FLOW, PORT_23, SIBLING], f"--orig-src {A}": [OWN],
+    })
+    router.connected = frozenset({ipaddress.ip_address("10.137.0.21")})
+    return router
+
+
+def entry(*rules: bytes) -> tuple[Entry]:
+    untrusted = {"route": b"role=inner"}
+    untrusted.update({f"in/{n:04}": rule for n, rule in enumerate(rules)})
+    return (parse_entry(A_IP, untrusted),)
+
+
+def ends(flows: list[Any]) -> list[tuple[str, int | None]]:
+    return [(str(flow.src), flow.dport) for flow in flows]
+
+
+def test_an_address_no_longer_carried_loses_its_flows_but_its_siblings() -> None:
+    before = {A_IP: entry(b"action=accept srchost=192.0.2.0/24 proto=tcp dstports=22-23")}
+    assert ends(router_with_flows().flows_to_end(before, {})) == [
+        ("192.0.2.10", 22), ("192.0.2.10", 23), (A, 80),  # its own flow out: unNATed, ended too
+    ]
+
+
+def test_narrowed_rules_end_only_what_they_no_longer_admit() -> None:
+    before = {A_IP: entry(b"action=accept srchost=192.0.2.0/24 proto=tcp dstports=22-23")}
+    after = {A_IP: entry(b"action=accept srchost=192.0.2.0/24 proto=tcp dstports=23-23")}
+    router = router_with_flows()
+    assert ends(router.flows_to_end(before, after)) == [("192.0.2.10", 22)]
+    assert router.flows_to_end(before, before) == []
 
 
 def _outbound_worker() -> tuple[str, str]:

@@ -72,7 +72,9 @@ def test_resolve_localhost_and_refuse_nonsense() -> None:
 def _worker(db: MemoryQubesDB, nft: RecordingNft, tmp_path: Path) -> Worker:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 10.139.1.1\n")
-    return Worker(db, nft, resolver=lambda name, version: frozenset(), resolv_conf=resolv)  # type: ignore[arg-type]
+    # no conntrack here: this process is not in a qube's namespace
+    return Worker(db, nft, resolver=lambda name, version: frozenset(),  # type: ignore[arg-type]
+                  resolv_conf=resolv, tool=lambda args: "")
 
 
 def test_garbage_paths_and_values_are_logged_not_fatal(

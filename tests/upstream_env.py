@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from conftest import cannot_run
 
+from bench.common import upstream_root
+
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 
@@ -41,13 +43,9 @@ NOBODY = 65534
 
 
 def upstream_dir() -> Path | None:
-    """The folder holding the snapshots, or None when there is none."""
-    configured = os.environ.get("QUBES_UPSTREAM_DIR")
-    if configured:
-        path = Path(configured)
-        return path if path.is_dir() else None
-    default = REPO.parent / "shared" / "upstream"
-    return default if default.is_dir() else None
+    """The folder holding the snapshots (bench.common.upstream_root), or None if absent."""
+    root = upstream_root()
+    return root if root.is_dir() else None
 
 
 def require_upstream(*folders: str) -> Path:
@@ -154,6 +152,11 @@ def nobody_dir(parent: Path, name: str) -> Path:
     return path
 
 
+def nobody_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` run as uid/gid nobody, without supplementary groups."""
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
 def run_as_nobody(
     argv: Sequence[str], env: Mapping[str, str], home: Path, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
@@ -172,7 +175,7 @@ def run_as_nobody(
     private_tmp = 'mount -t tmpfs -o mode=1777 qns-tmp /tmp && exec "$@"'
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", private_tmp, "sh",
-         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+         *nobody_argv(argv)],
         env=env, cwd=home, capture_output=True, text=True, timeout=timeout, check=False,
     )
 

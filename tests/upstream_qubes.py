@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import os
-import subprocess
 import sys
 import types
 import unittest.mock
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import upstream_dir
+from upstream_env import core_admin_paths
 
 #: Modules of the snapshot (and its test stand-ins) that a test process drops afterwards.
 _SNAPSHOT_MODULES = ("qubes", "qrexec", "libvirt", "libvirtaio", "qubesdb", "dbus", "pydbus")
@@ -38,17 +37,7 @@ def upstream_qubes(scratch: Path) -> Iterator[types.ModuleType]:
     Leaves no trace: sys.path and every snapshot module (and our extension
     module, which imports them) are restored afterwards.
     """
-    upstream = upstream_dir()
-    core_admin = upstream / "qubes-core-admin"
-    egg = scratch / "egg"
-    egg.mkdir()
-    subprocess.run(
-        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg)],
-        cwd=core_admin, check=True, capture_output=True,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    paths = [str(egg), str(core_admin), str(core_admin / "test-packages"),
-             str(upstream / "qubes-core-qrexec")]
+    paths = [str(path) for path in core_admin_paths(upstream_dir(), scratch)]
     saved_path, saved_bytecode = list(sys.path), sys.dont_write_bytecode
     sys.path[:0] = paths
     sys.dont_write_bytecode = True

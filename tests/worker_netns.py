@@ -155,6 +155,10 @@ def nft_ruleset(name: str) -> list[dict[str, Any]]:
     return items
 
 
+#: agent_worker.input_rules.ONLY_SYN_OPENS as nft lists it back (first rule of our chains)
+SYN_GUARD_LISTED = "ct state new tcp flags != syn / fin,syn,rst,ack return"
+
+
 def chain_rules(name: str, family: str, table: str, chain: str) -> list[str]:
     """Rule lines of one chain as ``nft list chain`` prints them."""
     output = subprocess.run(
