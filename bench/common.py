@@ -44,9 +44,9 @@ def best_time(
     return best
 
 
-def ratio(value: float, baseline: float) -> str:
+def ratio(value: float, baseline: float, digits: int = 1) -> str:
     """``value / baseline`` as ``12.3x``; a dash when the baseline is zero."""
-    return f"{value / baseline:.1f}x" if baseline > 0 else "-"
+    return f"{value / baseline:.{digits}f}x" if baseline > 0 else "-"
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -576,20 +576,9 @@ def _plan_inbound(
             f"{target.name} inbound rules: '{netvm.name}' does not advertise {SUPPORT_FEATURE}"
         )
         return []
-    resolved: list[tuple[int, Rule, dict[Family, IPNetwork | None]]] = []
-    for number, rule in inbound:
-        try:
-            resolved.append((number, rule, rule_sources(snapshot, rule)))
-        except UnresolvedSourceError as err:
-            skipped.append(f"{target.name} inbound rule {number}: {err}")
     input_entries: list[tuple[int, str]] = []
-    for family in (4, 6):
+    for family, mine in inbound_entries(snapshot, target, skipped).items():
         target_ip = address(target, family)
-        mine = [
-            (number, inbound_entry(rule, source))
-            for number, rule, sources in resolved
-            if (source := sources.get(family)) is not None
-        ]
         if target_ip is None or not mine:
             continue
         entries.setdefault(netvm.name, {})[f"{INBOUND_DIR}/{target_ip}"] = {
@@ -597,6 +586,32 @@ def _plan_inbound(
         }
         input_entries += mine
     return [value for _, value in sorted(input_entries)]
+
+
+def inbound_entries(
+    snapshot: Snapshot, target: QubeState, skipped: list[str]
+) -> dict[Family, list[tuple[int, str]]]:
+    """``target``'s inbound rules in force, per family: ``(rule number, entry value)``.
+
+    A rule applies in the families its source was resolved in; one whose
+    ``srcqube`` resolves to nothing is left out and reported in ``skipped``.
+    The same values serve its netvm, its own INPUT and, when it is routed,
+    every hop of its path (:mod:`core_admin_patch.routing`).
+    """
+    resolved: list[tuple[int, Rule, dict[Family, IPNetwork | None]]] = []
+    for number, rule in _inbound_rules(target, snapshot.now):
+        try:
+            resolved.append((number, rule, rule_sources(snapshot, rule)))
+        except UnresolvedSourceError as err:
+            skipped.append(f"{target.name} inbound rule {number}: {err}")
+    return {
+        family: [
+            (number, inbound_entry(rule, source))
+            for number, rule, sources in resolved
+            if (source := sources.get(family)) is not None
+        ]
+        for family in (4, 6)
+    }
 
 
 def _family_paths(

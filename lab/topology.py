@@ -222,7 +222,7 @@ def validate(topology: Topology) -> None:
                     f"address {address} is given to both {seen[address]!r} and {qube.name!r}"
                 )
             seen[address] = qube.name
-    _check_lan(topology, seen)
+    _check_lan(topology)
 
 
 def _check_qube_links(topology: Topology, qube: Qube) -> None:
@@ -249,9 +249,13 @@ def _check_qube_links(topology: Topology, qube: Qube) -> None:
         )
 
 
-def _check_lan(
-    topology: Topology, qube_addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str]
-) -> None:
+def _check_lan(topology: Topology) -> None:
+    """LAN hosts and uplinks on the LAN, each address once.
+
+    A qube may hold an address of the LAN (as on Qubes, where dom0 knows
+    nothing of the LAN): that is how a routed qube is exposed, and one that
+    another LAN host holds is a conflict its edge must detect.
+    """
     lan = topology.lan
     uplinks = [q for q in topology.qubes.values() if q.uplink or q.uplink6]
     if lan is None:
@@ -277,12 +281,6 @@ def _check_lan(
                 f"and {owner!r}"
             )
         taken[interface.ip] = owner
-    for address, name in qube_addresses.items():
-        for network in (lan.network, lan.network6):
-            if network is not None and address in network:
-                raise TopologyError(
-                    f"qube {name!r}: address {address} is inside the LAN network {network}"
-                )
     if lan.gateway is not None and lan.gateway not in lan.network:
         raise TopologyError(f"LAN gateway {lan.gateway} is not in the LAN network {lan.network}")
     if lan.gateway6 is not None and (lan.network6 is None or lan.gateway6 not in lan.network6):

@@ -56,6 +56,12 @@ class FakeQdb:
             raise OSError("qubesdb gone")
         return sorted(path for path in self.data if path.startswith(prefix))
 
+    def read(self, path: str) -> bytes | None:
+        if self.broken:
+            raise OSError("qubesdb gone")
+        value = self.data.get(path)
+        return None if value is None else value.encode()
+
 
 class FakeFirewall:
     """``vm.firewall`` as extension.NetworkServerFirewall is to the core: three lists, save()."""
@@ -502,3 +508,35 @@ def test_load_schedules_one_startup_refresh_that_reconciles_and_arms_expiry(
     assert any("2222" in value for value in entries.values())
     assert system.core.timer is not None and system.core.timer.expiry == int(NOW) + 60
     assert loop.handles[-1].when == pytest.approx(loop.now + 60 + EXPIRY_SLACK)
+
+
+def test_routing_method_set_on_the_template_counts(system: System) -> None:
+    # As Rudd-O's extension reads it: check_with_template, the qube's own value first.
+    template = FakeVM("fedora", "", klass="TemplateVM",
+                      features=TemplateFeatures(**{"routing-method": "forward"}))
+    web = system.vms["web"]
+    web.features = TemplateFeatures(template, **{SUPPORT_FEATURE: "1"})
+    web.ip = ipaddress.IPv4Address("192.0.2.25")
+    system.core.refresh()
+    assert "/qns-routing/192.0.2.25" in system.vms["sys-net"].untrusted_qdb.data
+    web.features = TemplateFeatures(template, **{SUPPORT_FEATURE: "1", "routing-method": ""})
+    system.core.refresh()
+    assert "/qns-routing/192.0.2.25" not in system.vms["sys-net"].untrusted_qdb.data
+    assert "domain-feature-set:routing-method" in REPLAN_EVENTS
+    assert "domain-feature-delete:routing-method" in REPLAN_EVENTS
+
+
+def test_get_routing_reads_each_hops_report_from_its_qubesdb(system: System) -> None:
+    web = system.vms["web"]
+    web.features = {SUPPORT_FEATURE: "1", "routing-method": "forward"}
+    web.ip = ipaddress.IPv4Address("192.0.2.25")
+    system.vms["sys-net"].untrusted_qdb.data["/qns-routing_status/192.0.2.25"] = (
+        "state=exposed iface=eth0"
+    )
+    system.vms["sys-firewall"].untrusted_qdb.broken = True  # a hop going down
+    assert api(system, "admin.vm.firewall.GetRouting", "", "web") == (
+        b"192.0.2.25: LAN -> sys-net -> sys-firewall -> web\n"
+        b"  sys-net: exposed on eth0, answering for the address\n"
+        b"  sys-firewall: no report yet\n"
+    )
+    assert api(system, "admin.vm.firewall.GetRouting", "", "sys-net") == b""

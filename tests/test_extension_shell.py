@@ -118,6 +118,12 @@ def test_get_set_take_our_arguments_reload_stays_upstreams(qubes: Any, app: Any)
     assert call_api(app, "admin.vm.firewall.GetPaths", "web").startswith(
         "0 sys-net uplink addresses tcp/8443 -> sys-firewall"
     )
+    assert api.vm_firewall_getrouting.rpcnames == (("admin.vm.firewall.GetRouting", None),)
+    assert call_api(app, "admin.vm.firewall.GetRouting", "web") == ""  # not routed
+    app.domains["tpl"].features["routing-method"] = "forward"  # its template's counts
+    assert call_api(app, "admin.vm.firewall.GetRouting", "web") == (
+        "not exposed: 'web' is not running\n"
+    )
     with pytest.raises(qubes.exc.ProtocolError):
         call_api(app, "admin.vm.firewall.Get", "web", "outbound")
     with pytest.raises(qubes.exc.ProtocolError):
