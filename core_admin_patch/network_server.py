@@ -320,12 +320,12 @@ class NetworkServer:
         self._host.reload(self._domain(qube))
 
     def describe_forwards(self, qube: QubeRef, now: float) -> dict[int, str]:
-        """Path of each forward rule of the qube in force at ``now``.
+        """Path of each forward rule of the qube in force at ``now``, and the hops' refusals.
 
         Keys are positions in its forward list (expired rules included).
         """
         with self._planned(qube):
-            return planner.describe_forwards(self.snapshot(now), qube.name)
+            return planner.describe_forwards(self.snapshot(now), qube.name, self._writer.read)
 
     def describe_routing(self, qube: QubeRef, now: float) -> list[str]:
         """The qube's routing exposure and each hop's report (read from its QubesDB)."""

@@ -28,13 +28,13 @@ each hop's state (:func:`describe_routing`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from core_admin_patch import planner
 from core_admin_patch.planner import (
     SUPPORT_FEATURE,
     Family,
+    HopReader,
     IPAddress,
     NoNetVMError,
     Plan,
@@ -191,10 +191,7 @@ def status_text(untrusted_value: bytes | None) -> str:
         return "unreadable report"
 
 
-StatusReader = Callable[[str, str], bytes | None]
-
-
-def describe_routing(snapshot: Snapshot, name: str, read_status: StatusReader) -> list[str]:
+def describe_routing(snapshot: Snapshot, name: str, read_status: HopReader) -> list[str]:
     """The exposure of a routed qube, one line each, for qvm-firewall.
 
     ``read_status(hop, path)`` reads a running hop's QubesDB. Per address:

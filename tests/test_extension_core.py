@@ -540,3 +540,23 @@ def test_get_routing_reads_each_hops_report_from_its_qubesdb(system: System) -> 
         b"  sys-firewall: no report yet\n"
     )
     assert api(system, "admin.vm.firewall.GetRouting", "", "sys-net") == b""
+
+
+def test_get_paths_reads_each_hops_refusal_from_its_qubesdb(system: System) -> None:
+    """As GetRouting: the hop's report read from its QubesDB, shown only in dom0's words."""
+    api(system, "admin.vm.firewall.Set", "forward", "web", f"{FORWARD}\n")
+    path = (b"0 sys-net uplink addresses tcp/8443 -> sys-firewall (10.137.0.6) tcp/8443"
+            b" -> web (10.137.0.20) tcp/443")
+    assert api(system, "admin.vm.firewall.GetPaths", "", "web") == path + b"\n"
+    net = system.vms["sys-net"]
+    report = "/qns-forward_refused/10.137.0.20"
+    net.untrusted_qdb.data[report] = "tcp 8443-8443: its user opened it in custom-input"
+    assert api(system, "admin.vm.firewall.GetPaths", "", "web") == path + (
+        b"; REFUSED by sys-net: tcp/8443 is its own (its user opened it in custom-input)\n"
+    )
+    net.untrusted_qdb.data[report] = "tcp 8443-8443: \x1b]0;owned\x07 its user opened it"
+    assert api(system, "admin.vm.firewall.GetPaths", "", "web") == path + (
+        b"; sys-net may have refused it: its report is unreadable\n"
+    )
+    net.untrusted_qdb.broken = True  # going down: no report, the path alone
+    assert api(system, "admin.vm.firewall.GetPaths", "", "web") == path + b"\n"
