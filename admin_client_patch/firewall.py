@@ -178,6 +178,25 @@ def parse_paths(untrusted_reply: bytes) -> dict[int, str]:
     return paths
 
 
+#: One line of an ``admin.vm.firewall.GetRouting`` reply: printable ASCII, maybe indented.
+_ROUTING_LINE_RE = re.compile(r"\A(  )?[\x21-\x7e][\x20-\x7e]*\Z")
+
+
+def parse_routing(untrusted_reply: bytes) -> list[str]:
+    """The lines of a GetRouting reply; refuses anything but printable ASCII lines."""
+    if untrusted_reply and not untrusted_reply.endswith(b"\n"):
+        raise QubesDaemonCommunicationError("qubesd sent a truncated routing exposure")
+    lines = []
+    for untrusted_line in untrusted_reply.splitlines():
+        line = untrusted_line.decode("ascii", "replace")
+        if _ROUTING_LINE_RE.match(line) is None:
+            raise QubesDaemonCommunicationError(
+                "qubesd sent a routing exposure this qvm-firewall cannot read"
+            )
+        lines.append(line)
+    return lines
+
+
 class QubeFirewall:
     """The firewall of one qube, as reached through the Admin API (``call``)."""
 
@@ -228,6 +247,10 @@ class QubeFirewall:
         this method refuses the call; the caller decides how to show that.
         """
         return parse_paths(self._call(self.qube, "admin.vm.firewall.GetPaths", "", b""))
+
+    def routing(self) -> list[str]:
+        """The qube's exposure on the LAN, if routed (``admin.vm.firewall.GetRouting``)."""
+        return parse_routing(self._call(self.qube, "admin.vm.firewall.GetRouting", "", b""))
 
     def reload(self) -> None:
         """Have dom0 apply the stored rules again (``admin.vm.firewall.Reload``)."""

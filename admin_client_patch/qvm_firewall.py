@@ -147,6 +147,7 @@ def rule_number(text: str) -> RuleNumber:
         ) from None
 
 
+
 def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
     """Usage, then ``PROG: error: MESSAGE``, as argparse prints it; exit code 2."""
     try:

@@ -119,13 +119,32 @@ def print_paths(forwards: int, paths: Mapping[int, str] | str, out: TextIO) -> N
         out.write(f"  {label}: {paths.get(number, 'path unknown')}\n")
 
 
+def print_routing(inbound: Sequence[Rule] | str, routing: Sequence[str], out: TextIO) -> None:
+    """Last, a routed qube's exposure: addresses, way in, each hop's state.
+
+    dom0 sends nothing for a qube that is not routed (``routing-method``).
+    """
+    if not routing:
+        return
+    out.write("\nRouting exposure (routing-method forward: reached at its own address):\n")
+    out.writelines(f"  {line}\n" for line in routing)
+    if isinstance(inbound, str):
+        return  # its section above says why it is not listed
+    if inbound:
+        labels = ", ".join(rule_label(RuleKind.INBOUND, n) for n in range(len(inbound)))
+        out.write(f"  admitted as inbound rules {labels} say, nothing else\n")
+    else:
+        out.write("  no inbound rule: nothing may connect to it\n")
+
+
 def list_rules(
     lists: Mapping[RuleKind, Sequence[Rule] | str],
     now: float,
     out: TextIO,
     paths: Mapping[int, str] | str = "",
+    routing: Sequence[str] = (),
 ) -> None:
-    """Upstream's outbound table, then a section per other kind in use.
+    """Upstream's outbound table, a section per other kind in use, then a routed exposure.
 
     A list given as text could not be read (an older dom0): its section
     says so instead of failing the listing.
@@ -143,6 +162,7 @@ def list_rules(
         print_table([_HEADERS[kind], *rows], out)
         if kind is RuleKind.FORWARD:
             print_paths(len(rules), paths, out)
+    print_routing(lists[RuleKind.INBOUND], routing, out)
 
 
 def _readable(firewall: QubeFirewall, kind: RuleKind) -> list[Rule] | str:
@@ -159,6 +179,14 @@ def forward_paths(firewall: QubeFirewall) -> Mapping[int, str] | str:
         return firewall.paths()
     except QubesException as err:
         return f"dom0 did not describe them ({' '.join(str(err).split())})"
+
+
+def routing_exposure(firewall: QubeFirewall) -> list[str]:
+    """dom0's description of the qube's exposure; none from a dom0 without routing."""
+    try:
+        return firewall.routing()
+    except QubesException:
+        return []
 
 
 def run(args: argparse.Namespace, now: float, out: TextIO) -> None:
@@ -196,6 +224,6 @@ def run(args: argparse.Namespace, now: float, out: TextIO) -> None:
             lists[kind] = _readable(firewall, kind)
         forwards = lists[RuleKind.FORWARD]
         paths = forward_paths(firewall) if forwards and not isinstance(forwards, str) else ""
-        list_rules(lists, now, out, paths)
+        list_rules(lists, now, out, paths, routing_exposure(firewall))
     if args.reload:
         firewall.reload()

@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 
 import nftables
 
-from agent_worker import conntrack, forwarding, inbound, outbound_flows
+from agent_worker import conntrack, forwarding, inbound, outbound_flows, routing
 from agent_worker.entries import EntryError
 from agent_worker.nft_chains import NftError
 from agent_worker.qdb_parse import (
@@ -200,6 +200,9 @@ class Worker:
         #: False once a transaction failed for no client's fault: the kernel's
         #: tables are not what ``kernel`` says, the next change rebuilds them
         self.synced = False
+        #: addresses routed through this hop from a client (agent_worker.routing),
+        #: filtered with their own rules as clients are
+        self.routed: dict[IPAddress, Source] = {}
 
     # -- reading QubesDB --------------------------------------------------
 
@@ -211,6 +214,10 @@ class Worker:
         untrusted_entries = {
             path[len(base) + 1 :]: value for path, value in self.db.multiread(base + "/").items()
         }
+        return self._resolve_source(address, untrusted_entries)
+
+    def _resolve_source(self, address: IPAddress, untrusted_entries: Mapping[str, bytes]) -> Source:
+        """A source's entries parsed and its names resolved, or Blocked and why (logged)."""
         parsed = parse_source(untrusted_entries, address.version)
         if isinstance(parsed, Blocked):
             log.error("blocking all traffic from %s: %s", address, parsed.reason)
@@ -278,17 +285,25 @@ class Worker:
 
     # -- applying ---------------------------------------------------------
 
+    def _filtered(self) -> frozenset[IPAddress]:
+        """The addresses this hop filters: its connected clients and routed addresses."""
+        return self.connected | frozenset(self.routed)
+
     def _wanted(self, address: IPAddress) -> Chains | None:
-        """A client's chains: only while it is connected and dom0 gave it rules."""
-        if address not in self.connected:
+        """A client's chains: only while it is connected (or routed) and has rules."""
+        if address not in self._filtered():
             return None
         reason = self.refused.get(address)
-        source = Blocked(reason) if reason is not None else self.sources.get(address)
+        source = self.sources.get(address, self.routed.get(address))
+        if reason is not None:
+            source = Blocked(reason)
         return None if source is None else client_chains(address, source)
 
     def _clients(self) -> set[IPAddress]:
         """Every client that has, or should have, chains."""
-        return (self.connected & self.sources.keys()) | self.kernel.clients.keys()
+        return (
+            (self.connected & self.sources.keys()) | self.routed.keys() | self.kernel.clients.keys()
+        )
 
     def _find_refused(self, changes: Mapping[IPAddress, Chains | None]) -> bool:
         """Check each changed client's chains on their own; block those nft refuses."""
@@ -321,9 +336,9 @@ class Worker:
             rebuild = not self.synced
             addresses = self._clients() if rebuild or rewrite else dirty
             changes = {address: self._wanted(address) for address in addresses}
-            target = self.kernel.with_clients(dns, self.connected, changes)
+            target = self.kernel.with_clients(dns, self._filtered(), changes)
             if rebuild:
-                target = TableState(dns, self.connected, target.clients)
+                target = TableState(dns, self._filtered(), target.clients)
                 commands = rebuild_commands(target)
             elif rewrite:
                 commands = rewrite_commands(self.kernel, target)
@@ -367,16 +382,40 @@ class Worker:
             self._end_flows(changed)
 
     def _end_flows(self, clients: Iterable[IPAddress]) -> None:
+        filtered = self._filtered()
         sources: dict[IPAddress, Source] = {
             address: Blocked(reason) if (reason := self.refused.get(address)) else source
             for address in clients
-            if address in self.connected and (source := self.sources.get(address)) is not None
+            if address in filtered
+            and (source := self.sources.get(address, self.routed.get(address))) is not None
         }
         try:
             flows = outbound_flows.flows_to_end(sources, sources, self._dns_servers(), self.tool)
             conntrack.end(flows, "outbound rules changed", self.tool)
         except conntrack.ConntrackError as err:
             log.error("cannot end the flows the new rules no longer allow: %s", err)
+
+    def set_routed(self, untrusted_routed: Mapping[IPAddress, Mapping[str, bytes]]) -> None:
+        """Filter traffic from addresses routed through a client, with their own outbound rules.
+
+        A routed qube's address reaches this hop from the vif of a ProxyVM
+        (agent_worker.routing): it counts as a client here, under the
+        rules dom0 sent along (``/qns-routing/<address>/out/``). Applies
+        only what changed.
+        """
+        routed = {
+            address: self._resolve_source(address, untrusted_entries)
+            for address, untrusted_entries in untrusted_routed.items()
+        }
+        dirty = {
+            address for address in routed.keys() | self.routed.keys()
+            if routed.get(address) != self.routed.get(address)
+        }
+        if dirty:
+            self.routed = routed
+            changed = self.apply(dirty)
+            if changed:
+                self._end_flows(changed)
 
     # -- entry points -----------------------------------------------------
 
@@ -529,8 +568,9 @@ def serve(
 
     ``watcher`` is a connection used for nothing but watches, so every event
     waits in its socket and ``select`` on it never misses one. Each of
-    ``halves`` (``/qns-forward/``, ``/qns-inbound/``) gets the events under
-    its directory, the same SIGHUP and the same clean stop; its
+    ``halves`` (``/qns-forward/``, ``/qns-inbound/``, ``/qns-routing/``)
+    gets the events under its directory, the same SIGHUP and the same
+    clean stop, and the sockets and deadline it asks to be woken for; its
     transactions are its own.
     """
     worker.init_tables()
@@ -544,7 +584,10 @@ def serve(
         half.reload()
     log.info("started")
     while not signals.stop:
-        ready = select.select([fd, signals.wake_fd], [], [])[0]
+        deadlines = [when for half in halves if (when := half.next_wake()) is not None]
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        sockets = [sock for half in halves for sock in half.fds()]
+        ready = select.select([fd, signals.wake_fd, *sockets], [], [], timeout)[0]
         signals.drain()
         if signals.stop:
             break
@@ -565,14 +608,17 @@ def serve(
             for half in halves:
                 if any(half.concerns(p) for p in paths):
                     half.handle(half.classify(paths))
-    log.info("stopping, removing the %s tables", TABLE)
-    worker.cleanup()
+        for half in halves:
+            half.wake(ready, time.monotonic())
+    # What the halves opened closes while the outbound filter still stands.
     for half in halves:
         log.info("stopping, removing the %s chains", half.KIND)
         try:
             half.remove()
         except (NftError, ValueError, KeyError) as err:
             log.error("could not remove the %s chains: %s", half.KIND, err)
+    log.info("stopping, removing the %s tables", TABLE)
+    worker.cleanup()
 
 
 def main() -> int:
@@ -587,7 +633,11 @@ def main() -> int:
     try:
         db, nft = qubesdb.QubesDB(), Nft()
         worker = Worker(db, nft)
-        halves = (forwarding.Forwarder(db, nft.run), inbound.Inbound(db, nft.run))
+        halves = (
+            forwarding.Forwarder(db, nft.run),
+            inbound.Inbound(db, nft.run),
+            routing.Router(db, nft.run, worker.set_routed),
+        )
         serve(worker, qubesdb.QubesDB(), signals, halves)
     except qubesdb.Error as err:
         log.error("QubesDB failed, leaving the ruleset as it is: %s", err)

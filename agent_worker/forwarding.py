@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -531,6 +531,19 @@ class ChainHalf:
             self.commit()
             for address in handled:
                 self._record(address)
+
+    # -- timers and sockets of a half, for the worker's select loop ----------
+
+    def fds(self) -> tuple[int, ...]:
+        """Sockets the worker should wait on for this half (none by default)."""
+        return ()
+
+    def next_wake(self) -> float | None:
+        """When (``time.monotonic()``) this half wants ``wake`` called anyway; None: never."""
+        return None
+
+    def wake(self, ready: Collection[int], now: float) -> None:
+        """Some of ``fds`` are readable, or ``next_wake`` has come (or neither: a spurious call)."""
 
     def remove(self) -> None:
         """Delete our objects and jumps in both families (clean stop, fail closed)."""

@@ -1,9 +1,9 @@
 """Run every benchmark in one process and print their tables (``make bench``).
 
 Prints the machine first (CPU count, kernel, Python, nft) so a pasted
-result says where it was made. The nft and outbound benchmarks need root
-and ``ip netns``, the outbound one also the upstream snapshot; without
-them each is reported as not run instead of failing the others.
+result says where it was made. The nft, outbound and routing benchmarks
+need root and ``ip netns``, the outbound one also the upstream snapshot;
+without them each is reported as not run instead of failing the others.
 """
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from bench import converge, cutoff, dataplane, dom0, nft, outbound, planner, rules, worker
+from bench import (
+    converge,
+    cutoff,
+    dataplane,
+    dom0,
+    nft,
+    outbound,
+    planner,
+    routing,
+    rules,
+    worker,
+)
 from bench.common import upstream_path
 
 BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
@@ -28,10 +39,11 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "dataplane": dataplane.main,
     "outbound": outbound.main,
     "cutoff": cutoff.main,
+    "routing": routing.main,
     "converge": converge.main,
 }
 #: benchmarks that need root and ``ip netns``
-IN_NAMESPACES = ("nft", "worker", "dataplane", "outbound", "cutoff", "converge")
+IN_NAMESPACES = ("nft", "worker", "dataplane", "outbound", "cutoff", "routing", "converge")
 
 
 def machine() -> str:

@@ -1,4 +1,4 @@
-"""Admin API methods ``admin.vm.firewall.Get``, ``.Set``, ``.Reload`` and ``.GetPaths``.
+"""Admin API ``admin.vm.firewall.Get``, ``.Set``, ``.Reload``, ``.GetPaths`` and ``.GetRouting``.
 
 One function, :func:`handle_call`, takes a request exactly as it comes off
 the qubesd socket (method, argument, destination, payload, all untrusted)
@@ -34,6 +34,7 @@ GET = "admin.vm.firewall.Get"
 SET = "admin.vm.firewall.Set"
 RELOAD = "admin.vm.firewall.Reload"
 GET_PATHS = "admin.vm.firewall.GetPaths"
+GET_ROUTING = "admin.vm.firewall.GetRouting"
 
 #: Argument of Get/Set -> the list it reads or replaces.
 LIST_ARGUMENTS: dict[str, RuleKind] = {kind.api_argument: kind for kind in RuleKind}
@@ -123,12 +124,26 @@ def firewall_get_paths(server: NetworkServer, qube: QubeRef, now: float) -> byte
     return "".join(lines).encode("ascii")
 
 
+def firewall_get_routing(server: NetworkServer, qube: QubeRef, now: float) -> bytes:
+    """The qube's exposure on the LAN (``routing-method forward``), one line each.
+
+    Its addresses and the way in, then (indented by two spaces) what each
+    hop reported; empty when the qube is not routed.
+    """
+    lines = []
+    for line in server.describe_routing(qube, now):
+        indent = "  " if line.startswith("  ") else ""
+        lines.append(f"{indent}{_path_text(line)}\n")
+    return "".join(lines).encode("ascii")
+
+
 #: method -> (arguments it takes, takes a payload)
 METHODS: dict[str, tuple[tuple[str, ...], bool]] = {
     GET: (tuple(LIST_ARGUMENTS), False),
     SET: (tuple(LIST_ARGUMENTS), True),
     RELOAD: (("",), False),
     GET_PATHS: (("",), False),
+    GET_ROUTING: (("",), False),
 }
 
 
@@ -177,4 +192,6 @@ def handle_call(
     if method == RELOAD:
         server.reload(qube)
         return b""
-    return firewall_get_paths(server, qube, now)
+    if method == GET_PATHS:
+        return firewall_get_paths(server, qube, now)
+    return firewall_get_routing(server, qube, now)

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from core_admin_patch.planner import FORWARD_DIR, INBOUND_DIR, INPUT_DIR, Plan
+from core_admin_patch.routing import ROUTING_DIR
 
 log = logging.getLogger("qubes.network-server")
 
@@ -39,6 +40,10 @@ class EntryWriter(Protocol):
 
     def list(self, qube: str, prefix: str) -> list[str]:
         """Paths under ``prefix`` in the qube's QubesDB; none if it is not running."""
+        ...
+
+    def read(self, qube: str, path: str) -> bytes | None:
+        """One value of the qube's QubesDB (written by the qube: untrusted); None if absent."""
         ...
 
 
@@ -105,7 +110,7 @@ class Applier:
         worst a qube can do is have its own entries rewritten.
         """
         found: dict[str, Mapping[str, str]] = {}
-        for base in (FORWARD_DIR, INBOUND_DIR):
+        for base in (FORWARD_DIR, INBOUND_DIR, ROUTING_DIR):
             for untrusted_path in self._writer.list(qube, base + "/"):
                 untrusted_name = untrusted_path[len(base) + 1 :].split("/", 1)[0]
                 try:

@@ -13,7 +13,7 @@ only connects it to qubesd, leaving upstream in charge of outbound rules:
   entries only ever see outbound rules;
 - the Admin API: ``admin.vm.firewall.Get`` and ``Set`` without argument
   run upstream's own handlers (``Set`` after our one-line check of the
-  payload); with ``+forward``/``+inbound`` they, and ``GetPaths``, are
+  payload); with ``+forward``/``+inbound`` they, ``GetPaths`` and ``GetRouting`` are
   answered by :func:`core_admin_patch.admin_api.handle_call`. ``Reload``
   stays upstream's: its ``firewall-changed`` re-plans the forwards too;
 - event handlers: every per-domain event in ``REPLAN_EVENTS`` and the
@@ -43,7 +43,14 @@ import qubes.firewall
 import qubes.vm.mix.net
 
 from core_admin_patch import errors
-from core_admin_patch.admin_api import GET, GET_PATHS, SET, handle_call, parse_set_payload
+from core_admin_patch.admin_api import (
+    GET,
+    GET_PATHS,
+    GET_ROUTING,
+    SET,
+    handle_call,
+    parse_set_payload,
+)
 from core_admin_patch.extension_core import (
     APP_EVENTS,
     CLOSE_EVENT,
@@ -126,7 +133,7 @@ def _as_qubes_exc(err: Exception, dest: Any) -> Exception:
 
 
 def _ours(api: Any, untrusted_payload: bytes) -> str:
-    """A call with an argument, or GetPaths: our handle_call, our errors as qubesd's."""
+    """A call with an argument, GetPaths or GetRouting: our handle_call, our errors as qubesd's."""
     core = NetworkServerExtension().core(api.app)
     try:
         # fire_event_for_permission runs inside, after parsing (Set: rules=)
@@ -168,8 +175,12 @@ async def vm_firewall_getpaths(self: Any, untrusted_payload: bytes = b"") -> str
     return _ours(self, untrusted_payload)
 
 
+async def vm_firewall_getrouting(self: Any, untrusted_payload: bytes = b"") -> str:
+    return _ours(self, untrusted_payload)
+
+
 def install_api_methods() -> None:
-    """Get/Set take our arguments (else run upstream's own), GetPaths is added.
+    """Get/Set take our arguments (else run upstream's own), GetPaths and GetRouting are added.
 
     The attribute names of Get and Set are upstream's, so ours replace them
     instead of making two candidates for one method name; upstream's
@@ -181,6 +192,9 @@ def install_api_methods() -> None:
     api.vm_firewall_set = _api_method(SET, None, write=True, **local)(_set(api.vm_firewall_set))
     api.vm_firewall_getpaths = _api_method(GET_PATHS, False, read=True, **local)(
         vm_firewall_getpaths
+    )
+    api.vm_firewall_getrouting = _api_method(GET_ROUTING, False, read=True, **local)(
+        vm_firewall_getrouting
     )
     for cached in ("list_all_methods", "list_methods"):  # R4.3 caches the method table
         cache_clear = getattr(getattr(api, cached, None), "cache_clear", None)

@@ -63,6 +63,9 @@ REPLAN_EVENTS: frozenset[str] = frozenset({
     "domain-feature-delete:ipv6",
     "domain-feature-set:supported-feature.qubes-network-server",
     "domain-feature-delete:supported-feature.qubes-network-server",
+    # routing exposure (core_admin_patch.routing), set on the qube or its template
+    "domain-feature-set:routing-method",
+    "domain-feature-delete:routing-method",
 })
 
 #: Events after which the qube's QubesDB is new (start) or gone (stop): what
@@ -187,6 +190,18 @@ class QdbWriter:
             log.warning("%s: QubesDB list %s failed, will look again later: %s", qube, prefix, err)
             self.failed.add(qube)
             return []
+
+    def read(self, qube: str, path: str) -> bytes | None:
+        """A value the qube wrote (a hop's routing report); None if absent or unreadable."""
+        qdb = None if qube in self.failed else self._qdb(qube)
+        if qdb is None:
+            return None
+        try:
+            value = qdb.read(path)
+        except Exception as err:  # qubesdb.Error, or the connection is gone
+            log.warning("%s: QubesDB read %s failed: %s", qube, path, err)
+            return None
+        return None if value is None else bytes(value)
 
     def _do(self, qube: str, op: str, *args: str) -> None:
         if qube in self.failed:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from core_admin_patch import planner
+from core_admin_patch import planner, routing
 from core_admin_patch.applier import Applier, EntryWriter
 from core_admin_patch.errors import QubesValueError, QubesVMError, QubesVMNotFoundError
 from firewall_rules import Rule, RuleKind, RuleLists
@@ -108,30 +108,35 @@ def ipv6_enabled(features_up_the_chain: Iterable[Mapping[str, str]]) -> bool:
     return False
 
 
-def derived_ip6(ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
-    """A qube's default IPv6 address: Qubes' prefix, then the IPv4 address as the last 32 bits.
+def derived_ip6(qid: int) -> ipaddress.IPv6Address:
+    """A qube's default IPv6 address, as qubesd's ``get_ip6_for_vm``: ``<prefix>::a89:<hex qid>``.
 
-    qubesd builds ``<prefix>::a89:<qid in hex>`` from the qid it also builds
-    ``10.137.<qid>`` from, so 10.137.0.20 gives ``fd09:24ef:4179::a89:14``
-    either way (and 10.138.x.y of a disposable gives ``::a8a:...``, as there).
+    It comes from the qid, not from the IPv4 address, so it stays when the
+    qube's ``ip`` is changed (qid 20 gives ``fd09:24ef:4179::a89:14``).
     """
-    return ipaddress.IPv6Address(int(QUBES_IPV6_PREFIX.network_address) | int(ip))
+    return ipaddress.IPv6Address(f"{QUBES_IPV6_PREFIX.network_address}a89:{qid:x}")
+
+
+#: Features read as qubesd's consumers read them, with ``check_with_template``.
+TEMPLATE_FEATURES = (planner.SUPPORT_FEATURE, routing.ROUTING_FEATURE)
 
 
 def planning_features(features: Mapping[str, str]) -> dict[str, str]:
-    """The qube's features, with the support feature as qubesd's consumers see it.
+    """The qube's features, with those of :data:`TEMPLATE_FEATURES` as qubesd sees them.
 
     qubesd keeps the ``supported-feature.*`` requests of a template-based
-    qube on its template and reads them with ``check_with_template``; a
-    plain mapping (the lab) holds the qube's own value.
+    qube on its template and reads them with ``check_with_template``, and
+    ``routing-method`` set on a template counts for its qubes (as in
+    Rudd-O's extension); a plain mapping (the lab) holds the qube's own value.
     """
     planned = dict(features)
     check_with_template = getattr(features, "check_with_template", None)
     if callable(check_with_template):
-        value = check_with_template(planner.SUPPORT_FEATURE, None)
-        planned.pop(planner.SUPPORT_FEATURE, None)
-        if value is not None:
-            planned[planner.SUPPORT_FEATURE] = str(value)
+        for feature in TEMPLATE_FEATURES:
+            value = check_with_template(feature, None)
+            planned.pop(feature, None)
+            if value is not None:
+                planned[feature] = str(value)
     return planned
 
 
@@ -213,6 +218,7 @@ class NetworkServer:
 
     def __init__(self, host: DomHost, writer: EntryWriter) -> None:
         self._host = host
+        self._writer = writer
         self._applier = Applier(writer)
 
     # --- planning ---------------------------------------------------------------
@@ -243,7 +249,7 @@ class NetworkServer:
         """Re-plan everything and write the differences; returns the next expiry."""
         snapshot = self.snapshot(now)
         running = [q.name for q in snapshot.qubes.values() if q.running]
-        self._applier.apply(planner.plan(snapshot), running)
+        self._applier.apply(routing.plan(snapshot), running)
         return planner.next_expiry(snapshot)
 
     def drop_shutdown_rules(self, name: str) -> bool:
@@ -314,12 +320,17 @@ class NetworkServer:
         self._host.reload(self._domain(qube))
 
     def describe_forwards(self, qube: QubeRef, now: float) -> dict[int, str]:
-        """Path of each forward rule of the qube in force at ``now``.
+        """Path of each forward rule of the qube in force at ``now``, and the hops' refusals.
 
         Keys are positions in its forward list (expired rules included).
         """
         with self._planned(qube):
-            return planner.describe_forwards(self.snapshot(now), qube.name)
+            return planner.describe_forwards(self.snapshot(now), qube.name, self._writer.read)
+
+    def describe_routing(self, qube: QubeRef, now: float) -> list[str]:
+        """The qube's routing exposure and each hop's report (read from its QubesDB)."""
+        with self._planned(qube):
+            return routing.describe_routing(self.snapshot(now), qube.name, self._writer.read)
 
     def _domain(self, qube: QubeRef) -> DomainLike:
         try:

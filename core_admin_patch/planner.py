@@ -41,7 +41,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import ipaddress
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,10 +55,17 @@ SUPPORT_FEATURE = "supported-feature.qubes-network-server"
 FORWARD_DIR = "/qns-forward"
 INBOUND_DIR = "/qns-inbound"
 INPUT_DIR = "/qns-input"
+#: Written back by a hop's worker, per target address: the steps it leaves
+#: out because they would take a port the hop serves itself (doc/qubesdb.md).
+REFUSED_DIR = "/qns-forward_refused"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Family = Literal[4, 6]
+
+#: ``read(hop, path)``: one value of a running hop's QubesDB, which the hop
+#: writes (so untrusted); None when absent. How dom0 reads every hop report.
+HopReader = Callable[[str, str], bytes | None]
 
 
 class PlanError(Exception):
@@ -598,20 +606,9 @@ def _plan_inbound(
             f"{target.name} inbound rules: '{netvm.name}' does not advertise {SUPPORT_FEATURE}"
         )
         return []
-    resolved: list[tuple[int, Rule, dict[Family, IPNetwork | None]]] = []
-    for number, rule in inbound:
-        try:
-            resolved.append((number, rule, rule_sources(snapshot, rule)))
-        except UnresolvedSourceError as err:
-            skipped.append(f"{target.name} inbound rule {number}: {err}")
     input_entries: list[tuple[int, str]] = []
-    for family in (4, 6):
+    for family, mine in inbound_entries(snapshot, target, skipped).items():
         target_ip = address(target, family)
-        mine = [
-            (number, inbound_entry(rule, source))
-            for number, rule, sources in resolved
-            if (source := sources.get(family)) is not None
-        ]
         if target_ip is None or not mine:
             continue
         entries.setdefault(netvm.name, {})[f"{INBOUND_DIR}/{target_ip}"] = {
@@ -619,6 +616,32 @@ def _plan_inbound(
         }
         input_entries += mine
     return [value for _, value in sorted(input_entries)]
+
+
+def inbound_entries(
+    snapshot: Snapshot, target: QubeState, skipped: list[str]
+) -> dict[Family, list[tuple[int, str]]]:
+    """``target``'s inbound rules in force, per family: ``(rule number, entry value)``.
+
+    A rule applies in the families its source was resolved in; one whose
+    ``srcqube`` resolves to nothing is left out and reported in ``skipped``.
+    The same values serve its netvm, its own INPUT and, when it is routed,
+    every hop of its path (:mod:`core_admin_patch.routing`).
+    """
+    resolved: list[tuple[int, Rule, dict[Family, IPNetwork | None]]] = []
+    for number, rule in _inbound_rules(target, snapshot.now):
+        try:
+            resolved.append((number, rule, rule_sources(snapshot, rule)))
+        except UnresolvedSourceError as err:
+            skipped.append(f"{target.name} inbound rule {number}: {err}")
+    return {
+        family: [
+            (number, inbound_entry(rule, source))
+            for number, rule, sources in resolved
+            if (source := sources.get(family)) is not None
+        ]
+        for family in (4, 6)
+    }
 
 
 def _family_paths(
@@ -715,8 +738,61 @@ def next_expiry(snapshot: Snapshot) -> float | None:
     return min(times, default=None)
 
 
-def describe_forwards(snapshot: Snapshot, name: str) -> dict[int, str]:
-    """For each forward rule number of ``name``, the path it takes (for qvm-firewall)."""
+#: A hop's reasons for leaving a step out (agent_worker.hop_ports), in dom0's words.
+_REFUSAL_REASONS = {
+    "this qube listens on it": "it listens on it",
+    "its user opened it in custom-input": "its user opened it in custom-input",
+}
+_REFUSAL_LINE_RE = re.compile(r"(tcp|udp) ([1-9][0-9]{0,4})-([1-9][0-9]{0,4}): ([a-z -]{1,40})")
+
+
+def refused_steps(untrusted_value: bytes) -> dict[tuple[str, PortRange], str] | None:
+    """The steps a hop's report says it left out, each with dom0's words for why.
+
+    The hop writes the report (``PROTO FIRST-LAST: why`` a line) in its own
+    QubesDB: a line counts only in exactly that form with a known reason,
+    and one that does not makes the whole report unreadable (None), so no
+    text of the hop's own ever reaches the user.
+    """
+    refused = {}
+    for untrusted_line in untrusted_value.decode("ascii", "replace").split("\n"):
+        match = _REFUSAL_LINE_RE.fullmatch(untrusted_line)
+        why = None if match is None else _REFUSAL_REASONS.get(match.group(4))
+        if match is None or why is None:
+            return None
+        ports = PortRange(int(match.group(2)), int(match.group(3)))
+        refused[(match.group(1), ports)] = why
+    return refused
+
+
+def _refusals(snapshot: Snapshot, path: ForwardPath, read_report: HopReader) -> list[str]:
+    """Each running hop (edge first) that reports refusing its step of ``path``, and why."""
+    marks = []
+    for step in reversed(path.steps):
+        if not snapshot.qubes[step.hop].running:
+            continue  # no QubesDB, no report
+        untrusted_value = read_report(step.hop, f"{REFUSED_DIR}/{path.steps[0].to}")
+        if not untrusted_value:
+            continue
+        refused = refused_steps(untrusted_value)
+        if refused is None:
+            marks.append(f"{step.hop} may have refused it: its report is unreadable")
+            continue
+        why = refused.get((step.proto, step.ports))
+        if why is not None:
+            marks.append(
+                f"REFUSED by {step.hop}: {step.proto}/{step.ports.describe()} is its own ({why})"
+            )
+    return marks
+
+
+def describe_forwards(snapshot: Snapshot, name: str, read_report: HopReader) -> dict[int, str]:
+    """For each forward rule number of ``name``, the path it takes (for qvm-firewall).
+
+    A path whose step a hop refused (it would take a port the hop serves,
+    reported under :data:`REFUSED_DIR`) says so, naming the hop and why:
+    the forward then does not work, and only the hop knows it.
+    """
     target = snapshot.qubes[name]
     described = {}
     for number, rule in _forward_rules(target, snapshot.now):
@@ -727,5 +803,10 @@ def describe_forwards(snapshot: Snapshot, name: str) -> dict[int, str]:
         text = paths[0].describe()
         if len(paths) == 2:
             text += f" (IPv6: {paths[1].steps[0].to} too)"
-        described[number] = text
+        marks: list[str] = []
+        for index, family_path in enumerate(paths):
+            for mark in _refusals(snapshot, family_path, read_report):
+                if mark not in marks:
+                    marks.append(mark if index == 0 else f"{mark} (IPv6)")
+        described[number] = "; ".join([text, *marks])
     return described

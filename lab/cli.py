@@ -5,7 +5,7 @@
     qubes-lab status                   qubes, addresses, vifs, processes
     qubes-lab exec QUBE -- CMD...      run CMD in a qube, a LAN host, or dom0
     qubes-lab start|stop|restart QUBE  qube life cycle
-    qubes-lab set QUBE netvm NAME|none / ip ADDR / provides_network true|false
+    qubes-lab set QUBE netvm NAME|none / ip ADDR / ip6 ADDR|none / provides_network true|false
     qubes-lab features QUBE NAME VALUE|--unset   e.g. features sys-net ipv6 1
 
 The state lives in ``$QUBES_LAB_DIR`` (default /run/qubes-lab). Point
@@ -49,11 +49,12 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--force", action="store_true",
                              help="also when other running qubes use it as netvm")
     prefs = commands.add_parser(
-        "set", help="change netvm or ip (re-wiring live), or provides_network"
+        "set", help="change netvm, ip or ip6 (re-wiring live), or provides_network"
     )
     prefs.add_argument("qube")
-    prefs.add_argument("property", choices=("netvm", "ip", "provides_network"))
+    prefs.add_argument("property", choices=("netvm", "ip", "ip6", "provides_network"))
     prefs.add_argument("value", help="netvm: a qube name or 'none'; ip: an IPv4 address;"
+                       " ip6: an IPv6 address, or 'none' for the derived one;"
                        " provides_network: true or false")
     features = commands.add_parser(
         "features", help="set or unset a feature like qvm-features (ipv6 re-wires live)"

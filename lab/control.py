@@ -284,7 +284,7 @@ class Lab:
         self._call("restart-service", name=qube, service=service)
 
     def set(self, qube: str, prop: str, value: str) -> None:
-        """``qvm-prefs``-like: ``netvm`` (a name or ``none``), ``ip`` or ``provides_network``."""
+        """As ``qvm-prefs``: ``netvm`` (name or ``none``), ``ip``, ``ip6``, ``provides_network``."""
         self._call("set", name=qube, prop=prop, untrusted_value=value)
 
     def set_netvm(self, qube: str, netvm: str | None) -> None:

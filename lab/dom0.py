@@ -207,7 +207,7 @@ class Dom0:
             return None
         if not ipv6_enabled(q.features for q in self.topology.netvm_chain(name)):
             return None
-        return qube.ip6 or derived_ip6(qube.ip)
+        return qube.ip6 or derived_ip6(qube.qid)
 
     def _gateway6_of(self, client: Qube) -> ipaddress.IPv6Address | None:
         """``/qubes-gateway6``: the netvm's IPv6 address, when IPv6 is on for both."""
@@ -481,8 +481,10 @@ class Dom0:
         self.start(name)
 
     def set_property(self, name: str, prop: str, untrusted_value: str) -> None:
-        """``qvm-prefs NAME netvm|ip|provides_network VALUE``, re-wiring a running qube live.
+        """``qvm-prefs NAME netvm|ip|ip6|provides_network VALUE``, re-wiring a running qube live.
 
+        ``ip6`` replaces the derived IPv6 address (used while IPv6 is on for
+        the qube); ``none`` or ``''`` goes back to the derived one.
         ``provides_network`` changes what dom0 plans at once; as on Qubes, a
         running qube starts (or stops) serving as a netvm at its next start.
         """
@@ -494,15 +496,19 @@ class Dom0:
         elif prop == "netvm":
             new_netvm = None if untrusted_value in ("none", "") else untrusted_value
             self._change(qube, "netvm", new_netvm)
-        elif prop == "ip":
+        elif prop in ("ip", "ip6"):
+            kind = ipaddress.IPv4Address if prop == "ip" else ipaddress.IPv6Address
+            if prop == "ip6" and untrusted_value in ("none", ""):
+                self._change(qube, prop, None)
+                return
             try:
-                address = ipaddress.IPv4Address(untrusted_value)
+                address = kind(untrusted_value)
             except ValueError as err:
-                raise Dom0Error(f"{name}: invalid ip: {err}") from None
-            self._change(qube, "ip", address)
+                raise Dom0Error(f"{name}: invalid {prop}: {err}") from None
+            self._change(qube, prop, address)
         else:
             raise Dom0Error(
-                f"cannot set {prop!r}: only netvm, ip and provides_network can be changed"
+                f"cannot set {prop!r}: only netvm, ip, ip6 and provides_network can be changed"
             )
 
     def set_feature(self, name: str, feature: str, value: str | None = None) -> None:
@@ -725,6 +731,11 @@ class _EntryWriter:
         if not self._dom0.runtime[qube].running:
             return []
         return list(self._dom0.qdb(qube).list(prefix))
+
+    def read(self, qube: str, path: str) -> bytes | None:
+        if not self._dom0.runtime[qube].running:
+            return None
+        return self._dom0.qdb(qube).read(path)
 
 
 async def _serve_control(

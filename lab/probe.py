@@ -1,10 +1,11 @@
-"""Tiny traffic tool for lab namespaces (stdlib only).
+"""Tiny traffic tool for lab namespaces (stdlib, and the agent's ARP/NDP frames for ``neigh``).
 
     python -m lab.probe serve tcp|udp PORT [--reply TEXT] [--bind ADDR]
     python -m lab.probe connect tcp|udp HOST PORT [--timeout S] [--source ADDR]
     python -m lab.probe scan tcp HOST PORTS [--timeout S]
     python -m lab.probe echo tcp|udp PORT [--bind ADDR]
     python -m lab.probe talk tcp|udp HOST PORT [--interval S]
+    python -m lab.probe neigh IFACE ADDRESS --source ADDR [--timeout S]
 
 ``serve`` prints ``listening PROTO PORT`` once ready, then ``peer ADDR PORT``
 for each connection or datagram, and answers each with the reply text.
@@ -15,6 +16,8 @@ sends back whatever it gets (each datagram, for UDP); ``talk`` keeps one
 flow to such a server going, sending a line every interval and printing
 ``echo TIME`` (wall clock) for each answer, so a test sees when a live flow
 stops passing.
+``neigh`` asks on IFACE who has ADDRESS (an ARP request, or a neighbour
+solicitation, from ADDR) and prints the MAC of each machine that answers.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import ipaddress
+import select
 import selectors
 import socket
 import sys
 import time
+
+from agent_worker import neighbours
 
 #: Lets ``connect --source`` bind and route from an address the namespace
 #: does not hold, which is how the tests send spoofed packets (Linux
@@ -216,6 +223,31 @@ def scan(host: str, ports: list[int], timeout: float) -> list[int]:
     return sorted(open_ports)
 
 
+def neigh(iface: str, address: str, source: str, timeout: float) -> list[str]:
+    """MACs that answer "who has ``address``" on ``iface``, asked from ``source``."""
+    target, sender = ipaddress.ip_address(address), ipaddress.ip_address(source)
+    link = neighbours.Link(iface)
+    try:
+        if target.version != sender.version:
+            raise ValueError("ADDRESS and --source must be of the same family")
+        if isinstance(target, ipaddress.IPv4Address):
+            frame = neighbours.arp_frame(1, link.mac, ipaddress.IPv4Address(sender), b"\x00" * 6,
+                                         target)
+        else:
+            frame = neighbours.solicitation(link.mac, target, ipaddress.IPv6Address(sender))
+        link.send(frame)
+        answered: list[str] = []
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            select.select(list(link.fds()), [], [], remaining)
+            for claim in link.receive():
+                if claim.address == target and not claim.probe and claim.mac not in answered:
+                    answered.append(claim.mac)
+        return answered
+    finally:
+        link.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="probe", description="lab traffic tool")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     p_scan.add_argument("host")
     p_scan.add_argument("ports")
     p_scan.add_argument("--timeout", type=float, default=1.0)
+    p_neigh = commands.add_parser("neigh", help="who answers ARP/NDP for an address")
+    p_neigh.add_argument("iface")
+    p_neigh.add_argument("address")
+    p_neigh.add_argument("--source", required=True, help="the asker's own address")
+    p_neigh.add_argument("--timeout", type=float, default=0.5)
     args = parser.parse_args(argv)
     if args.command == "serve":
         with contextlib.suppress(KeyboardInterrupt):
@@ -270,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no reply: {err}", file=sys.stderr)
             return 1
         print(reply.decode(errors="replace"))
+        return 0
+    if args.command == "neigh":
+        try:
+            answered = neigh(args.iface, args.address, args.source, args.timeout)
+        except (ValueError, OSError) as err:
+            parser.error(str(err))
+        for mac in answered:
+            print(mac)
         return 0
     try:
         ports = parse_ports(args.ports)

@@ -7,8 +7,12 @@ trust names (they become namespace and interface names) and addresses.
 
 IPv6 is optional: ``[lan] network6``/``gateway6``, IPv6 addresses and
 routes of LAN hosts, ``uplink6`` of the edge netvm. Qubes get IPv6 the Qubes
-way, from the ``ipv6`` feature (dom0 derives their addresses); ``ip6`` only
-overrides the derived address.
+way, from the ``ipv6`` feature (dom0 derives their addresses from their
+qids); ``ip6`` only overrides the derived address.
+
+Every qube has a qid, fixed at load: ``qid`` if given, else the one
+qubesd would have given a qube whose default IPv4 address is its ``ip``,
+else the lowest unused one (as qubesd numbers a new qube).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ _NAME_RE = re.compile(r"\A[a-zA-Z][a-zA-Z0-9_-]{0,30}\Z")
 RESERVED_NAMES = frozenset({"dom0", "lan-switch", "none", "default"})
 
 DEFAULT_TOPOLOGY = Path(__file__).with_name("topologies") / "default.toml"
+
+#: qubesd's highest qid (qubes.config.max_qid); 0 is dom0's.
+MAX_QID = 10000
+#: Where qubesd puts a qube's default IPv4 address (its ``vmid_to_ipv4`` prefix).
+QUBES_IPV4_NETWORK = ipaddress.IPv4Network("10.137.0.0/16")
 
 
 class TopologyError(Exception):
@@ -66,11 +75,12 @@ class Lan:
 
 @dataclass
 class Qube:
-    """One qube; ``netvm`` and ``ip`` change at run time like qvm-prefs does."""
+    """One qube; ``netvm`` and ``ip`` change at run time like qvm-prefs does, ``qid`` never."""
 
     name: str
     netvm: str | None
     ip: ipaddress.IPv4Address
+    qid: int
     provides_network: bool = False
     autostart: bool = True
     features: dict[str, str] = field(default_factory=dict)
@@ -137,6 +147,7 @@ def _qube_dict(qube: Qube) -> dict[str, Any]:
         "name": qube.name,
         "netvm": qube.netvm or "none",
         "ip": str(qube.ip),
+        "qid": qube.qid,
         "provides_network": qube.provides_network,
         "autostart": qube.autostart,
         "features": dict(qube.features),
@@ -175,13 +186,14 @@ def parse_topology(data: dict[str, Any]) -> Topology:
         if qube.name in qubes:
             raise TopologyError(f"qube {qube.name!r} is defined twice")
         qubes[qube.name] = qube
+    _number(list(qubes.values()))
     topology = Topology(lan, qubes)
     validate(topology)
     return topology
 
 
 def validate(topology: Topology) -> None:
-    """Cross-checks: references, roles, loops, address clashes.
+    """Cross-checks: references, roles, loops, qid and address clashes.
 
     Also run by dom0 before a live change (netvm, ip) is accepted.
     """
@@ -191,6 +203,13 @@ def validate(topology: Topology) -> None:
     for name in names:
         if names.count(name) > 1:
             raise TopologyError(f"name {name!r} is used by more than one qube or LAN host")
+    qids: dict[int, str] = {}
+    for qube in topology.qubes.values():
+        if qube.qid in qids:
+            raise TopologyError(
+                f"qid {qube.qid} is given to both {qids[qube.qid]!r} and {qube.name!r}"
+            )
+        qids[qube.qid] = qube.name
     for qube in topology.qubes.values():
         _check_qube_links(topology, qube)
     seen: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
@@ -203,7 +222,7 @@ def validate(topology: Topology) -> None:
                     f"address {address} is given to both {seen[address]!r} and {qube.name!r}"
                 )
             seen[address] = qube.name
-    _check_lan(topology, seen)
+    _check_lan(topology)
 
 
 def _check_qube_links(topology: Topology, qube: Qube) -> None:
@@ -230,9 +249,13 @@ def _check_qube_links(topology: Topology, qube: Qube) -> None:
         )
 
 
-def _check_lan(
-    topology: Topology, qube_addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str]
-) -> None:
+def _check_lan(topology: Topology) -> None:
+    """LAN hosts and uplinks on the LAN, each address once.
+
+    A qube may hold an address of the LAN (as on Qubes, where dom0 knows
+    nothing of the LAN): that is how a routed qube is exposed, and one that
+    another LAN host holds is a conflict its edge must detect.
+    """
     lan = topology.lan
     uplinks = [q for q in topology.qubes.values() if q.uplink or q.uplink6]
     if lan is None:
@@ -258,12 +281,6 @@ def _check_lan(
                 f"and {owner!r}"
             )
         taken[interface.ip] = owner
-    for address, name in qube_addresses.items():
-        for network in (lan.network, lan.network6):
-            if network is not None and address in network:
-                raise TopologyError(
-                    f"qube {name!r}: address {address} is inside the LAN network {network}"
-                )
     if lan.gateway is not None and lan.gateway not in lan.network:
         raise TopologyError(f"LAN gateway {lan.gateway} is not in the LAN network {lan.network}")
     if lan.gateway6 is not None and (lan.network6 is None or lan.gateway6 not in lan.network6):
@@ -385,8 +402,42 @@ def _parse_host(
 
 
 _QUBE_KEYS = (
-    "netvm", "provides_network", "autostart", "features", "uplink", "ip6", "uplink6",
+    "netvm", "provides_network", "autostart", "features", "uplink", "ip6", "uplink6", "qid",
 )
+
+
+def default_qid(ip: ipaddress.IPv4Address) -> int | None:
+    """The qid whose qubesd default IPv4 address is ``ip``; None if no qid has it.
+
+    qubesd gives qid N ``10.137.0.N`` below 255, and from 255 on skips the
+    .0 and .255 host bytes (qid 255 is ``10.137.1.1``); this is that rule
+    backwards.
+    """
+    if ip not in QUBES_IPV4_NETWORK:
+        return None
+    high, low = divmod(int(ip) & 0xFFFF, 256)
+    qid = high * 254 + low
+    return qid if 1 <= low <= 254 and qid <= MAX_QID else None
+
+
+def _number(qubes: list[Qube]) -> None:
+    """Qubes without a qid get the lowest unused ones, in order, as qubesd's new qubes do."""
+    taken = {qube.qid for qube in qubes}
+    free = (qid for qid in range(1, MAX_QID + 1) if qid not in taken)
+    for qube in qubes:
+        if qube.qid == 0:
+            qube.qid = next(free)
+
+
+def _qid(where: str, untrusted_qid: object) -> int:
+    """A qid given in the file: an integer a qube can have in qubesd (not dom0's 0)."""
+    if (
+        not isinstance(untrusted_qid, int)
+        or isinstance(untrusted_qid, bool)
+        or not 1 <= untrusted_qid <= MAX_QID
+    ):
+        raise TopologyError(f"{where}: qid must be an integer from 1 to {MAX_QID}")
+    return untrusted_qid
 
 
 def _parse_qube(data: object) -> Qube:
@@ -401,10 +452,13 @@ def _parse_qube(data: object) -> Qube:
         isinstance(v, str) for v in untrusted_features.values()
     ):
         raise TopologyError(f"{where}: features must be a table of strings")
+    ip = _parse(f"{where} ip", ipaddress.IPv4Address, data["ip"])
     qube = Qube(
         name=name,
         netvm=netvm,
-        ip=_parse(f"{where} ip", ipaddress.IPv4Address, data["ip"]),
+        ip=ip,
+        # 0 (dom0's, never a qube's): none yet, _number gives one
+        qid=_qid(where, data["qid"]) if "qid" in data else default_qid(ip) or 0,
         provides_network=_bool(f"{where} provides_network", data.get("provides_network", False)),
         autostart=_bool(f"{where} autostart", data.get("autostart", True)),
         features=dict(untrusted_features),

@@ -68,6 +68,9 @@ class NoQubesDB:
     def list(self, qube: str, prefix: str) -> list[str]:
         return []
 
+    def read(self, qube: str, path: str) -> bytes | None:
+        raise AssertionError(f"read from the QubesDB of stopped {qube}")
+
 
 @dataclass
 class FileHost:

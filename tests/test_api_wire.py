@@ -313,6 +313,20 @@ def test_get_paths_success_frame_exact(dom0: Dom0) -> None:
     assert call(dom0, "admin.vm.firewall.GetPaths", "web") == b"0\0"
 
 
+def test_get_routing_success_frame_exact(dom0: Dom0) -> None:
+    assert call(dom0, "admin.vm.firewall.GetRouting", "web") == b"0\0"  # not routed
+    dom0.host.qubes["web"].features["routing-method"] = "forward"
+    assert call(dom0, "admin.vm.firewall.GetRouting", "web") == (
+        b"0\0not exposed: 'web' is not running\n"
+    )
+    assert call(dom0, "admin.vm.firewall.GetRouting", "web", b"x").startswith(
+        b"2\0ProtocolError\0"
+    )
+    assert call(dom0, "admin.vm.firewall.GetRouting", "web", arg="forward").startswith(
+        b"2\0ProtocolError\0"
+    )
+
+
 def test_get_paths_refuses_payload_with_a_framed_error(dom0: Dom0) -> None:
     reply = call(dom0, "admin.vm.firewall.GetPaths", "web", b"x")
     assert reply.startswith(b"2\0ProtocolError\0\0")

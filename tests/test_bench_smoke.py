@@ -12,7 +12,18 @@ from __future__ import annotations
 import pytest
 from conftest import upstream_dir
 
-from bench import converge, cutoff, dataplane, dom0, nft, outbound, planner, rules, worker
+from bench import (
+    converge,
+    cutoff,
+    dataplane,
+    dom0,
+    nft,
+    outbound,
+    planner,
+    routing,
+    rules,
+    worker,
+)
 from lab.control import Lab
 
 
@@ -84,3 +95,10 @@ def test_cutoff_benchmark_runs_in_its_own_lab() -> None:
     assert [row[:2] for row in rows] == [
         ["del", "tcp"], ["del", "udp"], ["stop", "tcp"], ["stop", "udp"]
     ]
+
+
+@pytest.mark.lab
+def test_routing_benchmark_runs_its_own_lab(capfd: pytest.CaptureFixture[str]) -> None:
+    assert routing.main(["--seconds", "0.1", "--runs", "1"]) == 0
+    rows = [line for line in capfd.readouterr().out.splitlines() if line.startswith("|")]
+    assert [row.split("|")[1].strip() for row in rows[2:]] == [p[0] for p in routing.PATHS]

@@ -56,6 +56,12 @@ class FakeQdb:
             raise OSError("qubesdb gone")
         return sorted(path for path in self.data if path.startswith(prefix))
 
+    def read(self, path: str) -> bytes | None:
+        if self.broken:
+            raise OSError("qubesdb gone")
+        value = self.data.get(path)
+        return None if value is None else value.encode()
+
 
 class FakeFirewall:
     """``vm.firewall`` as extension.NetworkServerFirewall is to the core: three lists, save()."""
@@ -502,3 +508,55 @@ def test_load_schedules_one_startup_refresh_that_reconciles_and_arms_expiry(
     assert any("2222" in value for value in entries.values())
     assert system.core.timer is not None and system.core.timer.expiry == int(NOW) + 60
     assert loop.handles[-1].when == pytest.approx(loop.now + 60 + EXPIRY_SLACK)
+
+
+def test_routing_method_set_on_the_template_counts(system: System) -> None:
+    # As Rudd-O's extension reads it: check_with_template, the qube's own value first.
+    template = FakeVM("fedora", "", klass="TemplateVM",
+                      features=TemplateFeatures(**{"routing-method": "forward"}))
+    web = system.vms["web"]
+    web.features = TemplateFeatures(template, **{SUPPORT_FEATURE: "1"})
+    web.ip = ipaddress.IPv4Address("192.0.2.25")
+    system.core.refresh()
+    assert "/qns-routing/192.0.2.25" in system.vms["sys-net"].untrusted_qdb.data
+    web.features = TemplateFeatures(template, **{SUPPORT_FEATURE: "1", "routing-method": ""})
+    system.core.refresh()
+    assert "/qns-routing/192.0.2.25" not in system.vms["sys-net"].untrusted_qdb.data
+    assert "domain-feature-set:routing-method" in REPLAN_EVENTS
+    assert "domain-feature-delete:routing-method" in REPLAN_EVENTS
+
+
+def test_get_routing_reads_each_hops_report_from_its_qubesdb(system: System) -> None:
+    web = system.vms["web"]
+    web.features = {SUPPORT_FEATURE: "1", "routing-method": "forward"}
+    web.ip = ipaddress.IPv4Address("192.0.2.25")
+    system.vms["sys-net"].untrusted_qdb.data["/qns-routing_status/192.0.2.25"] = (
+        "state=exposed iface=eth0"
+    )
+    system.vms["sys-firewall"].untrusted_qdb.broken = True  # a hop going down
+    assert api(system, "admin.vm.firewall.GetRouting", "", "web") == (
+        b"192.0.2.25: LAN -> sys-net -> sys-firewall -> web\n"
+        b"  sys-net: exposed on eth0, answering for the address\n"
+        b"  sys-firewall: no report yet\n"
+    )
+    assert api(system, "admin.vm.firewall.GetRouting", "", "sys-net") == b""
+
+
+def test_get_paths_reads_each_hops_refusal_from_its_qubesdb(system: System) -> None:
+    """As GetRouting: the hop's report read from its QubesDB, shown only in dom0's words."""
+    api(system, "admin.vm.firewall.Set", "forward", "web", f"{FORWARD}\n")
+    path = (b"0 sys-net uplink addresses tcp/8443 -> sys-firewall (10.137.0.6) tcp/8443"
+            b" -> web (10.137.0.20) tcp/443")
+    assert api(system, "admin.vm.firewall.GetPaths", "", "web") == path + b"\n"
+    net = system.vms["sys-net"]
+    report = "/qns-forward_refused/10.137.0.20"
+    net.untrusted_qdb.data[report] = "tcp 8443-8443: its user opened it in custom-input"
+    assert api(system, "admin.vm.firewall.GetPaths", "", "web") == path + (
+        b"; REFUSED by sys-net: tcp/8443 is its own (its user opened it in custom-input)\n"
+    )
+    net.untrusted_qdb.data[report] = "tcp 8443-8443: \x1b]0;owned\x07 its user opened it"
+    assert api(system, "admin.vm.firewall.GetPaths", "", "web") == path + (
+        b"; sys-net may have refused it: its report is unreadable\n"
+    )
+    net.untrusted_qdb.broken = True  # going down: no report, the path alone
+    assert api(system, "admin.vm.firewall.GetPaths", "", "web") == path + b"\n"

@@ -118,6 +118,12 @@ def test_get_set_take_our_arguments_reload_stays_upstreams(qubes: Any, app: Any)
     assert call_api(app, "admin.vm.firewall.GetPaths", "web").startswith(
         "0 sys-net uplink addresses tcp/8443 -> sys-firewall"
     )
+    assert api.vm_firewall_getrouting.rpcnames == (("admin.vm.firewall.GetRouting", None),)
+    assert call_api(app, "admin.vm.firewall.GetRouting", "web") == ""  # not routed
+    app.domains["tpl"].features["routing-method"] = "forward"  # its template's counts
+    assert call_api(app, "admin.vm.firewall.GetRouting", "web") == (
+        "not exposed: 'web' is not running\n"
+    )
     with pytest.raises(qubes.exc.ProtocolError):
         call_api(app, "admin.vm.firewall.Get", "web", "outbound")
     with pytest.raises(qubes.exc.ProtocolError):
@@ -257,6 +263,26 @@ def test_a_disposable_never_takes_its_templates_forwarded_port(qubes: Any, app: 
     add_qube(app, "copy", netvm=web.netvm)
     set_rules(app, "copy", get(app, "web"))
     assert get(app, "copy", "forward") == ""
+
+
+def test_hop_reports_are_read_from_the_hops_qubesdb_as_qubesd_holds_it(
+    qubes: Any, app: Any
+) -> None:
+    """GetPaths and GetRouting read a running hop's ``vm.untrusted_qdb``, upstream's handle."""
+    set_rules(app, "web", f"{FORWARD}\n", "forward")
+    app.domains["tpl"].features["routing-method"] = "forward"
+    qdbs = {vm.name: run(vm) for vm in app.domains if vm.name not in ("dom0", "tpl")}
+    web = app.domains["web"]
+    net = qdbs["sys-net"].data
+    net[f"/qns-forward_refused/{web.ip}"] = "tcp 8443-8443: this qube listens on it"
+    net[f"/qns-routing_status/{web.ip}"] = "state=outside"
+    assert call_api(app, "admin.vm.firewall.GetPaths", "web").endswith(
+        "; REFUSED by sys-net: tcp/8443 is its own (it listens on it)\n"
+    )
+    assert call_api(app, "admin.vm.firewall.GetRouting", "web").splitlines()[1:] == [
+        "  sys-net: NOT exposed: the address is in no network of its uplink",
+        "  sys-firewall: no report yet",
+    ]
 
 
 def test_r3_compatibility_never_sees_forward_or_inbound_rules(

@@ -14,7 +14,13 @@ from core_admin_patch.network_server import (
     ipv6_enabled,
     qube_state,
 )
-from lab.topology import DEFAULT_TOPOLOGY, TopologyError, load_topology, parse_topology
+from lab.topology import (
+    DEFAULT_TOPOLOGY,
+    TopologyError,
+    default_qid,
+    load_topology,
+    parse_topology,
+)
 
 
 @pytest.mark.parametrize(
@@ -37,18 +43,36 @@ def test_ipv6_enabled_follows_check_with_netvm(
 
 
 @pytest.mark.parametrize(
-    ("ip", "ip6"),
-    [
-        ("10.137.0.20", "fd09:24ef:4179::a89:14"),
-        ("10.137.0.5", "fd09:24ef:4179::a89:5"),
-        ("10.137.1.2", "fd09:24ef:4179::a89:102"),  # qid 258
-        ("10.138.0.7", "fd09:24ef:4179::a8a:7"),  # a disposable
+    ("qid", "ip", "ip6"),
+    [  # qubesd's default ip and ip6 of a qube with that qid (vmid_to_ipv4, get_ip6_for_vm)
+        (20, "10.137.0.20", "fd09:24ef:4179::a89:14"),
+        (5, "10.137.0.5", "fd09:24ef:4179::a89:5"),
+        (254, "10.137.0.254", "fd09:24ef:4179::a89:fe"),
+        (255, "10.137.1.1", "fd09:24ef:4179::a89:ff"),  # .0 and .255 skipped from here on
+        (258, "10.137.1.4", "fd09:24ef:4179::a89:102"),  # not the IPv4 address's last bits
+        (10000, "10.137.39.94", "fd09:24ef:4179::a89:2710"),  # qubesd's max_qid
     ],
 )
-def test_derived_ip6_matches_qubesd_addresses(ip: str, ip6: str) -> None:
-    address = derived_ip6(ipaddress.IPv4Address(ip))
+def test_ip6_comes_from_the_qid_as_qubesd_derives_it(qid: int, ip: str, ip6: str) -> None:
+    address = derived_ip6(qid)
     assert str(address) == ip6
     assert address in QUBES_IPV6_PREFIX
+    assert default_qid(ipaddress.IPv4Address(ip)) == qid
+
+
+@pytest.mark.parametrize(
+    "ip", ["10.137.0.0", "10.137.0.255", "10.137.1.0", "10.137.39.95", "10.138.0.7", "10.0.0.5"]
+)
+def test_an_ip_no_qid_gets_by_default_has_no_default_qid(ip: str) -> None:
+    assert default_qid(ipaddress.IPv4Address(ip)) is None
+
+
+def test_a_qube_keeps_its_qid_and_ip6_when_its_ip_changes() -> None:
+    topology = load_topology(DEFAULT_TOPOLOGY)
+    web = topology.qubes["web"]
+    assert web.qid == 20
+    web.ip = ipaddress.IPv4Address("10.137.0.30")
+    assert parse_topology(topology.to_dict()).qubes["web"].qid == 20  # as topology.json has it
 
 
 def test_qube_state_carries_ip6_when_the_domain_has_one() -> None:
@@ -76,6 +100,11 @@ def test_default_topology_has_ipv6_on_sys_net_and_a_one_hop_qube() -> None:
     ]
 
 
+def test_a_qube_may_take_a_lan_ipv6_address() -> None:
+    data = _with(lambda d: _qube(d, "web").update(ip6="2001:db8::20"))
+    assert str(parse_topology(data).qubes["web"].ip6) == "2001:db8::20"
+
+
 def _with(change: Any) -> dict[str, Any]:
     data = load_topology(DEFAULT_TOPOLOGY).to_dict()
     change(data)
@@ -97,7 +126,6 @@ def _qube(data: dict[str, Any], name: str) -> dict[str, Any]:
         (lambda d: d["lan"]["hosts"][0].update(routes=["fd09::/64 via 2001:db9::2"]),
          "is not on the LAN"),
         (lambda d: (d["lan"].pop("network6"), d["lan"].pop("gateway6")), "has no network6"),
-        (lambda d: _qube(d, "web").update(ip6="2001:db8::20"), "inside the LAN network"),
     ],
 )
 def test_broken_ipv6_topologies_are_refused(change: Any, message: str) -> None:

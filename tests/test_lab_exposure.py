@@ -132,9 +132,11 @@ def test_a_source_that_starts_providing_network_is_dropped_and_reported(api: Lab
     wait_for(lambda: reaches(api, "work", "10.137.0.20", 22, "web", 22), "work admitted again")
 
 
-WEB = "10.137.0.20"
+WEB, WEB6 = "10.137.0.20", "fd09:24ef:4179::a89:14"
 SSH_FORWARD = ("action=forward", "forwardtype=external", "proto=tcp", "srcports=22",
                "dstports=22")
+MOVED_SSH_FORWARD = ("action=forward", "forwardtype=external", "proto=tcp", "srcports=2222",
+                     "dstports=22")
 
 
 def custom_input(lab: Lab, qube: str, *rule: str) -> None:
@@ -147,8 +149,21 @@ def refusal(lab: Lab, hop: str) -> str:
     return "" if value is None else value.decode()
 
 
-def test_a_forward_never_takes_a_service_of_the_edge(api: Lab) -> None:
-    """sys-net serves SSH to the LAN (opened in custom-input); web asks for port 22."""
+def listing(capsys: pytest.CaptureFixture[str], qube: str) -> str:
+    """What ``qvm-firewall QUBE list`` prints."""
+    capsys.readouterr()
+    firewall(qube, "list")
+    return capsys.readouterr().out
+
+
+def test_a_forward_never_takes_a_service_of_the_edge(
+    api: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sys-net serves SSH to the LAN (opened in custom-input); web asks for port 22.
+
+    sys-net keeps its service, and ``qvm-firewall web list`` tells the user
+    why the forward does not work; moved to another port, it works.
+    """
     custom_input(api, "sys-net", "tcp", "dport", "22", "accept")
     try:
         with api.serve("sys-net", "tcp", 22, reply="sys-net-ssh"), \
@@ -161,8 +176,18 @@ def test_a_forward_never_takes_a_service_of_the_edge(api: Lab) -> None:
             assert api.connect("lan", "tcp", UPLINK, 22, timeout=0.5) == "sys-net-ssh"
             assert api.connect("lan", "tcp", UPLINK6, 22, timeout=0.5) is None  # v4 server
             assert refusal(api, "sys-firewall") == ""  # it serves nothing on 22
-        firewall("web", "del", *SSH_FORWARD)
-        wait_for(lambda: refusal(api, "sys-net") == "", "the report goes with the rule")
+            assert (
+                f"  forward:0: sys-net uplink addresses tcp/22 -> sys-firewall ({SYS_FIREWALL})"
+                f" tcp/22 -> web ({WEB}) tcp/22 (IPv6: {WEB6} too);"
+                " REFUSED by sys-net: tcp/22 is its own (it listens on it)\n"
+            ) in listing(capsys, "web")
+            firewall("web", "del", "--rule-no", "forward:0")
+            firewall("web", "add", *MOVED_SSH_FORWARD)
+            wait_for(lambda: api.connect("lan", "tcp", UPLINK, 2222, timeout=0.5) == "web-ssh",
+                     "the moved forward")
+            assert refusal(api, "sys-net") == ""  # the report goes with the step
+            assert "REFUSED" not in listing(capsys, "web")
+            assert api.connect("lan", "tcp", UPLINK, 22, timeout=0.5) == "sys-net-ssh"
     finally:
         api.exec("sys-net", ["nft", "flush", "chain", "ip", "qubes", "custom-input"], check=True)
 

@@ -132,10 +132,11 @@ def test_set_ip_rewires_and_moves_the_entries(lab: Lab) -> None:
     [
         ("web", "ip", "10.137.0.21", "given to both"),
         ("web", "ip", "not-an-ip", "invalid ip"),
+        ("web", "ip6", "10.137.0.99", "invalid ip6"),
         ("web", "netvm", "work", "does not provide network"),
         ("web", "netvm", "nope", "does not exist"),
         ("sys-net", "netvm", "sys-firewall", "netvm loop"),
-        ("web", "label", "red", "only netvm, ip and provides_network"),
+        ("web", "label", "red", "only netvm, ip, ip6 and provides_network"),
         ("web", "provides_network", "yes", "true or false"),
         ("sys-firewall", "provides_network", "false", "does not provide network"),
         ("nope", "ip", "10.137.0.99", "no such qube"),

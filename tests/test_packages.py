@@ -424,6 +424,7 @@ CALLS = [
     ("admin.vm.firewall.Set", "+inbound"),
     ("admin.vm.firewall.Get", "+forward"),
     ("admin.vm.firewall.GetPaths", "+"),
+    ("admin.vm.firewall.GetRouting", "+"),
     ("admin.vm.firewall.Reload", "+"),
 ]
 
@@ -475,6 +476,7 @@ def test_policy_keeps_exposing_services_apart_from_editing_outbound_rules(
     upstream_only = policy_answers(upstream, policy_dir)
     assert upstream_only[("admin.vm.firewall.Set", "+forward")] == "allow"  # why we ship one
     assert upstream_only[("admin.vm.firewall.GetPaths", "+")] == "deny"
+    assert upstream_only[("admin.vm.firewall.GetRouting", "+")] == "deny"
 
     payload = rpm_payload(built.dom0)
     for path in (POLICY, POLICY_INCLUDE):
@@ -485,6 +487,7 @@ def test_policy_keeps_exposing_services_apart_from_editing_outbound_rules(
         ("admin.vm.firewall.Set", "+inbound"): "deny",
         ("admin.vm.firewall.Get", "+forward"): "allow",
         ("admin.vm.firewall.GetPaths", "+"): "allow",
+        ("admin.vm.firewall.GetRouting", "+"): "allow",
         ("admin.vm.firewall.Reload", "+"): "allow",
     }
 

@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 from core_admin_patch.planner import (
     FORWARD_DIR,
     INPUT_DIR,
+    REFUSED_DIR,
     SUPPORT_FEATURE,
     NoNetVMError,
     Plan,
     PlanError,
     PortConflictError,
+    PortRange,
     QubeState,
     Snapshot,
     UnsupportedHopError,
@@ -30,6 +32,7 @@ from core_admin_patch.planner import (
     netvm_chain,
     next_expiry,
     plan,
+    refused_steps,
 )
 from firewall_rules import Rule, RuleLists
 
@@ -119,6 +122,11 @@ def step(
 
 def fwd(ip: str) -> str:
     return f"{FORWARD_DIR}/{ip}"
+
+
+def no_reports(hop: str, path: str) -> bytes | None:
+    """A HopReader for hops that reported nothing."""
+    return None
 
 
 # --- entries ---------------------------------------------------------------
@@ -618,7 +626,7 @@ def test_describe_forwards_text() -> None:
             ext("25", "25", extra=f"expire={int(NOW) - 1}"),
         ],
     )
-    assert describe_forwards(snapshot(web), "web") == {  # numbered in the forward list
+    assert describe_forwards(snapshot(web), "web", no_reports) == {  # numbered in the forward list
         0: (
             f"sys-net uplink addresses tcp/443 -> sys-firewall ({FW_IP}) tcp/443"
             f" -> web ({WEB_IP}) tcp/8443"
@@ -629,16 +637,66 @@ def test_describe_forwards_text() -> None:
 
 def test_describe_forwards_three_hops_and_unreachable() -> None:
     web = qube("web", "sys-vpn", WEB_IP, [ext("443", "8443")])
-    assert describe_forwards(snapshot(web), "web") == {
+    assert describe_forwards(snapshot(web), "web", no_reports) == {
         0: (
             f"sys-net uplink addresses tcp/443 -> sys-firewall ({FW_IP}) tcp/443"
             f" -> sys-vpn ({VPN_IP}) tcp/443 -> web ({WEB_IP}) tcp/8443"
         ),
     }
     orphan = qube("web", None, None, [ext("443", "8443")])
-    assert describe_forwards(snapshot(orphan), "web") == {
+    assert describe_forwards(snapshot(orphan), "web", no_reports) == {
         0: "not reachable: 'web' has no netvm: nothing can forward to it",
     }
+
+
+def test_describe_marks_the_steps_hops_refused() -> None:
+    web = qube("web", "sys-firewall", WEB_IP, [ext("22", "22"), ext("8080", "80"), ext("25", "25")])
+    reports = {
+        ("sys-net", f"{REFUSED_DIR}/{WEB_IP}"): b"tcp 22-22: this qube listens on it\n"
+                                               b"tcp 23-23: this qube listens on it",  # stale
+        ("sys-firewall", f"{REFUSED_DIR}/{WEB_IP}"): b"tcp 8080-8080: its user opened it in"
+                                                    b" custom-input",
+    }
+    described = describe_forwards(snapshot(web), "web", lambda hop, path: reports.get((hop, path)))
+    assert described[0] == (
+        f"sys-net uplink addresses tcp/22 -> sys-firewall ({FW_IP}) tcp/22 -> web ({WEB_IP})"
+        " tcp/22; REFUSED by sys-net: tcp/22 is its own (it listens on it)"
+    )
+    assert described[1].endswith(
+        "tcp/80; REFUSED by sys-firewall: tcp/8080 is its own (its user opened it in custom-input)"
+    )
+    assert "REFUSED" not in described[2]
+    reports[("sys-net", f"{REFUSED_DIR}/{WEB_IP}")] = b"tcp 22-22: \x1b[31mowned"
+    described = describe_forwards(snapshot(web), "web", lambda hop, path: reports.get((hop, path)))
+    assert described[2].endswith("; sys-net may have refused it: its report is unreadable")
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        (b"tcp 22-22: this qube listens on it", {("tcp", (22, 22)): "it listens on it"}),
+        (b"udp 5300-5301: its user opened it in custom-input\ntcp 1-1: this qube listens on it",
+         {("udp", (5300, 5301)): "its user opened it in custom-input",
+          ("tcp", (1, 1)): "it listens on it"}),
+        (b"tcp 22-22: this qube listens on it\n", None),  # an empty line
+        (b"tcp 22-22: this qube listens on it really", None),  # no reason of ours
+        (b"tcp 22-22: this qube listens on it\x1b[2J", None),
+        (b"icmp 8-8: this qube listens on it", None),
+        (b"tcp 22-22:  this qube listens on it", None),
+        (b"tcp 022-22: this qube listens on it", None),
+        (b"tcp 22-22: this qube listens on it ", None),
+        (b"tcp 22-22: th\xc3\xafs qube listens on it", None),
+        (b"tcp 22: this qube listens on it", None),
+    ],
+)
+def test_refused_steps_takes_only_the_documented_lines(
+    value: bytes, refused: dict[tuple[str, tuple[int, int]], str] | None
+) -> None:
+    found = refused_steps(value)
+    if refused is None:
+        assert found is None
+    else:
+        assert found == {(proto, PortRange(*ports)): why for (proto, ports), why in refused.items()}
 
 
 def test_forward_path_hops_run_from_the_netvm_outwards() -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from test_planner import NOW, ext, internal, qube
+from test_planner import NOW, ext, internal, no_reports, qube
 
 from core_admin_patch.planner import (
     FORWARD_DIR,
     INBOUND_DIR,
     INPUT_DIR,
+    REFUSED_DIR,
     QubeState,
     Snapshot,
     check_rules,
@@ -109,12 +110,10 @@ def test_inbound_rules_per_family_in_list_order() -> None:
 
 
 def test_describe_says_ipv6_too() -> None:
-    assert describe_forwards(topology(ext("8443", "443")), "web")[0].endswith(
-        f"(IPv6: {WEB6} too)"
-    )
-    assert not describe_forwards(topology(ext("8443", "443"), web6=None), "web")[0].endswith(
-        "too)"
-    )
+    with6 = describe_forwards(topology(ext("8443", "443")), "web", no_reports)[0]
+    assert with6.endswith(f"(IPv6: {WEB6} too)")
+    without6 = describe_forwards(topology(ext("8443", "443"), web6=None), "web", no_reports)[0]
+    assert not without6.endswith("too)")
 
 
 
@@ -124,3 +123,15 @@ def test_checking_a_set_keeps_the_ipv6_addresses() -> None:
     proposed = snap.with_rules("web", RuleLists(forward=(forward,)))
     assert proposed.qubes["web"].ip6 == ipaddress.IPv6Address(WEB6)
     assert proposed.qubes["web"].rules.forward == (forward,)
+
+
+def test_describe_says_which_family_a_hop_refused() -> None:
+    """sys-net's reports, per target address of web; sys-firewall reports nothing."""
+    reports = {("sys-net", f"{REFUSED_DIR}/{WEB6}"): b"tcp 22-22: this qube listens on it"}
+    refused = "REFUSED by sys-net: tcp/22 is its own (it listens on it)"
+    snap = topology(ext("22", "22"))
+    text = describe_forwards(snap, "web", lambda hop, path: reports.get((hop, path)))[0]
+    assert text.endswith(f"too); {refused} (IPv6)")
+    reports[("sys-net", f"{REFUSED_DIR}/10.137.0.20")] = b"tcp 22-22: this qube listens on it"
+    text = describe_forwards(snap, "web", lambda hop, path: reports.get((hop, path)))[0]
+    assert text.endswith(f"too); {refused}")

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 
 import pytest
+from test_planner import no_reports
 from test_planner import rules as rule_lists
 from test_planner_inbound import NOW, WEB_IP, WORK_IP, qube, snapshot, web
 
@@ -207,12 +208,12 @@ def test_internal_forward_follows_the_source_and_skips_when_it_is_gone() -> None
 
 
 def test_describe_names_the_source_qube() -> None:
-    assert describe_forwards(snapshot(web(INTERNAL_SSH)), "web") == {
+    assert describe_forwards(snapshot(web(INTERNAL_SSH)), "web", no_reports) == {
         0: f"sys-firewall ({FW_IP}) from work ({WORK_IP}) tcp/2222 -> web ({WEB_IP}) tcp/22"
     }
     gone = Snapshot({k: v for k, v in snapshot(web(INTERNAL_SSH)).qubes.items()
                      if k != "work"}, NOW)
-    assert describe_forwards(gone, "web") == {
+    assert describe_forwards(gone, "web", no_reports) == {
         0: "not reachable: srcqube 'work' names no qube"
     }
 
@@ -266,6 +267,7 @@ def test_a_source_that_starts_providing_network_is_left_out_and_reported() -> No
     assert len(result.skipped) == 2
     for kind, reason in zip(("forward", "inbound"), sorted(result.skipped), strict=True):
         assert reason.startswith(f"web {kind} rule 0: srcqube 'work' provides network")
-    assert describe_forwards(Snapshot({**snap.qubes, "work": work}, NOW), "web")[0].startswith(
+    moved = Snapshot({**snap.qubes, "work": work}, NOW)
+    assert describe_forwards(moved, "web", no_reports)[0].startswith(
         "not reachable: srcqube 'work' provides network"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import pytest
 from admin_api_fixture import REPO, Dom0, running_dom0
 from conftest import cannot_run
 
-from admin_client_patch.firewall import parse_rule_number
+from admin_client_patch.firewall import parse_routing, parse_rule_number
+from admin_client_patch.qubesd_client import QubesDaemonCommunicationError
 from admin_client_patch.qvm_firewall import get_parser
-from admin_client_patch.qvm_firewall_run import FORWARD_HEADER, HEADER, INBOUND_HEADER
+from admin_client_patch.qvm_firewall_run import FORWARD_HEADER, HEADER, INBOUND_HEADER, list_rules
 from core_admin_patch import admin_api
 from firewall_rules import Rule, RuleKind, RuleLists, save_firewall_xml
 
@@ -465,3 +467,57 @@ def test_parser_shape_for_man_page() -> None:
     assert args.before == parse_rule_number("forward:2") == (RuleKind.FORWARD, 2)
     assert parser.parse_args(["web", "del", "--rule-no", "3"]).rule_no == (None, 3)
     assert parser.parse_args(["web"]).command is None
+
+
+# --- routing exposure -----------------------------------------------------------
+
+EXPOSURE_TITLE = "Routing exposure (routing-method forward: reached at its own address):"
+
+
+def test_a_routed_qube_gets_its_exposure_listed_last(dom0: Dom0) -> None:
+    dom0.host.qubes["web"].features["routing-method"] = "forward"
+    assert sections(dom0)[EXPOSURE_TITLE] == [
+        "  not exposed: 'web' is not running",  # nothing runs in this dom0
+        "  no inbound rule: nothing may connect to it",
+    ]
+    ok(dom0, "web", "add", "action=accept", "srchost=192.0.2.0/24", "proto=tcp", "dstports=22")
+    ok(dom0, "web", "add", "action=drop", "srchost=192.0.2.66")
+    assert sections(dom0)[EXPOSURE_TITLE][-1] == (
+        "  admitted as inbound rules inbound:0, inbound:1 say, nothing else"
+    )
+    assert not any("Routing" in line for line in raw(dom0))
+
+
+def test_no_exposure_section_for_a_qube_not_routed_or_an_older_dom0(
+    dom0: Dom0, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert EXPOSURE_TITLE not in sections(dom0)
+    dom0.host.qubes["web"].features["routing-method"] = "forward"
+    monkeypatch.delitem(admin_api.METHODS, "admin.vm.firewall.GetRouting")
+    assert EXPOSURE_TITLE not in sections(dom0)
+
+
+def test_each_hops_state_is_shown_under_its_address() -> None:
+    out = io.StringIO()
+    exposure = [
+        "192.0.2.25: LAN -> sys-net -> sys-firewall -> web",
+        "  sys-net: exposed on eth0, answering for the address",
+        "  sys-firewall: applied",
+    ]
+    lists = {RuleKind.OUTBOUND: [Rule.from_api_string("action=accept")], RuleKind.FORWARD: [],
+             RuleKind.INBOUND: "dom0 did not list them (...)"}
+    list_rules(lists, time.time(), out, routing=exposure)
+    assert out.getvalue().split("\n\n")[-1].splitlines() == [
+        EXPOSURE_TITLE,
+        "  192.0.2.25: LAN -> sys-net -> sys-firewall -> web",
+        "    sys-net: exposed on eth0, answering for the address",
+        "    sys-firewall: applied",
+    ]  # the inbound list could not be read: its own section says so
+
+
+@pytest.mark.parametrize("reply", [b"a", b"a\x1b[2J\n", b" a\n", b"   a\n", b"caf\xc3\xa9\n",
+                                   b"\n"])
+def test_client_refuses_a_malformed_exposure(reply: bytes) -> None:
+    with pytest.raises(QubesDaemonCommunicationError):
+        parse_routing(reply)
+    assert parse_routing(b"a: b\n  c: d\n") == ["a: b", "  c: d"]

@@ -172,16 +172,19 @@ def test_real_qubesd_writes_what_the_lab_writes(
     assert {"forwards added", "inbound added", "ip changed"} <= set(with_entries)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "lab dom0 derives a qube's IPv6 address from its IPv4 address "
-    "(network_server.derived_ip6), qubesd from its qid: after an ip change "
-    "with IPv6 on they differ (lab/dom0.py ip6_of)"))
 def test_ip_change_with_ipv6_on_keeps_qubesd_ipv6_address(
     lab: Lab, real_qubesd: Qubesd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Runs last: it may stop half-way (the lab and the real app then differ)."""
+    """Both derive IPv6 addresses from the qid, so web's stays ``::a89:14`` at 10.137.0.30.
+
+    Runs last: it leaves web at its new ip.
+    """
     monkeypatch.setenv("QUBESD_SOCKET", str(lab.qubesd_socket))
     compare_through(lab, real_qubesd, [
         STEPS[0],
         ("ip changed", {"op": "set", "qube": "web", "prop": "ip", "value": "10.137.0.30"}),
     ])
+    # the forwards to web name it by both addresses: the new IPv4, the qid's IPv6
+    keys = [key for entries in lab_entries(lab).values() for key in entries]
+    assert any("/10.137.0.30/" in key for key in keys)
+    assert any("/fd09:24ef:4179::a89:14/" in key for key in keys)

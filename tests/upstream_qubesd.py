@@ -10,9 +10,8 @@ events qubesd fires, in its order, so upstream's handlers and ours do
 the rest.
 
 The qubes mirror the lab's default topology (lab/topologies/default.toml),
-with qids equal to the last byte of their addresses, so qubesd's IPv6
-addresses (derived from the qid) are the lab's (derived from the IPv4
-address).
+with the qids the lab gives them (lab/topology.py), so both derive the
+same IPv6 addresses from them, also after an ``ip`` change.
 
 Each line on stdin is one command; each answer one JSON line on stdout:
 ``{"op": "start"|"stop", "qube": Q}``, ``{"op": "set", "qube": Q, "prop":
@@ -47,6 +46,8 @@ import qubes.app
 import qubes.config
 import qubes.ext
 
+from lab.topology import DEFAULT_TOPOLOGY, load_topology
+
 #: name -> (netvm, ip, provides network, features), as in the lab's default topology.
 SUPPORT = {"supported-feature.qubes-network-server": "1"}
 #: What a netvm's template reports on Qubes 4 (its agent runs qubes-firewall).
@@ -58,6 +59,8 @@ TOPOLOGY: dict[str, tuple[str | None, str, bool, dict[str, str]]] = {
     "work": ("sys-firewall", "10.137.0.21", False, dict(SUPPORT)),
     "direct": ("sys-net", "10.137.0.8", False, dict(SUPPORT)),
 }
+#: name -> qid, as the lab's dom0 has them.
+QIDS = {name: qube.qid for name, qube in load_topology(DEFAULT_TOPOLOGY).qubes.items()}
 
 
 class DictQubesDB:
@@ -135,7 +138,7 @@ class RealQubesd:
         app.default_template = "tpl"
         self.app = app
         for name, (_, ip, provides, features) in TOPOLOGY.items():
-            vm = app.add_new_vm("AppVM", qid=int(ip.rsplit(".", 1)[1]), name=name, label="red",
+            vm = app.add_new_vm("AppVM", qid=QIDS[name], name=name, label="red",
                                 ip=ip, provides_network=provides, maxmem=400)
             Path(vm.dir_path).mkdir(parents=True, exist_ok=True)
             for key, value in features.items():

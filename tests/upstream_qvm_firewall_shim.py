@@ -10,8 +10,9 @@ unchanged against admin_client_patch.qvm_firewall:
   must return 0 and make every expected call that changes something
   (Set, Reload); reads are up to the tool. The cases' qubes hold outbound
   rules only, so the forward and inbound lists our tool also reads (and
-  ``reset`` also empties) are answered as such a qube's dom0 answers:
-  empty; any rule sent there fails the case.
+  ``reset`` also empties), and the routing exposure it asks for
+  (``GetRouting``: a qube that is not routed has none), are answered as
+  such a qube's dom0 answers: empty; any rule sent there fails the case.
 - ``RuleAction``: upstream's argparse action for rule words, built on our
   word parser (admin_client_patch.firewall.rule_from_words), handing back
   upstream's ``qubesadmin.firewall.Rule`` of our canonical line, so the
@@ -41,6 +42,8 @@ MUST_CALL = frozenset({"admin.vm.firewall.Set", "admin.vm.firewall.Reload"})
 
 #: The lists upstream has no calls for (admin.vm.firewall.Get+forward, ...).
 OTHER_LISTS = frozenset({"forward", "inbound"})
+#: Nor for a qube's routing exposure.
+GET_ROUTING = "admin.vm.firewall.GetRouting"
 
 
 def other_list_call(method: str, arg: str, payload: bytes) -> bytes:
@@ -55,6 +58,8 @@ def main(args: Sequence[str] | None = None, app: Any = None) -> int:
     def call(dest: str, method: str, arg: str = "", payload: bytes = b"") -> bytes:
         if arg in OTHER_LISTS and (dest, method, arg, payload or None) not in app.expected_calls:
             return other_list_call(method, arg, payload)
+        if method == GET_ROUTING and (dest, method, None, None) not in app.expected_calls:
+            return b""
         try:
             reply = app.qubesd_call(dest, method, arg or None, payload or None)
         except qubesadmin.exc.QubesException as err:
