@@ -87,8 +87,8 @@ class Network:
 
     def _wire(self) -> None:
         client, hop, _qube = self.names
-        wiring.qube_up(Qube(self.hop, None, HOP_ADDRESS, provides_network=True))
-        wiring.qube_up(Qube(self.qube, self.hop, QUBE_ADDRESS))
+        wiring.qube_up(Qube(self.hop, None, HOP_ADDRESS, qid=1, provides_network=True))
+        wiring.qube_up(Qube(self.qube, self.hop, QUBE_ADDRESS, qid=2))
         wiring.vif_online(self.hop, self.qube, 1, QUBE_ADDRESS, HOP_ADDRESS)
         # what the qube's input hook opens for its forwards (Qubes' input drops the rest)
         ports = ", ".join(str(port) for port in FORWARDED.values())
