@@ -286,9 +286,10 @@ class ChainHalf:
         #: per family, what nft holds of this half, as :meth:`desired` gives it;
         #: a family missing is unknown, and written whole at the next commit
         self.held: dict[Family, Any] = {}
-        #: per target: (its items, the connected clients, what of them is kept), so
-        #: an update filters only the targets it changed
-        self._kept: dict[IPAddress, tuple[Target, frozenset[IPAddress], Target]] = {}
+        #: per target's items (by identity): (the items, the connected clients, what
+        #: of them is kept), so an update filters only the targets it changed.
+        #: Memos here are keyed by ``id()``: an address hashes in Python, slowly.
+        self._kept: dict[int, tuple[Target, frozenset[IPAddress], Target]] = {}
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Any, ...]:
         """A target's entries, validated; EntryError if any does not parse."""
@@ -404,13 +405,14 @@ class ChainHalf:
         return tuple(kept)
 
     def _effective(self) -> dict[IPAddress, Target]:
-        targets, kept = {}, {}
+        targets, kept = self.targets.copy(), {}
         for address, target in self.targets.items():
-            known = self._kept.get(address)
+            known = self._kept.get(id(target))
             if known is None or known[0] is not target or known[1] is not self.connected:
                 known = (target, self.connected, self._connected_only(address, target))
-            kept[address] = known
-            targets[address] = known[2]
+            kept[id(target)] = known
+            if known[2] is not target:
+                targets[address] = known[2]
         self._kept = kept
         for address, reason in self.refused.items():
             targets[address] = Refused(reason)
@@ -466,7 +468,9 @@ class ChainHalf:
                 break
             else:
                 self.held = holds
-                kept = {a: t for a, t in effective.items() if not isinstance(t, Refused) and t}
+                kept = effective.copy()
+                for address in [a for a, t in kept.items() if isinstance(t, Refused) or not t]:
+                    del kept[address]
                 if text:
                     count = sum(len(t) for t in kept.values())
                     log.info("%s rules updated (%d %s)", self.KIND, count, self.ITEMS)
@@ -590,9 +594,9 @@ class Forwarder(ChainHalf):
         #: object: the steps taking a port served (as :attr:`served` was), its port
         #: claims, its map elements
         self.served: list[hop_ports.Served] = []
-        self._on_served: dict[IPAddress, tuple[Target, dict[Step, str]]] = {}
-        self._claims: dict[IPAddress, tuple[Target, list[Claim]]] = {}
-        self._elements: dict[IPAddress, tuple[Target, tuple[tuple[Family, str, str], ...]]] = {}
+        self._on_served: dict[int, tuple[Target, dict[Step, str]]] = {}
+        self._claims: dict[int, tuple[Target, list[Claim]]] = {}
+        self._elements: dict[int, tuple[Target, tuple[tuple[Family, str, str], ...]]] = {}
 
     def commit(self) -> bool:
         self._leave_out_own_ports()
@@ -609,10 +613,10 @@ class Forwarder(ChainHalf):
         for address, target in self.targets.items():
             if isinstance(target, Refused):
                 continue
-            known = self._on_served.get(address)
+            known = self._on_served.get(id(target))
             if known is None or known[0] is not target:
                 known = (target, _taking(target, served))
-            memo[address] = known
+            memo[id(target)] = known
             if known[1]:
                 taken[address] = known[1]
         self._on_served = memo
@@ -644,13 +648,13 @@ class Forwarder(ChainHalf):
         case: dom0 plans none), nothing more is needed.
         """
         claims, memo = [], {}
-        for address, target in targets.items():
+        for target in targets.values():
             if isinstance(target, Refused):
                 continue
-            known = self._claims.get(address)
+            known = self._claims.get(id(target))
             if known is None or known[0] is not target:
                 known = (target, [(s.family, s.iif, s.proto, *s.ports) for s in target])
-            memo[address] = known
+            memo[id(target)] = known
             claims += known[1]
         self._claims = memo
         claims.sort()
@@ -694,17 +698,17 @@ class Forwarder(ChainHalf):
             family: {name: set() for name in OBJECTS} for family in FAMILIES
         }
         memo = {}
-        for address, target in targets.items():
+        for target in targets.values():
             if isinstance(target, Refused):
                 continue
-            known = self._elements.get(address)
+            known = self._elements.get(id(target))
             if known is None or known[0] is not target:
                 known = (target, tuple(
                     (family, name, element)
                     for family, maps in family_elements(target).items()
                     for name, elements in maps.items() for element in elements
                 ))
-            memo[address] = known
+            memo[id(target)] = known
             for family, name, element in known[1]:
                 found[family][name].add(element)
         self._elements = memo
@@ -743,9 +747,10 @@ class Forwarder(ChainHalf):
         Listed per protocol and translated address of the steps that went;
         a flow another step in force still translates the same way stays.
         """
-        changed = [a for a in before if after.get(a) != before[a]]
-        gone = {s for a in changed for s in before[a]}
-        gone -= {s for a in changed for s in after.get(a, ())}
+        changed = [(old, after.get(a, ())) for a, old in before.items() if after.get(a) is not old]
+        gone = {s for old, _ in changed for s in old} - {s for _, new in changed for s in new}
+        if not gone:
+            return []
         places = {(s.proto, s.to) for s in gone}
         kept = [s for steps in after.values() for s in steps if (s.proto, s.to) in places]
         ended = []
