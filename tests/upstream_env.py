@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,38 @@ def nobody_argv(argv: Sequence[str]) -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
 
 
+def _kept_under_tmp(env: Mapping[str, str], home: Path) -> list[Path]:
+    """Folders the run needs that lie under /tmp, outermost first.
+
+    A checkout (CI's clone, its .venv), the snapshots or the scratch home
+    may live there; the private /tmp must still show them.
+    """
+    tmp = Path("/tmp")
+    wanted = [REPO, Path(sys.executable).parent.parent, home, upstream_root()]
+    wanted += [Path(entry) for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    # Both spellings: a symlinked folder is reached through its own path.
+    spellings = {form for path in wanted for form in (Path(os.path.abspath(path)), path.resolve())}
+    under = sorted((path for path in spellings if path.is_relative_to(tmp)),
+                   key=lambda path: len(path.parts))
+    kept: list[Path] = []
+    for path in under:
+        if not any(path.is_relative_to(outer) for outer in kept):
+            kept.append(path)
+    return kept
+
+
+def _private_tmp_script(kept: Sequence[Path]) -> str:
+    """Shell that gives the mount namespace an empty /tmp, ``kept`` folders bound back."""
+    lines = ["set -e", 'stash=$(mktemp -d /run/qns-tmp-stash.XXXXXX)',
+             'mount --bind /tmp "$stash"', "mount -t tmpfs -o mode=1777 qns-tmp /tmp"]
+    for path in kept:
+        quoted = shlex.quote(str(path))
+        inside = shlex.quote(str(path.relative_to("/tmp")))
+        lines += [f"mkdir -p {quoted}", f'mount --bind "$stash"/{inside} {quoted}']
+    lines += ['umount "$stash"', 'rmdir "$stash"', 'exec "$@"']
+    return "\n".join(lines)
+
+
 def run_as_nobody(
     argv: Sequence[str], env: Mapping[str, str], home: Path, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
@@ -172,10 +205,9 @@ def run_as_nobody(
     if missing:
         cannot_run(f"UPSTREAM CONFORMANCE NOT RUN: {', '.join(missing)} (util-linux) missing")
     env = {**env, "HOME": str(home), "TMPDIR": str(home)}
-    private_tmp = 'mount -t tmpfs -o mode=1777 qns-tmp /tmp && exec "$@"'
     return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", private_tmp, "sh",
-         *nobody_argv(argv)],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         _private_tmp_script(_kept_under_tmp(env, home)), "sh", *nobody_argv(argv)],
         env=env, cwd=home, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
