@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from lab import netns, procs
 from lab.topology import DEFAULT_TOPOLOGY, TopologyError, load_topology
@@ -42,12 +42,15 @@ def state_dir_from_env() -> Path:
     return Path(os.environ.get("QUBES_LAB_DIR", str(DEFAULT_STATE_DIR)))
 
 
-class Server:
-    """A ``probe serve`` running in a namespace; collects the peers it saw."""
+class _ProbeProcess:
+    """A ``probe`` process in a namespace whose stdout lines a thread collects.
+
+    Subclasses say which lines they keep (:meth:`_take`); stopping and the
+    ``with`` form are shared.
+    """
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
-        self._peers: list[str] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -56,15 +59,11 @@ class Server:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             words = line.split()
-            if len(words) == 3 and words[0] == "peer":
-                with self._lock:
-                    self._peers.append(words[1])
+            with self._lock:
+                self._take(words)
 
-    @property
-    def peers(self) -> list[str]:
-        """Source addresses of the connections (or datagrams) seen so far."""
-        with self._lock:
-            return list(self._peers)
+    def _take(self, words: list[str]) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -72,30 +71,41 @@ class Server:
         self.proc.wait(timeout=5)
         self._reader.join(timeout=5)
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
 
-class Talker:
+class Server(_ProbeProcess):
+    """A ``probe serve`` running in a namespace; collects the peers it saw."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._peers: list[str] = []
+        super().__init__(proc)
+
+    def _take(self, words: list[str]) -> None:
+        if len(words) == 3 and words[0] == "peer":
+            self._peers.append(words[1])
+
+    @property
+    def peers(self) -> list[str]:
+        """Source addresses of the connections (or datagrams) seen so far."""
+        with self._lock:
+            return list(self._peers)
+
+
+class Talker(_ProbeProcess):
     """A ``probe talk`` running in a namespace: one live flow, and when its answers came."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
         self._answers: list[float] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(proc)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            words = line.split()
-            if len(words) == 2 and words[0] == "echo":
-                with self._lock:
-                    self._answers.append(float(words[1]))
+    def _take(self, words: list[str]) -> None:
+        if len(words) == 2 and words[0] == "echo":
+            self._answers.append(float(words[1]))
 
     @property
     def answers(self) -> list[float]:
@@ -105,18 +115,6 @@ class Talker:
 
     def answered_since(self, when: float) -> bool:
         return any(answer > when for answer in self.answers)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait(timeout=5)
-        self._reader.join(timeout=5)
-
-    def __enter__(self) -> Talker:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
 
 
 class Lab:
