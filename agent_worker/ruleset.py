@@ -36,10 +36,12 @@ rules of that block and the jumps, not the whole list.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 try:  # CPython's own BLAKE2: hashlib would load OpenSSL, 3.7 MiB resident, for one hash
     from _blake2 import blake2b
@@ -51,6 +53,7 @@ from agent_worker.qdb_parse import (
     PARSED_RULES_KEPT,
     Blocked,
     IPAddress,
+    IPNetwork,
     OutboundRule,
     SourceRules,
 )
@@ -62,12 +65,25 @@ DNS_SET = "dns-addr"
 CONNECTED_SET = "connected"
 CLIENTS_MAP = "clients"
 DNS_PORTS = (53, 53)
-#: a list of at most this many rules stays in the client's own chain
+#: a list of at most this many rules (a set counting as 1 + its elements / 4)
+#: stays in the client's own chain
 INLINE_RULES = 48
 #: rules per block on average (the checksum of one rule in BLOCK_RULES ends a block)
 BLOCK_RULES = 32
 #: a block ends here at the latest, whatever the checksums say
 MAX_BLOCK_RULES = 4 * BLOCK_RULES
+#: rules of one shape fold into a set lookup from this many elements (an anonymous
+#: set costs nft about three rules)
+FOLD_MIN = 6
+#: set elements nft reads in the time of one rule
+ELEMENTS_PER_RULE = 4
+#: elements per set on average (the checksum of one element in SET_CHUNK ends a set)
+SET_CHUNK = 64
+#: a set ends here at the latest
+MAX_SET_CHUNK = 4 * SET_CHUNK
+#: rules compared at most when deciding whether a rule may move up to its group
+MOVE_CHECKS = 64
+_PROTOS = ("tcp", "udp", "icmp")
 
 #: A client's chains: name -> rule bodies; blocks first, its own chain last.
 Chains = Mapping[str, tuple[str, ...]]
@@ -160,13 +176,11 @@ def _rule_text(
     port. With proto icmp it is left out too (upstream's nft refuses it and
     blocks the client, see doc/agent.md).
     """
+    if _matches_nothing(rule):
+        return None
     icmp = "icmp" if family == "ip" else "icmpv6"
     parts = []
-    ports = rule.dstports
-    if rule.dns:
-        if ports not in (None, DNS_PORTS) or rule.proto == "icmp":
-            return None
-        ports = DNS_PORTS
+    ports = DNS_PORTS if rule.dns else rule.dstports
     if rule.proto is not None:
         parts.append(f"meta l4proto {icmp if rule.proto == 'icmp' else rule.proto}")
     elif rule.dns:
@@ -185,15 +199,288 @@ def _rule_text(
     return " ".join(parts)
 
 
-def _blocks(rules: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
-    """Consecutive runs of ``rules``, cut after each rule whose checksum says so."""
+def _matches_nothing(rule: OutboundRule) -> bool:
+    """A ``specialtarget=dns`` rule naming another port than 53, or icmp."""
+    return rule.dns and (rule.dstports not in (None, DNS_PORTS) or rule.proto == "icmp")
+
+
+# -- folding rules into set lookups -----------------------------------------
+
+Interval = tuple[int, int]
+#: one element of a folded rule: its text per field, and each field as an interval
+Element = tuple[tuple[str, ...], tuple[Interval, ...]]
+#: the verdict, protocol ("" any) and which of destination, ports, icmp type a rule uses
+Shape = tuple[str, str, bool, bool, bool]
+
+
+class _Match(NamedTuple):
+    """What a rule matches, as far as moving it past another rule needs to know.
+
+    ``None`` in a field: any value. Destinations of ``specialtarget=dns``
+    count as any address (the servers change without the rules changing).
+    """
+
+    protos: frozenset[str] | None
+    dst: tuple[Interval, ...] | None
+    ports: Interval | None
+    icmptype: int | None
+
+
+class _Folding(NamedTuple):
+    """A rule as folding sees it.
+
+    ``shape`` None: never folded (``specialtarget=dns``, or a rule with no
+    field to look up); rules of one shape may share one rule with a set of
+    their ``elements``.
+    """
+
+    rule: OutboundRule
+    match: _Match
+    shape: Shape | None
+    elements: tuple[Element, ...]
+
+
+_PROTOS = ("tcp", "udp", "icmp")
+_PROTO_SETS = {proto: frozenset({proto}) for proto in _PROTOS}
+_DNS_PROTOS = frozenset({"tcp", "udp"})
+
+
+def _disjoint(a: _Match, b: _Match) -> bool:
+    """No packet matches both: one field on which the two sets of values do not meet."""
+    if a.protos is not None and b.protos is not None and not a.protos & b.protos:
+        return True
+    if a.dst is not None and b.dst is not None and not any(
+        x[0] <= y[1] and y[0] <= x[1] for x in a.dst for y in b.dst
+    ):
+        return True
+    if a.ports is not None and b.ports is not None and (
+        a.ports[1] < b.ports[0] or b.ports[1] < a.ports[0]
+    ):
+        return True
+    return a.icmptype is not None and b.icmptype is not None and a.icmptype != b.icmptype
+
+
+def _network_span(network: IPNetwork) -> Interval:
+    low = int(network.network_address)
+    return low, low | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
+
+
+def _folding(
+    rule: OutboundRule, family: Family, names: Mapping[str, frozenset[IPAddress]]
+) -> _Folding | None:
+    """How ``rule`` folds, or None when it can match nothing (left out, as by rule_text)."""
+    if rule.dsthost is None:
+        return _folding_kept(rule)
+    return _make_folding(rule, names[rule.dsthost])
+
+
+@functools.lru_cache(maxsize=PARSED_RULES_KEPT)
+def _folding_kept(rule: OutboundRule) -> _Folding | None:
+    """:func:`_make_folding` of a rule without a host name, which nothing else changes."""
+    return _make_folding(rule, frozenset())
+
+
+def _make_folding(rule: OutboundRule, addresses: frozenset[IPAddress]) -> _Folding | None:
+    """``addresses``: what the rule's ``dsthost`` resolved to, if it has one."""
+    if _matches_nothing(rule):
+        return None
+    protos = None if rule.proto is None else _PROTO_SETS[rule.proto]
+    if rule.dns:
+        dns_protos = _DNS_PROTOS if protos is None else protos
+        return _Folding(rule, _Match(dns_protos, None, DNS_PORTS, None), None, ())
+    ports, icmptype = rule.dstports, rule.icmptype
+    destinations: tuple[tuple[str, Interval], ...] | None = None
+    if rule.dst is not None:
+        destinations = ((str(rule.dst), _network_span(rule.dst)),)
+    elif rule.dsthost is not None:
+        destinations = tuple((str(a), (int(a), int(a))) for a in sorted(addresses))
+    spans = None if destinations is None else tuple(d[1] for d in destinations)
+    match = _Match(protos, spans, ports, icmptype)
+    second: tuple[str, Interval] | None = None
+    if ports is not None:
+        second = (_ports(ports), ports)
+    elif icmptype is not None:
+        second = (str(icmptype), (icmptype, icmptype))
+    if destinations is None:
+        if second is None:
+            return _Folding(rule, match, None, ())
+        elements: tuple[Element, ...] = (((second[0],), (second[1],)),)
+    elif second is None:
+        elements = tuple(((d[0],), (d[1],)) for d in destinations)
+    else:
+        elements = tuple(((d[0], second[0]), (d[1], second[1])) for d in destinations)
+    shape = (rule.action, rule.proto or "", destinations is not None, ports is not None,
+             icmptype is not None)
+    return _Folding(rule, match, shape, elements)
+
+
+class _Group(NamedTuple):
+    """Rules of one verdict at one place of the chain: any order among them is the same."""
+
+    action: str
+    shape: Shape | None
+    members: list[_Folding]
+
+
+def _fold(rules: Iterable[_Folding]) -> list[_Group]:
+    """``rules`` in groups, each rule moved up into the last group of its shape where allowed.
+
+    A rule may move past a rule of its own verdict (a packet both match
+    gets that verdict either way) and past a rule of the other verdict that
+    no packet matches together with it; otherwise it stays where it is.
+    """
+    groups: list[_Group] = []
+    latest: dict[Shape, int] = {}
+    #: (action, proto or "" for any): the last group holding a rule of that action and proto
+    last_with: dict[tuple[str, str], int] = {}
+    for folding in rules:
+        action, shape = folding.rule.action, folding.shape
+        place = None if shape is None else latest.get(shape)
+        if place is not None and not _may_move_up(folding, groups, place, last_with):
+            place = None
+        if place is None:
+            place = len(groups)
+            groups.append(_Group(action, shape, []))
+            if shape is not None:
+                latest[shape] = place
+        groups[place].members.append(folding)
+        for proto in folding.match.protos or ("",):
+            if last_with.get((action, proto), -1) < place:
+                last_with[action, proto] = place
+    return groups
+
+
+def _may_move_up(
+    folding: _Folding, groups: list[_Group], place: int, last_with: Mapping[tuple[str, str], int]
+) -> bool:
+    """Whether a rule may join group ``place``: no later rule of the other verdict meets it.
+
+    The common answer is quick: no rule of the other verdict with a
+    protocol the rule can match lies past ``place``. Otherwise the rules in
+    between are compared, up to MOVE_CHECKS of them (more: it stays).
+    """
+    action, match = folding.rule.action, folding.match
+    other = "drop" if action == "accept" else "accept"
+    last = last_with.get((other, ""), -1)
+    for proto in match.protos if match.protos is not None else _PROTOS:
+        last = max(last, last_with.get((other, proto), -1))
+    if last < place:
+        return True
+    checks = 0
+    for group in groups[place + 1 :]:
+        checks += 1
+        if checks > MOVE_CHECKS:
+            return False
+        if group.action == action:
+            continue
+        for member in group.members:
+            checks += 1
+            if checks > MOVE_CHECKS or not _disjoint(match, member.match):
+                return False
+    return True
+
+
+def _meets(frame: tuple[Interval, list[int], list[int]], low: int, high: int) -> bool:
+    """Whether [low, high] meets one of the frame's sorted, disjoint intervals."""
+    index = bisect.bisect_right(frame[1], high) - 1
+    return index >= 0 and frame[2][index] >= low
+
+
+def _without_overlaps(elements: Iterable[Element]) -> tuple[list[Element], list[Element]]:
+    """Elements of a two-field set split into those that overlap none kept before, and the rest.
+
+    The kernel refuses a concatenation whose elements overlap. Destinations
+    are networks or addresses, so two either nest or are apart: a sweep in
+    address order keeps the kept elements whose destination holds the
+    current one (a frame per destination, its ports or types sorted).
+    """
+    kept: list[Element] = []
+    rest: list[Element] = []
+    frames: list[tuple[Interval, list[int], list[int]]] = []
+    for element in sorted(elements, key=lambda e: (e[1][0][0], -e[1][0][1], e[1][1][0])):
+        destination, (low, high) = element[1]
+        while frames and frames[-1][0][1] < destination[0]:
+            frames.pop()
+        if any(_meets(frame, low, high) for frame in frames):
+            rest.append(element)
+            continue
+        if not frames or frames[-1][0] != destination:
+            frames.append((destination, [], []))
+        frames[-1][1].append(low)
+        frames[-1][2].append(high)
+        kept.append(element)
+    return kept, rest
+
+
+def _chunks(elements: list[Element]) -> Iterator[list[Element]]:
+    """Consecutive runs of a set's sorted elements, cut after each whose checksum says so."""
     start = 0
-    for end, rule in enumerate(rules, start=1):
-        if end - start >= MAX_BLOCK_RULES or zlib.crc32(rule.encode()) % BLOCK_RULES == 0:
-            yield rules[start:end]
+    for end, element in enumerate(elements, start=1):
+        text = " ".join(element[0]).encode()
+        if end - start >= MAX_SET_CHUNK or zlib.crc32(text) % SET_CHUNK == 0:
+            yield elements[start:end]
             start = end
-    if start < len(rules):
-        yield rules[start:]
+    if start < len(elements):
+        yield elements[start:]
+
+
+def _group_texts(
+    group: _Group, family: Family, names: Mapping[str, frozenset[IPAddress]]
+) -> list[tuple[str, int]]:
+    """A group as rules with sets of its elements, or its rules as they are when few.
+
+    Each rule comes with the number of set elements it holds (0: none).
+    The elements are cut into chunks (:func:`_chunks`), a rule each, so
+    that changing one rule of the group changes one chunk. Elements a
+    two-field set cannot hold with the others (they overlap) stay in their
+    own rules, after the sets: same verdict, same place.
+    """
+    elements = {e[0]: e for member in group.members for e in member.elements}
+    if group.shape is None or len(elements) < FOLD_MIN:
+        return [(text, 0) for text in _texts(group.members, family, names)]
+    action, proto, dst, ports, icmptype = group.shape
+    icmp = "icmp" if family == "ip" else "icmpv6"
+    fields = [f"{family} daddr"] if dst else []
+    fields += ["th dport"] if ports else []
+    fields += [f"{icmp} type"] if icmptype else []
+    rest: list[Element] = []
+    if len(fields) == 1:  # nft merges overlapping intervals of one field itself
+        kept = sorted(elements.values(), key=lambda e: e[1])
+    else:
+        kept, rest = _without_overlaps(elements.values())
+    match = f"meta l4proto {icmp if proto == 'icmp' else proto} " if proto else ""
+    match += " . ".join(fields)
+    verdict = "accept" if action == "accept" else reject(family)
+    rules = [
+        (f"{match} {{ {', '.join(' . '.join(e[0]) for e in chunk)} }} {verdict}", len(chunk))
+        for chunk in _chunks(kept)
+    ]
+    left = {e[0] for e in rest}
+    alone = [m for m in group.members if any(e[0] in left for e in m.elements)]
+    return rules + [(text, 0) for text in dict.fromkeys(_texts(alone, family, names))]
+
+
+def _texts(
+    foldings: Iterable[_Folding], family: Family, names: Mapping[str, frozenset[IPAddress]]
+) -> list[str]:
+    """The rules, each as its own rule (:func:`_folding` left out those matching nothing)."""
+    texts = (rule_text(f.rule, family, names) for f in foldings)
+    return [text for text in texts if text is not None]
+def _blocks(rules: list[tuple[str, int]]) -> Iterator[tuple[str, ...]]:
+    """Consecutive runs of ``rules``: a rule with a set alone, other rules cut after each
+    whose checksum says so."""
+    block: list[str] = []
+    for text, elements in rules:
+        if elements and block:
+            yield tuple(block)
+            block = []
+        block.append(text)
+        cut = len(block) >= MAX_BLOCK_RULES or zlib.crc32(text.encode()) % BLOCK_RULES == 0
+        if elements or cut:
+            yield tuple(block)
+            block = []
+    if block:
+        yield tuple(block)
 
 
 def client_chains(address: IPAddress, source: Source) -> dict[str, tuple[str, ...]]:
@@ -205,11 +492,12 @@ def client_chains(address: IPAddress, source: Source) -> dict[str, tuple[str, ..
     name = chain_name(address)
     if isinstance(source, Blocked):
         return {name: (reject(family),)}
-    texts = (rule_text(r, family, source.names) for r in source.rules.rules)
-    rules = tuple(t for t in texts if t is not None)
+    foldings = (_folding(r, family, source.names) for r in source.rules.rules)
+    groups = _fold(f for f in foldings if f is not None)
+    rules = [rule for group in groups for rule in _group_texts(group, family, source.names)]
     policy = "accept" if source.rules.policy == "accept" else reject(family)
-    if len(rules) <= INLINE_RULES:
-        return {name: (*rules, policy)}
+    if sum(1 + elements // ELEMENTS_PER_RULE for _, elements in rules) <= INLINE_RULES:
+        return {name: (*(text for text, _ in rules), policy)}
     chains: dict[str, tuple[str, ...]] = {}
     jumps = []
     for block in _blocks(rules):

@@ -199,8 +199,13 @@ def test_changes_touch_only_their_chain_and_keep_user_rules(netns: str, tmp_path
 
 
 def test_an_edit_in_a_long_list_rewrites_one_block(netns: str, tmp_path: Path) -> None:
-    rules = [f"action=accept proto=tcp dst4=192.168.{n % 250}.0/24 dstports={n}-{n}"
-             for n in range(1000, 1300)]
+    # each rule meets the next, of the other verdict: none moves, nothing folds into a set
+    rules = [
+        rule
+        for n in range(1000, 1150)
+        for rule in (f"action=accept proto=tcp dst4=192.168.{n % 250}.0/24 dstports={n}-{n}",
+                     "action=drop proto=tcp dst4=192.168.0.0/16")
+    ]
 
     def body() -> list[Any]:
         db = base_db()
@@ -223,7 +228,7 @@ def test_an_edit_in_a_long_list_rewrites_one_block(netns: str, tmp_path: Path) -
         packet_order += chain_rules(netns, "ip", "qubes-firewall", rule.split()[-1])
     assert len(packet_order) == 301
     assert packet_order[150] == f"meta l4proto udp {REJECT}"
-    assert packet_order[151] == "ip daddr 192.168.150.0/24 tcp dport 1150 accept"
+    assert packet_order[151] == "ip daddr 192.168.75.0/24 tcp dport 1075 accept"
 
 
 def test_restart_restores_the_same_ruleset(netns: str, tmp_path: Path) -> None:
@@ -342,3 +347,57 @@ def _every_parsed_rule_set_is_accepted_by_nft(rules: list[str], version: int, po
 
 def test_fuzz_nft_accepts_every_rule_set_the_parser_accepts(netns: str) -> None:
     in_netns(netns, _every_parsed_rule_set_is_accepted_by_nft)
+
+
+_TARGETS = {
+    4: ["dst4=10.0.0.0/8", "dst4=10.1.0.0/16", "dst4=10.1.2.0/24", "dst4=10.1.2.3/32"],
+    6: ["dst6=fd00::/16", "dst6=fd00:1::/32", "dst6=fd00:1::7/128"],
+}
+_EXTRAS = {
+    "proto=tcp": ["dstports=80-80", "dstports=70-90", "dstports=1-65535", "dstports=443-443", ""],
+    "proto=icmp": ["icmptype=8", "icmptype=3", ""],
+    "": [""],
+}
+_EXTRAS["proto=udp"] = _EXTRAS["proto=tcp"]
+
+
+@st.composite
+def _foldable(draw: st.DrawFn, version: int, proto: str) -> str:
+    """Few shapes, nested networks, overlapping ports, a name of several addresses: long
+    lists of these fold into sets whose elements often overlap."""
+    action = draw(st.sampled_from(["action=accept"] * 9 + ["action=drop"]))
+    proto = draw(st.sampled_from([proto] * 4 + list(_EXTRAS)))
+    target = draw(st.sampled_from([*_TARGETS[version], "dsthost=www.example.com", ""]))
+    extra = draw(st.sampled_from(_EXTRAS[proto]))
+    return " ".join(word for word in (action, proto, target, extra) if word)
+
+
+def _folded_rule_sets_accepted_by_nft() -> int:
+    """Run the property; returns how many examples held a set of concatenations."""
+    concatenations = []
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(st.tuples(st.sampled_from([4, 6]), st.sampled_from(list(_EXTRAS))).flatmap(
+        lambda vp: st.tuples(st.lists(_foldable(*vp), min_size=20, max_size=40), st.just(vp[0]))))
+    def accepted(case: tuple[list[str], int]) -> None:
+        rules, version = case
+        entries = {f"{n:04d}": r.encode() for n, r in enumerate(rules)} | {"policy": b"drop"}
+        parsed = parse_source(entries, version)  # type: ignore[arg-type]
+        assert not isinstance(parsed, Blocked), parsed
+        names = {"www.example.com": fake_resolve("www.example.com", version)}
+        address = ipaddress.ip_address(WEB if version == 4 else WEB6)
+        chains = client_chains(address, Resolved(parsed, names))
+        texts = [rule for rules in chains.values() for rule in rules]
+        concatenations.append(any(" . " in rule and "{" in rule for rule in texts))
+        try:
+            Nft().run(chain_check_commands(address, chains), check=True)
+        except NftError as err:
+            raise AssertionError(f"nft refused {chains}: {err}") from None
+
+    accepted()
+    return sum(concatenations)
+
+
+def test_fuzz_nft_accepts_folded_sets(netns: str) -> None:
+    """Sets of concatenations whose elements would overlap: nft refuses those."""
+    assert in_netns(netns, _folded_rule_sets_accepted_by_nft) > 20

@@ -126,6 +126,33 @@ def _port_rules(ports: list[int], policy: str = "drop") -> Resolved:
     return Resolved(SourceRules(rules, policy), {})  # type: ignore[arg-type]
 
 
+def _tcp_to(port: int) -> str:
+    return f"10.{port // 256}.{port % 256}.0/24"
+
+
+def _unfoldable(ports: list[int]) -> Resolved:
+    """For each port, accept tcp to it, then refuse tcp to a network: every rule meets the
+    next, of the other verdict, so none may move and nothing folds."""
+    rules = tuple(
+        rule
+        for p in ports
+        for rule in (OutboundRule("accept", "tcp", dstports=(p, p)),
+                     OutboundRule("drop", "tcp", dst=net(_tcp_to(p))))
+    )
+    return Resolved(SourceRules(rules, "drop"), {})
+
+
+def _unfolded_texts(ports: list[int]) -> list[str]:
+    return [
+        text
+        for p in ports
+        for text in (
+            f"meta l4proto tcp th dport {p} accept",
+            f"meta l4proto tcp ip daddr {_tcp_to(p)} reject with icmp type admin-prohibited",
+        )
+    ]
+
+
 def _inline(chains: dict[str, tuple[str, ...]]) -> list[str]:
     """The rules a packet meets, blocks expanded in place of their jumps."""
     flat = []
@@ -136,23 +163,23 @@ def _inline(chains: dict[str, tuple[str, ...]]) -> list[str]:
 
 
 def test_a_long_list_is_cut_into_blocks_in_order() -> None:
-    short = client_chains(WEB, _port_rules(list(range(1, INLINE_RULES + 1))))
+    short = client_chains(WEB, _unfoldable(list(range(1, INLINE_RULES // 2 + 1))))
     assert list(short) == ["qbs-10-137-0-5"]
-    ports = list(range(1000, 1400))
-    chains = client_chains(WEB, _port_rules(ports))
+    ports = list(range(1000, 1200))
+    chains = client_chains(WEB, _unfoldable(ports))
     own = chains["qbs-10-137-0-5"]
     assert len(chains) > 3 and list(chains)[-1] == "qbs-10-137-0-5"  # blocks created first
     assert all(rule.startswith("jump qbs-10-137-0-5-") for rule in own[:-1])
     assert own[-1] == "reject with icmp type admin-prohibited"
-    assert _inline(chains) == [f"meta l4proto tcp th dport {p} accept" for p in ports] + [own[-1]]
+    assert _inline(chains) == [*_unfolded_texts(ports), own[-1]]
 
 
 def test_one_edited_rule_changes_one_block() -> None:
-    ports = list(range(1000, 1400))
-    before = client_chains(WEB, _port_rules(ports))
-    for edit in ([*ports[:200], 5, *ports[200:]], ports[:200] + ports[201:],
-                 [*ports[:200], 5, *ports[201:]]):
-        after = client_chains(WEB, _port_rules(edit))
+    ports = list(range(1000, 1200))
+    before = client_chains(WEB, _unfoldable(ports))
+    for edit in ([*ports[:100], 5, *ports[100:]], ports[:100] + ports[101:],
+                 [*ports[:100], 5, *ports[101:]]):
+        after = client_chains(WEB, _unfoldable(edit))
         new_blocks = after.keys() - before.keys()
         assert len(new_blocks) <= 2, new_blocks  # the edited block (split in two at most)
         old = TableState(clients={WEB: before})
@@ -161,6 +188,60 @@ def test_one_edited_rule_changes_one_block() -> None:
         assert len(added) <= len(after["qbs-10-137-0-5"]) + sum(
             len(after[b]) for b in new_blocks)
         assert len(added) < 150  # not the 400 rules of the list
+
+
+def _sets(chains: dict[str, tuple[str, ...]]) -> list[str]:
+    return [rule for rule in _inline(chains) if "{" in rule]
+
+
+def _elements(rule: str) -> list[str]:
+    return rule[rule.index("{") + 1 : rule.index("}")].replace(" ", "").split(",")
+
+
+def test_rules_of_one_shape_fold_into_sets_in_chunks() -> None:
+    ports = list(range(1000, 1400))
+    chains = client_chains(WEB, _port_rules(ports))
+    sets = _sets(chains)
+    assert all(rule.startswith("meta l4proto tcp th dport { ") for rule in sets)
+    assert all(rule.endswith(" } accept") for rule in sets)
+    assert sorted(e for rule in sets for e in _elements(rule)) == [str(p) for p in ports]
+    assert 2 < len(sets) < 20  # chunks: an edit re-sends one, not all 400 elements
+    assert _inline(chains)[len(sets):] == ["reject with icmp type admin-prohibited"]
+    edited = client_chains(WEB, _port_rules([*ports[:200], 5, *ports[201:]]))
+    assert len(set(_sets(edited)) - set(sets)) <= 2
+
+
+def test_a_rule_moves_past_the_other_verdict_only_when_they_cannot_meet() -> None:
+    tcp = [OutboundRule("accept", "tcp", dstports=(p, p)) for p in range(80, 87)]
+    udp_drop = OutboundRule("drop", "udp", dstports=(80, 90))
+    http_drop = OutboundRule("drop", "tcp", dst=net("192.0.2.0/24"))
+    # the udp rule is disjoint from every tcp rule: the tcp rules after it fold with those before
+    apart = client_chains(WEB, Resolved(SourceRules((*tcp[:3], udp_drop, *tcp[3:]), "drop"), {}))
+    assert _inline(apart) == [
+        "meta l4proto tcp th dport { 80, 81, 82, 83, 84, 85, 86 } accept",
+        "meta l4proto udp th dport 80-90 reject with icmp type admin-prohibited",
+        "reject with icmp type admin-prohibited",
+    ]
+    # tcp to 192.0.2.0/24 port 84 meets both: the rules after it stay after it
+    met = client_chains(WEB, Resolved(SourceRules((*tcp[:3], http_drop, *tcp[3:]), "drop"), {}))
+    assert _inline(met) == [
+        *(rule_text(r, "ip", {}) for r in (*tcp[:3], http_drop, *tcp[3:])),
+        "reject with icmp type admin-prohibited",
+    ]
+
+
+def test_overlapping_elements_of_a_concatenation_stay_in_rules_of_their_own() -> None:
+    """nft refuses a concatenated set whose elements overlap (tests/test_worker_nft.py)."""
+    rules = [OutboundRule("accept", "tcp", dst=net(f"10.0.{n}.0/24"), dstports=(80, 80))
+             for n in range(6)]
+    rules += [OutboundRule("accept", "tcp", dst=net("10.0.0.0/16"), dstports=(70, 90)),
+              OutboundRule("accept", "tcp", dst=net("10.0.3.7/32"), dstports=(443, 443))]
+    chains = client_chains(WEB, Resolved(SourceRules(tuple(rules), "drop"), {}))
+    assert _inline(chains) == [
+        "meta l4proto tcp ip daddr . th dport { 10.0.0.0/16 . 70-90, 10.0.3.7/32 . 443 } accept",
+        *(rule_text(r, "ip", {}) for r in rules[:6]),
+        "reject with icmp type admin-prohibited",
+    ]
 
 
 def test_update_touches_only_the_named_clients_and_set_elements() -> None:
