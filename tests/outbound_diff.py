@@ -477,11 +477,36 @@ class Generator:
             words.append(f"icmptype={icmptype}")
         return " ".join(words)
 
+    def _run_rule(self, version: Literal[4, 6], action: str, proto: str) -> str:
+        """A rule of a long run of one verdict and protocol, which folds into sets."""
+        words = [f"action={action}"]
+        if self.rng.random() < 0.8:
+            words.append(f"proto={proto}")
+        target = self.rng.random()
+        if target < 0.6:
+            words.append(f"dst{version}={self._destination(version)}"
+                         f"/{self.rng.choice(PREFIXES[version])}")
+        elif target < 0.8:
+            mine = [n for n, a in HOSTS.items() if version in {_version(x) for x in a}]
+            words.append(f"dsthost={self.rng.choice(mine)}")
+        if "proto=icmp" in words and self.rng.random() < 0.7:
+            words.append(f"icmptype={self.rng.choice(ICMP_TYPES[version])}")
+        elif proto != "icmp" and "proto=" + proto in words and self.rng.random() < 0.8:
+            words.append(f"dstports={self._ports()}")
+        return " ".join(words)
+
     def rule_set(self, version: Literal[4, 6]) -> list[str]:
-        """Usually a handful of rules; now and then a long list."""
-        long = self.rng.random() < 0.15
+        """Usually a handful of rules; now and then a long list, or long runs of one verdict."""
+        roll = self.rng.random()
+        long = roll < 0.25
         count = self.rng.randrange(40, 121) if long else self.rng.randrange(9)
-        rules = [self.rule(version, may_fail=not long) for _ in range(count)]
+        if roll < 0.1:  # runs of one verdict and protocol, a rule of the other now and then
+            action, proto = self.rng.choice(("accept", "drop")), self.rng.choice(
+                ("tcp", "udp", "icmp"))
+            rules = [self._run_rule(version, action, proto) if self.rng.random() < 0.9
+                     else self.rule(version, may_fail=False) for _ in range(count)]
+        else:
+            rules = [self.rule(version, may_fail=not long) for _ in range(count)]
         if self.rng.random() < 0.3:
             rules.append("action=accept")  # what qvm-firewall ends most lists with
         return rules
