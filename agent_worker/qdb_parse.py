@@ -52,6 +52,16 @@ class OutboundRule:
     icmptype: int | None = None
     dns: bool = False
 
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.action, self.proto, self.dst, self.dsthost, self.dstports,
+                     self.icmptype, self.dns))
+
+    def __hash__(self) -> int:
+        """Computed once: a rule is looked up several times per list rendered
+        (agent_worker.ruleset), and a network hashes in Python."""
+        return self._hash
+
 
 @dataclass(frozen=True)
 class SourceRules:

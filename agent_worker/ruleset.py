@@ -72,6 +72,9 @@ INLINE_RULES = 48
 BLOCK_RULES = 32
 #: a block ends here at the latest, whatever the checksums say
 MAX_BLOCK_RULES = 4 * BLOCK_RULES
+#: lists of this many rules fold into sets (_segment_rules); in a shorter list, folding
+#: costs Python about what it saves nft (doc/performance.md)
+FOLD_FROM = 256
 #: rules of one shape fold into a set lookup from this many elements (an anonymous
 #: set costs nft about three rules)
 FOLD_MIN = 6
@@ -81,6 +84,13 @@ ELEMENTS_PER_RULE = 4
 SET_CHUNK = 64
 #: a set ends here at the latest
 MAX_SET_CHUNK = 4 * SET_CHUNK
+#: rules per segment on average (the checksum of one rule in SEGMENT_RULES ends a
+#: segment): rules fold within their segment (_segment_rules)
+SEGMENT_RULES = 128
+#: a segment ends here at the latest
+MAX_SEGMENT_RULES = 4 * SEGMENT_RULES
+#: folded segments remembered
+SEGMENTS_KEPT = 64
 #: rules compared at most when deciding whether a rule may move up to its group
 MOVE_CHECKS = 64
 _PROTOS = ("tcp", "udp", "icmp")
@@ -120,8 +130,43 @@ class TableState:
             if chains is None:
                 clients.pop(address, None)
             else:
-                clients[address] = chains
+                clients[address] = _reusing(self.clients.get(address), chains, address)
         return TableState(dns, connected, clients)
+
+
+def _reusing(old: Chains | None, new: Chains, address: IPAddress) -> Chains:
+    """``new`` with its blocks renamed onto the blocks of ``old``: a block whose rules a
+    block of ``old`` holds takes its name; another takes the name of a block no longer
+    wanted (refilled in place: creating and deleting chains costs nft more than the
+    flush); the rest keep their own names. The client's chain jumps to the new names.
+    """
+    own = chain_name(address)
+    if old is None or len(new) == 1:
+        return new
+    held = {rules: name for name, rules in old.items() if name != own}
+    renamed = {name: held.pop(rules, None) for name, rules in new.items() if name != own}
+    if all(name == old_name for name, old_name in renamed.items()):
+        return new
+    free = list(held.values())
+    taken = set(old) | set(new)
+    for name, old_name in renamed.items():
+        if old_name is None:
+            renamed[name] = free.pop(0) if free else _unused(name, taken)
+            taken.add(renamed[name])
+    chains = {renamed[name]: rules for name, rules in new.items() if name != own}
+    chains[own] = tuple(
+        f"jump {renamed[rule[5:]]}" if rule.startswith("jump ") else rule for rule in new[own]
+    )
+    return chains
+
+
+def _unused(name: str, taken: set[str]) -> str:
+    """``name``, or with a suffix when a chain of the client holds it already."""
+    candidate, number = name, 0
+    while candidate in taken:
+        number += 1
+        candidate = f"{name}-{number}"
+    return candidate
 
 
 def family_of(address: IPAddress) -> Family:
@@ -211,6 +256,29 @@ Interval = tuple[int, int]
 Element = tuple[tuple[str, ...], tuple[Interval, ...]]
 #: the verdict, protocol ("" any) and which of destination, ports, icmp type a rule uses
 Shape = tuple[str, str, bool, bool, bool]
+Names = Mapping[str, frozenset[IPAddress]]
+
+_PROTOS = ("tcp", "udp", "icmp")
+_OTHER = {"accept": "drop", "drop": "accept"}
+#: (action, proto or "" for any) keys of the rules of the other verdict a rule may meet
+_BARRIERS = {
+    (action, proto): ((_OTHER[action], ""),
+                      *((_OTHER[action], p) for p in ((proto,) if proto else _PROTOS)))
+    for action in _OTHER
+    for proto in ("", *_PROTOS)
+}
+
+
+#: the keys a rule of (action, proto, dns) holds in _fold's table
+_MARKS = {
+    (action, proto, dns): tuple((action, p) for p in (
+        ("tcp", "udp") if dns and proto is None else (proto or "",)))
+    for action in _OTHER
+    for proto in (None, *_PROTOS)
+    for dns in (False, True)
+}
+#: -1 for every key map() looks up: a barrier not in the table lies before every group
+_NONE = (-1, -1, -1, -1)
 
 
 class _Match(NamedTuple):
@@ -220,34 +288,15 @@ class _Match(NamedTuple):
     count as any address (the servers change without the rules changing).
     """
 
-    protos: frozenset[str] | None
+    protos: tuple[str, ...] | None
     dst: tuple[Interval, ...] | None
     ports: Interval | None
     icmptype: int | None
 
 
-class _Folding(NamedTuple):
-    """A rule as folding sees it.
-
-    ``shape`` None: never folded (``specialtarget=dns``, or a rule with no
-    field to look up); rules of one shape may share one rule with a set of
-    their ``elements``.
-    """
-
-    rule: OutboundRule
-    match: _Match
-    shape: Shape | None
-    elements: tuple[Element, ...]
-
-
-_PROTOS = ("tcp", "udp", "icmp")
-_PROTO_SETS = {proto: frozenset({proto}) for proto in _PROTOS}
-_DNS_PROTOS = frozenset({"tcp", "udp"})
-
-
 def _disjoint(a: _Match, b: _Match) -> bool:
     """No packet matches both: one field on which the two sets of values do not meet."""
-    if a.protos is not None and b.protos is not None and not a.protos & b.protos:
+    if a.protos is not None and b.protos is not None and not set(a.protos) & set(b.protos):
         return True
     if a.dst is not None and b.dst is not None and not any(
         x[0] <= y[1] and y[0] <= x[1] for x in a.dst for y in b.dst
@@ -265,53 +314,33 @@ def _network_span(network: IPNetwork) -> Interval:
     return low, low | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
 
 
-def _folding(
-    rule: OutboundRule, family: Family, names: Mapping[str, frozenset[IPAddress]]
-) -> _Folding | None:
-    """How ``rule`` folds, or None when it can match nothing (left out, as by rule_text)."""
+def _protos(rule: OutboundRule) -> tuple[str, ...] | None:
+    if rule.dns and rule.proto is None:
+        return ("tcp", "udp")
+    return None if rule.proto is None else (rule.proto,)
+
+
+def _match(rule: OutboundRule, names: Names) -> _Match:
     if rule.dsthost is None:
-        return _folding_kept(rule)
-    return _make_folding(rule, names[rule.dsthost])
+        return _match_kept(rule)
+    spans = None if rule.dns else tuple((int(a), int(a)) for a in names[rule.dsthost])
+    return _Match(_protos(rule), spans, DNS_PORTS if rule.dns else rule.dstports, rule.icmptype)
 
 
 @functools.lru_cache(maxsize=PARSED_RULES_KEPT)
-def _folding_kept(rule: OutboundRule) -> _Folding | None:
-    """:func:`_make_folding` of a rule without a host name, which nothing else changes."""
-    return _make_folding(rule, frozenset())
+def _match_kept(rule: OutboundRule) -> _Match:
+    """:func:`_match` of a rule without a host name."""
+    spans = None if rule.dst is None or rule.dns else (_network_span(rule.dst),)
+    return _Match(_protos(rule), spans, DNS_PORTS if rule.dns else rule.dstports, rule.icmptype)
 
 
-def _make_folding(rule: OutboundRule, addresses: frozenset[IPAddress]) -> _Folding | None:
-    """``addresses``: what the rule's ``dsthost`` resolved to, if it has one."""
-    if _matches_nothing(rule):
+def _shape(rule: OutboundRule) -> Shape | None:
+    """None: never folded (``specialtarget=dns``, or no field to look up)."""
+    has_dst = rule.dst is not None or rule.dsthost is not None
+    has_ports, has_type = rule.dstports is not None, rule.icmptype is not None
+    if rule.dns or not (has_dst or has_ports or has_type):
         return None
-    protos = None if rule.proto is None else _PROTO_SETS[rule.proto]
-    if rule.dns:
-        dns_protos = _DNS_PROTOS if protos is None else protos
-        return _Folding(rule, _Match(dns_protos, None, DNS_PORTS, None), None, ())
-    ports, icmptype = rule.dstports, rule.icmptype
-    destinations: tuple[tuple[str, Interval], ...] | None = None
-    if rule.dst is not None:
-        destinations = ((str(rule.dst), _network_span(rule.dst)),)
-    elif rule.dsthost is not None:
-        destinations = tuple((str(a), (int(a), int(a))) for a in sorted(addresses))
-    spans = None if destinations is None else tuple(d[1] for d in destinations)
-    match = _Match(protos, spans, ports, icmptype)
-    second: tuple[str, Interval] | None = None
-    if ports is not None:
-        second = (_ports(ports), ports)
-    elif icmptype is not None:
-        second = (str(icmptype), (icmptype, icmptype))
-    if destinations is None:
-        if second is None:
-            return _Folding(rule, match, None, ())
-        elements: tuple[Element, ...] = (((second[0],), (second[1],)),)
-    elif second is None:
-        elements = tuple(((d[0],), (d[1],)) for d in destinations)
-    else:
-        elements = tuple(((d[0], second[0]), (d[1], second[1])) for d in destinations)
-    shape = (rule.action, rule.proto or "", destinations is not None, ports is not None,
-             icmptype is not None)
-    return _Folding(rule, match, shape, elements)
+    return (rule.action, rule.proto or "", has_dst, has_ports, has_type)
 
 
 class _Group(NamedTuple):
@@ -319,10 +348,10 @@ class _Group(NamedTuple):
 
     action: str
     shape: Shape | None
-    members: list[_Folding]
+    members: list[OutboundRule]
 
 
-def _fold(rules: Iterable[_Folding]) -> list[_Group]:
+def _fold(rules: Iterable[OutboundRule], names: Names) -> list[_Group]:
     """``rules`` in groups, each rule moved up into the last group of its shape where allowed.
 
     A rule may move past a rule of its own verdict (a packet both match
@@ -331,51 +360,49 @@ def _fold(rules: Iterable[_Folding]) -> list[_Group]:
     """
     groups: list[_Group] = []
     latest: dict[Shape, int] = {}
-    #: (action, proto or "" for any): the last group holding a rule of that action and proto
+    #: (action, proto or "" for any): the last group holding a rule of that action and
+    #: proto. When no rule of the other verdict a rule may meet lies past the last group
+    #: of its shape, it joins that group at once; otherwise the rules in between are
+    #: compared (_may_move_up).
     last_with: dict[tuple[str, str], int] = {}
-    for folding in rules:
-        action, shape = folding.rule.action, folding.shape
+    get = last_with.get
+    for rule in rules:
+        shape = _shape(rule)
         place = None if shape is None else latest.get(shape)
-        if place is not None and not _may_move_up(folding, groups, place, last_with):
-            place = None
+        if place is not None:
+            barriers = _BARRIERS[rule.action, rule.proto or ""]
+            if max(map(get, barriers, _NONE)) >= place and not _may_move_up(
+                rule, groups, place, names
+            ):
+                place = None
         if place is None:
             place = len(groups)
-            groups.append(_Group(action, shape, []))
+            groups.append(_Group(rule.action, shape, []))
             if shape is not None:
                 latest[shape] = place
-        groups[place].members.append(folding)
-        for proto in folding.match.protos or ("",):
-            if last_with.get((action, proto), -1) < place:
-                last_with[action, proto] = place
+        groups[place].members.append(rule)
+        for key in _MARKS[rule.action, rule.proto, rule.dns]:
+            if get(key, -1) < place:
+                last_with[key] = place
     return groups
 
 
-def _may_move_up(
-    folding: _Folding, groups: list[_Group], place: int, last_with: Mapping[tuple[str, str], int]
-) -> bool:
-    """Whether a rule may join group ``place``: no later rule of the other verdict meets it.
+def _may_move_up(rule: OutboundRule, groups: list[_Group], place: int, names: Names) -> bool:
+    """Whether ``rule`` may join group ``place``: no later rule of the other verdict meets it.
 
-    The common answer is quick: no rule of the other verdict with a
-    protocol the rule can match lies past ``place``. Otherwise the rules in
-    between are compared, up to MOVE_CHECKS of them (more: it stays).
+    Compares up to MOVE_CHECKS rules (more: it stays where it is).
     """
-    action, match = folding.rule.action, folding.match
-    other = "drop" if action == "accept" else "accept"
-    last = last_with.get((other, ""), -1)
-    for proto in match.protos if match.protos is not None else _PROTOS:
-        last = max(last, last_with.get((other, proto), -1))
-    if last < place:
-        return True
+    match = _match(rule, names)
     checks = 0
     for group in groups[place + 1 :]:
         checks += 1
         if checks > MOVE_CHECKS:
             return False
-        if group.action == action:
+        if group.action == rule.action:
             continue
         for member in group.members:
             checks += 1
-            if checks > MOVE_CHECKS or not _disjoint(match, member.match):
+            if checks > MOVE_CHECKS or not _disjoint(match, _match(member, names)):
                 return False
     return True
 
@@ -412,6 +439,23 @@ def _without_overlaps(elements: Iterable[Element]) -> tuple[list[Element], list[
     return kept, rest
 
 
+def _elements(rule: OutboundRule, names: Names) -> list[Element]:
+    """The rule's values for a set: destination (each address of a name), then ports or type."""
+    fields: list[list[tuple[str, Interval]]] = []
+    if rule.dst is not None:
+        fields.append([(str(rule.dst), _network_span(rule.dst))])
+    elif rule.dsthost is not None:
+        fields.append([(str(a), (int(a), int(a))) for a in sorted(names[rule.dsthost])])
+    if rule.dstports is not None:
+        fields.append([(_ports(rule.dstports), rule.dstports)])
+    elif rule.icmptype is not None:
+        fields.append([(str(rule.icmptype), (rule.icmptype, rule.icmptype))])
+    if len(fields) == 1:
+        return [((text,), (span,)) for text, span in fields[0]]
+    second_text, second_span = fields[1][0]
+    return [((text, second_text), (span, second_span)) for text, span in fields[0]]
+
+
 def _chunks(elements: list[Element]) -> Iterator[list[Element]]:
     """Consecutive runs of a set's sorted elements, cut after each whose checksum says so."""
     start = 0
@@ -424,9 +468,7 @@ def _chunks(elements: list[Element]) -> Iterator[list[Element]]:
         yield elements[start:]
 
 
-def _group_texts(
-    group: _Group, family: Family, names: Mapping[str, frozenset[IPAddress]]
-) -> list[tuple[str, int]]:
+def _group_texts(group: _Group, family: Family, names: Names) -> list[tuple[str, int]]:
     """A group as rules with sets of its elements, or its rules as they are when few.
 
     Each rule comes with the number of set elements it holds (0: none).
@@ -435,9 +477,11 @@ def _group_texts(
     two-field set cannot hold with the others (they overlap) stay in their
     own rules, after the sets: same verdict, same place.
     """
-    elements = {e[0]: e for member in group.members for e in member.elements}
-    if group.shape is None or len(elements) < FOLD_MIN:
+    count = sum(1 if m.dsthost is None else len(names[m.dsthost]) for m in group.members)
+    if group.shape is None or count < FOLD_MIN:
         return [(text, 0) for text in _texts(group.members, family, names)]
+    by_member = [(member, _elements(member, names)) for member in group.members]
+    elements = {e[0]: e for _, member_elements in by_member for e in member_elements}
     action, proto, dst, ports, icmptype = group.shape
     icmp = "icmp" if family == "ip" else "icmpv6"
     fields = [f"{family} daddr"] if dst else []
@@ -456,16 +500,16 @@ def _group_texts(
         for chunk in _chunks(kept)
     ]
     left = {e[0] for e in rest}
-    alone = [m for m in group.members if any(e[0] in left for e in m.elements)]
+    alone = [member for member, es in by_member if any(e[0] in left for e in es)]
     return rules + [(text, 0) for text in dict.fromkeys(_texts(alone, family, names))]
 
 
-def _texts(
-    foldings: Iterable[_Folding], family: Family, names: Mapping[str, frozenset[IPAddress]]
-) -> list[str]:
-    """The rules, each as its own rule (:func:`_folding` left out those matching nothing)."""
-    texts = (rule_text(f.rule, family, names) for f in foldings)
+def _texts(rules: Iterable[OutboundRule], family: Family, names: Names) -> list[str]:
+    """The rules, each as its own rule (segments left out those matching nothing)."""
+    texts = (rule_text(rule, family, names) for rule in rules)
     return [text for text in texts if text is not None]
+
+
 def _blocks(rules: list[tuple[str, int]]) -> Iterator[tuple[str, ...]]:
     """Consecutive runs of ``rules``: a rule with a set alone, other rules cut after each
     whose checksum says so."""
@@ -483,6 +527,63 @@ def _blocks(rules: list[tuple[str, int]]) -> Iterator[tuple[str, ...]]:
         yield tuple(block)
 
 
+NamesUsed = tuple[tuple[str, frozenset[IPAddress]], ...]
+_CODES = {None: 1, "accept": 2, "drop": 3, "tcp": 4, "udp": 5, "icmp": 6}
+
+
+def _checksum(rule: OutboundRule) -> int:
+    """A checksum of the rule's values, the same in every process (``hash`` of a string
+    is not), without rendering it."""
+    value = _CODES[rule.action] * 8 + _CODES[rule.proto] + (64 if rule.dns else 0)
+    if rule.dst is not None:
+        value = value * 1000003 + int(rule.dst.network_address) * 129 + rule.dst.prefixlen
+    if rule.dsthost is not None:
+        value = value * 1000003 + zlib.crc32(rule.dsthost.encode())
+    if rule.dstports is not None:
+        value = value * 1000003 + rule.dstports[0] * 65536 + rule.dstports[1]
+    if rule.icmptype is not None:
+        value = value * 1000003 + rule.icmptype
+    return (value * 2654435761) >> 16 & 0xFFFFFFFF
+
+
+def _segments(
+    rules: Iterable[OutboundRule], family: Family, names: Names
+) -> Iterator[tuple[tuple[OutboundRule, ...], NamesUsed]]:
+    """Consecutive runs of ``rules``, cut after each whose checksum says so, with the
+    resolved names each uses (rules that can match nothing left out)."""
+    segment: list[OutboundRule] = []
+    for rule in rules:
+        if _matches_nothing(rule):
+            continue
+        segment.append(rule)
+        if len(segment) >= MAX_SEGMENT_RULES or _checksum(rule) % SEGMENT_RULES == 0:
+            yield _with_names(segment, names)
+            segment = []
+    if segment:
+        yield _with_names(segment, names)
+
+
+def _with_names(
+    rules: list[OutboundRule], names: Names
+) -> tuple[tuple[OutboundRule, ...], NamesUsed]:
+    hosts = sorted({rule.dsthost for rule in rules if rule.dsthost is not None})
+    return tuple(rules), tuple((host, names[host]) for host in hosts)
+
+
+@functools.lru_cache(maxsize=SEGMENTS_KEPT)
+def _segment_rules(
+    family: Family, rules: tuple[OutboundRule, ...], names_used: NamesUsed
+) -> tuple[tuple[str, int], ...]:
+    """One segment's rules folded (:func:`_fold`), each with its number of set elements.
+
+    Segments are folded on their own, so that an edit folds one again and
+    the others are remembered; no rule moves out of its segment.
+    """
+    names = dict(names_used)
+    groups = _fold(rules, names)
+    return tuple(rule for group in groups for rule in _group_texts(group, family, names))
+
+
 def client_chains(address: IPAddress, source: Source) -> dict[str, tuple[str, ...]]:
     """The chains of one client: its rules then its policy, or a blanket reject.
 
@@ -492,9 +593,15 @@ def client_chains(address: IPAddress, source: Source) -> dict[str, tuple[str, ..
     name = chain_name(address)
     if isinstance(source, Blocked):
         return {name: (reject(family),)}
-    foldings = (_folding(r, family, source.names) for r in source.rules.rules)
-    groups = _fold(f for f in foldings if f is not None)
-    rules = [rule for group in groups for rule in _group_texts(group, family, source.names)]
+    if len(source.rules.rules) < FOLD_FROM:
+        texts = (rule_text(rule, family, source.names) for rule in source.rules.rules)
+        rules = [(text, 0) for text in texts if text is not None]
+    else:
+        rules = [
+            rule
+            for segment in _segments(source.rules.rules, family, source.names)
+            for rule in _segment_rules(family, *segment)
+        ]
     policy = "accept" if source.rules.policy == "accept" else reject(family)
     if sum(1 + elements // ELEMENTS_PER_RULE for _, elements in rules) <= INLINE_RULES:
         return {name: (*(text for text, _ in rules), policy)}

@@ -23,7 +23,10 @@ reading QubesDB to the handled counter: upstream's ``handle_addr``, ours
 - ``edit``: one rule in the middle of the list gets another port at each
   run, what adding, removing or changing one rule with ``qvm-firewall``
   asks;
-- ``all``: every rule is new at each run (a list never seen before).
+- ``all``: every rule is new at each run (a list never seen before);
+- ``allow``: as ``all``, but an allow-list: every rule accepts (tcp and udp
+  to a network and port, or anything to a network), which is what a list
+  of many rules usually is, and what folds into sets best.
 
 Runs of the two workers alternate, so a busy moment of the machine hits
 both. Printed: the median of the runs, the ratio upstream/ours, and how
@@ -47,6 +50,7 @@ from bench.common import print_table, sizes_parser, upstream_path
 from bench.nft import MemoryQubesDB, enter, throwaway_namespace
 
 DEFAULT_SIZES = (1, 100, 1000)
+KINDS = ("edit", "all", "allow")
 OTHER_CLIENTS = 20
 OTHER_RULES = 5
 CLIENT = "10.137.0.5"
@@ -67,14 +71,29 @@ def rule(number: int, shift: int) -> str:
     return f"action=accept proto=icmp dst4={net} icmptype={(number + shift) % 256}"
 
 
+def allow_rule(number: int, shift: int) -> str:
+    """Rule ``number`` of an allow-list; another ``shift`` gives another rule of the same shape."""
+    port = 1024 + (number * 7 + shift) % 60000
+    net = f"10.{number % 250}.{(number // 250 + shift) % 250}.0/24"
+    kind = number % 3
+    if kind == 0:
+        return f"action=accept proto=tcp dst4={net} dstports={port}-{port}"
+    if kind == 1:
+        return f"action=accept proto=udp dst4={net} dstports={port}-{port + 10}"
+    return f"action=accept dst4={net}"
+
+
 def rule_set(count: int, kind: str, run: int) -> list[str]:
     """The client's rule set written before timed run ``run`` (run -1: the first load).
 
     ``edit``: the same list with one tcp rule in the middle changing its
-    port at every run; ``all``: a list never seen before, every rule new.
+    port at every run; ``all``: a list never seen before, every rule new;
+    ``allow``: an allow-list never seen before.
     """
     if kind == "all":
         return [rule(n, run + 1) for n in range(count)]
+    if kind == "allow":
+        return [allow_rule(n, run + 1) for n in range(count)]
     edited = count // 2 - count // 2 % 4  # a tcp rule, whose port the shift moves
     return [rule(n, run + 1 if n == edited else 0) for n in range(count)]
 
@@ -175,9 +194,9 @@ def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]
     rows: list[list[object]] = []
     with throwaway_namespace("-up") as up_ns, throwaway_namespace("-ours") as ours_ns:
         for count in sizes:
-            for kind in ("edit", "all"):
-                if count == 1 and kind == "edit":
-                    continue  # one rule: an edit is a whole new set
+            for kind in KINDS:
+                if count == 1 and kind != "all":
+                    continue  # one rule: an edit is a whole new set, an allow-list one rule
                 enter(up_ns)
                 up_db = populated_db(rule_set(count, kind, -1))
                 upstream = start_upstream(firewall, up_db)

@@ -49,6 +49,7 @@ from worker_netns import (
     wait_for,
 )
 
+from agent_worker.ruleset import FOLD_FROM
 from firewall_rules.rule import Rule, outbound_qdb_entries
 from lab.pyshim import qubesdb
 
@@ -501,6 +502,7 @@ class Generator:
         long = roll < 0.25
         count = self.rng.randrange(40, 121) if long else self.rng.randrange(9)
         if roll < 0.1:  # runs of one verdict and protocol, a rule of the other now and then
+            count = self.rng.randrange(FOLD_FROM, FOLD_FROM + 80)  # long enough to fold
             action, proto = self.rng.choice(("accept", "drop")), self.rng.choice(
                 ("tcp", "udp", "icmp"))
             rules = [self._run_rule(version, action, proto) if self.rng.random() < 0.9

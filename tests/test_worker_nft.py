@@ -217,10 +217,11 @@ def test_an_edit_in_a_long_list_rewrites_one_block(netns: str, tmp_path: Path) -
         worker.handle(Changes(sources={WEB}))
         after = {c: _handles(c) for c in worker.kernel.clients[ipaddress.ip_address(WEB)]}
         kept = [c for c in blocks if c in after and c != "qbs-10-137-0-5"]
-        return [len(blocks), len(kept), all(blocks[c] == after[c] for c in kept), nft.sent]
+        refilled = sum(blocks[c] != after[c] for c in kept)  # the edited block, in place
+        return [len(blocks), len(kept), refilled, nft.sent]
 
-    count, kept, untouched, sent = in_netns(netns, body)
-    assert count > 4 and kept >= count - 3 and untouched
+    count, kept, refilled, sent = in_netns(netns, body)
+    assert count > 4 and kept >= count - 1 and refilled <= 2
     (transaction,) = sent
     assert transaction.count("add rule") < 100  # not the 301 rules of the list
     packet_order = []
@@ -374,6 +375,7 @@ def _foldable(draw: st.DrawFn, version: int, proto: str) -> str:
 
 def _folded_rule_sets_accepted_by_nft() -> int:
     """Run the property; returns how many examples held a set of concatenations."""
+    ruleset.FOLD_FROM = 0  # in the forked child only: short lists fold too
     concatenations = []
 
     @settings(max_examples=150, deadline=None, database=None)

@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent_worker.qdb_parse import Blocked, OutboundRule, SourceRules, parse_source
+from agent_worker import ruleset
+from agent_worker.qdb_parse import Blocked, IPAddress, OutboundRule, SourceRules, parse_source
 from agent_worker.ruleset import (
     INLINE_RULES,
+    Chains,
     Resolved,
     TableState,
     chain_name,
@@ -198,7 +200,10 @@ def _elements(rule: str) -> list[str]:
     return rule[rule.index("{") + 1 : rule.index("}")].replace(" ", "").split(",")
 
 
-def test_rules_of_one_shape_fold_into_sets_in_chunks() -> None:
+def test_rules_of_one_shape_fold_into_sets_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    short = client_chains(WEB, _port_rules(list(range(1000, 1000 + ruleset.FOLD_FROM - 1))))
+    assert not _sets(short)  # folding a short list costs Python what it saves nft
+    monkeypatch.setattr(ruleset, "FOLD_FROM", 0)
     ports = list(range(1000, 1400))
     chains = client_chains(WEB, _port_rules(ports))
     sets = _sets(chains)
@@ -211,7 +216,10 @@ def test_rules_of_one_shape_fold_into_sets_in_chunks() -> None:
     assert len(set(_sets(edited)) - set(sets)) <= 2
 
 
-def test_a_rule_moves_past_the_other_verdict_only_when_they_cannot_meet() -> None:
+def test_a_rule_moves_past_the_other_verdict_only_when_they_cannot_meet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ruleset, "FOLD_FROM", 0)
     tcp = [OutboundRule("accept", "tcp", dstports=(p, p)) for p in range(80, 87)]
     udp_drop = OutboundRule("drop", "udp", dstports=(80, 90))
     http_drop = OutboundRule("drop", "tcp", dst=net("192.0.2.0/24"))
@@ -230,8 +238,11 @@ def test_a_rule_moves_past_the_other_verdict_only_when_they_cannot_meet() -> Non
     ]
 
 
-def test_overlapping_elements_of_a_concatenation_stay_in_rules_of_their_own() -> None:
+def test_overlapping_elements_of_a_concatenation_stay_in_rules_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """nft refuses a concatenated set whose elements overlap (tests/test_worker_nft.py)."""
+    monkeypatch.setattr(ruleset, "FOLD_FROM", 0)
     rules = [OutboundRule("accept", "tcp", dst=net(f"10.0.{n}.0/24"), dstports=(80, 80))
              for n in range(6)]
     rules += [OutboundRule("accept", "tcp", dst=net("10.0.0.0/16"), dstports=(70, 90)),
@@ -361,3 +372,28 @@ def test_fuzz_parse_then_build_never_raises(entries: dict[str, bytes], version: 
     state = TableState(frozenset(), frozenset({source}), {source: client_chains(source, built)})
     commands = rebuild_commands(state)
     assert all(_SAFE.match(c.replace(";", "")) for c in commands)
+
+
+def test_changed_blocks_are_refilled_in_place_under_the_names_of_blocks_gone() -> None:
+    """Creating and deleting chains costs nft more than flushing one: a block no longer
+    wanted lends its name to a new one, and the client's chain keeps its jumps."""
+    def chains_of(ports: list[int]) -> dict[IPAddress, Chains]:
+        return {WEB: client_chains(WEB, _unfoldable(ports))}
+
+    ports = list(range(1000, 1200))
+    old = TableState().with_clients(frozenset(), frozenset(), chains_of(ports))
+    edited = [*ports[:100], 5, *ports[101:]]
+    new = old.with_clients(frozenset(), frozenset(), chains_of(edited))
+    commands = update_commands(old, new, [WEB])
+    assert not [c for c in commands if c.startswith(("add chain", "delete chain"))]
+    assert "flush chain ip qubes-firewall qbs-10-137-0-5" not in commands  # same jumps
+    assert _inline(dict(new.clients[WEB])) == [
+        *_unfolded_texts(edited), "reject with icmp type admin-prohibited"]
+    # a list new from end to end: every block refilled, none created or deleted but extras
+    other = old.with_clients(frozenset(), frozenset(), chains_of(list(range(3000, 3200))))
+    renamed = update_commands(old, other, [WEB])
+    blocks = min(len(old.clients[WEB]), len(other.clients[WEB])) - 1
+    assert len([c for c in renamed if c.startswith("flush chain")]) >= blocks
+    assert len([c for c in renamed if c.startswith(("add chain", "delete chain"))]) <= abs(
+        len(old.clients[WEB]) - len(other.clients[WEB]))
+    assert _inline(dict(other.clients[WEB]))[:-1] == _unfolded_texts(list(range(3000, 3200)))
