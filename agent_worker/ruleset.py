@@ -25,13 +25,25 @@ A rule's ``drop`` becomes ``reject with icmp[v6] type admin-prohibited``,
 so the client sees at once that the firewall refused it, as upstream.
 
 A client's chain is named as upstream's (:func:`chain_name`). A long rule
-list is cut into blocks, each a chain of its own named after its content
-(``qbs-10-137-0-5-<hash>``), and the client's chain jumps to them in order
-before its policy: a verdict in a block ends the evaluation as it would
-inline, and a block nothing matched returns to the next jump. Blocks end
-where a rule's own checksum says so, not at fixed positions, so adding,
-changing or removing one rule changes one block, and a change costs the
-rules of that block and the jumps, not the whole list.
+list is cut into blocks, each a chain of its own named after the content
+it was created with (``qbs-10-137-0-5-<hash>``), and the client's chain
+jumps to them in order before its policy: a verdict in a block ends the
+evaluation as it would inline, and a block nothing matched returns to the
+next jump. Blocks end where a rule's own checksum says so, not at fixed
+positions, so adding, changing or removing one rule changes one block, and
+a change costs the rules of that block. A changed block is refilled in
+place under the name of a block no longer wanted (:func:`_reusing`): the
+client's chain keeps its jumps, and nft creates and deletes no chain.
+
+A list of FOLD_FROM rules or more is folded first (:func:`_fold`): rules
+of one shape (verdict, protocol, fields used) share one rule with an
+anonymous set of their values, ``ip daddr . th dport { net . ports, ... }``.
+A rule moves to an earlier rule's set only past rules of its own verdict or
+rules of the other verdict no packet matches together with it, so the first
+match of every packet keeps its verdict. Overlapping elements of a
+concatenation (which the kernel refuses) stay in rules of their own; sets
+are cut into chunks by element checksum. Folding works per segment of the
+list, remembered, so that an edit folds one segment again.
 """
 
 from __future__ import annotations
