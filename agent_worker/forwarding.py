@@ -1,6 +1,6 @@
 """The forward half of the firewall worker: ``/qns-forward/`` to maps and chains of ``qubes``.
 
-Thin shell around :mod:`agent_worker.forward` (parsing, elements, rule
+Thin shell around :mod:`agent_worker.forward_steps` (parsing, elements, rule
 text) and :mod:`agent_worker.nft_chains` (chains and jumps). The outbound
 half (:class:`agent_worker.firewall.Worker`) owns the ``qubes-firewall``
 tables; this one owns, in ``ip qubes`` and ``ip6 qubes``, the maps and sets
@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from agent_worker import conntrack, hop_ports, nft_chains
 from agent_worker.entries import MAX_VALUE, EntryError
-from agent_worker.forward import (
+from agent_worker.forward_steps import (
     DNAT_CHAIN,
     FORWARD_CHAIN,
     NAT_TABLE,

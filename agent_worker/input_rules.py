@@ -1,6 +1,6 @@
 """Input rules in the target qube: from untrusted ``/qns-input/`` to nft.
 
-Pure, like :mod:`agent_worker.forward`. dom0 writes the openings of the
+Pure, like :mod:`agent_worker.forward_steps`. dom0 writes the openings of the
 qube's forwards first, then its inbound rules (accept or drop) in list
 order; the rules land in that order in chain ``qns-input`` of table
 ``qubes`` (both families), jumped to from its ``input`` chain right after

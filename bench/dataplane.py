@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from agent_worker import forward, forwarding
+from agent_worker import forward_steps, forwarding
 from agent_worker.firewall import Nft
 from bench.common import REPO, print_table, ratio
 from bench.nft import RULES_REMOVAL, MemoryQubesDB, inside, steps_as_rules
@@ -169,7 +169,7 @@ def maps(network: Network, count: int) -> Iterator[None]:
 @contextmanager
 def rules(network: Network, count: int) -> Iterator[None]:
     """The baseline: one DNAT and one accept rule per step."""
-    steps = [forward.parse_step(value) for path, value in sorted(step_entries(count).items())
+    steps = [forward_steps.parse_step(value) for path, value in sorted(step_entries(count).items())
              if path.count("/") == 3]
     with inside(netns.namespace(network.hop)):
         nft = Nft()  # in the hop's namespace, as above

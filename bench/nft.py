@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 
-from agent_worker import forward, forwarding
+from agent_worker import forward_steps, forwarding
 from agent_worker.firewall import Nft
 from bench.common import print_table, ratio, sizes_parser
 from lab.base_ruleset import base_ruleset
@@ -274,7 +274,7 @@ RULES_TABLE, RULES_CHAIN = "ip qns-bench-rules", "qns-bench-accept"
 RULES_DNAT = f"{RULES_TABLE} qns-bench-dnat"
 
 
-def steps_as_rules(steps: Iterable[forward.Step]) -> str:
+def steps_as_rules(steps: Iterable[forward_steps.Step]) -> str:
     """The baseline: every step as a DNAT rule and an accept rule, as the previous release."""
     lines = [f"add table {RULES_TABLE}",
              f"add chain {RULES_DNAT} {{ type nat hook prerouting priority dstnat; }}",
@@ -314,7 +314,8 @@ def as_rules(nft: CountingNft, text: str) -> float:
 
 def kernel_elements() -> int:
     """Map elements of our table as ``nft`` lists them back."""
-    listing = json.loads(sh("nft", "-j", "list", "table", "ip", forward.NAT_TABLE))["nftables"]
+    table = forward_steps.NAT_TABLE
+    listing = json.loads(sh("nft", "-j", "list", "table", "ip", table))["nftables"]
     return sum(len(item["map"].get("elem", [])) for item in listing if "map" in item)
 
 

@@ -44,7 +44,7 @@ from worker_netns import (
     write_directory,
 )
 
-from agent_worker import forward, forwarding
+from agent_worker import forward_steps, forwarding
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
 from agent_worker.forwarding import ForwardChanges, Forwarder, classify
@@ -223,7 +223,7 @@ def test_nothing_to_forward_leaves_table_qubes_alone() -> None:
     assert no_forward_chain.sent == []
 
 
-def step_text(step: forward.Step) -> str:
+def step_text(step: forward_steps.Step) -> str:
     """The canonical text of a parsed step, as dom0 writes it."""
     words = [
         f"proto={step.proto}", f"ports={step.ports[0]}-{step.ports[1]}", f"iif={step.iif}",
@@ -264,12 +264,12 @@ def mutated(draw: st.DrawFn) -> str:
 @given(mutated())
 def test_fuzzed_step_text_parses_exactly_or_is_refused(untrusted_text: str) -> None:
     try:
-        step = forward.parse_step(untrusted_text)
+        step = forward_steps.parse_step(untrusted_text)
     except EntryError:
         return
     # Whatever passes is what dom0 would have written for it, word for word.
     assert sorted(step_text(step).split(" ")) == sorted(untrusted_text.split(" "))
-    assert forward.parse_step(step_text(step)) == step
+    assert forward_steps.parse_step(step_text(step)) == step
 
 
 @given(st.lists(st.one_of(st.sampled_from(_GOOD), mutated()), min_size=1, max_size=4))
@@ -278,7 +278,7 @@ def test_fuzzed_target_is_all_or_nothing(untrusted_steps: list[str]) -> None:
         f"{n:04d}": s.encode("utf-8", "surrogatepass") for n, s in enumerate(untrusted_steps)
     }
     try:
-        steps = forward.parse_target(entries)
+        steps = forward_steps.parse_target(entries)
     except EntryError:
         return
     assert [sorted(step_text(s).split(" ")) for s in steps] == [
@@ -398,14 +398,14 @@ def test_refused_target_is_left_out_and_the_rest_applies(netns: str) -> None:
         handler = logging.Handler()
         handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
         logging.getLogger("qubes.firewall").addHandler(handler)
-        real = forward.dnat_elements
+        real = forward_steps.dnat_elements
 
-        def broken(step: forward.Step) -> tuple[tuple[str, str], ...]:
+        def broken(step: forward_steps.Step) -> tuple[tuple[str, str], ...]:
             if str(step.to) == WORK:  # nft refuses this port
                 return (("qns-dnat-upstream-local", f"tcp . 70000 : {WORK} . 22"),)
             return real(step)
 
-        forward.dnat_elements = broken  # type: ignore[assignment]
+        forward_steps.dnat_elements = broken  # type: ignore[assignment]
         db = MemoryQubesDB(CONNECTED)
         write_forwards(db, WEB, [WEB_TCP])
         write_forwards(db, WORK, [WORK_TCP])
@@ -436,11 +436,11 @@ def _every_parsed_step_is_accepted_by_nft() -> None:
     @given(st.lists(_WORDS, min_size=6, max_size=7, unique=True))
     def check(words: list[str]) -> None:
         try:
-            step = forward.parse_step(" ".join(words))
+            step = forward_steps.parse_step(" ".join(words))
         except EntryError:
             return
         family = "ip" if step.to.version == 4 else "ip6"
-        text = forwarding.nat_table_commands(family, forward.family_elements([step])[family])
+        text = forwarding.nat_table_commands(family, forward_steps.family_elements([step])[family])
         try:
             nft.run(text, check=True)
         except forwarding.NftError as err:
@@ -592,7 +592,7 @@ def test_malformed_entries_block_that_target_only(hop: Hop) -> None:
             hop.rewrite(WORK, [WORK_TCP.encode(), untrusted_value])
             assert hop.worker.process.poll() is None, hop.worker.text()
             try:
-                forward.parse_target({"0000": WORK_TCP.encode(), "0001": untrusted_value})
+                forward_steps.parse_target({"0000": WORK_TCP.encode(), "0001": untrusted_value})
             except EntryError as err:
                 assert WORK not in str(dnat_elements(hop.hop))
                 assert f"ERROR: no forwards to {WORK}: {err}" in hop.worker.text()
