@@ -31,17 +31,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Literal, Protocol
+from typing import Protocol
 
 import nftables
 
 from agent_worker import conntrack, forwarding, inbound, outbound_flows, routing
-from agent_worker.entries import EntryError
+from agent_worker.entries import EntryError, IPAddress, IpVersion, parse_address
 from agent_worker.nft_chains import NftError
 from agent_worker.qdb_parse import (
     Blocked,
-    IPAddress,
-    parse_address,
     parse_resolv_conf,
     parse_source,
 )
@@ -80,7 +78,7 @@ CUSTOM_PERSIST = Path("/var/run/qubes-service/custom-persist")
 #: transactions one change may take: a refused client found, then the tables rebuilt
 MAX_ATTEMPTS = 4
 
-Resolver = Callable[[str, Literal[4, 6]], frozenset[IPAddress]]
+Resolver = Callable[[str, IpVersion], frozenset[IPAddress]]
 
 
 class QubesDBConnection(Protocol):
@@ -125,7 +123,7 @@ class Nft:
         return output
 
 
-def resolve(name: str, version: Literal[4, 6]) -> frozenset[IPAddress]:
+def resolve(name: str, version: IpVersion) -> frozenset[IPAddress]:
     """Addresses of ``name`` in one family; raises OSError or UnicodeError when none."""
     family = socket.AF_INET if version == 4 else socket.AF_INET6
     infos = socket.getaddrinfo(name, None, family)

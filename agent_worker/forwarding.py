@@ -27,10 +27,10 @@ import itertools
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 from agent_worker import conntrack, hop_ports, nft_chains
-from agent_worker.entries import MAX_VALUE, EntryError
+from agent_worker.entries import MAX_VALUE, EntryError, Family, IPAddress, IpVersion, parse_address
 from agent_worker.forward_steps import (
     DNAT_CHAIN,
     FORWARD_CHAIN,
@@ -47,14 +47,14 @@ from agent_worker.forward_steps import (
     parse_target,
     step_admits,
 )
-from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
-from agent_worker.qdb_parse import IPAddress, parse_address, parse_address_list
+from agent_worker.nft_chains import BaseChainHook, NftError, Runner
+from agent_worker.qdb_parse import parse_address_list
 
 log = logging.getLogger("qubes.firewall")
 
 FORWARD_DIR = "/qns-forward/"
 #: this hop's clients, per family; rules only ever point at one of them
-CONNECTED_IPS: dict[str, Literal[4, 6]] = {"/connected-ips": 4, "/connected-ips6": 6}
+CONNECTED_IPS: dict[str, IpVersion] = {"/connected-ips": 4, "/connected-ips6": 6}
 HANDLED_DIR = "/qns-forward_handled/"
 #: Written by the worker: per target, the steps it refused because they
 #: would take a port this hop serves itself, one ``PROTO FIRST-LAST: why`` a line.

@@ -18,10 +18,9 @@ import sys
 import qubesdb
 
 from agent_worker import conntrack, nft_chains
-from agent_worker.entries import EntryError
+from agent_worker.entries import EntryError, IPAddress, parse_address
 from agent_worker.forwarding import read_connected
 from agent_worker.input_rules import INPUT_CHAIN, Opening, admits, chain_rules, parse_openings
-from agent_worker.qdb_parse import IPAddress, parse_address
 
 log = logging.getLogger("qubes-network-server-input")
 

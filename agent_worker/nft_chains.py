@@ -19,11 +19,12 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import nftables
 
-Family = Literal["ip", "ip6"]
+from agent_worker.entries import Family
+
 TABLE = "qubes"
 
 log = logging.getLogger("qubes.nft_chains")

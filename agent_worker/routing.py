@@ -38,7 +38,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent_worker import conntrack, net_state, nft_chains
-from agent_worker.entries import EntryError, parse_words
+from agent_worker.entries import (
+    EntryError,
+    Family,
+    IPAddress,
+    family_of,
+    parse_address,
+    parse_words,
+)
 from agent_worker.forwarding import (
     ChainHalf,
     ForwardChanges,
@@ -50,8 +57,7 @@ from agent_worker.forwarding import (
 from agent_worker.inbound import parse_target as parse_rules
 from agent_worker.input_rules import ONLY_SYN_OPENS, Opening, admits, input_rule
 from agent_worker.neighbours import Guard, Link, frame_for, mac_text
-from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
-from agent_worker.qdb_parse import IPAddress, parse_address
+from agent_worker.nft_chains import BaseChainHook, NftError, Runner
 
 log = logging.getLogger("qubes.firewall")
 
@@ -138,17 +144,13 @@ class Wanted:
         return self.entry.via, self.vif, self.uplink
 
 
-def _family(address: IPAddress) -> Family:
-    return "ip" if address.version == 4 else "ip6"
-
-
 def chain_rules(wanted: Mapping[IPAddress, Wanted]) -> dict[Family, dict[str, list[str]]]:
     """The three chains in both families, addresses in address order."""
     result: dict[Family, dict[str, list[str]]] = {
         family: {ACCEPT_CHAIN: [], NONAT_CHAIN: [], ND_CHAIN: []} for family in ("ip", "ip6")
     }
     for address, item in sorted(wanted.items(), key=lambda i: (i[0].version, i[0])):
-        family = _family(address)
+        family = family_of(address)
         chains = result[family]
         if item.entry.rules and not chains[ACCEPT_CHAIN]:
             # a flow cut by conntrack is never taken up again mid-stream
@@ -175,7 +177,7 @@ def antispoof_elements(wanted: Mapping[IPAddress, Wanted]) -> set[tuple[Family, 
     routed address as a client, already drops it arriving from the uplink.
     """
     return {
-        (_family(address), "allowed", f'"{item.vif}" . {address}')
+        (family_of(address), "allowed", f'"{item.vif}" . {address}')
         for address, item in wanted.items() if item.vif is not None
     }
 
