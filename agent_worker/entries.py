@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -35,6 +36,13 @@ Parsed = TypeVar("Parsed")
 
 class EntryError(ValueError):
     """An entry that cannot be used; the message says why, for the log."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An address whose entries are refused as a whole (fail closed); ``reason`` is for the log."""
+
+    reason: str
 
 
 def family_of(address: IPAddress) -> Family:

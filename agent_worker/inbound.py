@@ -1,4 +1,4 @@
-"""The inbound half of the firewall worker: ``/qns-inbound/`` to chain ``qns-inbound``.
+"""The inbound kind of the firewall worker: ``/qns-inbound/`` to chain ``qns-inbound``.
 
 An inbound rule of qube T (``action=accept|drop srchost=NET [proto=]
 [dstports=|icmptype=]``) decides which of T's sibling qubes may open
@@ -27,8 +27,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from agent_worker import conntrack
-from agent_worker.entries import EntryError, Family, IPAddress, family_of, parse_numbered
-from agent_worker.forwarding import ChainHalf, InForce, Refused, Target, by_address
+from agent_worker.directory import ChainDirectory, InForce, Target, address_order, by_address
+from agent_worker.entries import (
+    EntryError,
+    Family,
+    IPAddress,
+    Refused,
+    family_of,
+    parse_numbered,
+)
 from agent_worker.input_rules import (
     ONLY_NEW_WALK,
     ONLY_SYN_OPENS,
@@ -80,8 +87,8 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
     return result
 
 
-class Inbound(ChainHalf):
-    """The inbound half: ``/qns-inbound/`` rules to chain ``qns-inbound``."""
+class Inbound(ChainDirectory):
+    """The inbound kind: ``/qns-inbound/`` rules to chain ``qns-inbound``."""
 
     DIRECTORY = INBOUND_DIR
     HANDLED = HANDLED_DIR
@@ -109,7 +116,7 @@ class Inbound(ChainHalf):
         """
         ended = []
         changed = [a for a in before if after.get(a) != before[a]]
-        for address in sorted(changed, key=lambda a: (a.version, a)):
+        for address in sorted(changed, key=address_order):
             old, new = before[address], after.get(address, ())
             for flow in conntrack.list_flows(address.version, ["--orig-dst", str(address)],
                                              self.tool):

@@ -26,6 +26,7 @@ from agent_worker.entries import (
     IPAddress,
     IPNetwork,
     IpVersion,
+    Refused,
     parse_address,
     parse_numbered,
     parse_words,
@@ -64,11 +65,8 @@ class SourceRules:
     policy: Action
 
 
-@dataclass(frozen=True)
-class Blocked:
-    """A source whose traffic is rejected; ``reason`` is for the log."""
-
-    reason: str
+#: A source whose traffic is rejected (the outbound name of a refused address).
+Blocked = Refused
 
 
 def parse_address_list(
