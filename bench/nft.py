@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from functools import partial
 
 from agent_worker import forward_steps
+from agent_worker.entries import port_text
 from agent_worker.firewall import Nft
 from agent_worker.forwarder import FORWARD_DIR, Forwarder
 from bench.common import print_table, ratio, sizes_parser
@@ -284,7 +285,7 @@ def steps_as_rules(steps: Iterable[forward_steps.Step]) -> str:
     for step in steps:
         source = "" if step.srchost is None else f" ip saddr {step.srchost}"
         first, last = step.ports
-        ports = f"{first}" if first == last else f"{first}-{last}"
+        ports = port_text(step.ports)
         if first == last:
             to = f"{step.to}:{step.toports[0]}"
         else:
