@@ -1,10 +1,13 @@
 """The firewall worker of a NetVM/ProxyVM: a drop-in for upstream's qubes-firewall.
 
-Thin shell around :mod:`agent_worker.qdb_parse` and
-:mod:`agent_worker.ruleset`: it reads this qube's QubesDB, resolves
-``dsthost`` names and applies each change as one libnftables transaction
-to the ``qubes-firewall`` tables. What it reads and writes, the chains it
-owns and how it fails are in doc/agent.md.
+The outbound kind (:class:`Worker`, an
+:class:`~agent_worker.directory.EntryDirectory` for ``/qubes-firewall/``)
+is a thin shell around :mod:`agent_worker.qdb_parse` and
+:mod:`agent_worker.ruleset`: it resolves ``dsthost`` names and applies each
+change as one libnftables transaction to the ``qubes-firewall`` tables.
+:func:`serve` runs it beside the chain kinds (forward, inbound, routing).
+What it reads and writes, the chains it owns and how it fails are in
+doc/agent.md.
 
 The worker keeps what it last committed (:class:`ruleset.TableState`).
 A change (a client's rule set completed by dom0, ``/connected-ips``
