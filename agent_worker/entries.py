@@ -63,11 +63,15 @@ def parse_address(untrusted_text: str) -> IPAddress:
     return address
 
 
-def parse_words(untrusted_value: str, allowed: set[str], what: str = "key") -> dict[str, str]:
+def parse_words(
+    untrusted_value: str, allowed: set[str], what: Literal["key", "option"] = "key"
+) -> dict[str, str]:
     """Split ``k=v k=v`` into a dict, refusing unknown, repeated or odd words.
 
-    ``what`` names a key in the messages (upstream's outbound grammar says option).
+    ``what`` names a key in the messages: upstream's outbound grammar says
+    "unsupported option", ours "unknown key".
     """
+    unknown = "unknown key" if what == "key" else "unsupported option"
     if len(untrusted_value) > MAX_VALUE:
         raise EntryError("value too long")
     words: dict[str, str] = {}
@@ -77,7 +81,7 @@ def parse_words(untrusted_value: str, allowed: set[str], what: str = "key") -> d
             raise EntryError(f"malformed word {untrusted_word[:40]!r}")
         key, value = match.groups()
         if key not in allowed:
-            raise EntryError(f"{'unknown' if what == 'key' else 'unsupported'} {what} {key[:20]!r}")
+            raise EntryError(f"{unknown} {key[:20]!r}")
         if key in words:
             raise EntryError(f"repeated {what} {key!r}")
         words[key] = value

@@ -52,7 +52,6 @@ INBOUND_CHAIN = "qns-inbound"
 HOOKS = {INBOUND_CHAIN: BaseChainHook(parent="forward", after=("qns-forward",))}
 
 
-
 def parse_target(address: IPAddress, untrusted_entries: dict[str, bytes]) -> list[Opening]:
     """All rules of one target directory, in key order; any bad entry fails it."""
 
