@@ -49,6 +49,7 @@ from worker_netns import (
     wait_for,
 )
 
+from agent_worker.entries import IpVersion
 from agent_worker.ruleset import FOLD_FROM
 from firewall_rules.rule import Rule, outbound_qdb_entries
 from lab.pyshim import qubesdb
@@ -425,7 +426,7 @@ def _connect(qdb_dir: Path, qube: str) -> qubesdb.QubesDB:
 # -- generated rule sets and probes ----------------------------------------
 
 
-def _version(address: str) -> Literal[4, 6]:
+def _version(address: str) -> IpVersion:
     return 6 if ":" in address else 4
 
 
@@ -445,7 +446,7 @@ class Generator:
         low, high = first - self.rng.randrange(3), first + self.rng.randrange(40)
         return f"{max(0, low)}-{min(65535, high)}"
 
-    def rule(self, version: Literal[4, 6], may_fail: bool = True) -> str:
+    def rule(self, version: IpVersion, may_fail: bool = True) -> str:
         """One rule a qube of ``version`` may hold (dom0 leaves out the other family's dstN).
 
         ``may_fail``: the rule may name a host without an address in ``version``.
@@ -478,7 +479,7 @@ class Generator:
             words.append(f"icmptype={icmptype}")
         return " ".join(words)
 
-    def _run_rule(self, version: Literal[4, 6], action: str, proto: str) -> str:
+    def _run_rule(self, version: IpVersion, action: str, proto: str) -> str:
         """A rule of a long run of one verdict and protocol, which folds into sets."""
         words = [f"action={action}"]
         if self.rng.random() < 0.8:
@@ -496,7 +497,7 @@ class Generator:
             words.append(f"dstports={self._ports()}")
         return " ".join(words)
 
-    def rule_set(self, version: Literal[4, 6]) -> list[str]:
+    def rule_set(self, version: IpVersion) -> list[str]:
         """Usually a handful of rules; now and then a long list, or long runs of one verdict."""
         roll = self.rng.random()
         long = roll < 0.25
@@ -513,7 +514,7 @@ class Generator:
             rules.append("action=accept")  # what qvm-firewall ends most lists with
         return rules
 
-    def changed(self, rules: list[str], version: Literal[4, 6]) -> list[str]:
+    def changed(self, rules: list[str], version: IpVersion) -> list[str]:
         """The next rule set of a client: kept, edited in a few places, or new."""
         roll = self.rng.random()
         if roll < 0.25:

@@ -33,10 +33,10 @@ from worker_netns import (
 )
 
 from agent_worker import net_state, routing
+from agent_worker.directory import Changes
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
-from agent_worker.forwarding import ForwardChanges
-from agent_worker.input_rules import ONLY_SYN_OPENS
+from agent_worker.input_rules import ONLY_NEW_WALK, ONLY_SYN_OPENS
 from agent_worker.routing import Entry, Router, Wanted, parse_entry
 from core_admin_patch.routing import status_text
 
@@ -102,6 +102,7 @@ def test_chains_and_pairs_for_an_address_behind_a_client() -> None:
     assert routing.chain_rules(wanted) == {
         "ip": {
             "qns-routing": [
+                ONLY_NEW_WALK,  # established packets never walk the rules
                 ONLY_SYN_OPENS,  # a flow conntrack cut is not taken up again mid-stream
                 "ip daddr 192.0.2.25 ip saddr 192.0.2.0/24 meta l4proto tcp th dport 22"
                 " ct state new accept",
@@ -253,7 +254,7 @@ def _expose_then_remove() -> tuple[list[str], dict[str, Any], list[str], dict[st
     reports = [*probing, db.read(f"/qns-routing_status/{A}").decode()]
     added, calls[:] = list(calls), []
     remove_directory(db, f"/qns-routing/{A}")
-    router.handle(ForwardChanges(targets={A}))
+    router.handle(Changes(targets={A}))
     reports.append(str(db.read(f"/qns-routing_status/{A}")))
     return added, exposed, list(calls), _kernel(published), {"reports": reports}
 
