@@ -559,7 +559,7 @@ def _checksum(rule: OutboundRule) -> int:
 
 
 def _segments(
-    rules: Iterable[OutboundRule], family: Family, names: Names
+    rules: Iterable[OutboundRule], names: Names
 ) -> Iterator[tuple[tuple[OutboundRule, ...], NamesUsed]]:
     """Consecutive runs of ``rules``, cut after each whose checksum says so, with the
     resolved names each uses (rules that can match nothing left out)."""
@@ -599,7 +599,8 @@ def _segment_rules(
 def client_chains(address: IPAddress, source: Source) -> dict[str, tuple[str, ...]]:
     """The chains of one client: its rules then its policy, or a blanket reject.
 
-    A list longer than INLINE_RULES goes into block chains (module doc).
+    A list of FOLD_FROM rules or more is folded into sets; a list longer
+    than INLINE_RULES goes into block chains (module doc).
     """
     family = family_of(address)
     name = chain_name(address)
@@ -611,7 +612,7 @@ def client_chains(address: IPAddress, source: Source) -> dict[str, tuple[str, ..
     else:
         rules = [
             rule
-            for segment in _segments(source.rules.rules, family, source.names)
+            for segment in _segments(source.rules.rules, source.names)
             for rule in _segment_rules(family, *segment)
         ]
     policy = "accept" if source.rules.policy == "accept" else reject(family)
