@@ -183,11 +183,11 @@ class Worker:
         nft: Nft,
         resolver: Resolver = resolve,
         resolv_conf: Path = RESOLV_CONF,
-        tool: conntrack.Tool = conntrack.run_tool,
+        tool: conntrack.Tool = conntrack.NETLINK,
     ) -> None:
         self.db = db
         self.nft = nft
-        #: runs the conntrack tool: flows the new rules no longer allow are ended
+        #: the conntrack table: flows the new rules no longer allow are ended
         self.tool = tool
         self.resolver = resolver
         self.resolv_conf = resolv_conf

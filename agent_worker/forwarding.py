@@ -268,11 +268,11 @@ class ChainHalf:
     ITEMS: ClassVar[str]
 
     def __init__(
-        self, db: QubesDBConnection, runner: Runner, tool: conntrack.Tool = conntrack.run_tool
+        self, db: QubesDBConnection, runner: Runner, tool: conntrack.Tool = conntrack.NETLINK
     ) -> None:
         self.db = db
         self.runner = runner
-        #: runs the conntrack tool, to end the flows a change stops admitting
+        #: the conntrack table, to end the flows a change stops admitting
         self.tool = tool
         self.targets: dict[IPAddress, Target] = {}
         #: what the last accepted transaction put in force, per target
@@ -580,7 +580,7 @@ class Forwarder(ChainHalf):
         self,
         db: QubesDBConnection,
         runner: Runner,
-        tool: conntrack.Tool = conntrack.run_tool,
+        tool: conntrack.Tool = conntrack.NETLINK,
         own_sockets: Callable[[], list[hop_ports.Served]] = hop_ports.sockets,
     ) -> None:
         super().__init__(db, runner, tool)

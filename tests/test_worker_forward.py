@@ -26,6 +26,7 @@ from worker_netns import (
     QUBE,
     USER_RULE,
     MemoryQubesDB,
+    NoFlows,
     WorkerProcess,
     chain_rules,
     dnat_elements,
@@ -90,7 +91,7 @@ def test_events_wait_for_the_completion_path() -> None:
 
 def host_forwarder(db: MemoryQubesDB, runner: Any) -> Forwarder:
     """A Forwarder for tests in this process's namespace: no conntrack, no sockets of the host."""
-    return Forwarder(db, runner, tool=lambda args: "", own_sockets=lambda: [])
+    return Forwarder(db, runner, tool=NoFlows(), own_sockets=lambda: [])
 
 
 class ListingOnly:
@@ -353,7 +354,7 @@ def test_a_change_sends_only_its_elements_and_nothing_when_nothing_changed(netns
 
         db = MemoryQubesDB(CONNECTED)
         write_forwards(db, WEB, [WEB_TCP])
-        forwarder = Forwarder(db, runner, tool=lambda args: "")
+        forwarder = Forwarder(db, runner, tool=NoFlows())
         forwarder.reload()
         forwarder.reload()  # nothing changed
         write_forwards(db, WORK, [WORK_TCP])
