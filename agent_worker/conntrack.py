@@ -242,15 +242,16 @@ def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
 def attributes(data: bytes) -> dict[int, bytes]:
     """The attributes at one level of ``data`` by type (flags stripped); lengths checked."""
     found = {}
-    offset = 0
-    while offset < len(data):
-        if len(data) - offset < _ATTR.size:
+    offset, size, unpack = 0, len(data), _ATTR.unpack_from
+    while offset < size:
+        if size - offset < _ATTR.size:
             raise _malformed("short attribute")
-        length, kind = _ATTR.unpack_from(data, offset)
-        if length < _ATTR.size or offset + length > len(data):
+        length, kind = unpack(data, offset)
+        end = offset + length
+        if length < _ATTR.size or end > size:
             raise _malformed(f"attribute length {length}")
-        found[kind & NLA_TYPE_MASK] = data[offset + _ATTR.size:offset + length]
-        offset += (length + 3) & ~3
+        found[kind & NLA_TYPE_MASK] = data[offset + _ATTR.size:end]
+        offset = (end + 3) & ~3
     return found
 
 
@@ -280,13 +281,14 @@ def _tuple(data: bytes | None, version: Version) -> tuple[
     src, dst = (ipaddress.ip_address(a) for a in addresses)  # type: ignore[arg-type]
     sport = _number(proto, CTA_PROTO_SRC_PORT, 2)
     dport = _number(proto, CTA_PROTO_DST_PORT, 2)
-    id_attr, type_attr, code_attr = CTA_PROTO_ICMP[version]
-    icmp_fields = (_number(proto, type_attr, 1), _number(proto, code_attr, 1),
-                   _number(proto, id_attr, 2))
     icmp = None
-    if None not in icmp_fields:
-        icmp = icmp_fields  # type: ignore[assignment]
-    return src, dst, number, sport, dport, icmp
+    if number in (1, 58):
+        id_attr, type_attr, code_attr = CTA_PROTO_ICMP[version]
+        fields = (_number(proto, type_attr, 1), _number(proto, code_attr, 1),
+                  _number(proto, id_attr, 2))
+        if None not in fields:
+            icmp = fields
+    return src, dst, number, sport, dport, icmp  # type: ignore[return-value]
 
 
 def parse_entry(payload: bytes, version: Version) -> Flow | None:
