@@ -18,11 +18,12 @@ The table is read and changed as the ``conntrack`` tool does, but without
 a process: a netlink socket (``NETLINK_NETFILTER``), one ``IPCTNL_MSG_CT_GET``
 dump per listing and one ``IPCTNL_MSG_CT_DELETE`` per flow. A listing
 asks the kernel to filter by family and by the tuple fields the caller
-names (``CTA_FILTER``, Linux 5.9 and later); an older kernel ignores the
-filter and sends the family's whole table, so the same match is applied
-here again. Either way the kernel walks its whole conntrack hash (shared
-by all namespaces, sized from the RAM): that walk, not this code, is the
-cost of a listing (doc/performance.md).
+names (``CTA_FILTER``, Linux 5.9 and later; IPv6 addresses excepted, see
+:func:`dump_body`); an older kernel ignores the filter and sends the
+family's whole table, so the same match is applied here again. Either
+way the kernel walks its whole conntrack hash (shared by all namespaces,
+sized from the RAM): that walk, not this code, is most of the cost of a
+listing (doc/performance.md).
 """
 
 from __future__ import annotations
@@ -183,25 +184,29 @@ def request(kind: int, flags: int, sequence: int, version: Version, body: bytes)
 def dump_body(version: Version, match: Match) -> bytes:
     """The dump's kernel filter (``CTA_FILTER``) for ``match``; empty for the whole family.
 
-    A tuple's protocol is the same both ways, so it is matched in the original.
+    A tuple's protocol is the same both ways, so it is matched in the
+    original. Addresses are left to the kernel for IPv4 only: Linux 6.18
+    (here) compares IPv6 addresses the wrong way round, its filter sending
+    the entries whose address differs; IPv6 addresses are matched here.
     """
+    kernel = match if version == 4 else Match(proto=match.proto)
     orig_ip = b""
     orig_flags = reply_flags = 0
-    if match.orig_src is not None:
-        orig_ip += _attr(CTA_IP_SRC[version], match.orig_src.packed)
+    if kernel.orig_src is not None:
+        orig_ip += _attr(CTA_IP_SRC[version], kernel.orig_src.packed)
         orig_flags |= FILTER_IP_SRC
-    if match.orig_dst is not None:
-        orig_ip += _attr(CTA_IP_DST[version], match.orig_dst.packed)
+    if kernel.orig_dst is not None:
+        orig_ip += _attr(CTA_IP_DST[version], kernel.orig_dst.packed)
         orig_flags |= FILTER_IP_DST
     orig = _nest(CTA_TUPLE_IP, orig_ip) if orig_ip else b""
-    if match.proto is not None:
-        number = _proto_number(match.proto, version)
+    if kernel.proto is not None:
+        number = _proto_number(kernel.proto, version)
         orig += _nest(CTA_TUPLE_PROTO, _attr(CTA_PROTO_NUM, bytes([number])))
         orig_flags |= FILTER_PROTO_NUM
     body = _nest(CTA_TUPLE_ORIG, orig) if orig else b""
-    if match.reply_src is not None:
+    if kernel.reply_src is not None:
         body += _nest(CTA_TUPLE_REPLY, _nest(CTA_TUPLE_IP, _attr(CTA_IP_SRC[version],
-                                                                 match.reply_src.packed)))
+                                                                 kernel.reply_src.packed)))
         reply_flags |= FILTER_IP_SRC
     if not body:
         return b""

@@ -94,6 +94,8 @@ def make_flows_and_cut() -> dict[str, object]:
         "tcp": listed(4, "-p", "tcp"),
         "udp_reply_other": listed(4, "-p", "udp", "--reply-src", OTHER),
         "from_loopback_icmp": listed(4, "-p", "icmp", "--orig-src", LOOPBACK),
+        "to_loopback6": listed(6, "--orig-dst", LOOPBACK6),
+        "udp_reply_loopback6": listed(6, "-p", "udp", "--reply-src", LOOPBACK6),
         # what the kernel alone sent, without this side's own match
         "kernel_tcp": conntrack.NETLINK.list(4, Match(proto="tcp")),
         "kernel_to_other": conntrack.NETLINK.list(4, Match(orig_dst=ipaddress.ip_address(OTHER))),
@@ -137,6 +139,8 @@ def test_real_flows_are_listed_filtered_and_each_deleted_by_its_tuple(netns: str
     assert summary(found["udp_reply_other"]) == [("udp", LOOPBACK, OTHER, 5001),
                                                  ("udp", LOOPBACK, OTHER, 5002)]
     assert summary(found["from_loopback_icmp"]) == [("icmp", LOOPBACK, OTHER, None)]
+    assert summary(found["to_loopback6"]) == summary(found["all6"])
+    assert summary(found["udp_reply_loopback6"]) == [("udp", LOOPBACK6, LOOPBACK6, 5004)]
     # this kernel (5.9 and later) filters the dump itself (CTA_FILTER)
     assert summary(found["kernel_tcp"]) == summary(found["tcp"])
     assert sorted(summary(found["kernel_to_other"])) == sorted(summary(found["to_other"]))
