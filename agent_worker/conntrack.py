@@ -4,9 +4,9 @@ Every hop and the target accept the later packets of a connection on
 Qubes' ``ct state established`` rule, so removing the rule that admitted
 it stops only new connections. Like upstream's worker, ours deletes the
 entries of the flows the new rules no longer admit, once nft holds them:
-each caller lists the entries its change concerns (filtered by the kernel,
-never the whole table sent over), decides with its own rules which to end,
-and deletes each by its exact original tuple. Nothing here ever flushes
+each caller lists the entries its change concerns (never the whole
+table), decides with its own rules which to end, and deletes each by its
+exact original tuple. Nothing here ever flushes
 the table.
 
 A flow cut this way stays cut: the next TCP packet counts as new again
