@@ -16,9 +16,12 @@ and its one libnftables context (``agent_worker.firewall.Nft``):
   transactions it sent (it must send none);
 - ``add one``/``remove one``: dom0 writes (or removes) one more target's
   step and the worker handles the event: the median of several, and the
-  transactions each sent. A removal ends the flows the step admitted
-  afterwards (the ``conntrack`` tool lists them: a process); ``removed in
-  nft`` is the time until the transaction taking the step out returned;
+  transactions each sent. A removal commits its transaction first, then
+  ends the flows the step admitted (one ctnetlink listing in process, the
+  namespace's table holding none; the kernel walks its whole conntrack
+  hash, see ``bench.conntrack``): ``removed: out of nft`` is the time until
+  the transaction taking the step out returned, ``removed: flows ended``
+  until the worker had ended the step's flows too;
 - ``as rules`` (the baseline): the same K steps as one DNAT rule and one
   accept rule each, the layout before maps (a chain of per-step rules
   every new connection, and every packet of the accept chain, walks),
@@ -364,8 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nft: K forward steps as map elements; ms (apply, reload, baseline: best of runs;"
         " one step: median)",
         ["K steps", "elements", "first apply ms", "reload ms", "as rules ms",
-         "rules/apply", "unchanged ms", "unchanged tx", "add one ms", "removed in nft ms",
-         "remove one ms", "tx per change"],
+         "rules/apply", "unchanged ms", "unchanged tx", "add one ms",
+         "removed: out of nft ms", "removed: flows ended ms", "tx per change"],
         rows,
     )
     return 0

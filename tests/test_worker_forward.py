@@ -9,6 +9,7 @@ qubes, with TCP and UDP going through it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -46,6 +47,7 @@ from worker_netns import (
 )
 
 from agent_worker import forward, forwarding
+from agent_worker.conntrack import Flow, Match
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
 from agent_worker.forwarding import ForwardChanges, Forwarder, classify
@@ -118,6 +120,42 @@ class ListingOnly:
             ]})
         self.sent.append(commands)
         return ""
+
+
+class OrderedTable:
+    """A conntrack table holding one flow WEB_TCP made; records what nft held when it was used."""
+
+    def __init__(self, runner: ListingOnly) -> None:
+        self.runner = runner
+        self.flow = Flow(4, "tcp", ipaddress.ip_address("192.0.2.10"),
+                         ipaddress.ip_address("192.0.2.2"), 40000, 8080,
+                         ipaddress.ip_address(WEB), 80)
+        self.events: list[tuple[str, int]] = []
+
+    def list(self, version: int, match: Match) -> list[Flow]:
+        self.events.append(("list", len(self.runner.sent)))
+        return [self.flow] if version == 4 else []
+
+    def delete(self, flow: Flow) -> None:
+        assert flow == self.flow
+        self.events.append(("delete", len(self.runner.sent)))
+
+
+def test_a_removed_step_leaves_nft_before_its_flows_are_ended() -> None:
+    """New connections are refused from the transaction on; the flows go right after."""
+    db = MemoryQubesDB(CONNECTED)
+    write_forwards(db, WEB, [WEB_TCP])
+    write_forwards(db, WORK, [WORK_TCP])  # our table stays: the removal is one element
+    runner = ListingOnly()
+    table = OrderedTable(runner)
+    forwarder = Forwarder(db, runner, tool=table, own_sockets=lambda: [])
+    forwarder.reload()
+    assert table.events == [] and goes_to(runner.sent[-1], WEB, 80)
+    remove_forwards(db, WEB)
+    forwarder.handle(classify([f"/qns-forward/{WEB}"]))
+    removal = len(runner.sent)
+    assert runner.sent[-1].startswith("delete element") and "tcp . 8080 }" in runner.sent[-1]
+    assert table.events == [("list", removal), ("delete", removal)]
 
 
 def goes_to(text: str, address: str, port: int) -> bool:
