@@ -29,6 +29,7 @@ listing (doc/performance.md).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -269,6 +270,11 @@ def _number(attrs: dict[int, bytes], kind: int, size: int) -> int | None:
     return int.from_bytes(value, "big")
 
 
+#: an address from its bytes; a table's flows share few addresses, and building one is
+#: a good part of parsing an entry
+_address = functools.lru_cache(maxsize=1024)(ipaddress.ip_address)
+
+
 def _tuple(data: bytes | None, version: Version) -> tuple[
     IPAddress, IPAddress, int, int | None, int | None, tuple[int, int, int] | None
 ]:
@@ -283,7 +289,7 @@ def _tuple(data: bytes | None, version: Version) -> tuple[
     number = _number(proto, CTA_PROTO_NUM, 1)
     if number is None or any(a is None or len(a) != size for a in addresses):
         raise _malformed("tuple without its addresses or protocol")
-    src, dst = (ipaddress.ip_address(a) for a in addresses)  # type: ignore[arg-type]
+    src, dst = (_address(a) for a in addresses)  # type: ignore[arg-type]
     sport = _number(proto, CTA_PROTO_SRC_PORT, 2)
     dport = _number(proto, CTA_PROTO_DST_PORT, 2)
     icmp = None

@@ -10,9 +10,9 @@ worker calls it:
   over ctnetlink in this process; best of runs;
 - ``list, tool``: the baseline, what the agent ran before, the same
   listing as a ``conntrack -L -f ipv4 --orig-dst 127.0.0.2`` process;
-- ``end, per flow``: each listed flow deleted by its exact tuple
-  (``conntrack.end``), per flow; ``end, tool, per flow``: one
-  ``conntrack -D`` process per flow, as before (at most 20 timed).
+- ``end, per flow``: F more flows (at least 20) opened, then each
+  deleted by its exact tuple (``conntrack.end``), per flow; ``end, tool,
+  per flow``: one ``conntrack -D`` process per flow, as before (20 timed).
 
 The kernel answers a listing by walking its whole conntrack hash, shared
 by all namespaces and sized from the RAM at boot (262144 buckets from
@@ -30,16 +30,13 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 from agent_worker import conntrack
-from bench.common import best_time, print_table, ratio, sizes_parser
+from bench.common import best_time, buckets_option, hash_size, print_table, ratio, sizes_parser
 from bench.nft import sh, throwaway_namespace
 
 DEFAULT_SIZES = (0, 100, 1000)
-BUCKETS = Path("/proc/sys/net/netfilter/nf_conntrack_buckets")
 SOURCE, DESTINATION = "127.0.0.1", "127.0.0.2"
 FILTERS = ["--orig-dst", DESTINATION]
 TRACKING = """table inet qns-bench-tracking {
@@ -48,7 +45,8 @@ TRACKING = """table inet qns-bench-tracking {
     }
 }
 """
-TOOL_DELETIONS = 20
+#: flows ended at least (and by the tool: a process each), to time per flow
+DELETIONS = 20
 
 
 def open_flows(count: int, first_port: int = 10000) -> None:
@@ -95,29 +93,14 @@ def measure_here(buckets: int, flows: int, has_tool: bool) -> list[object]:
     in_process = best_time(lambda: conntrack.list_flows(4, FILTERS), min_runs=5)
     by_tool = (best_time(lambda: tool("-L", "-f", "ipv4", *FILTERS), min_runs=5)
                if has_tool else 0.0)
-    ending = per_flow(lambda fs: conntrack.end(fs, "bench"), max(flows, 1))
-    ending_by_tool = (per_flow(end_with_tool, min(max(flows, 1), TOOL_DELETIONS))
-                      if has_tool else 0.0)
+    ending = per_flow(lambda fs: conntrack.end(fs, "bench"), max(flows, DELETIONS))
+    ending_by_tool = per_flow(end_with_tool, DELETIONS) if has_tool else 0.0
     return [
         buckets, flows, f"{in_process * 1000:.2f}",
         f"{by_tool * 1000:.2f}" if has_tool else "-",
         ratio(by_tool, in_process) if has_tool else "-",
         f"{ending * 1e6:.0f}", f"{ending_by_tool * 1e6:.0f}" if has_tool else "-",
     ]
-
-
-@contextmanager
-def hash_size(buckets: int | None) -> Iterator[int]:
-    """The kernel's conntrack hash at ``buckets`` (None: as it is) for the block; restored."""
-    original = int(BUCKETS.read_text())
-    if buckets is None or buckets == original:
-        yield original
-        return
-    BUCKETS.write_text(str(buckets))
-    try:
-        yield int(BUCKETS.read_text())
-    finally:
-        BUCKETS.write_text(str(original))
 
 
 def measure(sizes: Sequence[int], buckets: Sequence[int | None] = (None,)) -> list[list[object]]:
@@ -137,13 +120,7 @@ def measure(sizes: Sequence[int], buckets: Sequence[int | None] = (None,)) -> li
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the conntrack table (needs root and ``ip netns``; the tool for the baseline)."""
     parser = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES)
-    parser.add_argument(
-        "--buckets",
-        type=lambda text: [int(part) for part in text.split(",") if part],
-        default=[None],
-        help="comma-separated sizes of the kernel's conntrack hash to measure at: sets the"
-             " global net.netfilter.nf_conntrack_buckets for the run, then puts it back",
-    )
+    buckets_option(parser)
     args = parser.parse_args(argv)
     rows = measure(args.sizes, args.buckets)
     print_table(
