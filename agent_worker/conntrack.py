@@ -15,8 +15,9 @@ A flow cut this way stays cut: the next TCP packet counts as new again
 flow, decided by the rules in force.
 
 The table is read and changed as the ``conntrack`` tool does, but without
-a process: a netlink socket (``NETLINK_NETFILTER``), one ``IPCTNL_MSG_CT_GET``
-dump per listing and one ``IPCTNL_MSG_CT_DELETE`` per flow. A listing
+a process: a lasting netlink socket (``NETLINK_NETFILTER``), one
+``IPCTNL_MSG_CT_GET`` dump per listing and one ``IPCTNL_MSG_CT_DELETE`` per
+flow. A listing
 asks the kernel to filter by family and by the tuple fields the caller
 names (``CTA_FILTER``, Linux 5.9 and later; IPv6 addresses excepted, see
 :func:`dump_body`); an older kernel ignores the filter and sends the
@@ -37,9 +38,9 @@ import os
 import socket
 import struct
 import subprocess
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from agent_worker.qdb_parse import IPAddress
 
@@ -48,6 +49,7 @@ log = logging.getLogger("qubes.conntrack")
 TOOL_TIMEOUT = 10.0
 
 Version = Literal[4, 6]
+_Reply = TypeVar("_Reply")
 
 
 class ConntrackError(RuntimeError):
@@ -348,28 +350,79 @@ def read_dump(data: Iterable[bytes], sequence: int, version: Version) -> list[Fl
     raise _malformed("dump without its end")
 
 
+def read_ack(data: Iterable[bytes], sequence: int) -> None:
+    """The answer to a deletion: success, or the entry already gone; else an error."""
+    for kind, seen, payload in messages(next(iter(data))):
+        if kind != NLMSG_ERROR or seen != sequence:
+            raise _malformed(f"message type {kind:#x} answering a deletion")
+        code = _error(payload)
+        if code < 0 and code != -errno.ENOENT:
+            raise _failed("deleting a conntrack entry", code)
+        return
+    raise _malformed("deletion without its answer")
+
+
+def _namespace() -> int:
+    """The calling thread's network namespace (its inode)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
 class Netlink:
-    """The kernel's table of this network namespace; one socket per request."""
+    """The kernel's table of the caller's network namespace, over one lasting socket.
+
+    The socket stays open: closing a ``NETLINK_NETFILTER`` socket waits for
+    nf_tables to finish freeing what the last transaction removed (an RCU
+    grace period, 10-15 ms here), and the worker ends flows right after its
+    transactions. A new one is opened when the caller is in another
+    namespace, and after any error (what is left unread on it is not to be
+    trusted). One thread at a time.
+    """
 
     def __init__(self, timeout: float = TOOL_TIMEOUT) -> None:
         self.timeout = timeout
         self._sequence = 0
+        self._socket: socket.socket | None = None
+        self._namespace = 0
 
-    def _exchange(self, message: bytes) -> Generator[bytes, None, None]:
-        """Send ``message`` on a fresh ctnetlink socket; yield each datagram received."""
-        try:
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                               NETLINK_NETFILTER) as sock:
+    def _connected(self) -> socket.socket:
+        namespace = _namespace()
+        if self._socket is None or namespace != self._namespace:
+            self.close()
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                 NETLINK_NETFILTER)
+            try:
                 sock.settimeout(self.timeout)
                 sock.bind((0, 0))
-                sock.sendall(message)
-                while True:
-                    data, _, flags, _ = sock.recvmsg(_RECEIVE_SIZE)
-                    if flags & socket.MSG_TRUNC:
-                        raise _malformed("message longer than the receive buffer")
-                    yield data
+            except OSError:
+                sock.close()
+                raise
+            self._socket, self._namespace = sock, namespace
+        return self._socket
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def _datagrams(self, sock: socket.socket) -> Iterator[bytes]:
+        while True:
+            data, _, flags, _ = sock.recvmsg(_RECEIVE_SIZE)
+            if flags & socket.MSG_TRUNC:
+                raise _malformed("message longer than the receive buffer")
+            yield data
+
+    def _request(self, message: bytes, read: Callable[[Iterator[bytes]], _Reply]) -> _Reply:
+        """Send ``message``, and ``read`` what comes back; any failure drops the socket."""
+        try:
+            sock = self._connected()
+            sock.sendall(message)
+            return read(self._datagrams(sock))
         except OSError as err:
+            self.close()
             raise ConntrackError(f"ctnetlink: {err.strerror or err}") from None
+        except ConntrackError:
+            self.close()
+            raise
 
     def _next(self) -> int:
         self._sequence = self._sequence % 0xFFFFFFFF + 1
@@ -377,28 +430,15 @@ class Netlink:
 
     def list(self, version: Version, match: Match) -> list[Flow]:
         sequence = self._next()
-        replies = self._exchange(request(IPCTNL_MSG_CT_GET, NLM_F_DUMP, sequence, version,
-                                         dump_body(version, match)))
-        try:
-            return read_dump(replies, sequence, version)
-        finally:
-            replies.close()
+        message = request(IPCTNL_MSG_CT_GET, NLM_F_DUMP, sequence, version,
+                          dump_body(version, match))
+        return self._request(message, lambda data: read_dump(data, sequence, version))
 
     def delete(self, flow: Flow) -> None:
         sequence = self._next()
-        replies = self._exchange(request(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, sequence,
-                                         flow.version, delete_body(flow)))
-        try:
-            for kind, seen, payload in messages(next(replies)):
-                if kind != NLMSG_ERROR or seen != sequence:
-                    raise _malformed(f"message type {kind:#x} answering a deletion")
-                code = _error(payload)
-                if code < 0 and code != -errno.ENOENT:
-                    raise _failed("deleting a conntrack entry", code)
-                return
-            raise _malformed("deletion without its answer")
-        finally:
-            replies.close()
+        message = request(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, sequence, flow.version,
+                          delete_body(flow))
+        self._request(message, lambda data: read_ack(data, sequence))
 
 
 #: the default table: this process's network namespace
