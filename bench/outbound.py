@@ -27,8 +27,10 @@ reading QubesDB to the handled counter: upstream's ``handle_addr``, ours
 - ``all``: every rule is new at each run (a list never seen before).
 
 Runs of the workers alternate, so a busy moment of the machine hits
-all. Printed: the median of the runs, the ratio upstream/ours, and how
-many commands ours sent and how often it listed a table (never).
+all. ``--buckets 3584,262144`` measures at each size of the kernel's
+conntrack hash (global: set for the run, then put back). Printed: the
+median of the runs, the ratio upstream/ours, and how many commands ours
+sent and how often it listed a table (never).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 
 from agent_worker import conntrack
 from agent_worker.firewall import Changes, Nft, Worker
-from bench.common import print_table, sizes_parser, upstream_path
+from bench.common import buckets_option, hash_size, print_table, sizes_parser, upstream_path
 from bench.nft import MemoryQubesDB, enter, throwaway_namespace
 
 DEFAULT_SIZES = (1, 100, 1000)
@@ -234,15 +236,20 @@ def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the outbound table (needs root, ``ip netns`` and the upstream snapshot)."""
-    args = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args(argv)
-    rows = measure(args.sizes)
-    print_table(
-        "outbound: ms to handle one client's changed rule set of N rules, median of runs,"
-        f" {OTHER_CLIENTS} other clients of {OTHER_RULES} rules in place",
-        ["N rules", "change", "runs", "upstream ms", "ours ms", "upstream/ours",
-         "ours, flows listed ms", "ours commands/change", "ours table listings"],
-        rows,
-    )
+    parser = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES)
+    buckets_option(parser)
+    args = parser.parse_args(argv)
+    for size in args.buckets:
+        with hash_size(size) as in_force:
+            rows = measure(args.sizes)
+        print_table(
+            "outbound: ms to handle one client's changed rule set of N rules, median of runs,"
+            f" {OTHER_CLIENTS} other clients of {OTHER_RULES} rules in place,"
+            f" conntrack hash of {in_force} buckets",
+            ["N rules", "change", "runs", "upstream ms", "ours ms", "upstream/ours",
+             "ours, flows listed ms", "ours commands/change", "ours table listings"],
+            rows,
+        )
     return 0
 
 
