@@ -10,6 +10,7 @@ kernel replies by hand and check that a malformed one is a
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
 import shutil
@@ -21,7 +22,7 @@ import pytest
 from conftest import cannot_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from worker_netns import in_netns, make_netns, ns_run
+from worker_netns import CLONE_NEWNET, in_netns, make_netns, ns_run
 
 from agent_worker import conntrack
 from agent_worker.conntrack import ConntrackError, Flow, Match
@@ -168,6 +169,29 @@ def test_a_request_the_kernel_refuses_is_a_conntrack_error(netns: str) -> None:
     assert in_netns(netns, delete_a_tcp_tuple_without_ports) == (
         "deleting a conntrack entry: Invalid argument"
     )
+
+
+def list_here_then_there(here: str, there: str) -> tuple[int, int, int]:
+    """One Netlink object, used in ``here``, then in ``there``, then ``here`` again."""
+    table = conntrack.Netlink()
+    counts = []
+    for name in (here, there, here):
+        with open(f"/run/netns/{name}") as namespace:
+            if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET):
+                raise OSError(ctypes.get_errno(), "setns")
+        if name == here and not counts:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"x", (OTHER, 5001))
+        counts.append(len(table.list(4, Match())))
+    return counts[0], counts[1], counts[2]
+
+
+def test_the_lasting_socket_follows_the_callers_namespace(netns: str) -> None:
+    """The socket is the table of the namespace it was opened in: another one reopens it."""
+    for other in make_netns():
+        ns_run(other, "ip", "link", "set", "lo", "up")
+        ns_run(other, "nft", "-f", "-", stdin=TRACKING)
+        assert in_netns(netns, list_here_then_there, netns, other) == (1, 0, 1)
 
 
 # -- replies as bytes -----------------------------------------------------------
