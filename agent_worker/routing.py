@@ -48,7 +48,7 @@ from agent_worker.forwarding import (
     by_address,
 )
 from agent_worker.inbound import parse_target as parse_rules
-from agent_worker.input_rules import ONLY_SYN_OPENS, Opening, admits, input_rule
+from agent_worker.input_rules import ONLY_NEW_WALK, ONLY_SYN_OPENS, Opening, admits, input_rule
 from agent_worker.neighbours import Guard, Link, frame_for, mac_text
 from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
 from agent_worker.qdb_parse import IPAddress, parse_address
@@ -151,8 +151,9 @@ def chain_rules(wanted: Mapping[IPAddress, Wanted]) -> dict[Family, dict[str, li
         family = _family(address)
         chains = result[family]
         if item.entry.rules and not chains[ACCEPT_CHAIN]:
-            # a flow cut by conntrack is never taken up again mid-stream
-            chains[ACCEPT_CHAIN].append(ONLY_SYN_OPENS)
+            # established packets leave at once; a flow cut by conntrack is
+            # never taken up again mid-stream
+            chains[ACCEPT_CHAIN] += [ONLY_NEW_WALK, ONLY_SYN_OPENS]
         chains[ACCEPT_CHAIN] += [
             f"{family} daddr {address} {input_rule(rule, family)}" for rule in item.entry.rules
         ]

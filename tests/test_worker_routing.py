@@ -37,7 +37,7 @@ from agent_worker.conntrack import Flow, Match
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
 from agent_worker.forwarding import ForwardChanges
-from agent_worker.input_rules import ONLY_SYN_OPENS
+from agent_worker.input_rules import ONLY_NEW_WALK, ONLY_SYN_OPENS
 from agent_worker.routing import Entry, Router, Wanted, parse_entry
 from core_admin_patch.routing import status_text
 
@@ -103,6 +103,7 @@ def test_chains_and_pairs_for_an_address_behind_a_client() -> None:
     assert routing.chain_rules(wanted) == {
         "ip": {
             "qns-routing": [
+                ONLY_NEW_WALK,  # established packets never walk the rules
                 ONLY_SYN_OPENS,  # a flow conntrack cut is not taken up again mid-stream
                 "ip daddr 192.0.2.25 ip saddr 192.0.2.0/24 meta l4proto tcp th dport 22"
                 " ct state new accept",
