@@ -1,10 +1,13 @@
 """The firewall worker of a NetVM/ProxyVM: a drop-in for upstream's qubes-firewall.
 
-Thin shell around :mod:`agent_worker.qdb_parse` and
-:mod:`agent_worker.ruleset`: it reads this qube's QubesDB, resolves
-``dsthost`` names and applies each change as one libnftables transaction
-to the ``qubes-firewall`` tables. What it reads and writes, the chains it
-owns and how it fails are in doc/agent.md.
+The outbound kind (:class:`Worker`, an
+:class:`~agent_worker.directory.EntryDirectory` for ``/qubes-firewall/``)
+is a thin shell around :mod:`agent_worker.qdb_parse` and
+:mod:`agent_worker.ruleset`: it resolves ``dsthost`` names and applies each
+change as one libnftables transaction to the ``qubes-firewall`` tables.
+:func:`serve` runs it beside the chain kinds (forward, inbound, routing).
+What it reads and writes, the chains it owns and how it fails are in
+doc/agent.md.
 
 The worker keeps what it last committed (:class:`ruleset.TableState`).
 A change (a client's rule set completed by dom0, ``/connected-ips``
@@ -28,20 +31,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Literal, Protocol
+from typing import Any, Protocol
 
 import nftables
 
-from agent_worker import conntrack, forwarding, inbound, outbound_flows, routing
-from agent_worker.entries import EntryError
+from agent_worker import conntrack, forwarder, inbound, outbound_flows, routing
+from agent_worker.directory import (
+    CONNECTED_IPS,
+    NFT_ERRORS,
+    ChainDirectory,
+    EntryDirectory,
+    QubesDBConnection,
+)
+from agent_worker.entries import EntryError, IPAddress, IpVersion
 from agent_worker.nft_chains import NftError
 from agent_worker.qdb_parse import (
     Blocked,
-    IPAddress,
-    parse_address,
     parse_resolv_conf,
     parse_source,
 )
@@ -66,10 +73,8 @@ from agent_worker.ruleset import (
 log = logging.getLogger("qubes.firewall")
 
 FIREWALL_DIR = "/qubes-firewall/"
-CONNECTED_IPS = forwarding.CONNECTED_IPS
 HANDLED_DIR = "/qubes-firewall-handled/"
 DNS_INFO_DIR = "/dns/"
-WATCHES = (FIREWALL_DIR, *CONNECTED_IPS)
 MAX_PATH = 64
 RESOLV_CONF = Path("/etc/resolv.conf")
 SYSTEM_HOOK_DIR = Path("/etc/qubes/qubes-firewall.d")
@@ -80,17 +85,7 @@ CUSTOM_PERSIST = Path("/var/run/qubes-service/custom-persist")
 #: transactions one change may take: a refused client found, then the tables rebuilt
 MAX_ATTEMPTS = 4
 
-Resolver = Callable[[str, Literal[4, 6]], frozenset[IPAddress]]
-
-
-class QubesDBConnection(Protocol):
-    """The calls the worker makes on a ``qubesdb.QubesDB`` to read and write entries."""
-
-    def read(self, path: str) -> bytes | None: ...
-    def write(self, path: str, value: str | bytes) -> None: ...
-    def rm(self, path: str) -> None: ...
-    def multiread(self, path: str) -> dict[str, bytes]: ...
-    def list(self, path: str) -> list[str]: ...
+Resolver = Callable[[str, IpVersion], frozenset[IPAddress]]
 
 
 class QubesDBWatcher(Protocol):
@@ -104,7 +99,7 @@ class QubesDBWatcher(Protocol):
 class Nft:
     """The one libnftables context of the worker, reused for every transaction.
 
-    JSON output with handles: the forward and inbound halves list table
+    JSON output with handles: the forward, inbound and routing kinds list table
     ``qubes`` through this context (:mod:`agent_worker.nft_chains`).
     """
 
@@ -125,7 +120,7 @@ class Nft:
         return output
 
 
-def resolve(name: str, version: Literal[4, 6]) -> frozenset[IPAddress]:
+def resolve(name: str, version: IpVersion) -> frozenset[IPAddress]:
     """Addresses of ``name`` in one family; raises OSError or UnicodeError when none."""
     family = socket.AF_INET if version == 4 else socket.AF_INET6
     infos = socket.getaddrinfo(name, None, family)
@@ -139,43 +134,25 @@ def resolve(name: str, version: Literal[4, 6]) -> frozenset[IPAddress]:
     return addresses
 
 
-@dataclass
-class Changes:
-    """What a batch of QubesDB watch events asks the worker to re-read."""
-
-    full: bool = False
-    connected: bool = False
-    sources: set[str] = field(default_factory=set)
-
-
-def classify(paths: Iterable[str]) -> Changes:
-    """Sort watch events; a client's entries count only once dom0 writes its marker.
-
-    dom0 clears ``/qubes-firewall/IP/``, writes each key, then writes the
-    empty value at ``/qubes-firewall/IP``: events below that path belong to
-    a set still being written, and the rules in force stay until it is done.
-    """
-    changes = Changes()
-    for path in paths:
-        if path in CONNECTED_IPS:
-            changes.connected = True
-        elif path.startswith(FIREWALL_DIR) and len(path) > len(FIREWALL_DIR):
-            rest = path[len(FIREWALL_DIR) :]
-            if "/" not in rest:
-                changes.sources.add(rest)
-        else:
-            changes.full = True
-    return changes
-
-
 def dns_info_value(addresses: frozenset[IPAddress]) -> str:
     """The value upstream writes under /dns/: a Python set literal of ``addr/len``."""
     items = ", ".join(f"'{a}/{a.max_prefixlen}'" for a in sorted(addresses))
     return "{" + items + "}"
 
 
-class Worker:
-    """State cached between events, and the steps from QubesDB to the kernel."""
+class Worker(EntryDirectory[Source]):
+    """The outbound kind: ``/qubes-firewall/`` to the ``qubes-firewall`` tables.
+
+    Its hooks on :class:`~agent_worker.directory.EntryDirectory`: names
+    resolved while parsing, the table diff of :mod:`agent_worker.ruleset`
+    as its apply, and the ``/dns/`` write-back of what it resolved.
+    """
+
+    DIRECTORY = FIREWALL_DIR
+    HANDLED = HANDLED_DIR
+    LABEL = "outbound rules"
+    KIND = "outbound"
+    LOGS_CONNECTED = True
 
     def __init__(
         self,
@@ -185,16 +162,10 @@ class Worker:
         resolv_conf: Path = RESOLV_CONF,
         tool: conntrack.Tool = conntrack.NETLINK,
     ) -> None:
-        self.db = db
+        super().__init__(db, tool)
         self.nft = nft
-        #: the conntrack table: flows the new rules no longer allow are ended
-        self.tool = tool
         self.resolver = resolver
         self.resolv_conf = resolv_conf
-        self.sources: dict[IPAddress, Source] = {}
-        self.connected: frozenset[IPAddress] = frozenset()
-        #: sources whose rules nft refused, blocked until dom0 rewrites them
-        self.refused: dict[IPAddress, str] = {}
         #: what the tables hold of ours: the last transaction nft accepted
         self.kernel = TableState()
         #: False once a transaction failed for no client's fault: the kernel's
@@ -204,55 +175,35 @@ class Worker:
         #: filtered with their own rules as clients are
         self.routed: dict[IPAddress, Source] = {}
 
-    # -- reading QubesDB --------------------------------------------------
+    # -- EntryDirectory ---------------------------------------------------
 
-    def _read_source(self, address: IPAddress) -> Source | None:
-        """A client's rules once dom0 completed them, resolved; None if it has none."""
-        base = f"{FIREWALL_DIR}{address}"
-        if self.db.read(base) is None:
-            return None
-        untrusted_entries = {
-            path[len(base) + 1 :]: value for path, value in self.db.multiread(base + "/").items()
-        }
-        return self._resolve_source(address, untrusted_entries)
-
-    def _resolve_source(self, address: IPAddress, untrusted_entries: Mapping[str, bytes]) -> Source:
-        """A source's entries parsed and its names resolved, or Blocked and why (logged)."""
+    def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> Resolved:
+        """A source's entries parsed and its names resolved; EntryError if either fails."""
         parsed = parse_source(untrusted_entries, address.version)
         if isinstance(parsed, Blocked):
-            log.error("blocking all traffic from %s: %s", address, parsed.reason)
-            return parsed
+            raise EntryError(parsed.reason)
         names = {}
         for name in sorted(names_to_resolve(parsed)):
             try:
                 names[name] = self.resolver(name, address.version)
             except (OSError, UnicodeError) as err:
-                reason = f"cannot resolve {name}: {err}"
-                log.error("blocking all traffic from %s: %s", address, reason)
-                return Blocked(reason)
+                raise EntryError(f"cannot resolve {name}: {err}") from None
         return Resolved(parsed, names)
 
-    def _source_address(self, untrusted_text: str) -> IPAddress | None:
-        try:
-            return parse_address(untrusted_text)
-        except EntryError as err:
-            log.error("ignoring %r: %s", FIREWALL_DIR + untrusted_text[:48], err)
-            return None
+    def log_refusal(self, address: IPAddress, reason: str) -> None:
+        log.error("blocking all traffic from %s: %s", address, reason)
 
-    def _load_source(self, address: IPAddress) -> None:
-        source = self._read_source(address)
-        self.refused.pop(address, None)
-        if source is None:
-            if self.sources.pop(address, None) is not None:
-                log.info("rules of %s removed", address)
-                self.db.rm(f"{DNS_INFO_DIR}{address}/")
-        else:
-            self.sources[address] = source
+    def removed(self, address: IPAddress) -> None:
+        log.info("rules of %s removed", address)
+        self.db.rm(f"{DNS_INFO_DIR}{address}/")
 
-    def _load_connected(self) -> None:
-        self.connected, problems = forwarding.read_connected(self.db)
-        for path, problem in problems:
-            log.error("%s: ignoring an entry: %s", path, problem)
+    def apply_reloaded(self, gone: set[IPAddress], *, force: bool) -> None:
+        for address in gone:
+            self.db.rm(f"{DNS_INFO_DIR}{address}/")
+        self._apply_and_record(self._clients(), self.targets, rewrite=force)
+
+    def apply_handled(self, handled: list[IPAddress], moved: frozenset[IPAddress]) -> None:
+        self._apply_and_record(set(handled) | moved, handled)
 
     def _dns_servers(self) -> frozenset[IPAddress]:
         """This hop's DNS servers for ``specialtarget=dns``: resolv.conf's, as upstream.
@@ -271,7 +222,7 @@ class Worker:
 
     def _record(self, address: IPAddress, recorded: bool) -> None:
         """After handling a client: its resolved names (if applied) and the handled counter."""
-        source = self.sources.get(address)
+        source = self.targets.get(address)
         if recorded and source is not None:
             base = f"{DNS_INFO_DIR}{address}/"
             self.db.rm(base)
@@ -281,7 +232,7 @@ class Worker:
                         log.warning("not recording %s for %s: path too long", name, address)
                         continue
                     self.db.write(base + name, dns_info_value(addresses))
-        forwarding.count_handled(self.db, f"{HANDLED_DIR}{address}")
+        self.count_handled(address)
 
     # -- applying ---------------------------------------------------------
 
@@ -294,7 +245,7 @@ class Worker:
         if address not in self._filtered():
             return None
         reason = self.refused.get(address)
-        source = self.sources.get(address, self.routed.get(address))
+        source = self.targets.get(address, self.routed.get(address))
         if reason is not None:
             source = Blocked(reason)
         return None if source is None else client_chains(address, source)
@@ -302,25 +253,23 @@ class Worker:
     def _clients(self) -> set[IPAddress]:
         """Every client that has, or should have, chains."""
         return (
-            (self.connected & self.sources.keys()) | self.routed.keys() | self.kernel.clients.keys()
+            (self.connected & self.targets.keys()) | self.routed.keys() | self.kernel.clients.keys()
         )
 
     def _find_refused(self, changes: Mapping[IPAddress, Chains | None]) -> bool:
         """Check each changed client's chains on their own; block those nft refuses."""
-        found = False
-        for address, chains in changes.items():
-            if chains is None or chains == self.kernel.clients.get(address):
-                continue
-            if address in self.refused:
-                continue
-            try:
-                self.nft.run(chain_check_commands(address, chains), check=True)
-            except NftError as err:
-                reason = f"nft refused its rules: {err}"
-                log.error("blocking all traffic from %s: %s", address, reason)
-                self.refused[address] = reason
-                found = True
-        return found
+        return self._refuse_failing(
+            (
+                (address, chains)
+                for address, chains in changes.items()
+                if chains is not None
+                and chains != self.kernel.clients.get(address)
+                and address not in self.refused
+            ),
+            lambda address, chains: self.nft.run(
+                chain_check_commands(address, chains), check=True
+            ),
+        )
 
     def apply(self, dirty: Iterable[IPAddress], *, rewrite: bool = False) -> set[IPAddress] | None:
         """Bring the clients in ``dirty`` and the sets to the kernel in one transaction.
@@ -387,13 +336,11 @@ class Worker:
             address: Blocked(reason) if (reason := self.refused.get(address)) else source
             for address in clients
             if address in filtered
-            and (source := self.sources.get(address, self.routed.get(address))) is not None
+            and (source := self.targets.get(address, self.routed.get(address))) is not None
         }
-        try:
-            flows = outbound_flows.flows_to_end(sources, sources, self._dns_servers(), self.tool)
-            conntrack.end(flows, "outbound rules changed", self.tool)
-        except conntrack.ConntrackError as err:
-            log.error("cannot end the flows the new rules no longer allow: %s", err)
+        self.end_flows(
+            lambda: outbound_flows.flows_to_end(sources, sources, self._dns_servers(), self.tool)
+        )
 
     def set_routed(self, untrusted_routed: Mapping[IPAddress, Mapping[str, bytes]]) -> None:
         """Filter traffic from addresses routed through a client, with their own outbound rules.
@@ -404,7 +351,7 @@ class Worker:
         only what changed.
         """
         routed = {
-            address: self._resolve_source(address, untrusted_entries)
+            address: self.parsed(address, dict(untrusted_entries))
             for address, untrusted_entries in untrusted_routed.items()
         }
         dirty = {
@@ -423,45 +370,6 @@ class Worker:
         """Fresh, empty tables for both families (forward policy drop) in one transaction."""
         self.nft.run("\n".join(c for f in FAMILIES for c in table_definition(f)) + "\n")
         self.kernel, self.synced = TableState(), True
-
-    def reload(self, *, force: bool = False) -> None:
-        """Re-read and re-resolve everything; ``force`` also rewrites what looks unchanged."""
-        self.refused.clear()
-        untrusted_names = {
-            path[len(FIREWALL_DIR) :].split("/", 1)[0] for path in self.db.list(FIREWALL_DIR)
-        }
-        sources = {}
-        for untrusted_name in sorted(untrusted_names):
-            address = self._source_address(untrusted_name) if untrusted_name else None
-            if address is None:
-                continue
-            source = self._read_source(address)
-            if source is not None:
-                sources[address] = source
-        for gone in self.sources.keys() - sources.keys():
-            self.db.rm(f"{DNS_INFO_DIR}{gone}/")
-        self.sources = sources
-        self._load_connected()
-        self._apply_and_record(self._clients(), sources, rewrite=force)
-
-    def handle(self, changes: Changes) -> None:
-        """React to one batch of watch events."""
-        if changes.full:
-            self.reload()
-            return
-        handled = []
-        for untrusted_name in sorted(changes.sources):
-            address = self._source_address(untrusted_name)
-            if address is not None:
-                self._load_source(address)
-                handled.append(address)
-        dirty = set(handled)
-        if changes.connected:
-            before = self.connected
-            self._load_connected()
-            dirty |= before ^ self.connected
-        if handled or changes.connected:
-            self._apply_and_record(dirty, handled)
 
     def cleanup(self) -> None:
         """Remove both tables, as upstream does on a clean stop."""
@@ -562,31 +470,31 @@ def serve(
     worker: Worker,
     watcher: QubesDBWatcher,
     signals: _Signals,
-    halves: Sequence[forwarding.ChainHalf] = (),
+    chain_kinds: Sequence[ChainDirectory] = (),
 ) -> None:
     """Start up like upstream's worker, then follow QubesDB until asked to stop.
 
     ``watcher`` is a connection used for nothing but watches, so every event
-    waits in its socket and ``select`` on it never misses one. Each of
-    ``halves`` (``/qns-forward/``, ``/qns-inbound/``, ``/qns-routing/``)
-    gets the events under its directory, the same SIGHUP and the same
-    clean stop, and the sockets and deadline it asks to be woken for; its
-    transactions are its own.
+    waits in its socket and ``select`` on it never misses one. The outbound
+    worker and each of ``chain_kinds`` (``/qns-forward/``, ``/qns-inbound/``,
+    ``/qns-routing/``) are directories alike: each gets the events under its
+    own directory, the same SIGHUP and the same clean stop, and the sockets
+    and deadline it asks to be woken for; their transactions are their own.
     """
+    kinds: tuple[EntryDirectory[Any], ...] = (worker, *chain_kinds)
     worker.init_tables()
     run_hooks()
     sd_notify("READY=1")
-    for path in (*WATCHES, *(half.DIRECTORY for half in halves)):
+    for path in (*(kind.DIRECTORY for kind in kinds), *CONNECTED_IPS):
         watcher.watch(path)
     fd = watcher.watch_fd()
-    worker.reload()
-    for half in halves:
-        half.reload()
+    for kind in kinds:
+        kind.reload()
     log.info("started")
     while not signals.stop:
-        deadlines = [when for half in halves if (when := half.next_wake()) is not None]
+        deadlines = [when for kind in kinds if (when := kind.next_wake()) is not None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        sockets = [sock for half in halves for sock in half.fds()]
+        sockets = [sock for kind in kinds for sock in kind.fds()]
         ready = select.select([fd, signals.wake_fd, *sockets], [], [], timeout)[0]
         signals.drain()
         if signals.stop:
@@ -595,28 +503,24 @@ def serve(
             signals.reload = False
             log.info("SIGHUP: reloading every client's rules")
             sd_notify(reloading_state())
-            worker.reload(force=True)
-            for half in halves:
-                half.reload(force=True)
+            for kind in kinds:
+                kind.reload(force=True)
             sd_notify("READY=1")
             continue
         if fd in ready:
             paths = _pending_events(watcher, fd)
-            outbound = [p for p in paths if not any(half.ours(p) for half in halves)]
-            if outbound:
-                worker.handle(classify(outbound))
-            for half in halves:
-                if any(half.concerns(p) for p in paths):
-                    half.handle(half.classify(paths))
-        for half in halves:
-            half.wake(ready, time.monotonic())
-    # What the halves opened closes while the outbound filter still stands.
-    for half in halves:
-        log.info("stopping, removing the %s chains", half.KIND)
+            for kind in kinds:
+                if any(kind.concerns(p) for p in paths):
+                    kind.handle(kind.classify(paths))
+        for kind in kinds:
+            kind.wake(ready, time.monotonic())
+    # What the chain kinds opened closes while the outbound filter still stands.
+    for chain_kind in chain_kinds:
+        log.info("stopping, removing the %s chains", chain_kind.KIND)
         try:
-            half.remove()
-        except (NftError, ValueError, KeyError) as err:
-            log.error("could not remove the %s chains: %s", half.KIND, err)
+            chain_kind.remove()
+        except NFT_ERRORS as err:
+            log.error("could not remove the %s chains: %s", chain_kind.KIND, err)
     log.info("stopping, removing the %s tables", TABLE)
     worker.cleanup()
 
@@ -633,12 +537,12 @@ def main() -> int:
     try:
         db, nft = qubesdb.QubesDB(), Nft()
         worker = Worker(db, nft)
-        halves = (
-            forwarding.Forwarder(db, nft.run),
+        chain_kinds = (
+            forwarder.Forwarder(db, nft.run),
             inbound.Inbound(db, nft.run),
             routing.Router(db, nft.run, worker.set_routed),
         )
-        serve(worker, qubesdb.QubesDB(), signals, halves)
+        serve(worker, qubesdb.QubesDB(), signals, chain_kinds)
     except qubesdb.Error as err:
         log.error("QubesDB failed, leaving the ruleset as it is: %s", err)
         return 1

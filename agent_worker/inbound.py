@@ -1,4 +1,4 @@
-"""The inbound half of the firewall worker: ``/qns-inbound/`` to chain ``qns-inbound``.
+"""The inbound kind of the firewall worker: ``/qns-inbound/`` to chain ``qns-inbound``.
 
 An inbound rule of qube T (``action=accept|drop srchost=NET [proto=]
 [dstports=|icmptype=]``) decides which of T's sibling qubes may open
@@ -24,12 +24,18 @@ the target gets no rule at all (its siblings stay refused), as forwards.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 from agent_worker import conntrack
-from agent_worker.entries import EntryError
-from agent_worker.forwarding import ChainHalf, InForce, Refused, Target, by_address
+from agent_worker.directory import ChainDirectory, InForce, Target, address_order, by_address
+from agent_worker.entries import (
+    EntryError,
+    Family,
+    IPAddress,
+    Refused,
+    family_of,
+    parse_numbered,
+)
 from agent_worker.input_rules import (
     ONLY_NEW_WALK,
     ONLY_SYN_OPENS,
@@ -38,38 +44,31 @@ from agent_worker.input_rules import (
     input_rule,
     parse_opening,
 )
-from agent_worker.nft_chains import BaseChainHook, Family
-from agent_worker.qdb_parse import IPAddress
+from agent_worker.nft_chains import BaseChainHook
 
 INBOUND_DIR = "/qns-inbound/"
 HANDLED_DIR = "/qns-inbound_handled/"
 INBOUND_CHAIN = "qns-inbound"
 HOOKS = {INBOUND_CHAIN: BaseChainHook(parent="forward", after=("qns-forward",))}
 
-_KEY_RE = re.compile(r"[0-9]{4}")
-
 
 def parse_target(address: IPAddress, untrusted_entries: dict[str, bytes]) -> list[Opening]:
     """All rules of one target directory, in key order; any bad entry fails it."""
-    rules = []
-    for untrusted_key in sorted(untrusted_entries):
-        if not _KEY_RE.fullmatch(untrusted_key):
-            raise EntryError(f"unexpected key {untrusted_key[:20]!r}")
-        try:
-            rule = parse_opening(untrusted_entries[untrusted_key].decode("ascii"))
-        except (EntryError, UnicodeDecodeError) as err:
-            raise EntryError(f"entry {untrusted_key}: {err}") from None
+
+    def parse_one(untrusted_text: str) -> Opening:
+        rule = parse_opening(untrusted_text)
         if rule.srchost is None:
-            raise EntryError(f"entry {untrusted_key}: missing srchost")
+            raise EntryError("missing srchost")
         if rule.srchost.version != address.version:
-            raise EntryError(f"entry {untrusted_key}: srchost of another family than the target")
-        rules.append(rule)
-    return rules
+            raise EntryError("srchost of another family than the target")
+        return rule
+
+    return parse_numbered(untrusted_entries, parse_one)
 
 
 def forward_rule(address: IPAddress, rule: Opening) -> str:
     """nft rule body in the netvm's ``qns-inbound`` for one rule of target ``address``."""
-    family = "ip" if address.version == 4 else "ip6"
+    family = family_of(address)
     return f"iifgroup 2 {family} daddr {address} {input_rule(rule, family)}"
 
 
@@ -87,8 +86,8 @@ def desired_chains(targets: Mapping[IPAddress, Target]) -> dict[Family, dict[str
     return result
 
 
-class Inbound(ChainHalf):
-    """The inbound half: ``/qns-inbound/`` rules to chain ``qns-inbound``."""
+class Inbound(ChainDirectory):
+    """The inbound kind: ``/qns-inbound/`` rules to chain ``qns-inbound``."""
 
     DIRECTORY = INBOUND_DIR
     HANDLED = HANDLED_DIR
@@ -116,7 +115,7 @@ class Inbound(ChainHalf):
         """
         ended = []
         changed = [a for a in before if after.get(a) != before[a]]
-        for address in sorted(changed, key=lambda a: (a.version, a)):
+        for address in sorted(changed, key=address_order):
             old, new = before[address], after.get(address, ())
             for flow in conntrack.list_flows(address.version, ["--orig-dst", str(address)],
                                              self.tool):

@@ -18,10 +18,9 @@ import sys
 import qubesdb
 
 from agent_worker import conntrack, nft_chains
-from agent_worker.entries import EntryError
-from agent_worker.forwarding import read_connected
+from agent_worker.directory import end_flows, read_completed, read_connected
+from agent_worker.entries import EntryError, IPAddress, parse_address
 from agent_worker.input_rules import INPUT_CHAIN, Opening, admits, chain_rules, parse_openings
-from agent_worker.qdb_parse import IPAddress, parse_address
 
 log = logging.getLogger("qubes-network-server-input")
 
@@ -33,11 +32,9 @@ HOOKS = {INPUT_CHAIN: nft_chains.BaseChainHook(parent="input")}
 
 def read_openings(db: qubesdb.QubesDB) -> list[Opening]:
     """The openings dom0 completed, or none while a set is incomplete or bad."""
-    if db.read(MARKER) is None:
+    untrusted_entries = read_completed(db, MARKER)
+    if untrusted_entries is None:
         return []
-    untrusted_entries = {
-        path[len(MARKER) + 1 :]: value for path, value in db.multiread(MARKER + "/").items()
-    }
     try:
         return parse_openings(untrusted_entries)
     except EntryError as err:
@@ -94,12 +91,8 @@ def flows_to_end(
 def _end_flows(
     db: qubesdb.QubesDB, before: list[Opening], after: list[Opening], tool: conntrack.Tool
 ) -> None:
-    if before == after:
-        return
-    try:
-        conntrack.end(flows_to_end(db, before, after, tool), "input openings changed", tool)
-    except conntrack.ConntrackError as err:
-        log.error("cannot end the flows the openings no longer admit: %s", err)
+    if before != after:
+        end_flows(lambda: flows_to_end(db, before, after, tool), "input openings", tool, log)
 
 
 def update(

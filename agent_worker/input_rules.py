@@ -1,6 +1,6 @@
 """Input rules in the target qube: from untrusted ``/qns-input/`` to nft.
 
-Pure, like :mod:`agent_worker.forward`. dom0 writes the openings of the
+Pure, like :mod:`agent_worker.forward_steps`. dom0 writes the openings of the
 qube's forwards first, then its inbound rules (accept or drop) in list
 order; the rules land in that order in chain ``qns-input`` of table
 ``qubes`` (both families), jumped to from its ``input`` chain right after
@@ -17,14 +17,22 @@ input rules whatever port the rule names.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from agent_worker.conntrack import Flow
-from agent_worker.entries import EntryError, parse_network, parse_port_range, parse_words
+from agent_worker.entries import (
+    EntryError,
+    Family,
+    IPNetwork,
+    parse_network,
+    parse_numbered,
+    parse_port_range,
+    parse_words,
+    port_text,
+)
 
 INPUT_CHAIN = "qns-input"
 #: First rule of each of our accepting chains: a TCP packet that would
@@ -42,7 +50,6 @@ ONLY_NEW_WALK = "ct state != new return"
 #: The target's side of every opening: from its netvm, not from its own qubes.
 FROM_NETVM = "iifgroup != 2"
 
-_KEY_RE = re.compile(r"[0-9]{4}")
 _ICMPTYPE_RE = re.compile(r"[0-9]{1,3}")
 _KEYS = {"action", "proto", "dstports", "icmptype", "srchost"}
 
@@ -55,9 +62,9 @@ class Opening:
     proto: Literal["tcp", "udp", "icmp"] | None
     dstports: tuple[int, int] | None
     icmptype: int | None
-    srchost: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    srchost: IPNetwork | None
 
-    def applies_to(self, family: Literal["ip", "ip6"]) -> bool:
+    def applies_to(self, family: Family) -> bool:
         return self.srchost is None or (self.srchost.version == 4) == (family == "ip")
 
 
@@ -88,18 +95,10 @@ def parse_opening(untrusted_value: str) -> Opening:
 
 def parse_openings(untrusted_entries: dict[str, bytes]) -> list[Opening]:
     """All entries in key order; one bad entry fails the whole set."""
-    openings = []
-    for untrusted_key in sorted(untrusted_entries):
-        if not _KEY_RE.fullmatch(untrusted_key):
-            raise EntryError(f"unexpected key {untrusted_key[:20]!r}")
-        try:
-            openings.append(parse_opening(untrusted_entries[untrusted_key].decode("ascii")))
-        except (EntryError, UnicodeDecodeError) as err:
-            raise EntryError(f"entry {untrusted_key}: {err}") from None
-    return openings
+    return parse_numbered(untrusted_entries, parse_opening)
 
 
-def input_rule(opening: Opening, family: Literal["ip", "ip6"]) -> str:
+def input_rule(opening: Opening, family: Family) -> str:
     """nft rule body for one opening; only new connections are decided here.
 
     ``ct state new``: a drop must not cut the replies of connections the
@@ -116,13 +115,12 @@ def input_rule(opening: Opening, family: Literal["ip", "ip6"]) -> str:
     elif opening.proto is not None:
         parts.append(f"meta l4proto {opening.proto}")
         if opening.dstports is not None:
-            first, last = opening.dstports
-            parts.append(f"th dport {first if first == last else f'{first}-{last}'}")
+            parts.append(f"th dport {port_text(opening.dstports)}")
     parts += ["ct state new", opening.action]
     return " ".join(parts)
 
 
-def chain_rules(openings: list[Opening], family: Literal["ip", "ip6"]) -> list[str]:
+def chain_rules(openings: list[Opening], family: Family) -> list[str]:
     """Rule bodies of ``qns-input`` for one family: the SYN guard, then entry order."""
     rules = [f"{FROM_NETVM} {input_rule(o, family)}" for o in openings if o.applies_to(family)]
     return [ONLY_SYN_OPENS, *rules] if rules else []
@@ -150,7 +148,7 @@ def admits(openings: Iterable[Opening], flow: Flow) -> bool:
     For the conntrack cut; the interface it came in by is not tracked, so
     the caller leaves out flows of the qube's own clients.
     """
-    family: Literal["ip", "ip6"] = "ip" if flow.version == 4 else "ip6"
+    family: Family = "ip" if flow.version == 4 else "ip6"
     for opening in openings:
         if opening.applies_to(family) and _matches(opening, flow):
             return opening.action == "accept"

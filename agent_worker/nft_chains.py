@@ -19,11 +19,12 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import nftables
 
-Family = Literal["ip", "ip6"]
+from agent_worker.entries import Family
+
 TABLE = "qubes"
 
 log = logging.getLogger("qubes.nft_chains")
@@ -234,6 +235,39 @@ def removal_commands(
     for chain in sorted(wanted & set(present)):
         lines += [f"flush chain {family} {TABLE} {chain}", f"delete chain {family} {TABLE} {chain}"]
     return "".join(line + "\n" for line in lines)
+
+
+def chain_commands(
+    family: Family,
+    wanted: Mapping[str, list[str]],
+    runner: Runner,
+    names: tuple[str, ...],
+    hooks: Mapping[str, BaseChainHook],
+) -> str | None:
+    """nft text giving the family's chains ``names`` exactly ``wanted``, whatever they hold now.
+
+    Chains with no rule at all lose their jumps and go, so a hop that
+    forwards nothing keeps table ``qubes`` exactly as Qubes made it. None:
+    the family cannot take them (no table ``qubes``, or no chain our jump
+    goes in; upstream's ``ip6 qubes`` holds only ``prerouting`` while IPv6
+    is off). Lists the table's chain names and the parents' rules only.
+    """
+    present = chain_names(family, runner)
+    if present is None:
+        return None
+    if any(wanted.values()):
+        missing = sorted({p for c in names if (p := hooks[c].parent) and p not in present})
+        if missing:
+            log.debug("skipping %s qubes: no chain %s", family, ", ".join(missing))
+            return None
+        items = parent_items(family, names, hooks, runner)
+        return build_transaction(
+            family, {c: list(wanted.get(c, [])) for c in names}, hooks, runner, items
+        )
+    if not present & set(names):
+        return ""
+    items = parent_items(family, names, hooks, runner)
+    return removal_commands(family, names, hooks, items, present)
 
 
 def apply(

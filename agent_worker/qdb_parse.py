@@ -21,16 +21,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from agent_worker.entries import EntryError
+from agent_worker.entries import (
+    EntryError,
+    IPAddress,
+    IPNetwork,
+    IpVersion,
+    Refused,
+    parse_address,
+    parse_numbered,
+    parse_words,
+)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Action = Literal["accept", "drop"]
 Proto = Literal["tcp", "udp", "icmp"]
 
-MAX_VALUE = 3072
-_RULE_KEY_RE = re.compile(r"[0-9]{4}")
-_WORD_RE = re.compile(r"([a-z0-9]+)=([A-Za-z0-9_.:/-]+)")
 _PORTS_RE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _ICMPTYPE_RE = re.compile(r"[0-9]{1,3}")
 _DST4_RE = re.compile(r"[0-9.]{7,15}(?:/[0-9]{1,2})?")
@@ -61,28 +65,12 @@ class SourceRules:
     policy: Action
 
 
-@dataclass(frozen=True)
-class Blocked:
-    """A source whose traffic is rejected; ``reason`` is for the log."""
-
-    reason: str
-
-
-def parse_address(untrusted_text: str) -> IPAddress:
-    """An address in the canonical form dom0 writes (``str(ipaddress)``)."""
-    if not 2 <= len(untrusted_text) <= 39 or not re.fullmatch(r"[0-9a-f.:]+", untrusted_text):
-        raise EntryError(f"not an address: {untrusted_text[:40]!r}")
-    try:
-        address = ipaddress.ip_address(untrusted_text)
-    except ValueError:
-        raise EntryError(f"not an address: {untrusted_text!r}") from None
-    if str(address) != untrusted_text:
-        raise EntryError(f"address {untrusted_text!r} not in canonical form")
-    return address
+#: A source whose traffic is rejected (the outbound name of a refused address).
+Blocked = Refused
 
 
 def parse_address_list(
-    untrusted_value: bytes | None, version: Literal[4, 6]
+    untrusted_value: bytes | None, version: IpVersion
 ) -> tuple[frozenset[IPAddress], list[str]]:
     """``/connected-ips``-style value: addresses of one family, and what was refused."""
     if not untrusted_value:
@@ -106,7 +94,7 @@ def parse_address_list(
     return frozenset(addresses), problems
 
 
-def _parse_network(untrusted_text: str, version: Literal[4, 6]) -> IPNetwork:
+def _parse_network(untrusted_text: str, version: IpVersion) -> IPNetwork:
     """dst4/dst6: dom0 always adds a prefix; host bits may be set (nft masks them)."""
     pattern = _DST4_RE if version == 4 else _DST6_RE
     if not pattern.fullmatch(untrusted_text):
@@ -132,34 +120,17 @@ def _parse_ports(untrusted_text: str) -> tuple[int, int]:
     return first, last
 
 
-def _split_words(untrusted_value: str) -> dict[str, str]:
-    words: dict[str, str] = {}
-    for untrusted_word in untrusted_value.split(" "):
-        match = _WORD_RE.fullmatch(untrusted_word)
-        if match is None:
-            raise EntryError(f"malformed word {untrusted_word[:40]!r}")
-        key, value = match.groups()
-        if key not in _OPTIONS:
-            raise EntryError(f"unsupported option {key[:20]!r}")
-        if key in words:
-            raise EntryError(f"repeated option {key!r}")
-        words[key] = value
-    return words
-
-
 #: rules remembered by parse_rule: a long list edited in one place parses only that rule
 PARSED_RULES_KEPT = 4096
 
 
 @functools.lru_cache(maxsize=PARSED_RULES_KEPT)
-def parse_rule(untrusted_value: str, version: Literal[4, 6]) -> OutboundRule:
+def parse_rule(untrusted_value: str, version: IpVersion) -> OutboundRule:
     """Validate one ``/qubes-firewall/IP/NNNN`` value for a source of ``version``.
 
     Pure, so its results are kept (a value that fails raises each time).
     """
-    if len(untrusted_value) > MAX_VALUE:
-        raise EntryError("value too long")
-    words = _split_words(untrusted_value)
+    words = parse_words(untrusted_value, _OPTIONS, "option")
     action = words.get("action")
     if action not in ("accept", "drop"):
         raise EntryError("action must be accept or drop")
@@ -207,33 +178,29 @@ def parse_rule(untrusted_value: str, version: Literal[4, 6]) -> OutboundRule:
 
 
 def parse_source(
-    untrusted_entries: Mapping[str, bytes], version: Literal[4, 6]
+    untrusted_entries: Mapping[str, bytes], version: IpVersion
 ) -> SourceRules | Blocked:
     """All entries of one source, keyed relative to its directory.
 
     Keys are ``policy`` and ``NNNN``; rules apply in key order, then the policy.
     """
-    rules = []
-    policy: Action | None = None
-    for untrusted_key in sorted(untrusted_entries):
-        try:
-            untrusted_text = untrusted_entries[untrusted_key].decode("ascii")
-        except UnicodeDecodeError:
-            return Blocked(f"entry {untrusted_key[:20]!r} is not ASCII")
-        if untrusted_key == "policy":
-            if untrusted_text not in ("accept", "drop"):
-                return Blocked(f"bad policy {untrusted_text[:20]!r}")
-            policy = untrusted_text  # type: ignore[assignment]
-            continue
-        if not _RULE_KEY_RE.fullmatch(untrusted_key):
-            return Blocked(f"unexpected entry {untrusted_key[:20]!r}")
-        try:
-            rules.append(parse_rule(untrusted_text, version))
-        except EntryError as err:
-            return Blocked(f"rule {untrusted_key}: {err}")
-    if policy is None:
+    untrusted_rules = {k: v for k, v in untrusted_entries.items() if k != "policy"}
+    try:
+        parsed = parse_numbered(
+            untrusted_rules, lambda text: parse_rule(text, version), item="rule", unexpected="entry"
+        )
+    except EntryError as err:
+        return Blocked(str(err))
+    if "policy" not in untrusted_entries:
         return Blocked("no policy entry")
-    return SourceRules(tuple(rules), policy)
+    try:
+        untrusted_policy = untrusted_entries["policy"].decode("ascii")
+    except UnicodeDecodeError:
+        return Blocked("policy: not ASCII")
+    if untrusted_policy not in ("accept", "drop"):
+        return Blocked(f"bad policy {untrusted_policy[:20]!r}")
+    policy: Action = untrusted_policy  # type: ignore[assignment]
+    return SourceRules(tuple(parsed), policy)
 
 
 def parse_resolv_conf(text: str) -> frozenset[IPAddress]:

@@ -1,9 +1,9 @@
-"""The routing half of the firewall worker: a qube exposed on the LAN at its own address.
+"""The routing kind of the firewall worker: a qube exposed on the LAN at its own address.
 
 dom0 writes ``/qns-routing/<A>/`` into every hop of a routed qube's path
 (doc/qubesdb.md): ``route`` (``role=edge|inner``, ``via=V`` where ``A``
 lies behind this hop's client ``V``), the qube's inbound rules ``in/NNNN``
-and, with ``via``, its outbound rules ``out/...``. This half makes the hop
+and, with ``via``, its outbound rules ``out/...``. This kind makes the hop
 carry ``A`` with no NAT either way:
 
 - chain ``qns-routing`` (forward, after ``qns-forward`` and ``qns-inbound``,
@@ -38,20 +38,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent_worker import conntrack, net_state, nft_chains
-from agent_worker.entries import EntryError, parse_words
-from agent_worker.forwarding import (
-    ChainHalf,
-    ForwardChanges,
-    InForce,
+from agent_worker.directory import ChainDirectory, Changes, InForce, Target, by_address
+from agent_worker.entries import (
+    EntryError,
+    Family,
+    IPAddress,
     Refused,
-    Target,
-    by_address,
+    family_of,
+    parse_address,
+    parse_words,
 )
 from agent_worker.inbound import parse_target as parse_rules
 from agent_worker.input_rules import ONLY_NEW_WALK, ONLY_SYN_OPENS, Opening, admits, input_rule
 from agent_worker.neighbours import Guard, Link, frame_for, mac_text
-from agent_worker.nft_chains import BaseChainHook, Family, NftError, Runner
-from agent_worker.qdb_parse import IPAddress, parse_address
+from agent_worker.nft_chains import BaseChainHook, NftError, Runner
 
 log = logging.getLogger("qubes.firewall")
 
@@ -138,17 +138,13 @@ class Wanted:
         return self.entry.via, self.vif, self.uplink
 
 
-def _family(address: IPAddress) -> Family:
-    return "ip" if address.version == 4 else "ip6"
-
-
 def chain_rules(wanted: Mapping[IPAddress, Wanted]) -> dict[Family, dict[str, list[str]]]:
     """The three chains in both families, addresses in address order."""
     result: dict[Family, dict[str, list[str]]] = {
         family: {ACCEPT_CHAIN: [], NONAT_CHAIN: [], ND_CHAIN: []} for family in ("ip", "ip6")
     }
     for address, item in sorted(wanted.items(), key=lambda i: (i[0].version, i[0])):
-        family = _family(address)
+        family = family_of(address)
         chains = result[family]
         if item.entry.rules and not chains[ACCEPT_CHAIN]:
             # established packets leave at once; a flow cut by conntrack is
@@ -176,7 +172,7 @@ def antispoof_elements(wanted: Mapping[IPAddress, Wanted]) -> set[tuple[Family, 
     routed address as a client, already drops it arriving from the uplink.
     """
     return {
-        (_family(address), "allowed", f'"{item.vif}" . {address}')
+        (family_of(address), "allowed", f'"{item.vif}" . {address}')
         for address, item in wanted.items() if item.vif is not None
     }
 
@@ -222,8 +218,8 @@ def status_value(state: str, iface: str | None = None, mac: str | None = None) -
     return " ".join(words)
 
 
-class Router(ChainHalf):
-    """The routing half: ``/qns-routing/`` to chains, antispoof pairs, routes, proxy entries."""
+class Router(ChainDirectory):
+    """The routing kind: ``/qns-routing/`` to chains, antispoof pairs, routes, proxy entries."""
 
     DIRECTORY = ROUTING_DIR
     HANDLED = HANDLED_DIR
@@ -238,7 +234,7 @@ class Router(ChainHalf):
         self.publish_outbound = publish_outbound
         #: what the kernel holds for each address: its route and proxy entry included
         self.installed: dict[IPAddress, Wanted] = {}
-        #: antispoof elements this half added (and may delete)
+        #: antispoof elements this kind added (and may delete)
         self.elements: set[tuple[Family, str, str]] = set()
         #: last report written per address
         self.reported: dict[IPAddress, str] = {}
@@ -247,7 +243,7 @@ class Router(ChainHalf):
         self.guard = Guard()
         self.links: dict[str, Link] = {}
 
-    # -- ChainHalf --------------------------------------------------------
+    # -- ChainDirectory ---------------------------------------------------
 
     def parse(self, address: IPAddress, untrusted_entries: dict[str, bytes]) -> tuple[Entry]:
         return (parse_entry(address, untrusted_entries),)
@@ -262,7 +258,7 @@ class Router(ChainHalf):
     def _effective(self) -> dict[IPAddress, Target]:
         """The targets carried now: those :meth:`_decide` wants (or refused, to say so).
 
-        So what ChainHalf puts in force, renders and checks is what this hop
+        So what ChainDirectory puts in force, renders and checks is what this hop
         really carries, not an address still probed, waiting or refused.
         """
         targets = super()._effective()
@@ -273,7 +269,7 @@ class Router(ChainHalf):
         """Flows of an address no longer carried, and those its changed rules stop admitting.
 
         Only flows with peers beyond this hop's own clients: those are
-        decided by the inbound half (or are the qube's own, to its siblings).
+        decided by the inbound kind (or are the qube's own, to its siblings).
         """
         ended = []
         for address, (old,) in before.items():
@@ -302,7 +298,7 @@ class Router(ChainHalf):
     def _commands(
         self, targets: Mapping[IPAddress, Target], held: Mapping[Family, Any]
     ) -> tuple[str, dict[Family, Any]]:
-        """ChainHalf's chains, then the antispoof pairs to add or delete (listed each time)."""
+        """ChainDirectory's chains, then the antispoof pairs to add or delete (listed each time)."""
         wanted = antispoof_elements(self._decide(targets)[0])
         text, holds = super()._commands(targets, held)
         lines = []
@@ -449,14 +445,14 @@ class Router(ChainHalf):
         return committed
 
     def _commit_nft(self) -> bool:
-        """ChainHalf's transaction (chains, antispoof pairs); remember the pairs it holds."""
+        """ChainDirectory's transaction (chains, antispoof pairs); remember the pairs it holds."""
         committed = super().commit()
         if committed:
             self.elements = antispoof_elements(self._decide(self._effective())[0])
         return committed
 
-    def handle(self, changes: ForwardChanges) -> None:
-        """As ChainHalf, but a change of the connected clients always re-decides.
+    def handle(self, changes: Changes) -> None:
+        """As ChainDirectory, but a change of the connected clients always re-decides.
 
         A client that reconnected has a new vif even with the same address.
         """

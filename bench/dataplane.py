@@ -35,8 +35,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from agent_worker import forward, forwarding
+from agent_worker import forward_steps
 from agent_worker.firewall import Nft
+from agent_worker.forwarder import FORWARD_DIR, Forwarder
 from bench.common import REPO, print_table, ratio
 from bench.nft import RULES_REMOVAL, MemoryQubesDB, inside, steps_as_rules
 from lab import netns, wiring
@@ -59,11 +60,11 @@ def step_entries(count: int) -> dict[str, str]:
     for number in range(max(count - len(FORWARDED), 0)):
         target = ipaddress.IPv4Address("10.137.1.0") + number
         clients.append(target)
-        base = f"{forwarding.FORWARD_DIR}{target}"
+        base = f"{FORWARD_DIR}{target}"
         entries[f"{base}/0000"] = (f"proto=tcp ports={20000 + number}-{20000 + number}"
                                    f" iif=upstream daddr=local to={target} toports=80-80")
         entries[base] = ""
-    base = f"{forwarding.FORWARD_DIR}{QUBE_ADDRESS}"
+    base = f"{FORWARD_DIR}{QUBE_ADDRESS}"
     for key, (port, toport) in enumerate(FORWARDED.items()):
         entries[f"{base}/{key:04}"] = (f"proto=tcp ports={port}-{port} iif=upstream"
                                        f" daddr=local to={QUBE_ADDRESS} toports={toport}-{toport}")
@@ -157,7 +158,7 @@ def maps(network: Network, count: int) -> Iterator[None]:
     the namespace it was opened in.
     """
     with inside(netns.namespace(network.hop)):
-        half = forwarding.Forwarder(MemoryQubesDB(step_entries(count)), Nft().run)
+        half = Forwarder(MemoryQubesDB(step_entries(count)), Nft().run)
         half.reload()
     try:
         yield
@@ -169,7 +170,7 @@ def maps(network: Network, count: int) -> Iterator[None]:
 @contextmanager
 def rules(network: Network, count: int) -> Iterator[None]:
     """The baseline: one DNAT and one accept rule per step."""
-    steps = [forward.parse_step(value) for path, value in sorted(step_entries(count).items())
+    steps = [forward_steps.parse_step(value) for path, value in sorted(step_entries(count).items())
              if path.count("/") == 3]
     with inside(netns.namespace(network.hop)):
         nft = Nft()  # in the hop's namespace, as above

@@ -4,7 +4,7 @@ In a throwaway network namespace (``qns-bench-<pid>``, always deleted)
 holding the Qubes base tables (lab/base_ruleset.py), for K steps (default
 10, 100 and 1000; one step per target, a mix of tcp and udp, single ports
 and 3-port ranges mapped to other ports, some limited to a ``srchost``),
-all through the worker's own code (``agent_worker.forwarding.Forwarder``)
+all through the worker's own code (``agent_worker.Forwarder``)
 and its one libnftables context (``agent_worker.firewall.Nft``):
 
 - ``first apply``: ``commit()`` of the K parsed steps into a table without
@@ -48,8 +48,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 
-from agent_worker import forward, forwarding
+from agent_worker import forward_steps
+from agent_worker.entries import port_text
 from agent_worker.firewall import Nft
+from agent_worker.forwarder import FORWARD_DIR, Forwarder
 from bench.common import buckets_option, hash_size, print_table, ratio, sizes_parser
 from lab.base_ruleset import base_ruleset
 
@@ -118,7 +120,7 @@ def forward_entries(count: int, per_target: int = 1) -> dict[str, str]:
         )
         if number % 5 == 4:
             value += f" srchost=192.168.{number % 256}.0/24"
-        base = f"{forwarding.FORWARD_DIR}{target}"
+        base = f"{FORWARD_DIR}{target}"
         entries[f"{base}/{number % per_target:04}"] = value
         entries[base] = ""
         if not targets or targets[-1] != target:
@@ -190,17 +192,17 @@ class CountingNft:
         return output
 
 
-def forwarder(count: int, nft: CountingNft) -> forwarding.Forwarder:
+def forwarder(count: int, nft: CountingNft) -> Forwarder:
     """A Forwarder on ``count`` one-step targets, as the worker makes it."""
-    return forwarding.Forwarder(MemoryQubesDB(forward_entries(count)), nft.run)
+    return Forwarder(MemoryQubesDB(forward_entries(count)), nft.run)
 
 
-def bare(half: forwarding.Forwarder) -> None:
+def bare(half: Forwarder) -> None:
     """Table ``qubes`` as Qubes made it: our objects gone."""
     half.remove()
 
 
-def first_apply(half: forwarding.Forwarder, nft: CountingNft) -> float:
+def first_apply(half: Forwarder, nft: CountingNft) -> float:
     """``commit()`` of the parsed steps, by a worker that just started, into a bare table."""
     bare(half)
     fresh = forwarder(0, nft)
@@ -210,7 +212,7 @@ def first_apply(half: forwarding.Forwarder, nft: CountingNft) -> float:
     return time.perf_counter() - start
 
 
-def first_reload(half: forwarding.Forwarder, nft: CountingNft) -> float:
+def first_reload(half: Forwarder, nft: CountingNft) -> float:
     """``reload()`` by a worker that just started: read, parse, apply into a bare table."""
     bare(half)
     fresh = forwarder(0, nft)
@@ -240,23 +242,23 @@ EXTRA = ipaddress.IPv4Address("10.137.200.1")
 EXTRA_STEP = f"proto=tcp ports=60000-60000 iif=upstream daddr=local to={EXTRA} toports=80-80"
 
 
-def add_one(half: forwarding.Forwarder) -> None:
+def add_one(half: Forwarder) -> None:
     """dom0 writes one more target's step (a connected client); the worker handles it."""
-    base = f"{forwarding.FORWARD_DIR}{EXTRA}"
+    base = f"{FORWARD_DIR}{EXTRA}"
     half.db.write(f"{base}/0000", EXTRA_STEP)
     half.db.write(base, "")
     half.handle(half.classify([base]))
 
 
-def remove_one(half: forwarding.Forwarder) -> None:
+def remove_one(half: Forwarder) -> None:
     """dom0 removes that target's entries; the worker handles it."""
-    base = f"{forwarding.FORWARD_DIR}{EXTRA}"
+    base = f"{FORWARD_DIR}{EXTRA}"
     half.db.rm(base + "/")
     half.db.rm(base)
     half.handle(half.classify([base]))
 
 
-def one_step_changes(half: forwarding.Forwarder, nft: CountingNft,
+def one_step_changes(half: Forwarder, nft: CountingNft,
                      runs: int) -> tuple[float, float, float, int]:
     """Median seconds: adding one step, removing it, until its removal was in nft; transactions."""
     connected = half.db.read("/connected-ips") or b""
@@ -281,7 +283,7 @@ RULES_TABLE, RULES_CHAIN = "ip qns-bench-rules", "qns-bench-accept"
 RULES_DNAT = f"{RULES_TABLE} qns-bench-dnat"
 
 
-def steps_as_rules(steps: Iterable[forward.Step]) -> str:
+def steps_as_rules(steps: Iterable[forward_steps.Step]) -> str:
     """The baseline: every step as a DNAT rule and an accept rule, as the previous release."""
     lines = [f"add table {RULES_TABLE}",
              f"add chain {RULES_DNAT} {{ type nat hook prerouting priority dstnat; }}",
@@ -290,7 +292,7 @@ def steps_as_rules(steps: Iterable[forward.Step]) -> str:
     for step in steps:
         source = "" if step.srchost is None else f" ip saddr {step.srchost}"
         first, last = step.ports
-        ports = f"{first}" if first == last else f"{first}-{last}"
+        ports = port_text(step.ports)
         if first == last:
             to = f"{step.to}:{step.toports[0]}"
         else:
@@ -321,7 +323,8 @@ def as_rules(nft: CountingNft, text: str) -> float:
 
 def kernel_elements() -> int:
     """Map elements of our table as ``nft`` lists them back."""
-    listing = json.loads(sh("nft", "-j", "list", "table", "ip", forward.NAT_TABLE))["nftables"]
+    table = forward_steps.NAT_TABLE
+    listing = json.loads(sh("nft", "-j", "list", "table", "ip", table))["nftables"]
     return sum(len(item["map"].get("elem", [])) for item in listing if "map" in item)
 
 

@@ -46,7 +46,8 @@ from functools import partial
 from typing import Any
 
 from agent_worker import conntrack
-from agent_worker.firewall import Changes, Nft, Worker
+from agent_worker.directory import Changes
+from agent_worker.firewall import Nft, Worker
 from bench.common import buckets_option, hash_size, print_table, sizes_parser, upstream_path
 from bench.nft import MemoryQubesDB, enter, throwaway_namespace
 
@@ -214,10 +215,10 @@ def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]
                     up_times.append(timed(partial(upstream.handle_addr, CLIENT)))
                     enter(ours_ns)
                     write_client(ours_db, CLIENT, rules)
-                    our_times.append(timed(partial(ours.handle, Changes(sources={CLIENT}))))
+                    our_times.append(timed(partial(ours.handle, Changes(targets={CLIENT}))))
                     enter(cut_ns)
                     write_client(cut_db, CLIENT, rules)
-                    cut_times.append(timed(partial(cut.handle, Changes(sources={CLIENT}))))
+                    cut_times.append(timed(partial(cut.handle, Changes(targets={CLIENT}))))
                 for db in (up_db, ours_db, cut_db):  # each handled every change
                     assert db.read(f"/qubes-firewall-handled/{CLIENT}") == str(total + 1).encode()
                 up_ms = statistics.median(up_times) * 1000

@@ -61,7 +61,7 @@ REFUSED_DIR = "/qns-forward_refused"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Family = Literal[4, 6]
+IpVersion = Literal[4, 6]
 
 #: ``read(hop, path)``: one value of a running hop's QubesDB, which the hop
 #: writes (so untrusted); None when absent. How dom0 reads every hop report.
@@ -235,7 +235,7 @@ def _ports(option: object) -> PortRange:
     return PortRange(option.first, option.last)  # type: ignore[attr-defined]
 
 
-def rule_sources(snapshot: Snapshot, rule: Rule) -> dict[Family, IPNetwork | None]:
+def rule_sources(snapshot: Snapshot, rule: Rule) -> dict[IpVersion, IPNetwork | None]:
     """The rule's source network in each address family it applies to.
 
     ``srchost``: its own family. ``srcqube``: the named qube's current
@@ -258,7 +258,7 @@ def rule_sources(snapshot: Snapshot, rule: Rule) -> dict[Family, IPNetwork | Non
         raise SourceProvidesNetworkError(
             f"srcqube {provides_network_reason(source)}"
         )
-    sources: dict[Family, IPNetwork | None] = {}
+    sources: dict[IpVersion, IPNetwork | None] = {}
     for family in (4, 6):
         source_ip = address(source, family)
         if source_ip is not None:
@@ -287,7 +287,7 @@ def netvm_chain(snapshot: Snapshot, target: QubeState) -> list[QubeState]:
     return chain
 
 
-def address(qube: QubeState, family: Family) -> IPAddress | None:
+def address(qube: QubeState, family: IpVersion) -> IPAddress | None:
     """The qube's address in ``family`` (IPv6 only while it is on for the qube)."""
     return qube.ip if family == 4 else qube.ip6
 
@@ -297,7 +297,7 @@ def forward_path(
     target: QubeState,
     number: int,
     rule: Rule,
-    family: Family = 4,
+    family: IpVersion = 4,
     *,
     source: IPNetwork | None,
 ) -> ForwardPath:
@@ -620,7 +620,7 @@ def _plan_inbound(
 
 def inbound_entries(
     snapshot: Snapshot, target: QubeState, skipped: list[str]
-) -> dict[Family, list[tuple[int, str]]]:
+) -> dict[IpVersion, list[tuple[int, str]]]:
     """``target``'s inbound rules in force, per family: ``(rule number, entry value)``.
 
     A rule applies in the families its source was resolved in; one whose
@@ -628,7 +628,7 @@ def inbound_entries(
     The same values serve its netvm, its own INPUT and, when it is routed,
     every hop of its path (:mod:`core_admin_patch.routing`).
     """
-    resolved: list[tuple[int, Rule, dict[Family, IPNetwork | None]]] = []
+    resolved: list[tuple[int, Rule, dict[IpVersion, IPNetwork | None]]] = []
     for number, rule in _inbound_rules(target, snapshot.now):
         try:
             resolved.append((number, rule, rule_sources(snapshot, rule)))

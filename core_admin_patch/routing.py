@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from core_admin_patch import planner
 from core_admin_patch.planner import (
     SUPPORT_FEATURE,
-    Family,
     HopReader,
     IPAddress,
+    IpVersion,
     NoNetVMError,
     Plan,
     QubeState,
@@ -64,7 +64,7 @@ class Exposure:
     """One address of a routed qube and the hops that carry it."""
 
     target: str
-    family: Family
+    family: IpVersion
     address: IPAddress
     #: the qube's netvm first, the edge NetVM last
     hops: tuple[QubeState, ...]

@@ -49,6 +49,7 @@ from worker_netns import (
     wait_for,
 )
 
+from agent_worker.entries import IpVersion
 from firewall_rules.rule import Rule, outbound_qdb_entries
 from lab.pyshim import qubesdb
 
@@ -424,7 +425,7 @@ def _connect(qdb_dir: Path, qube: str) -> qubesdb.QubesDB:
 # -- generated rule sets and probes ----------------------------------------
 
 
-def _version(address: str) -> Literal[4, 6]:
+def _version(address: str) -> IpVersion:
     return 6 if ":" in address else 4
 
 
@@ -444,7 +445,7 @@ class Generator:
         low, high = first - self.rng.randrange(3), first + self.rng.randrange(40)
         return f"{max(0, low)}-{min(65535, high)}"
 
-    def rule(self, version: Literal[4, 6], may_fail: bool = True) -> str:
+    def rule(self, version: IpVersion, may_fail: bool = True) -> str:
         """One rule a qube of ``version`` may hold (dom0 leaves out the other family's dstN).
 
         ``may_fail``: the rule may name a host without an address in ``version``.
@@ -477,7 +478,7 @@ class Generator:
             words.append(f"icmptype={icmptype}")
         return " ".join(words)
 
-    def rule_set(self, version: Literal[4, 6]) -> list[str]:
+    def rule_set(self, version: IpVersion) -> list[str]:
         """Usually a handful of rules; now and then a long list."""
         long = self.rng.random() < 0.15
         count = self.rng.randrange(40, 121) if long else self.rng.randrange(9)
@@ -486,7 +487,7 @@ class Generator:
             rules.append("action=accept")  # what qvm-firewall ends most lists with
         return rules
 
-    def changed(self, rules: list[str], version: Literal[4, 6]) -> list[str]:
+    def changed(self, rules: list[str], version: IpVersion) -> list[str]:
         """The next rule set of a client: kept, edited in a few places, or new."""
         roll = self.rng.random()
         if roll < 0.25:

@@ -12,7 +12,7 @@ import ipaddress
 
 import pytest
 
-from agent_worker import conntrack, forward, input_rules, outbound_flows
+from agent_worker import conntrack, forward_steps, input_rules, outbound_flows
 from agent_worker.qdb_parse import Blocked, parse_source
 from agent_worker.ruleset import Resolved
 
@@ -76,8 +76,8 @@ STEP = "proto=tcp ports=8080-8080 iif=upstream daddr=local to=10.137.0.6 toports
 )
 def test_a_step_admits_the_flows_its_dnat_made(step: str, admitted: bool) -> None:
     flow = TCP
-    (parsed,) = forward.parse_target({"0000": step.encode()})
-    assert forward.step_admits(parsed, flow) is admitted
+    (parsed,) = forward_steps.parse_target({"0000": step.encode()})
+    assert forward_steps.step_admits(parsed, flow) is admitted
 
 
 def test_openings_decide_by_first_match() -> None:

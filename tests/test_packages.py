@@ -268,7 +268,7 @@ def test_payloads_hold_every_module_the_lab_runs(built: Built) -> None:
         shipped = {p.removeprefix(sitelib + "/") for p in payload if p.startswith(sitelib + "/")}
         assert module_files(modules) <= shipped
         assert not any(p.startswith("lab/") for p in shipped)
-    assert "agent_worker.forwarding" in agent and "core_admin_patch.planner" in served
+    assert "agent_worker.directory" in agent and "core_admin_patch.planner" in served
 
 
 def upstream_owned(upstream: Path) -> set[str]:

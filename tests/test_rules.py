@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent_worker.forward import MAX_FORWARD_PORTS as AGENT_PORT_LIMIT
+from agent_worker.forward_steps import MAX_FORWARD_PORTS as AGENT_PORT_LIMIT
 from firewall_rules import (
     FirewallFileError,
     Rule,

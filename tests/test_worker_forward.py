@@ -46,11 +46,13 @@ from worker_netns import (
     write_directory,
 )
 
-from agent_worker import forward, forwarding
+from agent_worker import forward_steps
 from agent_worker.conntrack import Flow, Match
+from agent_worker.directory import Changes, classify, concerns, ours
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
-from agent_worker.forwarding import ForwardChanges, Forwarder, classify
+from agent_worker.forwarder import FORWARD_DIR, Forwarder, nat_table_commands
+from agent_worker.nft_chains import NftError
 from lab.pyshim import qubesdb
 
 WEB, WORK = "10.137.0.5", "10.137.0.6"
@@ -77,18 +79,18 @@ def handled(db: Any, target: str) -> int:
 
 
 def test_events_wait_for_the_completion_path() -> None:
-    assert classify([f"/qns-forward/{WEB}/0000", f"/qns-forward/{WEB}/"]) == ForwardChanges()
-    assert classify([f"/qns-forward/{WEB}", "/qns-forward/fd09::5"]) == ForwardChanges(
+    assert classify([f"/qns-forward/{WEB}/0000", f"/qns-forward/{WEB}/"], FORWARD_DIR) == Changes()
+    assert classify([f"/qns-forward/{WEB}", "/qns-forward/fd09::5"], FORWARD_DIR) == Changes(
         targets={WEB, "fd09::5"}
     )
-    assert classify(["/qns-forward/"]).full
-    assert classify(["/"]).full
-    assert classify(["/qubes-firewall/10.137.0.5"]) == ForwardChanges()
-    assert classify(["/connected-ips", "/connected-ips6"]) == ForwardChanges(connected=True)
-    assert forwarding.concerns("/connected-ips6") and not forwarding.ours("/connected-ips6")
-    assert not forwarding.concerns("/qubes-firewall/")
-    assert not forwarding.concerns("/qns-forward_handled/10.137.0.5")
-    assert forwarding.ours("/qns-forward") and not forwarding.ours("/")
+    assert classify(["/qns-forward/"], FORWARD_DIR).full
+    assert classify(["/"], FORWARD_DIR).full
+    assert classify(["/qubes-firewall/10.137.0.5"], FORWARD_DIR) == Changes()
+    assert classify(["/connected-ips", "/connected-ips6"], FORWARD_DIR) == Changes(connected=True)
+    assert concerns("/connected-ips6", FORWARD_DIR) and not ours("/connected-ips6", FORWARD_DIR)
+    assert not concerns("/qubes-firewall/", FORWARD_DIR)
+    assert not concerns("/qns-forward_handled/10.137.0.5", FORWARD_DIR)
+    assert ours("/qns-forward", FORWARD_DIR) and not ours("/", FORWARD_DIR)
 
 
 def host_forwarder(db: MemoryQubesDB, runner: Any) -> Forwarder:
@@ -114,7 +116,7 @@ class ListingOnly:
             return json.dumps({"nftables": []})
         if commands.startswith("list chains"):
             if not self.tables:
-                raise forwarding.NftError("Error: No such file or directory")
+                raise NftError("Error: No such file or directory")
             return json.dumps({"nftables": [
                 {"chain": {"family": "ip", "table": "qubes", "name": self.parent}},
             ]})
@@ -208,9 +210,10 @@ def test_steps_go_to_connected_clients_only(caplog: pytest.LogCaptureFixture) ->
 
     db.write("/connected-ips", WORK)
     with caplog.at_level(logging.INFO, logger="qubes.firewall"):
-        forwarder.handle(classify(["/connected-ips"]))
-        forwarder.handle(classify(["/connected-ips6"]))  # nothing changed: nothing sent
-        forwarder.handle(classify([f"/qns-forward/{WORK}"]))  # the same again: nothing sent
+        forwarder.handle(forwarder.classify(["/connected-ips"]))
+        forwarder.handle(forwarder.classify(["/connected-ips6"]))  # nothing changed: nothing sent
+        # the same again: nothing sent
+        forwarder.handle(forwarder.classify([f"/qns-forward/{WORK}"]))
     assert len(runner.sent) == 2
     # web's elements go (deleted by key), work's stay as they are
     assert runner.sent[1].startswith("delete element ip qubes-network-server")
@@ -220,12 +223,12 @@ def test_steps_go_to_connected_clients_only(caplog: pytest.LogCaptureFixture) ->
     assert skipped == [f"forwards to {WEB}: leaving out what goes to {WEB}: not a connected client"]
 
     db.write("/connected-ips", f"{WORK} {WEB}")
-    forwarder.handle(classify(["/connected-ips"]))
+    forwarder.handle(forwarder.classify(["/connected-ips"]))
     assert goes_to(runner.sent[-1], WEB, 80) and not goes_to(runner.sent[-1], WORK, 22)
 
     # at a hop before the last, ``to`` is the next hop: a client of this hop, not the target
     write_forwards(db, "10.137.0.99", [WEB_TCP.replace("ports=8080-8080", "ports=8081-8081")])
-    forwarder.handle(classify(["/qns-forward/10.137.0.99"]))
+    forwarder.handle(forwarder.classify(["/qns-forward/10.137.0.99"]))
     assert runner.sent[-1] == (
         "add element ip qubes-network-server qns-dnat-upstream-local"
         f" {{ tcp . 8081 : {WEB} . 80 }}\n"
@@ -262,7 +265,7 @@ def test_nothing_to_forward_leaves_table_qubes_alone() -> None:
     assert no_forward_chain.sent == []
 
 
-def step_text(step: forward.Step) -> str:
+def step_text(step: forward_steps.Step) -> str:
     """The canonical text of a parsed step, as dom0 writes it."""
     words = [
         f"proto={step.proto}", f"ports={step.ports[0]}-{step.ports[1]}", f"iif={step.iif}",
@@ -303,12 +306,12 @@ def mutated(draw: st.DrawFn) -> str:
 @given(mutated())
 def test_fuzzed_step_text_parses_exactly_or_is_refused(untrusted_text: str) -> None:
     try:
-        step = forward.parse_step(untrusted_text)
+        step = forward_steps.parse_step(untrusted_text)
     except EntryError:
         return
     # Whatever passes is what dom0 would have written for it, word for word.
     assert sorted(step_text(step).split(" ")) == sorted(untrusted_text.split(" "))
-    assert forward.parse_step(step_text(step)) == step
+    assert forward_steps.parse_step(step_text(step)) == step
 
 
 @given(st.lists(st.one_of(st.sampled_from(_GOOD), mutated()), min_size=1, max_size=4))
@@ -317,7 +320,7 @@ def test_fuzzed_target_is_all_or_nothing(untrusted_steps: list[str]) -> None:
         f"{n:04d}": s.encode("utf-8", "surrogatepass") for n, s in enumerate(untrusted_steps)
     }
     try:
-        steps = forward.parse_target(entries)
+        steps = forward_steps.parse_target(entries)
     except EntryError:
         return
     assert [sorted(step_text(s).split(" ")) for s in steps] == [
@@ -371,7 +374,7 @@ def test_chains_sit_after_custom_forward_and_go_with_the_last_target(netns: str)
         forwarder = Forwarder(db, Nft().run)
         forwarder.reload()
         remove_forwards(db, WEB)
-        forwarder.handle(classify([f"/qns-forward/{WEB}/", f"/qns-forward/{WEB}"]))
+        forwarder.handle(forwarder.classify([f"/qns-forward/{WEB}/", f"/qns-forward/{WEB}"]))
 
     in_netns(netns, remove_all)
     assert nft_ruleset(netns) == original  # user rule kept, nothing of ours left
@@ -396,10 +399,10 @@ def test_a_change_sends_only_its_elements_and_nothing_when_nothing_changed(netns
         forwarder.reload()
         forwarder.reload()  # nothing changed
         write_forwards(db, WORK, [WORK_TCP])
-        forwarder.handle(classify([f"/qns-forward/{WORK}"]))
-        forwarder.handle(classify([f"/qns-forward/{WORK}"]))  # the same again
+        forwarder.handle(forwarder.classify([f"/qns-forward/{WORK}"]))
+        forwarder.handle(forwarder.classify([f"/qns-forward/{WORK}"]))  # the same again
         remove_forwards(db, WORK)
-        forwarder.handle(classify([f"/qns-forward/{WORK}"]))
+        forwarder.handle(forwarder.classify([f"/qns-forward/{WORK}"]))
         return sent
 
     first, added, removed = in_netns(netns, body)
@@ -437,20 +440,20 @@ def test_refused_target_is_left_out_and_the_rest_applies(netns: str) -> None:
         handler = logging.Handler()
         handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
         logging.getLogger("qubes.firewall").addHandler(handler)
-        real = forward.dnat_elements
+        real = forward_steps.dnat_elements
 
-        def broken(step: forward.Step) -> tuple[tuple[str, str], ...]:
+        def broken(step: forward_steps.Step) -> tuple[tuple[str, str], ...]:
             if str(step.to) == WORK:  # nft refuses this port
                 return (("qns-dnat-upstream-local", f"tcp . 70000 : {WORK} . 22"),)
             return real(step)
 
-        forward.dnat_elements = broken  # type: ignore[assignment]
+        forward_steps.dnat_elements = broken  # type: ignore[assignment]
         db = MemoryQubesDB(CONNECTED)
         write_forwards(db, WEB, [WEB_TCP])
         write_forwards(db, WORK, [WORK_TCP])
         forwarder = Forwarder(db, Nft().run)
         forwarder.reload()
-        forwarder.handle(ForwardChanges(targets={WORK}))
+        forwarder.handle(Changes(targets={WORK}))
         return lines
 
     lines = in_netns(netns, body)
@@ -475,14 +478,14 @@ def _every_parsed_step_is_accepted_by_nft() -> None:
     @given(st.lists(_WORDS, min_size=6, max_size=7, unique=True))
     def check(words: list[str]) -> None:
         try:
-            step = forward.parse_step(" ".join(words))
+            step = forward_steps.parse_step(" ".join(words))
         except EntryError:
             return
         family = "ip" if step.to.version == 4 else "ip6"
-        text = forwarding.nat_table_commands(family, forward.family_elements([step])[family])
+        text = nat_table_commands(family, forward_steps.family_elements([step])[family])
         try:
             nft.run(text, check=True)
-        except forwarding.NftError as err:
+        except NftError as err:
             raise AssertionError(f"nft refused {words}: {err}") from None
 
     check()
@@ -631,7 +634,7 @@ def test_malformed_entries_block_that_target_only(hop: Hop) -> None:
             hop.rewrite(WORK, [WORK_TCP.encode(), untrusted_value])
             assert hop.worker.process.poll() is None, hop.worker.text()
             try:
-                forward.parse_target({"0000": WORK_TCP.encode(), "0001": untrusted_value})
+                forward_steps.parse_target({"0000": WORK_TCP.encode(), "0001": untrusted_value})
             except EntryError as err:
                 assert WORK not in str(dnat_elements(hop.hop))
                 assert f"ERROR: no forwards to {WORK}: {err}" in hop.worker.text()

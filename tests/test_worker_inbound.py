@@ -33,10 +33,12 @@ from worker_netns import (
 )
 
 from agent_worker import inbound, nft_chains
+from agent_worker.directory import Changes
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
-from agent_worker.forwarding import ForwardChanges, Forwarder, NftError
+from agent_worker.forwarder import Forwarder
 from agent_worker.inbound import Inbound
+from agent_worker.nft_chains import NftError
 
 WEB, WORK = "10.137.0.20", "10.137.0.21"
 WEB_IP = ipaddress.IPv4Address(WEB)
@@ -110,10 +112,10 @@ def test_fuzzed_entries_raise_only_entry_errors(untrusted: dict[str, bytes]) -> 
 
 def test_events_are_the_inbound_directory_only() -> None:
     half = Inbound(MemoryQubesDB(CONNECTED), lambda *_a, **_k: "")
-    assert half.classify([f"/qns-inbound/{WEB}/0000", f"/qns-inbound/{WEB}/"]) == ForwardChanges()
-    assert half.classify([f"/qns-inbound/{WEB}"]) == ForwardChanges(targets={WEB})
+    assert half.classify([f"/qns-inbound/{WEB}/0000", f"/qns-inbound/{WEB}/"]) == Changes()
+    assert half.classify([f"/qns-inbound/{WEB}"]) == Changes(targets={WEB})
     assert half.classify(["/qns-forward/10.137.0.20", "/qubes-firewall/10.137.0.20"]) == (
-        ForwardChanges()
+        Changes()
     )
     assert half.classify(["/"]).full
     assert not half.concerns("/qns-inbound_handled/10.137.0.20")

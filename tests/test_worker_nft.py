@@ -22,7 +22,8 @@ from worker_netns import (
 )
 
 from agent_worker import ruleset
-from agent_worker.firewall import Changes, Nft, NftError, Worker
+from agent_worker.directory import Changes
+from agent_worker.firewall import Nft, NftError, Worker
 from agent_worker.qdb_parse import Blocked, IPAddress, parse_source
 from agent_worker.ruleset import Resolved, chain_check_commands, client_chains
 
@@ -168,7 +169,7 @@ def test_changes_touch_only_their_chain_and_keep_user_rules(netns: str, tmp_path
         nft.run("add rule ip qubes-firewall forward tcp dport 9999 accept")
         work_before = _handles("qbs-10-137-0-6")
         write_rules(db, WEB, "accept", ["action=drop proto=tcp dstports=25-25"])
-        worker.handle(Changes(sources={WEB}))
+        worker.handle(Changes(targets={WEB}))
         work_after = _handles("qbs-10-137-0-6")
         db.write("/connected-ips", WEB)
         worker.handle(Changes(connected=True))
@@ -209,7 +210,7 @@ def test_an_edit_in_a_long_list_rewrites_one_block(netns: str, tmp_path: Path) -
         blocks = {c: _handles(c) for c in worker.kernel.clients[ipaddress.ip_address(WEB)]}
         worker.nft = nft = CountingNft()
         write_rules(db, WEB, "drop", [*rules[:150], "action=drop proto=udp", *rules[150:]])
-        worker.handle(Changes(sources={WEB}))
+        worker.handle(Changes(targets={WEB}))
         after = {c: _handles(c) for c in worker.kernel.clients[ipaddress.ip_address(WEB)]}
         kept = [c for c in blocks if c in after and c != "qbs-10-137-0-5"]
         return [len(blocks), len(kept), all(blocks[c] == after[c] for c in kept), nft.sent]
@@ -259,7 +260,7 @@ def test_deleted_table_heals_and_cleanup_removes_both(netns: str, tmp_path: Path
         worker = start(db, tmp_path)
         worker.nft.run("delete table ip qubes-firewall")
         write_rules(db, WORK, "drop", [])
-        worker.handle(Changes(sources={WORK}))
+        worker.handle(Changes(targets={WORK}))
         healed = chain_rules(netns, "ip", "qubes-firewall", "qbs-10-137-0-6")
         worker.cleanup()
         return [healed, captured.lines, Nft().run("list tables")]
@@ -288,7 +289,7 @@ def test_refused_transaction_blocks_only_the_refused_source(
         ruleset.rule_text = broken
         write_rules(db, WORK, "drop", ["action=accept proto=tcp dstports=666-666"])
         write_rules(db, WEB, "accept", [])
-        worker.handle(Changes(sources={WORK, WEB}))
+        worker.handle(Changes(targets={WORK, WEB}))
         return captured.lines
 
     lines = in_netns(netns, body)

@@ -8,12 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent_worker.entries import EntryError
+from agent_worker.entries import EntryError, parse_address
 from agent_worker.qdb_parse import (
     Blocked,
     OutboundRule,
     SourceRules,
-    parse_address,
     parse_address_list,
     parse_resolv_conf,
     parse_rule,

@@ -34,9 +34,9 @@ from worker_netns import (
 
 from agent_worker import net_state, routing
 from agent_worker.conntrack import Flow, Match
+from agent_worker.directory import Changes
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
-from agent_worker.forwarding import ForwardChanges
 from agent_worker.input_rules import ONLY_NEW_WALK, ONLY_SYN_OPENS
 from agent_worker.routing import Entry, Router, Wanted, parse_entry
 from core_admin_patch.routing import status_text
@@ -255,7 +255,7 @@ def _expose_then_remove() -> tuple[list[str], dict[str, Any], list[str], dict[st
     reports = [*probing, db.read(f"/qns-routing_status/{A}").decode()]
     added, calls[:] = list(calls), []
     remove_directory(db, f"/qns-routing/{A}")
-    router.handle(ForwardChanges(targets={A}))
+    router.handle(Changes(targets={A}))
     reports.append(str(db.read(f"/qns-routing_status/{A}")))
     return added, exposed, list(calls), _kernel(published), {"reports": reports}
 

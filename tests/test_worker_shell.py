@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from worker_netns import MemoryQubesDB, NoFlows, write_rules
 
+from agent_worker.directory import Changes, classify
 from agent_worker.firewall import (
-    Changes,
+    FIREWALL_DIR,
     NftError,
     Worker,
-    classify,
     dns_info_value,
     reloading_state,
     resolve,
@@ -46,13 +46,13 @@ def test_events_wait_for_the_completion_marker() -> None:
         "/qubes-firewall/10.137.0.5/0000",
         "/qubes-firewall/10.137.0.5/",
         "/qubes-firewall/10.137.0.5/policy",
-    ]) == Changes()
-    assert classify(["/qubes-firewall/10.137.0.5", "/qubes-firewall/fd09::5"]) == Changes(
-        sources={"10.137.0.5", "fd09::5"}
-    )
-    assert classify(["/connected-ips6"]) == Changes(connected=True)
-    assert classify(["/qubes-firewall/"]).full
-    assert classify(["/"]).full
+    ], FIREWALL_DIR) == Changes()
+    assert classify(
+        ["/qubes-firewall/10.137.0.5", "/qubes-firewall/fd09::5"], FIREWALL_DIR
+    ) == Changes(targets={"10.137.0.5", "fd09::5"})
+    assert classify(["/connected-ips6"], FIREWALL_DIR) == Changes(connected=True)
+    assert classify(["/qubes-firewall/"], FIREWALL_DIR).full
+    assert classify(["/"], FIREWALL_DIR).full
 
 
 def test_dns_info_is_upstreams_set_literal() -> None:
@@ -126,8 +126,8 @@ def test_removed_rules_drop_the_chain_and_the_dns_record(tmp_path: Path) -> None
     worker.reload()
     db.rm("/qubes-firewall/10.137.0.5/")
     db.rm("/qubes-firewall/10.137.0.5")
-    worker.handle(classify(["/qubes-firewall/10.137.0.5/", "/qubes-firewall/10.137.0.5"]))
-    assert not worker.sources
+    worker.handle(worker.classify(["/qubes-firewall/10.137.0.5/", "/qubes-firewall/10.137.0.5"]))
+    assert not worker.targets
     assert db.list("/dns/") == []
     assert nft.transactions[-1].splitlines() == [
         "delete element ip qubes-firewall clients { 10.137.0.5 }",
@@ -149,13 +149,13 @@ def test_apply_names_the_clients_whose_chains_changed(tmp_path: Path) -> None:
     web, work = ipaddress.ip_address("10.137.0.5"), ipaddress.ip_address("10.137.0.6")
     assert worker.apply({web, work}) == set()
     write_rules(db, "10.137.0.5", "drop", [])
-    worker.handle(classify(["/qubes-firewall/10.137.0.5"]))
+    worker.handle(worker.classify(["/qubes-firewall/10.137.0.5"]))
     assert worker.apply({web, work}) == set()  # already applied by handle()
     db.write("/connected-ips", "10.137.0.5")
-    worker.handle(classify(["/connected-ips"]))
+    worker.handle(worker.classify(["/connected-ips"]))
     assert work not in worker.kernel.clients
     write_rules(db, "10.137.0.5", "accept", ["action=drop proto=udp"])
-    worker._load_source(web)
+    worker._load_target(web)
     assert worker.apply({web, work}) == {web}
 
 

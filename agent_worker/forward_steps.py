@@ -37,23 +37,28 @@ from __future__ import annotations
 
 import bisect
 import functools
-import ipaddress
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from agent_worker.conntrack import Flow
-from agent_worker.entries import EntryError, parse_network, parse_port_range, parse_words
+from agent_worker.entries import (
+    EntryError,
+    Family,
+    IPAddress,
+    IPNetwork,
+    family_of,
+    parse_address,
+    parse_network,
+    parse_numbered,
+    parse_port_range,
+    parse_words,
+)
 from agent_worker.input_rules import ONLY_NEW_WALK, ONLY_SYN_OPENS
 
 DNAT_CHAIN = "qns-dnat"
 FORWARD_CHAIN = "qns-forward"
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-_KEY_RE = re.compile(r"[0-9]{4}")
 #: most ports one step may take (dom0's limit per forward rule): a rule
 #: never takes a whole edge, and a remapped range is one nft map element per port
 MAX_FORWARD_PORTS = 1024
@@ -74,19 +79,8 @@ class Step:
     srchost: IPNetwork | None
 
     @property
-    def family(self) -> Literal["ip", "ip6"]:
-        return "ip" if self.to.version == 4 else "ip6"
-
-
-def _address(untrusted_text: str) -> IPAddress:
-    """An address in the canonical form dom0 writes (``str(ipaddress)``), nothing else."""
-    try:
-        address = ipaddress.ip_address(untrusted_text)
-    except ValueError as err:
-        raise EntryError(f"bad address: {err}") from None
-    if str(address) != untrusted_text:
-        raise EntryError(f"address {untrusted_text[:50]!r} not in canonical form")
-    return address
+    def family(self) -> Family:
+        return family_of(self.to)
 
 
 #: Step texts whose parse is remembered: dom0 changes a target's directory
@@ -110,9 +104,9 @@ def parse_step(untrusted_value: str) -> Step:
     iif = untrusted_words["iif"]
     if iif not in ("upstream", "downstream"):
         raise EntryError("iif must be upstream or downstream")
-    to = _address(untrusted_words["to"])
+    to = parse_address(untrusted_words["to"])
     daddr: Literal["local"] | IPAddress = (
-        "local" if untrusted_words["daddr"] == "local" else _address(untrusted_words["daddr"])
+        "local" if untrusted_words["daddr"] == "local" else parse_address(untrusted_words["daddr"])
     )
     ports = parse_port_range(untrusted_words["ports"])
     toports = parse_port_range(untrusted_words["toports"])
@@ -132,19 +126,7 @@ def parse_step(untrusted_value: str) -> Step:
 
 def parse_target(untrusted_entries: dict[str, bytes]) -> list[Step]:
     """All steps of one target directory, in key order; any bad entry fails it."""
-    steps = []
-    for untrusted_key in sorted(untrusted_entries):
-        if not _KEY_RE.fullmatch(untrusted_key):
-            raise EntryError(f"unexpected key {untrusted_key[:20]!r}")
-        try:
-            untrusted_text = untrusted_entries[untrusted_key].decode("ascii")
-        except UnicodeDecodeError:
-            raise EntryError(f"entry {untrusted_key}: not ASCII") from None
-        try:
-            steps.append(parse_step(untrusted_text))
-        except EntryError as err:
-            raise EntryError(f"entry {untrusted_key}: {err}") from None
-    return steps
+    return parse_numbered(untrusted_entries, parse_step)
 
 
 Iif = Literal["upstream", "downstream"]
@@ -174,7 +156,7 @@ def _shape(step: Step) -> Shape:
     return "local" if step.daddr == "local" else "addressed"
 
 
-def _key_parts(family: Literal["ip", "ip6"], shape: Shape) -> tuple[str, str]:
+def _key_parts(family: Family, shape: Shape) -> tuple[str, str]:
     """(type, lookup expression) of a map's key of that shape."""
     addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
     port = ("inet_proto . inet_service", "meta l4proto . th dport")
@@ -185,7 +167,7 @@ def _key_parts(family: Literal["ip", "ip6"], shape: Shape) -> tuple[str, str]:
     return f"{addr} . {addr} . {port[0]}", f"{family} saddr . {family} daddr . {port[1]}"
 
 
-def declarations(family: Literal["ip", "ip6"]) -> dict[str, str]:
+def declarations(family: Family) -> dict[str, str]:
     """``map`` declaration (as after ``add``) of each DNAT map, by name."""
     addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
     declared = {}
@@ -198,7 +180,7 @@ def declarations(family: Literal["ip", "ip6"]) -> dict[str, str]:
     return declared
 
 
-def dnat_rules(family: Literal["ip", "ip6"]) -> list[str]:
+def dnat_rules(family: Family) -> list[str]:
     """``qns-dnat``: local TCP and UDP only; per map, label what it finds, then translate it."""
     rules = ["fib daddr type != local return", "meta l4proto != { tcp, udp } return"]
     for (iif, shape), name in DNAT_MAPS.items():
@@ -230,9 +212,9 @@ def dnat_elements(step: Step) -> tuple[tuple[str, str], ...]:
     )
 
 
-def family_elements(steps: Iterable[Step]) -> dict[Literal["ip", "ip6"], Elements]:
+def family_elements(steps: Iterable[Step]) -> dict[Family, Elements]:
     """Every map's elements in each family for ``steps`` (empty maps included)."""
-    found: dict[Literal["ip", "ip6"], dict[str, set[str]]] = {
+    found: dict[Family, dict[str, set[str]]] = {
         family: {name: set() for name in OBJECTS} for family in ("ip", "ip6")
     }
     for step in steps:
