@@ -154,7 +154,7 @@ def test_a_removed_step_leaves_nft_before_its_flows_are_ended() -> None:
     forwarder.reload()
     assert table.events == [] and goes_to(runner.sent[-1], WEB, 80)
     remove_forwards(db, WEB)
-    forwarder.handle(classify([f"/qns-forward/{WEB}"]))
+    forwarder.handle(forwarder.classify([f"/qns-forward/{WEB}"]))
     removal = len(runner.sent)
     assert runner.sent[-1].startswith("delete element") and "tcp . 8080 }" in runner.sent[-1]
     assert table.events == [("list", removal), ("delete", removal)]
