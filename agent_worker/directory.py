@@ -189,9 +189,9 @@ class EntryDirectory(Generic[Parsed]):
     #: whether this kind logs the words of ``/connected-ips(6)`` it ignores (one kind does)
     LOGS_CONNECTED: ClassVar[bool] = False
 
-    def __init__(self, db: QubesDBConnection, tool: conntrack.Tool = conntrack.run_tool) -> None:
+    def __init__(self, db: QubesDBConnection, tool: conntrack.Tool = conntrack.NETLINK) -> None:
         self.db = db
-        #: runs the conntrack tool, to end the flows a change stops admitting
+        #: the conntrack table, to end the flows a change stops admitting
         self.tool = tool
         #: per address, its entries parsed (or refused, and why), as dom0 completed them
         self.targets: dict[IPAddress, Parsed | Refused] = {}
@@ -375,7 +375,7 @@ class ChainDirectory(EntryDirectory[tuple[Any, ...]]):
     ITEMS: ClassVar[str]
 
     def __init__(
-        self, db: QubesDBConnection, runner: Runner, tool: conntrack.Tool = conntrack.run_tool
+        self, db: QubesDBConnection, runner: Runner, tool: conntrack.Tool = conntrack.NETLINK
     ) -> None:
         super().__init__(db, tool)
         self.runner = runner

@@ -160,7 +160,7 @@ class Worker(EntryDirectory[Source]):
         nft: Nft,
         resolver: Resolver = resolve,
         resolv_conf: Path = RESOLV_CONF,
-        tool: conntrack.Tool = conntrack.run_tool,
+        tool: conntrack.Tool = conntrack.NETLINK,
     ) -> None:
         super().__init__(db, tool)
         self.nft = nft

@@ -138,7 +138,7 @@ class Forwarder(ChainDirectory):
         self,
         db: QubesDBConnection,
         runner: Runner,
-        tool: conntrack.Tool = conntrack.run_tool,
+        tool: conntrack.Tool = conntrack.NETLINK,
         own_sockets: Callable[[], list[hop_ports.Served]] = hop_ports.sockets,
     ) -> None:
         super().__init__(db, runner, tool)

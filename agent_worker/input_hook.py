@@ -96,7 +96,7 @@ def _end_flows(
 
 
 def update(
-    db: qubesdb.QubesDB, in_force: list[Opening], tool: conntrack.Tool = conntrack.run_tool
+    db: qubesdb.QubesDB, in_force: list[Opening], tool: conntrack.Tool = conntrack.NETLINK
 ) -> list[Opening]:
     """Apply the current openings (if nft refuses them, close everything); what is in force.
 

@@ -10,10 +10,13 @@ import argparse
 import gc
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: the size of the kernel's conntrack hash, global (shared by every namespace)
+BUCKETS = Path("/proc/sys/net/netfilter/nf_conntrack_buckets")
 
 
 def best_time(
@@ -87,3 +90,28 @@ def upstream_path(part: str) -> Path | None:
     """
     path = upstream_root() / part
     return path if path.exists() else None
+
+
+def buckets_option(parser: argparse.ArgumentParser) -> None:
+    """``--buckets 1024,3584``: sizes of the kernel's conntrack hash to measure at."""
+    parser.add_argument(
+        "--buckets",
+        type=lambda text: [int(part) for part in text.split(",") if part],
+        default=[None],
+        help="comma-separated sizes of the kernel's conntrack hash to measure at: sets the"
+             " global net.netfilter.nf_conntrack_buckets for the run, then puts it back",
+    )
+
+
+@contextmanager
+def hash_size(buckets: int | None) -> Iterator[int]:
+    """The kernel's conntrack hash at ``buckets`` (None: as it is) for the block; restored."""
+    original = int(BUCKETS.read_text())
+    if buckets is None or buckets == original:
+        yield original
+        return
+    BUCKETS.write_text(str(buckets))
+    try:
+        yield int(BUCKETS.read_text())
+    finally:
+        BUCKETS.write_text(str(original))

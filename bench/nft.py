@@ -16,15 +16,22 @@ and its one libnftables context (``agent_worker.firewall.Nft``):
   transactions it sent (it must send none);
 - ``add one``/``remove one``: dom0 writes (or removes) one more target's
   step and the worker handles the event: the median of several, and the
-  transactions each sent. A removal ends the flows the step admitted
-  afterwards (the ``conntrack`` tool lists them: a process); ``removed in
-  nft`` is the time until the transaction taking the step out returned;
+  transactions each sent. A removal commits its transaction first, then
+  ends the flows the step admitted (one ctnetlink listing in process, the
+  namespace's table holding none; the kernel walks its whole conntrack
+  hash, see ``bench.conntrack``): ``removed: out of nft`` is the time until
+  the transaction taking the step out returned, ``removed: flows ended``
+  until the worker had ended the step's flows too;
 - ``as rules`` (the baseline): the same K steps as one DNAT rule and one
   accept rule each, the layout before maps (a chain of per-step rules
   every new connection, and every packet of the accept chain, walks),
   built by this benchmark and run as one transaction;
 - ``elements``: the map elements in the kernel after the first apply,
   listed back (the same count as rendered, or the table says so).
+
+``--buckets 3584,262144`` measures at each size of the kernel's conntrack
+hash (global: set for the run, then put back; see ``bench.conntrack``);
+the last column says the size in force.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from agent_worker import forward_steps
 from agent_worker.entries import port_text
 from agent_worker.firewall import Nft
 from agent_worker.forwarder import FORWARD_DIR, Forwarder
-from bench.common import print_table, ratio, sizes_parser
+from bench.common import buckets_option, hash_size, print_table, ratio, sizes_parser
 from lab.base_ruleset import base_ruleset
 
 DEFAULT_SIZES = (10, 100, 1000)
@@ -321,54 +328,62 @@ def kernel_elements() -> int:
     return sum(len(item["map"].get("elem", [])) for item in listing if "map" in item)
 
 
-def measure(sizes: Sequence[int], runs: int = 5) -> list[list[object]]:
-    """One row per K, all inside one throwaway namespace."""
+def measure(sizes: Sequence[int], runs: int = 5,
+            buckets: Sequence[int | None] = (None,)) -> list[list[object]]:
+    """One row per (conntrack hash size, K), in one throwaway namespace per hash size."""
     rows: list[list[object]] = []
-    with throwaway_namespace():
-        sh("nft", "-f", "-", stdin=base_ruleset())
-        for count in sizes:
-            nft = CountingNft()
-            half = forwarder(count, nft)
-            half.reload()
-            rendered = sum(len(e) for f in half.desired(half._effective()).values()
-                           for e in f.values())
-            apply = min(first_apply(half, nft) for _ in range(runs))
-            listed = kernel_elements()
-            reload = min(first_reload(half, nft) for _ in range(runs))
-            half.reload(force=True)  # the kernel holds what the last fresh worker wrote
-            again = [timed_transactions(half.reload, nft) for _ in range(runs)]
-            unchanged, sent = min(took for took, _ in again), max(tx for _, tx in again)
-            added, removed, in_nft, changes = one_step_changes(half, nft, max(runs, 7))
-            rules = steps_as_rules(s for t in half.targets.values() for s in t)
-            baseline = min(as_rules(nft, rules) for _ in range(max(1, runs // 2)))
-            rows.append([
-                count,
-                rendered if listed == rendered else f"{rendered} (kernel: {listed})",
-                f"{apply * 1000:.1f}",
-                f"{reload * 1000:.1f}",
-                f"{baseline * 1000:.1f}",
-                ratio(baseline, apply),
-                f"{unchanged * 1000:.1f}",
-                sent,
-                f"{added * 1000:.2f}",
-                f"{in_nft * 1000:.2f}",
-                f"{removed * 1000:.2f}",
-                changes,
-            ])
-            bare(half)
+    for size in buckets:
+        with hash_size(size) as in_force, throwaway_namespace():
+            sh("nft", "-f", "-", stdin=base_ruleset())
+            rows += [[*measure_steps(count, runs), in_force] for count in sizes]
     return rows
+
+
+def measure_steps(count: int, runs: int) -> list[object]:
+    """One row: K steps in this thread's namespace, taken away afterwards."""
+    nft = CountingNft()
+    half = forwarder(count, nft)
+    half.reload()
+    rendered = sum(len(e) for f in half.desired(half._effective()).values() for e in f.values())
+    apply = min(first_apply(half, nft) for _ in range(runs))
+    listed = kernel_elements()
+    reload = min(first_reload(half, nft) for _ in range(runs))
+    half.reload(force=True)  # the kernel holds what the last fresh worker wrote
+    again = [timed_transactions(half.reload, nft) for _ in range(runs)]
+    unchanged, sent = min(took for took, _ in again), max(tx for _, tx in again)
+    added, removed, in_nft, changes = one_step_changes(half, nft, max(runs, 7))
+    rules = steps_as_rules(s for t in half.targets.values() for s in t)
+    baseline = min(as_rules(nft, rules) for _ in range(max(1, runs // 2)))
+    bare(half)
+    return [
+        count,
+        rendered if listed == rendered else f"{rendered} (kernel: {listed})",
+        f"{apply * 1000:.1f}",
+        f"{reload * 1000:.1f}",
+        f"{baseline * 1000:.1f}",
+        ratio(baseline, apply),
+        f"{unchanged * 1000:.1f}",
+        sent,
+        f"{added * 1000:.2f}",
+        f"{in_nft * 1000:.2f}",
+        f"{removed * 1000:.2f}",
+        changes,
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the nft table (needs root and ``ip netns``)."""
-    args = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args(argv)
-    rows = measure(args.sizes)
+    parser = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES)
+    buckets_option(parser)
+    args = parser.parse_args(argv)
+    rows = measure(args.sizes, buckets=args.buckets)
     print_table(
         "nft: K forward steps as map elements; ms (apply, reload, baseline: best of runs;"
         " one step: median)",
         ["K steps", "elements", "first apply ms", "reload ms", "as rules ms",
-         "rules/apply", "unchanged ms", "unchanged tx", "add one ms", "removed in nft ms",
-         "remove one ms", "tx per change"],
+         "rules/apply", "unchanged ms", "unchanged tx", "add one ms",
+         "removed: out of nft ms", "removed: flows ended ms", "tx per change",
+         "conntrack buckets"],
         rows,
     )
     return 0

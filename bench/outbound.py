@@ -1,19 +1,20 @@
 """Outbound worker: one client's changed rule set, upstream's worker against ours, same run.
 
-Two throwaway network namespaces (``qns-bench-<pid>-up``/``-ours``, always
-deleted), one per worker, each holding 20 other clients of 5 rules and
-the client under test with N rules (default 1, 100 and 1000: a mix of tcp,
-udp and icmp rules with networks and ports):
+Three throwaway network namespaces (``qns-bench-<pid>-up``/``-ours``/``-cut``,
+always deleted), one per worker, each holding 20 other clients of 5 rules
+and the client under test with N rules (default 1, 100 and 1000: a mix of
+tcp, udp and icmp rules with networks and ports):
 
 - upstream: ``NftablesWorker`` of ``qubesagent/firewall.py`` from the
   upstream snapshot (``$QUBES_UPSTREAM_DIR``, default ``../shared/upstream``),
   unchanged but for its conntrack lookup, stubbed to find no flow (it
   would spawn ``conntrack``); it runs ``nft`` as a process per change;
 - ours: ``agent_worker.firewall.Worker`` with its one libnftables context,
-  its conntrack tool stubbed the same way (it too lists the changed
-  client's flows with ``conntrack -L``, a process whose kernel dump walks
-  the whole conntrack hash table: about 14 ms here, where the table has
-  262144 buckets for 24 GiB; a netvm of 400 MB has a few thousand).
+  its conntrack table stubbed the same way;
+- ours, flows listed: the same worker with the real table of its
+  namespace (no flow in it), listed over ctnetlink in process as the agent
+  does: the kernel's dump walks the whole conntrack hash table, shared by
+  all namespaces and sized from the RAM (``bench.conntrack``).
 
 Each run, dom0's write of the client's next rule set is done first (not
 timed), then the worker's handling of the completed set is timed, from
@@ -28,9 +29,11 @@ reading QubesDB to the handled counter: upstream's ``handle_addr``, ours
   to a network and port, or anything to a network), which is what a list
   of many rules usually is, and what folds into sets best.
 
-Runs of the two workers alternate, so a busy moment of the machine hits
-both. Printed: the median of the runs, the ratio upstream/ours, and how
-many commands ours sent and how often it listed a table (never).
+Runs of the workers alternate, so a busy moment of the machine hits
+all. ``--buckets 3584,262144`` measures at each size of the kernel's
+conntrack hash (global: set for the run, then put back). Printed: the
+median of the runs, the ratio upstream/ours, and how many commands ours
+sent and how often it listed a table (never).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from agent_worker import conntrack
 from agent_worker.directory import Changes
 from agent_worker.firewall import Nft, Worker
-from bench.common import print_table, sizes_parser, upstream_path
+from bench.common import buckets_option, hash_size, print_table, sizes_parser, upstream_path
 from bench.nft import MemoryQubesDB, enter, throwaway_namespace
 
 DEFAULT_SIZES = (1, 100, 1000)
@@ -170,8 +174,18 @@ def start_upstream(firewall: types.ModuleType, db: MemoryQubesDB) -> Any:
     return worker
 
 
-def start_ours(db: MemoryQubesDB) -> Worker:
-    worker = Worker(db, CountingNft(), tool=lambda _args: "")  # type: ignore[arg-type]
+class NoFlows:
+    """A conntrack table with no flow: ours stubbed as upstream's lookup is."""
+
+    def list(self, version: int, match: conntrack.Match) -> list[conntrack.Flow]:
+        return []
+
+    def delete(self, flow: conntrack.Flow) -> None:
+        raise AssertionError(f"{flow} deleted, yet none was listed")
+
+
+def start_ours(db: MemoryQubesDB, tool: conntrack.Tool) -> Worker:
+    worker = Worker(db, CountingNft(), tool=tool)  # type: ignore[arg-type]
     worker.init_tables()
     worker.reload()
     return worker
@@ -190,10 +204,11 @@ def timed(work: Callable[[], object]) -> float:
 
 
 def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]:
-    """One row per (N, change kind); both workers in their own namespace."""
+    """One row per (N, change kind); each worker in its own namespace."""
     firewall = upstream_firewall()
     rows: list[list[object]] = []
-    with throwaway_namespace("-up") as up_ns, throwaway_namespace("-ours") as ours_ns:
+    with (throwaway_namespace("-up") as up_ns, throwaway_namespace("-ours") as ours_ns,
+          throwaway_namespace("-cut") as cut_ns):
         for count in sizes:
             for kind in KINDS:
                 if count == 1 and kind != "all":
@@ -203,11 +218,14 @@ def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]
                 upstream = start_upstream(firewall, up_db)
                 enter(ours_ns)
                 ours_db = populated_db(rule_set(count, kind, -1))
-                ours = start_ours(ours_db)
+                ours = start_ours(ours_db, NoFlows())
+                enter(cut_ns)
+                cut_db = populated_db(rule_set(count, kind, -1))
+                cut = start_ours(cut_db, conntrack.NETLINK)
                 nft = ours.nft
                 assert isinstance(nft, CountingNft)
                 nft.commands = nft.listings = 0
-                up_times, our_times = [], []
+                up_times, our_times, cut_times = [], [], []
                 total = runs or (41 if count <= 10 else 31 if count <= 100 else 21)
                 for number in range(total):
                     rules = rule_set(count, kind, number)
@@ -217,32 +235,41 @@ def measure(sizes: Sequence[int], runs: int | None = None) -> list[list[object]]
                     enter(ours_ns)
                     write_client(ours_db, CLIENT, rules)
                     our_times.append(timed(partial(ours.handle, Changes(targets={CLIENT}))))
-                for db in (up_db, ours_db):  # both handled every change
+                    enter(cut_ns)
+                    write_client(cut_db, CLIENT, rules)
+                    cut_times.append(timed(partial(cut.handle, Changes(targets={CLIENT}))))
+                for db in (up_db, ours_db, cut_db):  # each handled every change
                     assert db.read(f"/qubes-firewall-handled/{CLIENT}") == str(total + 1).encode()
                 up_ms = statistics.median(up_times) * 1000
                 our_ms = statistics.median(our_times) * 1000
+                cut_ms = statistics.median(cut_times) * 1000
                 rows.append([
                     count, kind, total, f"{up_ms:.2f}", f"{our_ms:.2f}",
-                    f"{up_ms / our_ms:.1f}x", f"{nft.commands / total:.0f}", nft.listings,
+                    f"{up_ms / our_ms:.1f}x", f"{cut_ms:.2f}", f"{nft.commands / total:.0f}",
+                    nft.listings,
                 ])
-                enter(up_ns)
-                upstream.cleanup()
-                enter(ours_ns)
-                ours.cleanup()
+                for namespace, worker in ((up_ns, upstream), (ours_ns, ours), (cut_ns, cut)):
+                    enter(namespace)
+                    worker.cleanup()
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the outbound table (needs root, ``ip netns`` and the upstream snapshot)."""
-    args = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args(argv)
-    rows = measure(args.sizes)
-    print_table(
-        "outbound: ms to handle one client's changed rule set of N rules, median of runs,"
-        f" {OTHER_CLIENTS} other clients of {OTHER_RULES} rules in place",
-        ["N rules", "change", "runs", "upstream ms", "ours ms", "upstream/ours",
-         "ours commands/change", "ours table listings"],
-        rows,
-    )
+    parser = sizes_parser(__doc__.splitlines()[0], DEFAULT_SIZES)
+    buckets_option(parser)
+    args = parser.parse_args(argv)
+    for size in args.buckets:
+        with hash_size(size) as in_force:
+            rows = measure(args.sizes)
+        print_table(
+            "outbound: ms to handle one client's changed rule set of N rules, median of runs,"
+            f" {OTHER_CLIENTS} other clients of {OTHER_RULES} rules in place,"
+            f" conntrack hash of {in_force} buckets",
+            ["N rules", "change", "runs", "upstream ms", "ours ms", "upstream/ours",
+             "ours, flows listed ms", "ours commands/change", "ours table listings"],
+            rows,
+        )
     return 0
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from bench import (
+    conntrack,
     converge,
     cutoff,
     dataplane,
@@ -35,6 +36,7 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "planner": planner.main,
     "dom0": dom0.main,
     "nft": nft.main,
+    "conntrack": conntrack.main,
     "worker": worker.main,
     "dataplane": dataplane.main,
     "outbound": outbound.main,
@@ -43,7 +45,8 @@ BENCHMARKS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "converge": converge.main,
 }
 #: benchmarks that need root and ``ip netns``
-IN_NAMESPACES = ("nft", "worker", "dataplane", "outbound", "cutoff", "routing", "converge")
+IN_NAMESPACES = ("nft", "conntrack", "worker", "dataplane", "outbound", "cutoff", "routing",
+                 "converge")
 
 
 def machine() -> str:

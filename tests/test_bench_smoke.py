@@ -13,6 +13,7 @@ import pytest
 from conftest import upstream_dir
 
 from bench import (
+    conntrack,
     converge,
     cutoff,
     dataplane,
@@ -56,8 +57,16 @@ def test_dom0_benchmark_adds_through_the_client_and_times_its_start_up() -> None
 def test_nft_benchmark_runs_in_a_throwaway_namespace() -> None:
     (row,) = nft.measure([2], runs=1)
     assert row[:2] == [2, 2]  # two map elements, listed back from the kernel as rendered
-    unchanged_transactions, per_change = row[7], row[-1]
+    unchanged_transactions, per_change = row[7], row[11]
     assert (unchanged_transactions, per_change) == (0, 1)
+
+
+@pytest.mark.lab
+def test_conntrack_benchmark_lists_and_ends_real_flows_without_resizing_the_hash() -> None:
+    with open("/proc/sys/net/netfilter/nf_conntrack_buckets") as buckets:
+        size = int(buckets.read())
+    (row,) = conntrack.measure([3])
+    assert row[:2] == [size, 3]  # the machine's own hash size, three flows listed
 
 
 @pytest.mark.lab

@@ -1,8 +1,9 @@
-"""The conntrack cut, pure: the tool's lines parsed, and which flows each kind of rule admits.
+"""The conntrack cut, pure: listings filtered, and which flows each kind of rule admits.
 
 The lab tests (tests/test_lab_cutoff.py) prove the cut with real flows;
-these pin the decisions: exact tuples for deletion, a step's DNAT, first
-match for openings, upstream's verdict for outbound rules.
+these pin the decisions: a step's DNAT, first match for openings,
+upstream's verdict for outbound rules (tests/test_conntrack_netlink.py:
+the kernel's table itself).
 """
 
 from __future__ import annotations
@@ -15,52 +16,45 @@ from agent_worker import conntrack, forward_steps, input_rules, outbound_flows
 from agent_worker.qdb_parse import Blocked, parse_source
 from agent_worker.ruleset import Resolved
 
-# Lines as conntrack v1.4.7 prints them (-L -f ipv4 / ipv6).
-TCP = ("tcp      6 431999 ESTABLISHED src=192.0.2.10 dst=192.0.2.2 sport=40000 dport=8080 "
-       "src=10.137.0.6 dst=192.0.2.10 sport=80 dport=40000 [ASSURED] mark=0 use=1")
-UDP = ("udp      17 29 src=10.137.0.21 dst=10.137.0.20 sport=33907 dport=53 [UNREPLIED] "
-       "src=10.137.0.20 dst=10.137.0.21 sport=53 dport=33907 mark=0 use=1")
-ICMP6 = ("icmpv6   58 29 src=fd09:24ef:4179::a89:15 dst=fd09:24ef:4179::a89:14 type=128 code=0 "
-         "id=7 src=fd09:24ef:4179::a89:14 dst=fd09:24ef:4179::a89:15 type=129 code=0 id=7 "
-         "mark=0 use=1")
-
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 
 
-def test_lines_parse_into_original_and_translated_tuples() -> None:
-    flow = conntrack.parse_line(TCP, 4)
-    assert flow == conntrack.Flow(4, "tcp", ip("192.0.2.10"), ip("192.0.2.2"), 40000, 8080,
-                                  ip("10.137.0.6"), 80)
-    icmp = conntrack.parse_line(ICMP6, 6)
-    assert icmp is not None and icmp.proto == "icmp" and icmp.icmp == (128, 0, 7)
-    assert conntrack.parse_line(TCP, 6) is None  # other family
-    for junk in ("", "conntrack v1.4.7 (conntrack-tools): 2 flow entries have been shown.",
-                 "tcp 6 1 src=1.2.3.4", TCP.replace("sport=40000", "sport=70000")):
-        assert conntrack.parse_line(junk, 4) is None
+#: A forwarded TCP flow: to 192.0.2.2:8080, translated to 10.137.0.6:80.
+TCP = conntrack.Flow(4, "tcp", ip("192.0.2.10"), ip("192.0.2.2"), 40000, 8080,
+                     ip("10.137.0.6"), 80)
+#: A DNS query from one client to another.
+UDP = conntrack.Flow(4, "udp", ip("10.137.0.21"), ip("10.137.0.20"), 33907, 53,
+                     ip("10.137.0.20"), 53)
 
 
-def test_deletion_names_the_exact_original_tuple() -> None:
-    flow = conntrack.parse_line(TCP, 4)
-    assert flow is not None
-    assert conntrack.delete_args(flow) == [
-        "-D", "-f", "ipv4", "-p", "tcp", "--orig-src", "192.0.2.10", "--orig-dst", "192.0.2.2",
-        "--sport", "40000", "--dport", "8080",
-    ]
-    icmp = conntrack.parse_line(ICMP6, 6)
-    assert icmp is not None
-    assert conntrack.delete_args(icmp)[4:5] == ["icmpv6"]
-    assert conntrack.delete_args(icmp)[-6:] == [
-        "--icmpv6-type", "128", "--icmpv6-code", "0", "--icmpv6-id", "7"
-    ]
+class Recording:
+    """A conntrack table recording what is deleted."""
+
+    def __init__(self) -> None:
+        self.deleted: list[conntrack.Flow] = []
+
+    def list(self, version: int, match: conntrack.Match) -> list[conntrack.Flow]:
+        return [TCP, UDP]
+
+    def delete(self, flow: conntrack.Flow) -> None:
+        self.deleted.append(flow)
 
 
-def test_end_runs_one_deletion_per_flow() -> None:
-    calls: list[list[str]] = []
-    flows = [f for f in (conntrack.parse_line(TCP, 4), conntrack.parse_line(UDP, 4)) if f]
-    assert conntrack.end(flows, "test", lambda args: calls.append(args) or "") == 2
-    assert [call[:1] for call in calls] == [["-D"], ["-D"]]
+def test_a_listing_keeps_only_what_its_filters_name() -> None:
+    """Whether or not the kernel filtered (before Linux 5.9 it sends the family whole)."""
+    table = Recording()
+    assert conntrack.list_flows(4, [], table) == [TCP, UDP]
+    assert conntrack.list_flows(4, ["-p", "udp"], table) == [UDP]
+    assert conntrack.list_flows(4, ["--reply-src", "10.137.0.6"], table) == [TCP]
+    assert conntrack.list_flows(4, ["--orig-src", "10.137.0.21", "-p", "tcp"], table) == []
+
+
+def test_end_deletes_each_flow() -> None:
+    table = Recording()
+    assert conntrack.end([TCP, UDP], "test", table) == 2
+    assert table.deleted == [TCP, UDP]
 
 
 STEP = "proto=tcp ports=8080-8080 iif=upstream daddr=local to=10.137.0.6 toports=80-80"
@@ -81,15 +75,13 @@ STEP = "proto=tcp ports=8080-8080 iif=upstream daddr=local to=10.137.0.6 toports
     ],
 )
 def test_a_step_admits_the_flows_its_dnat_made(step: str, admitted: bool) -> None:
-    flow = conntrack.parse_line(TCP, 4)
-    assert flow is not None
+    flow = TCP
     (parsed,) = forward_steps.parse_target({"0000": step.encode()})
     assert forward_steps.step_admits(parsed, flow) is admitted
 
 
 def test_openings_decide_by_first_match() -> None:
-    flow = conntrack.parse_line(UDP, 4)
-    assert flow is not None
+    flow = UDP
 
     def admits(*values: str) -> bool:
         openings = input_rules.parse_openings(
@@ -107,8 +99,7 @@ def test_openings_decide_by_first_match() -> None:
 
 
 def test_outbound_verdict_follows_the_rules_on_the_translated_destination() -> None:
-    flow = conntrack.parse_line(TCP, 4)  # to 10.137.0.6:80 once translated
-    assert flow is not None
+    flow = TCP  # to 10.137.0.6:80 once translated
 
     def allows(policy: str, *rules: str) -> bool:
         entries = {"policy": policy.encode()}

@@ -17,6 +17,7 @@ from worker_netns import (
     REPO,
     SYN_GUARD_LISTED,
     MemoryQubesDB,
+    NoFlows,
     chain_rules,
     make_netns,
     ns_run,
@@ -69,7 +70,7 @@ def test_a_refused_fallback_is_logged_and_the_chain_removed(
     db = MemoryQubesDB({"/qns-input/0000": "action=accept proto=tcp dstports=22-22",
                         "/qns-input": ""})
     with caplog.at_level(logging.INFO, logger=input_hook.log.name):
-        assert input_hook.update(db, [], tool=lambda args: "") == []  # type: ignore[arg-type]
+        assert input_hook.update(db, [], tool=NoFlows()) == []  # type: ignore[arg-type]
     assert any("refused emptying them too" in m for m in caplog.messages)
     assert len(removed) == 1
 

@@ -9,6 +9,7 @@ qubes, with TCP and UDP going through it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -26,6 +27,7 @@ from worker_netns import (
     QUBE,
     USER_RULE,
     MemoryQubesDB,
+    NoFlows,
     WorkerProcess,
     chain_rules,
     dnat_elements,
@@ -45,6 +47,7 @@ from worker_netns import (
 )
 
 from agent_worker import forward_steps
+from agent_worker.conntrack import Flow, Match
 from agent_worker.directory import Changes, classify, concerns, ours
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
@@ -92,7 +95,7 @@ def test_events_wait_for_the_completion_path() -> None:
 
 def host_forwarder(db: MemoryQubesDB, runner: Any) -> Forwarder:
     """A Forwarder for tests in this process's namespace: no conntrack, no sockets of the host."""
-    return Forwarder(db, runner, tool=lambda args: "", own_sockets=lambda: [])
+    return Forwarder(db, runner, tool=NoFlows(), own_sockets=lambda: [])
 
 
 class ListingOnly:
@@ -119,6 +122,42 @@ class ListingOnly:
             ]})
         self.sent.append(commands)
         return ""
+
+
+class OrderedTable:
+    """A conntrack table holding one flow WEB_TCP made; records what nft held when it was used."""
+
+    def __init__(self, runner: ListingOnly) -> None:
+        self.runner = runner
+        self.flow = Flow(4, "tcp", ipaddress.ip_address("192.0.2.10"),
+                         ipaddress.ip_address("192.0.2.2"), 40000, 8080,
+                         ipaddress.ip_address(WEB), 80)
+        self.events: list[tuple[str, int]] = []
+
+    def list(self, version: int, match: Match) -> list[Flow]:
+        self.events.append(("list", len(self.runner.sent)))
+        return [self.flow] if version == 4 else []
+
+    def delete(self, flow: Flow) -> None:
+        assert flow == self.flow
+        self.events.append(("delete", len(self.runner.sent)))
+
+
+def test_a_removed_step_leaves_nft_before_its_flows_are_ended() -> None:
+    """New connections are refused from the transaction on; the flows go right after."""
+    db = MemoryQubesDB(CONNECTED)
+    write_forwards(db, WEB, [WEB_TCP])
+    write_forwards(db, WORK, [WORK_TCP])  # our table stays: the removal is one element
+    runner = ListingOnly()
+    table = OrderedTable(runner)
+    forwarder = Forwarder(db, runner, tool=table, own_sockets=lambda: [])
+    forwarder.reload()
+    assert table.events == [] and goes_to(runner.sent[-1], WEB, 80)
+    remove_forwards(db, WEB)
+    forwarder.handle(forwarder.classify([f"/qns-forward/{WEB}"]))
+    removal = len(runner.sent)
+    assert runner.sent[-1].startswith("delete element") and "tcp . 8080 }" in runner.sent[-1]
+    assert table.events == [("list", removal), ("delete", removal)]
 
 
 def goes_to(text: str, address: str, port: int) -> bool:
@@ -356,7 +395,7 @@ def test_a_change_sends_only_its_elements_and_nothing_when_nothing_changed(netns
 
         db = MemoryQubesDB(CONNECTED)
         write_forwards(db, WEB, [WEB_TCP])
-        forwarder = Forwarder(db, runner, tool=lambda args: "")
+        forwarder = Forwarder(db, runner, tool=NoFlows())
         forwarder.reload()
         forwarder.reload()  # nothing changed
         write_forwards(db, WORK, [WORK_TCP])

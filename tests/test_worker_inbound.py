@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from worker_netns import (
     GUARDS_LISTED,
     MemoryQubesDB,
+    NoFlows,
     chain_rules,
     in_netns,
     load_base_ruleset,
@@ -163,7 +164,7 @@ def test_rules_protect_connected_clients_only() -> None:
     db = MemoryQubesDB(CONNECTED)
     write_inbound(db, WEB, [SSH])
     runner = Recorder()
-    half = Inbound(db, runner, tool=lambda args: "")  # host namespace: no conntrack
+    half = Inbound(db, runner, tool=NoFlows())  # host namespace: not its flows
     half.reload()
     assert f"ip daddr {WEB}" in runner.sent[-1]
     db.write("/connected-ips", WORK)

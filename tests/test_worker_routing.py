@@ -33,6 +33,7 @@ from worker_netns import (
 )
 
 from agent_worker import net_state, routing
+from agent_worker.conntrack import Flow, Match
 from agent_worker.directory import Changes
 from agent_worker.entries import EntryError
 from agent_worker.firewall import Nft
@@ -387,26 +388,34 @@ def mac_of(ns: str) -> str:
 # -- flows ------------------------------------------------------------------------
 
 
-def conntrack_listing(lines: dict[str, list[str]]) -> Callable[[list[str]], str]:
-    """A conntrack tool answering ``-L ... --orig-dst|--orig-src A`` from ``lines``."""
-    def tool(args: list[str]) -> str:
-        assert args[0] == "-L"
-        return "\n".join(lines.get(" ".join(args[-2:]), []))
-    return tool
+class Listing:
+    """A conntrack table answering each listing by the address it filters on."""
+
+    def __init__(self, flows: dict[Match, list[Flow]]) -> None:
+        self.flows = flows
+
+    def list(self, version: int, match: Match) -> list[Flow]:
+        return self.flows.get(match, [])
+
+    def delete(self, flow: Flow) -> None:
+        raise AssertionError(f"only listed here, yet {flow} is deleted")
 
 
-LAN_FLOW = ("tcp 6 117 TIME_WAIT src=192.0.2.10 dst=192.0.2.25 sport=41234 dport=22"
-            " src=192.0.2.25 dst=192.0.2.10 sport=22 dport=41234 [ASSURED] mark=0 use=1")
-PORT_23 = LAN_FLOW.replace("dport=22 ", "dport=23 ").replace("sport=22 ", "sport=23 ")
-SIBLING = LAN_FLOW.replace("192.0.2.10", "10.137.0.21")
-OWN = ("tcp 6 117 ESTABLISHED src=192.0.2.25 dst=192.0.2.10 sport=50000 dport=80"
-       " src=192.0.2.10 dst=192.0.2.25 sport=80 dport=50000 [ASSURED] mark=0 use=1")
+def lan_flow(src: str, dport: int) -> Flow:
+    """A TCP flow from ``src`` to A's port ``dport``, not translated."""
+    return Flow(4, "tcp", ipaddress.ip_address(src), A_IP, 41234, dport, A_IP, dport)
+
+
+LAN_FLOW, PORT_23 = lan_flow("192.0.2.10", 22), lan_flow("192.0.2.10", 23)
+SIBLING = lan_flow("10.137.0.21", 22)
+OWN = Flow(4, "tcp", A_IP, ipaddress.ip_address("192.0.2.10"), 50000, 80,
+           ipaddress.ip_address("192.0.2.10"), 80)
 
 
 def router_with_flows() -> Router:
     router = Router(MemoryQubesDB(), lambda text, check=False: "", lambda routed: None)
-    router.tool = conntrack_listing({
-        f"--orig-dst {A}": [LAN_FLOW, PORT_23, SIBLING], f"--orig-src {A}": [OWN],
+    router.tool = Listing({
+        Match(orig_dst=A_IP): [LAN_FLOW, PORT_23, SIBLING], Match(orig_src=A_IP): [OWN],
     })
     router.connected = frozenset({ipaddress.ip_address("10.137.0.21")})
     return router

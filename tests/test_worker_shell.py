@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from worker_netns import MemoryQubesDB, write_rules
+from worker_netns import MemoryQubesDB, NoFlows, write_rules
 
 from agent_worker.directory import Changes, classify
 from agent_worker.firewall import (
@@ -74,7 +74,7 @@ def _worker(db: MemoryQubesDB, nft: RecordingNft, tmp_path: Path) -> Worker:
     resolv.write_text("nameserver 10.139.1.1\n")
     # no conntrack here: this process is not in a qube's namespace
     return Worker(db, nft, resolver=lambda name, version: frozenset(),  # type: ignore[arg-type]
-                  resolv_conf=resolv, tool=lambda args: "")
+                  resolv_conf=resolv, tool=NoFlows())
 
 
 def test_garbage_paths_and_values_are_logged_not_fatal(
