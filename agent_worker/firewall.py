@@ -331,6 +331,8 @@ class Worker(EntryDirectory[Source]):
             self._end_flows(changed)
 
     def _end_flows(self, clients: Iterable[IPAddress]) -> None:
+        """End the flows of ``clients`` their rules in force refuse; DNS servers as in force
+        (the ones the transaction just applied: resolv.conf is read once per change)."""
         filtered = self._filtered()
         sources: dict[IPAddress, Source] = {
             address: Blocked(reason) if (reason := self.refused.get(address)) else source
@@ -339,7 +341,7 @@ class Worker(EntryDirectory[Source]):
             and (source := self.targets.get(address, self.routed.get(address))) is not None
         }
         self.end_flows(
-            lambda: outbound_flows.flows_to_end(sources, sources, self._dns_servers(), self.tool)
+            lambda: outbound_flows.flows_to_end(sources, sources, self.kernel.dns, self.tool)
         )
 
     def set_routed(self, untrusted_routed: Mapping[IPAddress, Mapping[str, bytes]]) -> None:
