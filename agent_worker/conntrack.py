@@ -40,15 +40,14 @@ import struct
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-from agent_worker.qdb_parse import IPAddress
+from agent_worker.entries import IPAddress, IpVersion
 
 log = logging.getLogger("qubes.conntrack")
 
 TOOL_TIMEOUT = 10.0
 
-Version = Literal[4, 6]
 _Reply = TypeVar("_Reply")
 
 
@@ -67,7 +66,7 @@ class Flow:
     them for the protocol.
     """
 
-    version: Version
+    version: IpVersion
     proto: str
     src: IPAddress
     dst: IPAddress
@@ -118,7 +117,7 @@ class Match:
 class Tool(Protocol):
     """This namespace's conntrack table as the worker uses it (tests put a stand-in)."""
 
-    def list(self, version: Version, match: Match) -> list[Flow]:
+    def list(self, version: IpVersion, match: Match) -> list[Flow]:
         """Flows of one family, at least those ``match`` admits."""
 
     def delete(self, flow: Flow) -> None:
@@ -166,7 +165,7 @@ def _nest(kind: int, *attrs: bytes) -> bytes:
     return _attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
-def _proto_number(proto: str, version: Version) -> int:
+def _proto_number(proto: str, version: IpVersion) -> int:
     if proto == "icmp":
         return 1 if version == 4 else 58
     numbers = {name: number for number, name in _PROTO_NAMES.items() if name != "icmp"}
@@ -177,14 +176,14 @@ def _proto_number(proto: str, version: Version) -> int:
     raise ValueError(f"unknown protocol {proto[:20]!r}")
 
 
-def request(kind: int, flags: int, sequence: int, version: Version, body: bytes) -> bytes:
+def request(kind: int, flags: int, sequence: int, version: IpVersion, body: bytes) -> bytes:
     """One ctnetlink message: header, nfgenmsg of the family, attributes."""
     payload = _NFGEN.pack(_FAMILY[version], 0, 0) + body
     return _HEADER.pack(_HEADER.size + len(payload), NFNL_SUBSYS_CTNETLINK << 8 | kind,
                         NLM_F_REQUEST | flags, sequence, 0) + payload
 
 
-def dump_body(version: Version, match: Match) -> bytes:
+def dump_body(version: IpVersion, match: Match) -> bytes:
     """The dump's kernel filter (``CTA_FILTER``) for ``match``; empty for the whole family.
 
     A tuple's protocol is the same both ways, so it is matched in the
@@ -277,7 +276,7 @@ def _number(attrs: dict[int, bytes], kind: int, size: int) -> int | None:
 _address = functools.lru_cache(maxsize=1024)(ipaddress.ip_address)
 
 
-def _tuple(data: bytes | None, version: Version) -> tuple[
+def _tuple(data: bytes | None, version: IpVersion) -> tuple[
     IPAddress, IPAddress, int, int | None, int | None, tuple[int, int, int] | None
 ]:
     """Source, destination, protocol, ports, ICMP of a ``CTA_TUPLE_*``."""
@@ -304,7 +303,7 @@ def _tuple(data: bytes | None, version: Version) -> tuple[
     return src, dst, number, sport, dport, icmp  # type: ignore[return-value]
 
 
-def parse_entry(payload: bytes, version: Version) -> Flow | None:
+def parse_entry(payload: bytes, version: IpVersion) -> Flow | None:
     """One ``IPCTNL_MSG_CT_NEW`` of a dump as a flow; None for another family."""
     if len(payload) < _NFGEN.size:
         raise _malformed("entry without its nfgenmsg")
@@ -328,7 +327,7 @@ def _failed(what: str, code: int) -> ConntrackError:
     return ConntrackError(f"{what}: {os.strerror(-code)}")
 
 
-def read_dump(data: Iterable[bytes], sequence: int, version: Version) -> list[Flow]:
+def read_dump(data: Iterable[bytes], sequence: int, version: IpVersion) -> list[Flow]:
     """The flows of a dump's replies (each one datagram) up to ``NLMSG_DONE``."""
     flows = []
     for datagram in data:
@@ -428,7 +427,7 @@ class Netlink:
         self._sequence = self._sequence % 0xFFFFFFFF + 1
         return self._sequence
 
-    def list(self, version: Version, match: Match) -> list[Flow]:
+    def list(self, version: IpVersion, match: Match) -> list[Flow]:
         sequence = self._next()
         message = request(IPCTNL_MSG_CT_GET, NLM_F_DUMP, sequence, version,
                           dump_body(version, match))
@@ -445,7 +444,7 @@ class Netlink:
 NETLINK = Netlink()
 
 
-def list_flows(version: Version, filters: list[str], tool: Tool = NETLINK) -> list[Flow]:
+def list_flows(version: IpVersion, filters: list[str], tool: Tool = NETLINK) -> list[Flow]:
     """Flows of one family matching ``filters`` (e.g. ``--orig-dst A``, see :class:`Match`)."""
     match = Match.parse(filters)
     return [flow for flow in tool.list(version, match) if match.admits(flow)]

@@ -497,9 +497,12 @@ class Generator:
             words.append(f"dstports={self._ports()}")
         return " ".join(words)
 
-    def rule_set(self, version: IpVersion) -> list[str]:
-        """Usually a handful of rules; now and then a long list, or long runs of one verdict."""
-        roll = self.rng.random()
+    def rule_set(self, version: IpVersion, folding: bool = False) -> list[str]:
+        """Usually a handful of rules; now and then a long list, or long runs of one verdict.
+
+        ``folding``: always the long runs, which ours folds into sets.
+        """
+        roll = 0.0 if folding else self.rng.random()
         long = roll < 0.25
         count = self.rng.randrange(40, 121) if long else self.rng.randrange(9)
         if roll < 0.1:  # runs of one verdict and protocol, a rule of the other now and then
@@ -508,6 +511,11 @@ class Generator:
                 ("tcp", "udp", "icmp"))
             rules = [self._run_rule(version, action, proto) if self.rng.random() < 0.9
                      else self.rule(version, may_fail=False) for _ in range(count)]
+            other = "drop" if action == "accept" else "accept"
+            for _ in range(3):  # a later rule shadowed by the other verdict: it may not move
+                later = self.rng.randrange(1, len(rules))
+                rules.insert(self.rng.randrange(later), rules[later].replace(
+                    f"action={action}", f"action={other}", 1))
         else:
             rules = [self.rule(version, may_fail=not long) for _ in range(count)]
         if self.rng.random() < 0.3:
@@ -534,12 +542,19 @@ class Generator:
         return self.rule_set(version)
 
     def probes(self, source: str, rules: Sequence[str], first_id: int, count: int) -> list[Probe]:
-        """``count`` probes from ``source``: aimed at its rules' edges, and at random."""
+        """At least ``count`` probes from ``source``: half at random, half aimed at its rules.
+
+        Aimed probes take the rules in a shuffled order, so every rule of a
+        long list (folded into sets by ours) gets one: the count grows to
+        twice the rules aimed at.
+        """
         version = _version(source)
-        probes = []
         aimed = [r for r in rules if r != "action=accept"]
+        self.rng.shuffle(aimed)
+        count = max(count, 2 * len(aimed))
+        probes = []
         for number in range(count):
-            rule = self.rng.choice(aimed) if aimed and number % 2 == 0 else None
+            rule = aimed[number // 2 % len(aimed)] if aimed and number % 2 == 0 else None
             probes.append(self._probe(first_id + number, source, version, rule))
         return probes
 

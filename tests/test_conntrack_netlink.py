@@ -26,6 +26,7 @@ from worker_netns import CLONE_NEWNET, in_netns, make_netns, ns_run
 
 from agent_worker import conntrack
 from agent_worker.conntrack import ConntrackError, Flow, Match
+from agent_worker.entries import IpVersion
 
 LOOPBACK, OTHER, LOOPBACK6 = "127.0.0.1", "127.0.0.2", "::1"
 #: Makes the namespace track its connections (conntrack hooks in only when a rule needs it).
@@ -84,7 +85,7 @@ def make_flows_and_cut() -> dict[str, object]:
     _icmp_echo(socket.AF_INET, socket.IPPROTO_ICMP, 8, OTHER, 4242)
     _icmp_echo(socket.AF_INET6, socket.IPPROTO_ICMPV6, 128, LOOPBACK6, 4243)
 
-    def listed(version: conntrack.Version, *filters: str) -> list[Flow]:
+    def listed(version: IpVersion, *filters: str) -> list[Flow]:
         return sorted(conntrack.list_flows(version, list(filters)),
                       key=lambda f: (f.proto, f.dport or 0))
 
