@@ -60,7 +60,7 @@ try:  # CPython's own BLAKE2: hashlib would load OpenSSL, 3.7 MiB resident, for 
 except ImportError:  # an interpreter built without it
     from hashlib import blake2b
 
-from agent_worker.nft_chains import Family
+from agent_worker.entries import Family, family_of, port_text
 from agent_worker.qdb_parse import (
     PARSED_RULES_KEPT,
     Blocked,
@@ -181,10 +181,6 @@ def _unused(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def family_of(address: IPAddress) -> Family:
-    return "ip" if address.version == 4 else "ip6"
-
-
 def in_order(addresses: Iterable[IPAddress]) -> list[IPAddress]:
     """IPv4 first, then by address: the order every transaction lists clients in."""
     return sorted(addresses, key=lambda a: (a.version, a))
@@ -198,10 +194,6 @@ def chain_name(source: IPAddress) -> str:
 def reject(family: Family) -> str:
     icmp = "icmp" if family == "ip" else "icmpv6"
     return f"reject with {icmp} type admin-prohibited"
-
-
-def _ports(ports: tuple[int, int]) -> str:
-    return str(ports[0]) if ports[0] == ports[1] else f"{ports[0]}-{ports[1]}"
 
 
 def _addresses(addresses: Iterable[IPAddress]) -> str:
@@ -249,7 +241,7 @@ def _rule_text(
     if rule.dns:
         parts.append(f"{family} daddr @{DNS_SET}")
     if ports is not None:
-        parts.append(f"th dport {_ports(ports)}")
+        parts.append(f"th dport {port_text(ports)}")
     if rule.icmptype is not None:
         parts.append(f"{icmp} type {rule.icmptype}")
     parts.append("accept" if rule.action == "accept" else reject(family))
@@ -459,7 +451,7 @@ def _elements(rule: OutboundRule, names: Names) -> list[Element]:
     elif rule.dsthost is not None:
         fields.append([(str(a), (int(a), int(a))) for a in sorted(names[rule.dsthost])])
     if rule.dstports is not None:
-        fields.append([(_ports(rule.dstports), rule.dstports)])
+        fields.append([(port_text(rule.dstports), rule.dstports)])
     elif rule.icmptype is not None:
         fields.append([(str(rule.icmptype), (rule.icmptype, rule.icmptype))])
     if len(fields) == 1:
