@@ -1,10 +1,13 @@
 """The panel: a qube's forward rules (with their paths) and inbound rules.
 
 Each table has Add / Edit / Remove beside it, as Qube Manager's firewall
-tab has. Changes go to dom0 at once, one whole-list ``Set`` per change;
-the tables are read again after each, and before each edit or removal
-the rule is looked up in a fresh read (:mod:`rule_store`), so a view left
-open for minutes can never write back what it showed.
+tab has; the inbound table also Move up / Move down, since its first
+matching rule decides (a forward's place in its list decides nothing:
+dom0 refuses two forwards of one qube on the same port). Changes go to
+dom0 at once, one whole-list ``Set`` per change; the tables are read
+again after each, and before each edit, removal or move the rule is
+looked up in a fresh read (:mod:`rule_store`), so a view left open for
+minutes can never write back what it showed.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ _DIALOGS: dict[RuleKind, type[RuleDialog]] = {
 }
 
 
-def _rule_button(icon: str, text: str, tooltip: str) -> QtWidgets.QPushButton:
+def _rule_button(icon: str | None, text: str, tooltip: str) -> QtWidgets.QPushButton:
     """Qube Manager's icon button when its icons are loaded, else a text button."""
     button = QtWidgets.QPushButton()
-    if QtCore.QFile.exists(f":/{icon}"):
+    if icon is not None and QtCore.QFile.exists(f":/{icon}"):
         button.setIcon(QtGui.QIcon(f":/{icon}"))
         button.setIconSize(QtCore.QSize(24, 24))
     else:
@@ -49,7 +52,10 @@ def _rule_button(icon: str, text: str, tooltip: str) -> QtWidgets.QPushButton:
 class RuleTable(QtWidgets.QWidget):
     """One list: a tree view like Qube Manager's rule list, buttons to its right."""
 
-    def __init__(self, kind: RuleKind, columns: tuple[str, ...], what: str) -> None:
+    def __init__(
+        self, kind: RuleKind, columns: tuple[str, ...], what: str, ordered: bool = False
+    ) -> None:
+        """``ordered``: the first matching rule decides, so rows can be moved."""
         super().__init__()
         self.kind = kind
         self.view = QtWidgets.QTreeWidget()
@@ -67,9 +73,18 @@ class RuleTable(QtWidgets.QWidget):
         self.add_button = _rule_button("add", "Add…", f"Add a {what}")
         self.edit_button = _rule_button("edit", "Edit…", f"Edit the selected {what}")
         self.remove_button = _rule_button("remove", "Remove", f"Remove the selected {what}")
+        # Qube Manager has no icons for these: text buttons there too.
+        self.up_button = _rule_button(
+            None, "Move up", f"Move the selected {what} up: it is checked before the one above"
+        ) if ordered else None
+        self.down_button = _rule_button(
+            None, "Move down", f"Move the selected {what} down: it is checked after the one below"
+        ) if ordered else None
         buttons = QtWidgets.QVBoxLayout()
-        for button in (self.add_button, self.edit_button, self.remove_button):
-            buttons.addWidget(button)
+        for button in (self.add_button, self.edit_button, self.remove_button,
+                       self.up_button, self.down_button):
+            if button is not None:
+                buttons.addWidget(button)
         buttons.addStretch()
         layout = QtWidgets.QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -106,10 +121,21 @@ class RuleTable(QtWidgets.QWidget):
         item = items[0].parent() or items[0]
         return item.data(0, RULE_ROLE)
 
+    def rule_at(self, row: int) -> Rule:
+        """The rule shown in ``row``."""
+        return self.view.topLevelItem(row).data(0, RULE_ROLE)[0]
+
+    def select_row(self, row: int) -> None:
+        self.view.setCurrentItem(self.view.topLevelItem(row))
+
     def _selection_changed(self) -> None:
-        chosen = bool(self.view.selectedItems())
-        self.edit_button.setEnabled(chosen)
-        self.remove_button.setEnabled(chosen)
+        selected = self.selected()
+        self.edit_button.setEnabled(selected is not None)
+        self.remove_button.setEnabled(selected is not None)
+        if self.up_button is not None and self.down_button is not None:
+            last = self.view.topLevelItemCount() - 1
+            self.up_button.setEnabled(selected is not None and selected[1] > 0)
+            self.down_button.setEnabled(selected is not None and selected[1] < last)
 
 
 class NetworkServerPanel(QtWidgets.QWidget):
@@ -124,7 +150,7 @@ class NetworkServerPanel(QtWidgets.QWidget):
         self._clock = clock
         self.dialog: RuleDialog | None = None
         self.forwards = RuleTable(RuleKind.FORWARD, FORWARD_COLUMNS, "port forward")
-        self.inbound = RuleTable(RuleKind.INBOUND, INBOUND_COLUMNS, "inbound rule")
+        self.inbound = RuleTable(RuleKind.INBOUND, INBOUND_COLUMNS, "inbound rule", ordered=True)
         self.status_label = QtWidgets.QLabel()
         self.status_label.setWordWrap(True)
         self.status_label.setVisible(False)
@@ -161,6 +187,11 @@ class NetworkServerPanel(QtWidgets.QWidget):
             table.view.itemDoubleClicked.connect(
                 lambda _item, _col, t=table: self.edit_rule(t.kind)
             )
+            for step, button in ((-1, table.up_button), (1, table.down_button)):
+                if button is not None:
+                    button.clicked.connect(
+                        lambda _c, t=table, s=step: self.move_rule(t.kind, s)
+                    )
         self.refresh_button.clicked.connect(lambda _c: self.refresh())
 
     def table(self, kind: RuleKind) -> RuleTable:
@@ -260,3 +291,20 @@ class NetworkServerPanel(QtWidgets.QWidget):
             return
         self.refresh()
         self.show_status("Removed.")
+
+    def move_rule(self, kind: RuleKind, step: int) -> None:
+        """Swap the selected rule with the one above (-1) or below (+1); it stays selected."""
+        table = self.table(kind)
+        selected = table.selected()
+        if selected is None:
+            return
+        rule, row = selected
+        try:
+            new_row = self.store.move(rule, row, step, table.rule_at(row + step))
+        except (StaleViewError, QubesException) as err:
+            self.refresh()
+            self.show_status(f"Not moved: {err}", error=True)
+            return
+        if self.refresh():
+            table.select_row(new_row)
+            self.show_status("Moved up." if step < 0 else "Moved down.")

@@ -64,6 +64,26 @@ class RuleStore:
         del fresh[_find(fresh, shown, shown_row)]
         self.save(shown.kind, fresh)
 
+    def move(self, shown: Rule, shown_row: int, step: int, neighbour: Rule) -> int:
+        """Swap ``shown`` with ``neighbour``, shown ``step`` rows away (-1 up, +1 down).
+
+        The first matching inbound rule decides, so the place a user sees is
+        the meaning: both rules must still be stored as shown, side by side,
+        or the move could land somewhere the user never saw. Returns the
+        rule's new row.
+        """
+        fresh = self.rules(shown.kind)
+        row = _find(fresh, shown, shown_row)
+        other = row + step
+        if not 0 <= other < len(fresh) or fresh[other] != neighbour:
+            raise StaleViewError(
+                "The order of the rules was changed elsewhere since the list was shown."
+                " The list now shows the rules as they are stored; nothing was moved."
+            )
+        fresh[row], fresh[other] = fresh[other], fresh[row]
+        self.save(shown.kind, fresh)
+        return other
+
 
 def _find(fresh: Sequence[Rule], shown: Rule, shown_row: int) -> int:
     """Where ``shown`` is in ``fresh``: its old row if still there, else its first copy."""
