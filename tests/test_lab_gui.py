@@ -216,6 +216,102 @@ def test_add_edit_remove_an_inbound_rule(
     assert panel.inbound.view.topLevelItemCount() == 0
 
 
+# --- order of inbound rules ----------------------------------------------------
+
+WEB = "10.137.0.20"
+SSH_FROM_WORK = "action=accept srcqube=work proto=tcp dstports=22"
+NO_SSH_FROM_WORK = "action=drop srcqube=work proto=tcp dstports=22"
+FROM_DIRECT = "action=accept srcqube=direct"
+
+
+def stored_inbound(lab: Lab) -> list[str]:
+    return [line for line in stored(lab) if "srcqube=" in line]
+
+
+def work_reaches_ssh(lab: Lab) -> bool:
+    with lab.serve("web", "tcp", 22, reply="web-22"):
+        return lab.connect("work", "tcp", WEB, 22, timeout=0.5) == "web-22"
+
+
+def move_buttons(table: RuleTable) -> tuple[bool, bool]:
+    """Whether Move up and Move down can be pressed."""
+    assert table.up_button is not None and table.down_button is not None
+    return table.up_button.isEnabled(), table.down_button.isEnabled()
+
+
+def test_moving_an_inbound_rule_changes_which_rule_decides(
+    qtbot: QtBot, api: Lab, panel: NetworkServerPanel, tmp_path: Path
+) -> None:
+    set_list("web", "inbound", SSH_FROM_WORK, NO_SSH_FROM_WORK, FROM_DIRECT)
+    panel.refresh()
+    wait_for(lambda: work_reaches_ssh(api), "the accept, first, to let work in")
+    select(panel.inbound, 1)
+    assert move_buttons(panel.inbound) == (True, True)
+
+    click(qtbot, panel.inbound.up_button)
+    assert stored_inbound(api) == [
+        canonical(x) for x in (NO_SSH_FROM_WORK, SSH_FROM_WORK, FROM_DIRECT)]
+    assert panel.status_label.text() == "Moved up."
+    assert panel.inbound.selected() == (Rule.from_api_string(NO_SSH_FROM_WORK), 0)
+    assert cells(panel.inbound, 0)[:2] == ["Block", "qube work"]
+    assert move_buttons(panel.inbound) == (False, True)  # first row: only down
+    screenshot(panel, "panel-move", tmp_path)
+    wait_for(lambda: not work_reaches_ssh(api), "the drop, now first, to keep work out")
+
+    click(qtbot, panel.inbound.down_button)
+    click(qtbot, panel.inbound.down_button)
+    assert stored_inbound(api) == [
+        canonical(x) for x in (SSH_FROM_WORK, FROM_DIRECT, NO_SSH_FROM_WORK)]
+    assert panel.status_label.text() == "Moved down."
+    assert panel.inbound.selected() == (Rule.from_api_string(NO_SSH_FROM_WORK), 2)
+    assert move_buttons(panel.inbound) == (True, False)  # last row: only up
+    wait_for(lambda: work_reaches_ssh(api), "the accept, first again, to let work in")
+
+
+def test_move_buttons_are_off_where_no_move_is_possible(
+    api: Lab, panel: NetworkServerPanel
+) -> None:
+    assert move_buttons(panel.inbound) == (False, False)  # an empty list
+    set_list("web", "inbound", SSH_FROM_WORK, FROM_DIRECT)
+    panel.refresh()
+    assert move_buttons(panel.inbound) == (False, False)  # nothing selected
+    select(panel.inbound, 0)
+    assert move_buttons(panel.inbound) == (False, True)
+    panel.inbound.view.clearSelection()
+    assert move_buttons(panel.inbound) == (False, False)
+    set_list("web", "inbound", SSH_FROM_WORK)
+    panel.refresh()
+    select(panel.inbound, 0)
+    assert move_buttons(panel.inbound) == (False, False)  # the only rule
+    # A forward's place in its list decides nothing: no move buttons there.
+    assert panel.forwards.up_button is None and panel.forwards.down_button is None
+
+
+def test_a_move_from_a_stale_view_moves_nothing(
+    qtbot: QtBot, api: Lab, panel: NetworkServerPanel
+) -> None:
+    set_list("web", "inbound", SSH_FROM_WORK, NO_SSH_FROM_WORK)
+    panel.refresh()
+    # Meanwhile a rule is put between the two: moving the drop "up" from the
+    # old view would no longer put it before the accept.
+    set_list("web", "inbound", SSH_FROM_WORK, FROM_DIRECT, NO_SSH_FROM_WORK)
+    select(panel.inbound, 1)
+    click(qtbot, panel.inbound.up_button)
+    assert stored_inbound(api) == [
+        canonical(x) for x in (SSH_FROM_WORK, FROM_DIRECT, NO_SSH_FROM_WORK)]
+    assert panel.status_label.text().startswith(
+        "Not moved: The order of the rules was changed elsewhere")
+    assert panel.inbound.view.topLevelItemCount() == 3  # the view was read again
+
+    # The rule itself gone: nothing moved either.
+    set_list("web", "inbound", SSH_FROM_WORK, FROM_DIRECT)
+    select(panel.inbound, 2)  # shows the drop, which is gone
+    click(qtbot, panel.inbound.up_button)
+    assert stored_inbound(api) == [canonical(x) for x in (SSH_FROM_WORK, FROM_DIRECT)]
+    assert "changed or removed elsewhere" in panel.status_label.text()
+    assert panel.inbound.view.topLevelItemCount() == 2
+
+
 # --- expiry --------------------------------------------------------------------
 
 
