@@ -251,7 +251,7 @@ class Forwarder(ChainDirectory):
         return item.to
 
     def desired(self, targets: Mapping[IPAddress, Target]) -> dict[Family, Elements]:
-        """:func:`agent_worker.forward.family_elements` of the targets, each rendered once."""
+        """:func:`agent_worker.forward_steps.family_elements` of the targets, each rendered once."""
         found: dict[Family, dict[str, set[str]]] = {
             family: {name: set() for name in OBJECTS} for family in FAMILIES
         }
