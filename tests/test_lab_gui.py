@@ -315,6 +315,34 @@ def test_a_move_from_a_stale_view_moves_nothing(
 # --- expiry --------------------------------------------------------------------
 
 
+def test_a_removal_whose_read_back_fails_says_both(
+    qtbot: QtBot, api: Lab, panel: NetworkServerPanel, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """qubesd gone right after the removal: the line says it was removed and that
+    the lists shown are not dom0's, never a bare "Removed." over an empty view."""
+    set_list("web", "inbound", SSH_FROM_WORK, FROM_DIRECT)
+    panel.refresh()
+    remove = panel.store.remove
+
+    def remove_then_lose_qubesd(rule: Rule, row: int) -> None:
+        remove(rule, row)
+        monkeypatch.setenv("QUBESD_SOCKET", str(tmp_path / "no-qubesd.sock"))
+
+    monkeypatch.setattr(panel.store, "remove", remove_then_lose_qubesd)
+    select(panel.inbound, 0)
+    try:
+        click(qtbot, panel.inbound.remove_button)
+    finally:
+        monkeypatch.setenv("QUBESD_SOCKET", str(api.qubesd_socket))
+    assert panel.status_label.text().startswith("Removed, but cannot read the rules back: ")
+    assert not panel.inbound.add_button.isEnabled()
+    assert stored_inbound(api) == [canonical(FROM_DIRECT)]
+    assert panel.refresh()
+    assert panel.inbound.view.topLevelItemCount() == 1
+    assert panel.inbound.rule_at(0) == Rule.from_api_string(FROM_DIRECT)
+
+
 def test_a_time_span_expires_in_dom0_and_leaves_the_view_on_refresh(
     qtbot: QtBot, api: Lab
 ) -> None:

@@ -199,8 +199,13 @@ class NetworkServerPanel(QtWidgets.QWidget):
 
     # --- reading -------------------------------------------------------------
 
-    def refresh(self) -> bool:
-        """Read both lists (and the forwards' paths) from dom0; False if that failed."""
+    def refresh(self, done: str = "") -> bool:
+        """Read both lists (and the forwards' paths) from dom0; False if that failed.
+
+        ``done`` names a change just stored ("Removed"): it is shown once the
+        lists are read back, and ahead of the error if they cannot be, so the
+        status line never claims a view it does not show nor hides the change.
+        """
         try:
             forwards = self.store.rules(RuleKind.FORWARD)
             inbound = self.store.rules(RuleKind.INBOUND)
@@ -208,7 +213,8 @@ class NetworkServerPanel(QtWidgets.QWidget):
             self.forwards.show_rules([])
             self.inbound.show_rules([])
             self._set_enabled(False)
-            self.show_status(f"Cannot read the rules: {err}", error=True)
+            failed = f"{done}, but cannot read the rules back" if done else "Cannot read the rules"
+            self.show_status(f"{failed}: {err}", error=True)
             return False
         try:
             paths: dict[int, str] | None = self.store.paths() if forwards else {}
@@ -223,6 +229,8 @@ class NetworkServerPanel(QtWidgets.QWidget):
         ])
         self.inbound.show_rules([(rule, inbound_row(rule, now), None) for rule in inbound])
         self._set_enabled(True)
+        if done:
+            self.show_status(f"{done}.")
         return True
 
     def _set_enabled(self, enabled: bool) -> None:
@@ -244,9 +252,7 @@ class NetworkServerPanel(QtWidgets.QWidget):
         dialog.open()
 
     def _dialog_finished(self, result: int) -> None:
-        self.refresh()
-        if result == QtWidgets.QDialog.DialogCode.Accepted:
-            self.show_status("Saved.")
+        self.refresh("Saved" if result == QtWidgets.QDialog.DialogCode.Accepted else "")
         self.dialog = None
 
     def add_rule(self, kind: RuleKind) -> None:
@@ -289,8 +295,7 @@ class NetworkServerPanel(QtWidgets.QWidget):
             self.refresh()
             self.show_status(f"Not removed: {err}", error=True)
             return
-        self.refresh()
-        self.show_status("Removed.")
+        self.refresh("Removed")
 
     def move_rule(self, kind: RuleKind, step: int) -> None:
         """Swap the selected rule with the one above (-1) or below (+1); it stays selected."""
@@ -305,6 +310,5 @@ class NetworkServerPanel(QtWidgets.QWidget):
             self.refresh()
             self.show_status(f"Not moved: {err}", error=True)
             return
-        if self.refresh():
+        if self.refresh("Moved up" if step < 0 else "Moved down"):
             table.select_row(new_row)
-            self.show_status("Moved up." if step < 0 else "Moved down.")
