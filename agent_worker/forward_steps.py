@@ -23,7 +23,10 @@ as the steps (doc/agent.md):
   next translates it. Only packets to a local address (``fib daddr type
   local``) are looked up: a step never catches transit traffic. Kept apart
   from Qubes' tables so that listing those (the jumps, the user's
-  ``custom-input``) never reads thousands of elements;
+  ``custom-input``) never reads thousands of elements. Its chain
+  ``qns-reply`` (prerouting, before the routing decision) marks the
+  replies of connections a step took in from the uplink, which
+  :mod:`agent_worker.reply_route` sends back by the uplink;
 - table ``qubes``: chain ``qns-forward``, jumped to from the ``forward``
   chain right after the user's ``custom-forward`` (an accept verdict only
   counts if it is reached before the Qubes ``oifgroup 2`` drop in that same
@@ -146,6 +149,13 @@ OBJECTS = tuple(DNAT_MAPS.values())
 #: ``qns-forward`` accepts (Qubes sets no label; a user's own rules may, on
 #: other bits).
 FORWARDED_LABEL = 127
+#: Conntrack label bit of those that came in by the uplink: their replies go
+#: back by the uplink (:mod:`agent_worker.reply_route`).
+UPLINK_LABEL = 126
+#: our table's chain marking those replies, before the routing decision
+REPLY_CHAIN = "qns-reply"
+#: the packet mark bit of such a reply, the one thing our routing rule matches
+REPLY_MARK = 0x10000000
 #: Family -> its maps' elements: name -> element texts
 Elements = dict[str, frozenset[str]]
 
@@ -181,15 +191,27 @@ def declarations(family: Family) -> dict[str, str]:
 
 
 def dnat_rules(family: Family) -> list[str]:
-    """``qns-dnat``: local TCP and UDP only; per map, label what it finds, then translate it."""
+    """``qns-dnat``: local TCP and UDP only; per map, label what it finds, then translate it.
+
+    What came in by the uplink gets :data:`UPLINK_LABEL` too.
+    """
     rules = ["fib daddr type != local return", "meta l4proto != { tcp, udp } return"]
     for (iif, shape), name in DNAT_MAPS.items():
         _key, lookup = _key_parts(family, shape)
-        rules.append(f"{IIF_MATCH[iif]} {lookup} @{name} ct label set {FORWARDED_LABEL}")
+        labels = f"ct label set {FORWARDED_LABEL}"
+        if iif == "upstream":
+            labels += f" ct label set {UPLINK_LABEL}"
+        rules.append(f"{IIF_MATCH[iif]} {lookup} @{name} {labels}")
         rules.append(
             f"{IIF_MATCH[iif]} meta l4proto {{ tcp, udp }} dnat {family} to {lookup} map @{name}"
         )
     return rules
+
+
+def reply_rules() -> list[str]:
+    """``qns-reply``: a reply of a connection a step took in from the uplink gets
+    :data:`REPLY_MARK`, other bits of the mark kept."""
+    return [f"ct direction reply ct label {UPLINK_LABEL} meta mark set meta mark | {REPLY_MARK:#x}"]
 
 
 def accept_rules() -> list[str]:

@@ -40,6 +40,7 @@ from agent_worker.forward_steps import (
     FORWARD_CHAIN,
     NAT_TABLE,
     OBJECTS,
+    REPLY_CHAIN,
     Elements,
     Step,
     TakenPorts,
@@ -49,6 +50,7 @@ from agent_worker.forward_steps import (
     element_key,
     family_elements,
     parse_target,
+    reply_rules,
     step_admits,
 )
 from agent_worker.nft_chains import BaseChainHook, Runner
@@ -63,8 +65,9 @@ REFUSED_DIR = "/qns-forward_refused/"
 #: our chains in Qubes' table ``qubes``
 CHAINS = (FORWARD_CHAIN,)
 HOOKS = {FORWARD_CHAIN: BaseChainHook(parent="forward")}
-#: our table's chain, holding the DNAT lookups
+#: our table's chains: the DNAT lookups, and the marking of replies to route
 DNAT_DECLARATION = "type nat hook prerouting priority dstnat; policy accept;"
+REPLY_DECLARATION = "type filter hook prerouting priority mangle; policy accept;"
 
 
 #: (family, iif, protocol, first port, last port) a step holds in a DNAT map
@@ -101,7 +104,8 @@ def element_commands(family: Family, held: Elements, wanted: Elements) -> str:
 
 
 def nat_table_commands(family: Family, wanted: Elements) -> str:
-    """Our table written whole: the maps with ``wanted``, then the chain looking them up.
+    """Our table written whole: the maps with ``wanted``, the chain looking them up,
+    the chain marking replies to route back by the uplink.
 
     ``add`` then ``flush``: the same text whether the table, a map or the
     chain exists already or not.
@@ -109,9 +113,11 @@ def nat_table_commands(family: Family, wanted: Elements) -> str:
     lines = [f"add table {family} {NAT_TABLE}"]
     for name, declared in declarations(family).items():
         lines += [f"add {declared}", f"flush map {family} {NAT_TABLE} {name}"]
-    chain = f"{family} {NAT_TABLE} {DNAT_CHAIN}"
-    lines += [f"add chain {chain} {{ {DNAT_DECLARATION} }}", f"flush chain {chain}"]
-    lines += [f"add rule {chain} {rule}" for rule in dnat_rules(family)]
+    for name, declaration, rules in ((DNAT_CHAIN, DNAT_DECLARATION, dnat_rules(family)),
+                                     (REPLY_CHAIN, REPLY_DECLARATION, reply_rules())):
+        chain = f"{family} {NAT_TABLE} {name}"
+        lines += [f"add chain {chain} {{ {declaration} }}", f"flush chain {chain}"]
+        lines += [f"add rule {chain} {rule}" for rule in rules]
     empty = {name: frozenset[str]() for name in OBJECTS}
     return "".join(line + "\n" for line in lines) + element_commands(family, empty, wanted)
 

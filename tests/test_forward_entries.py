@@ -64,7 +64,10 @@ def test_every_map_has_its_lookup_and_translation_after_the_local_check() -> Non
     for name in forward_steps.OBJECTS:
         label, translate = (rule for rule in rules if rule.endswith(f"@{name}")
                             or f"@{name} " in rule)
-        assert label.endswith(f"@{name} ct label set {forward_steps.FORWARDED_LABEL}")
+        labels = f"@{name} ct label set {forward_steps.FORWARDED_LABEL}"
+        if name.startswith("qns-dnat-upstream-"):  # its replies go back by the uplink
+            labels += f" ct label set {forward_steps.UPLINK_LABEL}"
+        assert label.endswith(labels)
         assert translate.endswith(f"map @{name}") and " dnat ip6 to " in translate
         assert label.split(" @")[0].split(" ")[-1] == "dport"  # same key, same lookup
     assert set(forward_steps.declarations("ip")) == set(forward_steps.OBJECTS)
