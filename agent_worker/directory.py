@@ -67,6 +67,8 @@ class Changes:
     targets: set[str] = field(default_factory=set)
     #: ``/connected-ips(6)`` changed: re-filter what is rendered
     connected: bool = False
+    #: one of the kind's other paths (``WATCHED``) was written
+    watched: bool = False
 
 
 def count_handled(db: QubesDBConnection, path: str) -> None:
@@ -188,6 +190,8 @@ class EntryDirectory(Generic[Parsed]):
     KIND: ClassVar[str]
     #: whether this kind logs the words of ``/connected-ips(6)`` it ignores (one kind does)
     LOGS_CONNECTED: ClassVar[bool] = False
+    #: QubesDB paths outside the directory this kind follows too (:meth:`watched_changed`)
+    WATCHED: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, db: QubesDBConnection, tool: conntrack.Tool = conntrack.NETLINK) -> None:
         self.db = db
@@ -217,6 +221,9 @@ class EntryDirectory(Generic[Parsed]):
     def forget(self) -> None:
         """Forget what the kernel is believed to hold (SIGHUP): write it whole next."""
 
+    def watched_changed(self) -> None:
+        """One of :attr:`WATCHED` was written."""
+
     def removed(self, address: IPAddress) -> None:
         """An address's entries went (dom0 removed its completion path)."""
         log.info("%s to %s removed", self.LABEL, address)
@@ -231,10 +238,13 @@ class EntryDirectory(Generic[Parsed]):
         return ours(path, self.DIRECTORY)
 
     def concerns(self, path: str) -> bool:
-        return concerns(path, self.DIRECTORY)
+        return concerns(path, self.DIRECTORY) or path in self.WATCHED
 
     def classify(self, paths: Iterable[str]) -> Changes:
-        return classify(paths, self.DIRECTORY)
+        paths = list(paths)
+        changes = classify(paths, self.DIRECTORY)
+        changes.watched = any(path in self.WATCHED for path in paths)
+        return changes
 
     # -- reading QubesDB --------------------------------------------------
 
@@ -322,6 +332,8 @@ class EntryDirectory(Generic[Parsed]):
 
     def handle(self, changes: Changes) -> None:
         """React to one batch of watch events."""
+        if changes.watched:
+            self.watched_changed()
         if changes.full:
             self.reload()
             return

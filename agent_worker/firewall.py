@@ -505,7 +505,8 @@ def serve(
     worker.init_tables()
     run_hooks()
     sd_notify("READY=1")
-    for path in (*(kind.DIRECTORY for kind in kinds), *CONNECTED_IPS):
+    for path in dict.fromkeys((*(kind.DIRECTORY for kind in kinds), *CONNECTED_IPS,
+                               *(path for kind in kinds for path in kind.WATCHED))):
         watcher.watch(path)
     fd = watcher.watch_fd()
     for kind in kinds:

@@ -54,6 +54,7 @@ from agent_worker.forward_steps import (
     step_admits,
 )
 from agent_worker.nft_chains import BaseChainHook, Runner
+from agent_worker.reply_route import GATEWAYS, ReplyRoute
 
 log = logging.getLogger("qubes.firewall")
 
@@ -139,6 +140,8 @@ class Forwarder(ChainDirectory):
     LABEL = "forwards"
     KIND = "forward"
     ITEMS = "steps"
+    #: the gateway, for the route of replies to forwards (:mod:`agent_worker.reply_route`)
+    WATCHED = tuple(GATEWAYS.values())
 
     def __init__(
         self,
@@ -146,8 +149,11 @@ class Forwarder(ChainDirectory):
         runner: Runner,
         tool: conntrack.Tool = conntrack.NETLINK,
         own_sockets: Callable[[], list[hop_ports.Served]] = hop_ports.sockets,
+        reply_route: ReplyRoute | None = None,
     ) -> None:
         super().__init__(db, runner, tool)
+        #: the rule and route sending replies to forwards back by the uplink
+        self.reply_route = ReplyRoute(db) if reply_route is None else reply_route
         #: what this hop's own sockets serve (:func:`agent_worker.hop_ports.sockets`)
         self.own_sockets = own_sockets
         #: per target, the steps left out as taking a port this hop serves, and why
@@ -164,7 +170,22 @@ class Forwarder(ChainDirectory):
 
     def commit(self) -> bool:
         self._leave_out_own_ports()
-        return super().commit()
+        done = super().commit()
+        self.reply_route.refresh()
+        return done
+
+    def reload(self, *, force: bool = False) -> None:
+        super().reload(force=force)
+        if force:  # SIGHUP: put our rule and route back even if believed in place
+            self.reply_route.refresh(force=True)
+
+    def watched_changed(self) -> None:
+        # A new gateway, or the uplink attached again: the kernel dropped our route with it.
+        self.reply_route.refresh(force=True)
+
+    def remove(self) -> None:
+        super().remove()
+        self.reply_route.remove()
 
     def _leave_out_own_ports(self) -> None:
         """Find the steps that would take a port this hop serves; report what changed."""
