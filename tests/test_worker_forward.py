@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from worker_netns import (
+    CLIENT_ADDRESS,
     GUARDS_LISTED,
     HOP_UPLINK,
     QUBE,
@@ -46,7 +48,7 @@ from worker_netns import (
     write_directory,
 )
 
-from agent_worker import forward_steps
+from agent_worker import forward_steps, reply_route
 from agent_worker.conntrack import Flow, Match
 from agent_worker.directory import Changes, classify, concerns, ours
 from agent_worker.entries import EntryError
@@ -601,6 +603,31 @@ def test_stop_removes_our_chains_and_keeps_the_users(hop: Hop) -> None:
     hop.worker = start_worker(hop.hop, Path(hop.db._socket_path).parent, hop.worker.log)
     assert chain_rules(hop.hop, "ip", "qubes", "forward").count("jump qns-forward") == 1
     assert dnat_elements(hop.hop) == {f"tcp . 2222 : {WORK} . 22"}
+
+
+@pytest.mark.lab
+def test_the_reply_route_follows_the_gateway_and_goes_at_stop(hop: Hop) -> None:
+    """The worker follows /qubes-gateway: our rule and route appear, move with it, and
+    leave with a clean stop (agent_worker.reply_route)."""
+
+    def ours() -> list[tuple[object, ...]]:
+        done = subprocess.run(["ip", "netns", "exec", hop.hop, "ip", "-j", "-4", "route", "show",
+                               "table", str(reply_route.REPLY_TABLE)],
+                              capture_output=True, text=True, check=False)
+        shown = done.stdout if done.returncode == 0 else ""  # no table yet: ip fails
+        rules = json.loads(ns_run(hop.hop, "ip", "-j", "-4", "rule", "show", "pref",
+                                  str(reply_route.RULE_PRIORITY)) or "[]")
+        return [*(("rule",) for r in rules if reply_route.is_ours(r)),
+                *((r["dst"], r["gateway"]) for r in json.loads(shown or "[]"))]
+
+    assert ours() == []  # a hop without a gateway (the top of the path)
+    hop.db.write("/qubes-gateway", CLIENT_ADDRESS)
+    wait_for(lambda: ours() == [("rule",), ("default", CLIENT_ADDRESS)], what="our route")
+    hop.db.write("/qubes-gateway", "192.0.2.20")
+    wait_for(lambda: ours() == [("rule",), ("default", "192.0.2.20")], what="the new gateway")
+    assert "IPv4 forward replies go back via 192.0.2.20 on eth0" in hop.worker.text()
+    assert hop.worker.stop() == 0
+    assert ours() == []
 
 
 _GARBAGE = st.one_of(
