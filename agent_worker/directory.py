@@ -549,6 +549,10 @@ class ChainDirectory(EntryDirectory[tuple[Any, ...]]):
         self._put_in_force({})
         return False
 
+    def stop(self) -> None:
+        """Clean stop of the worker: nothing of this kind left in the kernel."""
+        self.remove()
+
     def remove(self) -> None:
         """Delete our objects and jumps in both families (clean stop, fail closed)."""
         self.held = {}

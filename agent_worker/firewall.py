@@ -542,7 +542,7 @@ def serve(
     for chain_kind in chain_kinds:
         log.info("stopping, removing the %s chains", chain_kind.KIND)
         try:
-            chain_kind.remove()
+            chain_kind.stop()
         except NFT_ERRORS as err:
             log.error("could not remove the %s chains: %s", chain_kind.KIND, err)
     log.info("stopping, removing the %s tables", TABLE)

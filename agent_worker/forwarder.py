@@ -149,11 +149,11 @@ class Forwarder(ChainDirectory):
         runner: Runner,
         tool: conntrack.Tool = conntrack.NETLINK,
         own_sockets: Callable[[], list[hop_ports.Served]] = hop_ports.sockets,
-        reply_route: ReplyRoute | None = None,
     ) -> None:
         super().__init__(db, runner, tool)
-        #: the rule and route sending replies to forwards back by the uplink
-        self.reply_route = ReplyRoute(db) if reply_route is None else reply_route
+        #: the rule and route sending replies to forwards back by the uplink, kept for the
+        #: worker's life (not with the table: a fail-closed removal must not drop them)
+        self.reply_route = ReplyRoute(db)
         #: what this hop's own sockets serve (:func:`agent_worker.hop_ports.sockets`)
         self.own_sockets = own_sockets
         #: per target, the steps left out as taking a port this hop serves, and why
@@ -171,20 +171,21 @@ class Forwarder(ChainDirectory):
     def commit(self) -> bool:
         self._leave_out_own_ports()
         done = super().commit()
-        self.reply_route.refresh()
+        if self.reply_route.failed:  # ``ip`` failed before: try again
+            self.reply_route.refresh()
         return done
 
     def reload(self, *, force: bool = False) -> None:
         super().reload(force=force)
-        if force:  # SIGHUP: put our rule and route back even if believed in place
-            self.reply_route.refresh(force=True)
+        # at start; at SIGHUP (force), written again even if believed in place
+        self.reply_route.refresh(force=force)
 
     def watched_changed(self) -> None:
         # A new gateway, or the uplink attached again: the kernel dropped our route with it.
         self.reply_route.refresh(force=True)
 
-    def remove(self) -> None:
-        super().remove()
+    def stop(self) -> None:
+        super().stop()
         self.reply_route.remove()
 
     def _leave_out_own_ports(self) -> None:
