@@ -28,6 +28,7 @@ import json
 import logging
 import subprocess
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from agent_worker.directory import QubesDBConnection
 from agent_worker.entries import EntryError, IPAddress, IpVersion, parse_address
@@ -58,7 +59,7 @@ def route_argv(version: IpVersion, gateway: IPAddress) -> list[str]:
             "dev", UPLINK, "onlink", "table", str(REPLY_TABLE)]
 
 
-def rule_argv(version: IpVersion, action: str) -> list[str]:
+def rule_argv(version: IpVersion, action: Literal["add", "del", "show"]) -> list[str]:
     """``add`` our rule, ``del`` one rule of our priority into our table (whatever it
     matches), or ``show`` the rules of our priority as JSON."""
     selector = ["pref", str(RULE_PRIORITY)]

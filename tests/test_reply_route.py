@@ -6,13 +6,14 @@ Run with the real ``ip`` in a throwaway namespace holding an uplink
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 from collections.abc import Iterator, Sequence
 
 import pytest
 from worker_netns import MemoryQubesDB, in_netns, make_netns, ns_run
+from worker_netns import reply_routes as routes
+from worker_netns import reply_rules as rules
 
 from agent_worker import reply_route
 from agent_worker.reply_route import REPLY_TABLE, RULE_PRIORITY, ReplyRoute, run_ip
@@ -36,22 +37,6 @@ def netns() -> Iterator[str]:
                       "nodad"]):
             ns_run(name, *argv)
         yield name
-
-
-def rules(ns: str, version: int = 4) -> list[dict[str, object]]:
-    shown = subprocess.run(["ip", "netns", "exec", ns, "ip", "-j", f"-{version}", "rule", "show",
-                            "pref", str(RULE_PRIORITY)], capture_output=True, text=True, check=True)
-    return json.loads(shown.stdout or "[]")
-
-
-def routes(ns: str, version: int = 4) -> list[tuple[object, object, object]]:
-    """Our table's routes as (dst, gateway, dev); none when the table does not exist."""
-    shown = subprocess.run(["ip", "netns", "exec", ns, "ip", "-j", f"-{version}", "route", "show",
-                            "table", str(REPLY_TABLE)], capture_output=True, text=True, check=False)
-    if shown.returncode != 0:
-        return []
-    return [(r.get("dst"), r.get("gateway"), r.get("dev"))
-            for r in json.loads(shown.stdout or "[]")]
 
 
 class Counted:

@@ -13,7 +13,6 @@ import ipaddress
 import json
 import logging
 import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,8 @@ from worker_netns import (
     probe,
     qubesdb_server,
     remove_directory,
+    reply_routes,
+    reply_rules,
     serving,
     start_worker,
     wait_for,
@@ -611,14 +612,8 @@ def test_the_reply_route_follows_the_gateway_and_goes_at_stop(hop: Hop) -> None:
     leave with a clean stop (agent_worker.reply_route)."""
 
     def ours() -> list[tuple[object, ...]]:
-        done = subprocess.run(["ip", "netns", "exec", hop.hop, "ip", "-j", "-4", "route", "show",
-                               "table", str(reply_route.REPLY_TABLE)],
-                              capture_output=True, text=True, check=False)
-        shown = done.stdout if done.returncode == 0 else ""  # no table yet: ip fails
-        rules = json.loads(ns_run(hop.hop, "ip", "-j", "-4", "rule", "show", "pref",
-                                  str(reply_route.RULE_PRIORITY)) or "[]")
-        return [*(("rule",) for r in rules if reply_route.is_ours(r)),
-                *((r["dst"], r["gateway"]) for r in json.loads(shown or "[]"))]
+        return [*(("rule",) for r in reply_rules(hop.hop) if reply_route.is_ours(r)),
+                *((dst, gateway) for dst, gateway, _dev in reply_routes(hop.hop))]
 
     assert ours() == []  # a hop without a gateway (the top of the path)
     hop.db.write("/qubes-gateway", CLIENT_ADDRESS)

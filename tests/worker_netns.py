@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from conftest import cannot_run, lab_unavailable
 
+from agent_worker.reply_route import REPLY_TABLE, RULE_PRIORITY
 from lab.base_ruleset import base_ruleset, client_elements
 
 CLONE_NEWNET = 0x40000000
@@ -338,3 +339,20 @@ def probe(ns: str, proto: str, host: str, port: int, timeout: float = 1.0) -> st
         capture_output=True, text=True, cwd=REPO, check=False,
     )
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+def reply_rules(ns: str, version: int = 4) -> list[dict[str, object]]:
+    """The rules at agent_worker.reply_route's priority in ``ns``, as ``ip -j`` lists them."""
+    return json.loads(ns_run(ns, "ip", "-j", f"-{version}", "rule", "show", "pref",
+                             str(RULE_PRIORITY)) or "[]")
+
+
+def reply_routes(ns: str, version: int = 4) -> list[tuple[object, object, object]]:
+    """agent_worker.reply_route's table in ``ns`` as (dst, gateway, dev); none when the
+    table does not exist (``ip`` fails then)."""
+    shown = subprocess.run(["ip", "netns", "exec", ns, "ip", "-j", f"-{version}", "route", "show",
+                            "table", str(REPLY_TABLE)], capture_output=True, text=True, check=False)
+    if shown.returncode != 0:
+        return []
+    return [(r.get("dst"), r.get("gateway"), r.get("dev"))
+            for r in json.loads(shown.stdout or "[]")]
