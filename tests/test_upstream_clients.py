@@ -35,8 +35,8 @@ from upstream_env import (
     MANAGER,
     TESTS,
     admin_client_paths,
+    as_nobody,
     core_admin_paths,
-    nobody_argv,
     nobody_dir,
     python_env,
     require_upstream,
@@ -261,11 +261,10 @@ def real_qubesd_socket(upstream_scratch: Path) -> Iterator[str]:
     env = python_env(core_admin_paths(root, upstream_scratch), QUBES_TEST="1")
     home = nobody_dir(upstream_scratch, "real-qubesd-serve")
     socket = home / "qubesd.sock"
-    env = {**env, "HOME": str(home), "TMPDIR": str(home)}
-    server = subprocess.Popen(
-        nobody_argv([sys.executable, str(TESTS / "upstream_qubesd.py"), "--serve", str(socket)]),
-        env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    command, env = as_nobody(
+        [sys.executable, str(TESTS / "upstream_qubesd.py"), "--serve", str(socket)], env, home)
+    server = subprocess.Popen(command, env=env, cwd=home, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None and server.stderr is not None
         ready = server.stdout.readline()

@@ -190,14 +190,17 @@ def _private_tmp_script(kept: Sequence[Path]) -> str:
     return "\n".join(lines)
 
 
-def run_as_nobody(
-    argv: Sequence[str], env: Mapping[str, str], home: Path, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` as uid/gid nobody with ``home`` as HOME, TMPDIR and cwd.
+def as_nobody(
+    argv: Sequence[str], env: Mapping[str, str], home: Path
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment running ``argv`` as uid/gid nobody, ``home`` its HOME
+    and TMPDIR (and the caller's cwd for it).
 
     In a mount namespace of its own with an empty /tmp: upstream's tests
     use fixed paths there (``/tmp/qubes-test-dir``), which another run on
-    the machine could be using at the same moment.
+    the machine could be using at the same moment. The folders it needs
+    under /tmp (a checkout in ``mktemp -d``, whose 0700 folder nobody
+    cannot enter) are bound back into it, below folders nobody may enter.
     """
     if os.geteuid() != 0:
         cannot_run("UPSTREAM CONFORMANCE NOT RUN: switching to uid nobody needs root")
@@ -205,11 +208,18 @@ def run_as_nobody(
     if missing:
         cannot_run(f"UPSTREAM CONFORMANCE NOT RUN: {', '.join(missing)} (util-linux) missing")
     env = {**env, "HOME": str(home), "TMPDIR": str(home)}
-    return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         _private_tmp_script(_kept_under_tmp(env, home)), "sh", *nobody_argv(argv)],
-        env=env, cwd=home, capture_output=True, text=True, timeout=timeout, check=False,
-    )
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               _private_tmp_script(_kept_under_tmp(env, home)), "sh", *nobody_argv(argv)]
+    return command, env
+
+
+def run_as_nobody(
+    argv: Sequence[str], env: Mapping[str, str], home: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as :func:`as_nobody` says, in ``home``, and wait for it."""
+    command, env = as_nobody(argv, env, home)
+    return subprocess.run(command, env=env, cwd=home, capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 def run_unittests(
